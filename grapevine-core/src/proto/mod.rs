@@ -1,0 +1,20 @@
+//! Sans-IO protocol state machines: no sockets, no threads, no clock.
+//!
+//! Each machine takes inputs through `handle_*` methods (datagrams, deltas, `now`) and gives its
+//! outputs through `poll_*` methods (datagrams to send, events, the next timeout). The drivers in
+//! the `grapevine-publisher`, `-snapshotter` and `-subscriber` crates move bytes between these
+//! and sockets; the simulated network in [`crate::sim`] moves them through a lossy model.
+
+mod publisher;
+mod reassembly;
+mod snapshot;
+mod subscriber;
+
+pub use publisher::{
+    new_session_id, PublishError, PublisherConfig, PublisherSession, PublisherStats,
+};
+pub use reassembly::{FragmentKey, Reassembler, ReassemblyError};
+pub use snapshot::{SnapshotConfig, SnapshotRate, SnapshotSession, SnapshotStats};
+pub use subscriber::{
+    StreamStatus, StreamView, SubscriberConfig, SubscriberEvent, SubscriberSession, SubscriberStats,
+};

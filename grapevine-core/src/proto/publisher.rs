@@ -1,0 +1,293 @@
+//! The publisher side: sequencing, per-leaf chains, batching and heartbeats.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::codec::{self, EncodeError};
+use crate::state::ReplicatedState;
+use crate::wire::{DatagramBuilder, Fragmenter, MessageTooLarge, DEFAULT_MAX_DATAGRAM};
+
+/// A session id for a publisher starting at `unix_millis` (wall clock), with `random` bits.
+///
+/// Ids are ordered by start time (the top 42 bits are milliseconds since the UNIX epoch, the low
+/// 22 bits random), so subscribers can tell a restart from a late datagram of the previous
+/// session.
+///
+/// ```
+/// use grapevine_core::proto::new_session_id;
+/// assert!(new_session_id(1_000, u64::MAX) < new_session_id(1_001, 0));
+/// ```
+pub fn new_session_id(unix_millis: u64, random: u64) -> u64 {
+    (unix_millis << SESSION_RANDOM_BITS) | (random & ((1 << SESSION_RANDOM_BITS) - 1))
+}
+
+const SESSION_RANDOM_BITS: u32 = 22;
+
+/// Settings of a [`PublisherSession`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct PublisherConfig {
+    /// Topic the state is published on.
+    pub topic: u32,
+    /// Stable identity of this publisher within the topic (several publishers may share one
+    /// topic; each is replicated separately). Default 0.
+    pub publisher: u32,
+    /// Largest datagram to build. Default 1400 bytes.
+    pub max_datagram: usize,
+    /// How long a partly filled datagram may wait for more deltas before it is sent.
+    /// Default 200 µs; zero sends every delta at once.
+    pub flush_delay: Duration,
+    /// Idle time after which a heartbeat carries the last `seq`. Default 100 ms.
+    pub heartbeat_interval: Duration,
+    /// Largest encoded message; larger ones are refused. Default 1 MiB.
+    pub max_message_len: usize,
+}
+
+impl PublisherConfig {
+    /// Settings for `topic` with every other value at its default.
+    pub fn new(topic: u32) -> Self {
+        Self {
+            topic,
+            ..Self::default()
+        }
+    }
+}
+
+impl Default for PublisherConfig {
+    fn default() -> Self {
+        Self {
+            topic: 0,
+            publisher: 0,
+            max_datagram: DEFAULT_MAX_DATAGRAM,
+            flush_delay: Duration::from_micros(200),
+            heartbeat_interval: Duration::from_millis(100),
+            max_message_len: 1 << 20,
+        }
+    }
+}
+
+/// Why a delta was not published. The state is unchanged when this is returned.
+#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The delta could not be serialised.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    /// The delta is larger than `max_message_len`.
+    #[error(transparent)]
+    TooLarge(#[from] MessageTooLarge),
+}
+
+/// Counters of a publisher session.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+#[non_exhaustive]
+pub struct PublisherStats {
+    /// Deltas published.
+    pub deltas: u64,
+    /// Datagrams produced.
+    pub datagrams: u64,
+    /// Bytes produced.
+    pub bytes: u64,
+    /// Heartbeats sent.
+    pub heartbeats: u64,
+    /// Deltas that needed fragmenting.
+    pub fragmented: u64,
+}
+
+/// The sans-IO publisher: owns the source of truth of a topic and turns deltas into datagrams.
+///
+/// Inputs: [`publish`](Self::publish) and [`handle_timeout`](Self::handle_timeout). Outputs:
+/// [`poll_transmit`](Self::poll_transmit) until it returns `None`, then
+/// [`poll_timeout`](Self::poll_timeout) to know when to call `handle_timeout` next. Nothing here
+/// reads a clock or touches a socket.
+///
+/// ```
+/// use std::time::Instant;
+/// use grapevine_core::proto::{PublisherConfig, PublisherSession};
+/// use grapevine_core::state::{KeyedMap, MapDelta};
+///
+/// let now = Instant::now();
+/// let mut publisher = PublisherSession::new(PublisherConfig::new(1), 0xabc, KeyedMap::default(), now);
+/// let seq = publisher.publish(now, MapDelta::Put("k".to_string(), 1u32)).unwrap();
+/// assert_eq!(seq, 1);
+/// publisher.flush(now);
+/// let datagram = publisher.poll_transmit().expect("flushed");
+/// assert!(datagram.len() < 1400);
+/// ```
+#[derive(Debug)]
+pub struct PublisherSession<S: ReplicatedState> {
+    config: PublisherConfig,
+    session: u64,
+    state: S,
+    leaf_seqs: HashMap<S::Key, u64>,
+    last_seq: u64,
+    builder: DatagramBuilder,
+    fragmenter: Fragmenter,
+    batch_started: Option<Instant>,
+    next_heartbeat: Instant,
+    out: VecDeque<Bytes>,
+    scratch: Vec<u8>,
+    stats: PublisherStats,
+}
+
+impl<S: ReplicatedState> PublisherSession<S> {
+    /// Starts a session with id `session` ([`new_session_id`] at each start) over `initial`.
+    ///
+    /// A non-empty initial state counts as sequence number 1, so subscribers know they must
+    /// fetch it from snapshots; deltas then start at 2. An empty one starts at 1.
+    pub fn new(config: PublisherConfig, session: u64, initial: S, now: Instant) -> Self {
+        let last_seq = u64::from(!initial.is_empty());
+        let leaf_seqs = initial
+            .leaves()
+            .map(|(key, _)| (key.clone(), last_seq))
+            .collect();
+        let builder =
+            DatagramBuilder::new(config.max_datagram, config.topic, config.publisher, session);
+        Self {
+            fragmenter: Fragmenter::new(config.max_message_len),
+            next_heartbeat: now,
+            config,
+            session,
+            state: initial,
+            leaf_seqs,
+            last_seq,
+            builder,
+            batch_started: None,
+            out: VecDeque::new(),
+            scratch: Vec::with_capacity(256),
+            stats: PublisherStats::default(),
+        }
+    }
+
+    /// Applies `delta` to the state and queues it for sending; returns its `seq`.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError`] when the delta cannot be encoded or is too large; the state is then
+    /// unchanged and no `seq` is used.
+    pub fn publish(&mut self, now: Instant, delta: S::Delta) -> Result<u64, PublishError> {
+        self.scratch.clear();
+        codec::encode_into(&delta, &mut self.scratch)?;
+        let limit = self.config.max_message_len;
+        if self.scratch.len() > limit {
+            return Err(MessageTooLarge {
+                len: self.scratch.len(),
+                limit,
+            }
+            .into());
+        }
+        let key = S::delta_key(&delta);
+        let prev = self.leaf_seqs.get(key).copied().unwrap_or(0);
+        let seq = self.last_seq + 1;
+        self.state.apply(&delta);
+        if self.state.leaf(key).is_some() {
+            self.leaf_seqs.insert(key.clone(), seq);
+        } else {
+            self.leaf_seqs.remove(key);
+        }
+        self.last_seq = seq;
+        self.stats.deltas += 1;
+
+        if !self.builder.push_delta(seq, prev, &self.scratch) {
+            self.flush(now);
+            if !self.builder.push_delta(seq, prev, &self.scratch) {
+                self.stats.fragmented += 1;
+                let out = &mut self.out;
+                let stats = &mut self.stats;
+                // The size was checked above and the builder is empty after `flush`.
+                let fragmented = self.fragmenter.fragment_delta(
+                    &mut self.builder,
+                    seq,
+                    prev,
+                    &self.scratch,
+                    |datagram| {
+                        stats.datagrams += 1;
+                        stats.bytes += datagram.len() as u64;
+                        out.push_back(datagram);
+                    },
+                );
+                debug_assert!(fragmented.is_ok());
+                self.next_heartbeat = now + self.config.heartbeat_interval;
+                return Ok(seq);
+            }
+        }
+        if self.config.flush_delay.is_zero() {
+            self.flush(now);
+        } else if self.batch_started.is_none() {
+            self.batch_started = Some(now);
+        }
+        Ok(seq)
+    }
+
+    /// Sends what is batched now.
+    pub fn flush(&mut self, now: Instant) {
+        self.batch_started = None;
+        if let Some(datagram) = self.builder.finish() {
+            self.stats.datagrams += 1;
+            self.stats.bytes += datagram.len() as u64;
+            self.out.push_back(datagram);
+            self.next_heartbeat = now + self.config.heartbeat_interval;
+        }
+    }
+
+    /// Flushes a batch whose delay expired and sends a heartbeat when idle.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(started) = self.batch_started {
+            if now >= started + self.config.flush_delay {
+                self.flush(now);
+            }
+        }
+        if now >= self.next_heartbeat {
+            self.flush(now);
+            let pushed = self.builder.push_heartbeat(self.last_seq);
+            debug_assert!(pushed);
+            self.stats.heartbeats += 1;
+            self.flush(now);
+        }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must be called next.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let flush_at = self.batch_started.map(|t| t + self.config.flush_delay);
+        Some(flush_at.map_or(self.next_heartbeat, |f| f.min(self.next_heartbeat)))
+    }
+
+    /// The next datagram to send.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        self.out.pop_front()
+    }
+
+    /// The source-of-truth state.
+    pub fn state(&self) -> &S {
+        &self.state
+    }
+
+    /// The `seq` of the last delta that touched `key`, if the leaf is present.
+    pub fn leaf_seq(&self, key: &S::Key) -> Option<u64> {
+        self.leaf_seqs.get(key).copied()
+    }
+
+    /// The last `seq` assigned.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// This session's id.
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &PublisherConfig {
+        &self.config
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> PublisherStats {
+        self.stats
+    }
+}

@@ -1,0 +1,1073 @@
+//! The subscriber side: per-publisher streams, gap detection, stale leaves and the rebuild from
+//! snapshot cycles (DESIGN.md §4).
+//!
+//! # How a stream stays correct
+//!
+//! Each leaf remembers `last`, the `seq` of the last delta applied to it (or the `as_of_seq` of
+//! the snapshot that set it). Deltas are processed in `seq` order after a short reorder window:
+//!
+//! * a delta with `seq <= last` is already reflected and skipped;
+//! * a delta *chains* when its `prev` equals `last` (or is 0 and the leaf is absent): it is
+//!   applied;
+//! * otherwise the leaf is *stale*: its deltas are buffered until a snapshot of it newer than
+//!   `last` arrives, which replaces it; the buffered chain is then replayed.
+//!
+//! A hole in `seq` (or a heartbeat ahead of us) may hide creations and deletions, so after it
+//! the stream is *unverified* until a complete cycle that started at or after the hole has been
+//! seen. In that cycle a snapshot leaf whose `as_of_seq <= last` confirms our leaf (we applied
+//! every delta on it up to `last` by chaining, and the publisher applied none between `as_of_seq`
+//! and the read), a newer one replaces it, and leaves the cycle shows absent are removed.
+//!
+//! The stream is `Live` when nothing is stale or unverified and no leaf is ahead of the last
+//! `seq` processed; while `Live` its state equals the publisher's as of that `seq`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::codec;
+use crate::proto::reassembly::Reassembler;
+use crate::state::ReplicatedState;
+use crate::wire::{self, CyclePosition, Datagram, DecodeError, Message};
+
+/// Settings of a [`SubscriberSession`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct SubscriberConfig {
+    /// Topic to replicate; datagrams of other topics are counted and ignored.
+    pub topic: u32,
+    /// How long a missing `seq` is waited for before it is declared lost. Default 10 ms.
+    pub reorder_window: Duration,
+    /// Out-of-order deltas held at most; beyond this a gap is declared at once. Default 65 536.
+    pub max_held_deltas: usize,
+    /// Deltas buffered per stale leaf; the oldest are dropped beyond. Default 4096.
+    pub max_stale_buffer: usize,
+    /// Largest snapshot cycle accepted, in leaves. Default 16 Mi.
+    pub max_cycle_leaves: u32,
+    /// Largest reassembled message. Default 1 MiB.
+    pub max_message_len: usize,
+    /// Memory for incomplete fragmented messages. Default 16 MiB.
+    pub max_reassembly_bytes: usize,
+    /// Incomplete fragmented messages are dropped after this. Default 1 s.
+    pub fragment_timeout: Duration,
+    /// Emit [`SubscriberEvent::Applied`] for every delta. Default true.
+    pub emit_applied: bool,
+    /// A publisher not heard for this long is reported silent. Default 3 s.
+    pub publisher_timeout: Duration,
+}
+
+impl SubscriberConfig {
+    /// Settings for `topic` with every other value at its default.
+    pub fn new(topic: u32) -> Self {
+        Self {
+            topic,
+            ..Self::default()
+        }
+    }
+}
+
+impl Default for SubscriberConfig {
+    fn default() -> Self {
+        Self {
+            topic: 0,
+            reorder_window: Duration::from_millis(10),
+            max_held_deltas: 65_536,
+            max_stale_buffer: 4096,
+            max_cycle_leaves: 1 << 24,
+            max_message_len: 1 << 20,
+            max_reassembly_bytes: 16 << 20,
+            fragment_timeout: Duration::from_secs(1),
+            emit_applied: true,
+            publisher_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// What happened to the replicated state.
+#[derive(Clone, Debug, Eq, PartialEq)]
+#[non_exhaustive]
+pub enum SubscriberEvent<K> {
+    /// A publisher was heard for the first time.
+    PublisherJoined {
+        /// Publisher id.
+        publisher: u32,
+        /// Its session.
+        session: u64,
+    },
+    /// A publisher came back with a new session: its state is rebuilt from scratch.
+    PublisherRestarted {
+        /// Publisher id.
+        publisher: u32,
+        /// The session that ended.
+        old_session: u64,
+        /// The new session.
+        new_session: u64,
+    },
+    /// A publisher has not been heard for `publisher_timeout`.
+    PublisherSilent {
+        /// Publisher id.
+        publisher: u32,
+    },
+    /// A delta was applied.
+    Applied {
+        /// Publisher id.
+        publisher: u32,
+        /// The delta's `seq`.
+        seq: u64,
+        /// The leaf it changed.
+        key: K,
+    },
+    /// Sequence numbers were lost; the stream recovers from snapshots.
+    Gap {
+        /// Publisher id.
+        publisher: u32,
+        /// First lost `seq`.
+        first: u64,
+        /// How many were lost.
+        lost: u64,
+    },
+    /// A leaf missed a delta and must not be trusted until it is rebuilt.
+    LeafStale {
+        /// Publisher id.
+        publisher: u32,
+        /// The leaf.
+        key: K,
+    },
+    /// A stale leaf was rebuilt from a snapshot.
+    LeafRecovered {
+        /// Publisher id.
+        publisher: u32,
+        /// The leaf.
+        key: K,
+    },
+    /// The stream is live: its state equals the publisher's.
+    Live {
+        /// Publisher id.
+        publisher: u32,
+        /// How long the recovery took, when this ends one.
+        recovery: Option<Duration>,
+    },
+}
+
+/// Where a stream stands.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum StreamStatus {
+    /// Heard, but no `seq` known yet.
+    Joining,
+    /// Some leaves are stale or the state is unverified.
+    Recovering,
+    /// The state equals the publisher's as of the last processed `seq`.
+    Live,
+}
+
+/// Counters of a subscriber session.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+#[non_exhaustive]
+pub struct SubscriberStats {
+    /// Datagrams received.
+    pub datagrams: u64,
+    /// Datagrams rejected by the decoder.
+    pub malformed: u64,
+    /// Messages whose payload did not decode as the topic's types.
+    pub bad_payloads: u64,
+    /// Datagrams of other topics.
+    pub foreign_topic: u64,
+    /// Self-test probes.
+    pub probes: u64,
+    /// Datagrams from sessions older than the one followed.
+    pub retired_session: u64,
+    /// Deltas received (including duplicates).
+    pub deltas_received: u64,
+    /// Deltas applied.
+    pub deltas_applied: u64,
+    /// Duplicate or already-processed deltas.
+    pub duplicates: u64,
+    /// Deltas skipped because a snapshot already reflected them.
+    pub superseded: u64,
+    /// Gaps declared.
+    pub gaps: u64,
+    /// Sequence numbers declared lost.
+    pub messages_lost: u64,
+    /// Leaves that went stale.
+    pub stale_leaves: u64,
+    /// Snapshot messages received.
+    pub snapshot_messages: u64,
+    /// Leaves replaced from snapshots.
+    pub snapshot_replaced: u64,
+    /// Leaves removed because a cycle showed them absent.
+    pub snapshot_removed: u64,
+    /// Complete recoveries (stream back to live after a gap, late join or restart).
+    pub recoveries: u64,
+    /// Duration of the last recovery.
+    pub last_recovery: Option<Duration>,
+    /// Publisher restarts seen.
+    pub restarts: u64,
+    /// Messages reassembled from fragments.
+    pub reassembled: u64,
+    /// Fragments refused or incomplete messages dropped.
+    pub fragments_dropped: u64,
+}
+
+#[derive(Debug)]
+struct LeafMeta<D> {
+    /// `seq` of the last delta applied, or `as_of_seq` of the snapshot that set it.
+    last: u64,
+    present: bool,
+    seen_cycle: Option<u32>,
+    stale: Option<VecDeque<(u64, u64, D)>>,
+}
+
+impl<D> LeafMeta<D> {
+    fn absent() -> Self {
+        Self {
+            last: 0,
+            present: false,
+            seen_cycle: None,
+            stale: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Tracking<D> {
+    expected: u64,
+    highest_seen: u64,
+    held: BTreeMap<u64, (u64, D)>,
+    gap_deadline: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct CycleProgress {
+    cycle: u32,
+    start_seq: u64,
+    count: u32,
+    seen: Vec<u64>,
+    seen_count: u32,
+    completed: bool,
+}
+
+impl CycleProgress {
+    fn new(position: &CyclePosition) -> Self {
+        Self {
+            cycle: position.cycle,
+            start_seq: position.start_seq,
+            count: position.leaf_count,
+            seen: vec![0; (position.leaf_count as usize).div_ceil(64)],
+            seen_count: 0,
+            completed: false,
+        }
+    }
+
+    /// Marks `index` seen; true when this completes the cycle.
+    fn mark(&mut self, index: u32) -> bool {
+        let (word, bit) = ((index / 64) as usize, index % 64);
+        if let Some(w) = self.seen.get_mut(word) {
+            if *w & (1 << bit) == 0 {
+                *w |= 1 << bit;
+                self.seen_count += 1;
+            }
+        }
+        self.check_complete()
+    }
+
+    fn check_complete(&mut self) -> bool {
+        if !self.completed && self.seen_count >= self.count {
+            self.completed = true;
+            return true;
+        }
+        false
+    }
+}
+
+/// The state of one publisher's stream.
+#[derive(Debug)]
+struct Stream<S: ReplicatedState> {
+    publisher: u32,
+    session: u64,
+    state: S,
+    leaves: HashMap<S::Key, LeafMeta<S::Delta>>,
+    stale: BTreeSet<S::Key>,
+    tracking: Option<Tracking<S::Delta>>,
+    /// `Some(b)`: unverified until a complete cycle with `start_seq >= b`.
+    verify_after: Option<u64>,
+    /// Highest `seq` a leaf was set to from snapshots; live only once processing reaches it.
+    ahead_until: u64,
+    cycle: Option<CycleProgress>,
+    recovering_since: Option<Instant>,
+    live: bool,
+    last_heard: Instant,
+    silent: bool,
+}
+
+/// Output shared by the streams of a session.
+#[derive(Debug)]
+struct Sink<K> {
+    events: VecDeque<SubscriberEvent<K>>,
+    stats: SubscriberStats,
+    last_error: Option<DecodeError>,
+}
+
+/// A read-only view of one publisher's stream.
+#[derive(Debug)]
+pub struct StreamView<'a, S: ReplicatedState> {
+    /// Publisher id.
+    pub publisher: u32,
+    /// Its current session.
+    pub session: u64,
+    /// Where the stream stands.
+    pub status: StreamStatus,
+    /// The replicated state (stale leaves hold their last trusted value).
+    pub state: &'a S,
+    /// Leaves that must not be trusted until rebuilt.
+    pub stale: &'a BTreeSet<S::Key>,
+    /// Last `seq` processed in order.
+    pub last_seq: u64,
+}
+
+/// The sans-IO subscriber of one topic: replicates the state of every publisher of the topic.
+///
+/// Inputs: [`handle_datagram`](Self::handle_datagram) for every datagram received (from the live
+/// and the recovery group alike) and [`handle_timeout`](Self::handle_timeout) when
+/// [`poll_timeout`](Self::poll_timeout) is reached. Outputs: [`poll_event`](Self::poll_event)
+/// until `None` after each input; the state is read through [`stream`](Self::stream).
+///
+/// ```
+/// use std::time::Instant;
+/// use grapevine_core::proto::{PublisherConfig, PublisherSession, StreamStatus, SubscriberConfig, SubscriberSession};
+/// use grapevine_core::state::{KeyedMap, MapDelta};
+///
+/// let now = Instant::now();
+/// let mut publisher = PublisherSession::new(PublisherConfig::new(3), 11, KeyedMap::default(), now);
+/// let mut subscriber = SubscriberSession::<KeyedMap<u32, u32>>::new(SubscriberConfig::new(3));
+/// publisher.publish(now, MapDelta::Put(1, 100)).unwrap();
+/// publisher.flush(now);
+/// while let Some(datagram) = publisher.poll_transmit() {
+///     subscriber.handle_datagram(now, &datagram);
+/// }
+/// let stream = subscriber.stream(0).unwrap();
+/// assert_eq!(stream.status, StreamStatus::Live);
+/// assert_eq!(stream.state.get(&1), Some(&100));
+/// ```
+#[derive(Debug)]
+pub struct SubscriberSession<S: ReplicatedState> {
+    config: SubscriberConfig,
+    streams: BTreeMap<u32, Stream<S>>,
+    reassembler: Reassembler,
+    sink: Sink<S::Key>,
+}
+
+impl<S: ReplicatedState> SubscriberSession<S> {
+    /// A subscriber with `config`.
+    pub fn new(config: SubscriberConfig) -> Self {
+        Self {
+            reassembler: Reassembler::new(
+                config.max_message_len,
+                config.max_reassembly_bytes,
+                config.fragment_timeout,
+            ),
+            config,
+            streams: BTreeMap::new(),
+            sink: Sink {
+                events: VecDeque::new(),
+                stats: SubscriberStats::default(),
+                last_error: None,
+            },
+        }
+    }
+
+    /// Processes one received datagram. Malformed datagrams are counted and ignored.
+    pub fn handle_datagram(&mut self, now: Instant, bytes: &[u8]) {
+        self.sink.stats.datagrams += 1;
+        let datagram = match Datagram::parse(bytes) {
+            Ok(datagram) => datagram,
+            Err(error) => {
+                tracing::debug!(%error, len = bytes.len(), "malformed datagram");
+                self.sink.stats.malformed += 1;
+                self.sink.last_error = Some(error);
+                return;
+            }
+        };
+        if datagram.is_probe() {
+            self.sink.stats.probes += 1;
+            return;
+        }
+        let header = datagram.header();
+        if header.topic() != self.config.topic {
+            self.sink.stats.foreign_topic += 1;
+            return;
+        }
+        let (publisher, session) = (header.publisher(), header.session());
+        if !self.admit(now, publisher, session) {
+            self.sink.stats.retired_session += 1;
+            return;
+        }
+        let Some(stream) = self.streams.get_mut(&publisher) else {
+            return;
+        };
+        stream.last_heard = now;
+        stream.silent = false;
+        for message in datagram.messages() {
+            let message = match message {
+                Message::Fragment(fragment) => {
+                    let key = (publisher, session, fragment.fragment_id);
+                    match self.reassembler.push(now, key, &fragment) {
+                        Ok(Some(whole)) => {
+                            self.sink.stats.reassembled += 1;
+                            match wire::decode_reassembled(&whole) {
+                                Ok(message) => {
+                                    stream.on_message(now, message, &self.config, &mut self.sink)
+                                }
+                                Err(error) => {
+                                    self.sink.stats.malformed += 1;
+                                    self.sink.last_error = Some(error);
+                                }
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(error) => {
+                            tracing::debug!(%error, "fragment dropped");
+                            self.sink.stats.fragments_dropped += 1;
+                        }
+                    }
+                    continue;
+                }
+                other => other,
+            };
+            stream.on_message(now, message, &self.config, &mut self.sink);
+        }
+    }
+
+    /// Declares gaps whose reorder window expired, expires fragments, notices silent publishers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for stream in self.streams.values_mut() {
+            stream.on_timeout(now, &self.config, &mut self.sink);
+        }
+        let dropped_before = self.reassembler.dropped();
+        self.reassembler.handle_timeout(now);
+        self.sink.stats.fragments_dropped += self.reassembler.dropped() - dropped_before;
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must be called next.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let streams = self.streams.values().filter_map(|s| {
+            let gap = s.tracking.as_ref().and_then(|t| t.gap_deadline);
+            let silence = (!s.silent).then(|| s.last_heard + self.config.publisher_timeout);
+            match (gap, silence) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        });
+        streams.chain(self.reassembler.poll_timeout()).min()
+    }
+
+    /// The next event.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<SubscriberEvent<S::Key>> {
+        self.sink.events.pop_front()
+    }
+
+    /// The stream of `publisher`.
+    pub fn stream(&self, publisher: u32) -> Option<StreamView<'_, S>> {
+        self.streams.get(&publisher).map(Stream::view)
+    }
+
+    /// Every stream, by publisher id.
+    pub fn streams(&self) -> impl Iterator<Item = StreamView<'_, S>> {
+        self.streams.values().map(Stream::view)
+    }
+
+    /// Whether at least one publisher is known and every stream is live.
+    pub fn is_live(&self) -> bool {
+        !self.streams.is_empty() && self.streams.values().all(|s| s.live)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SubscriberStats {
+        self.sink.stats
+    }
+
+    /// The last decoding error seen, for diagnostics.
+    pub fn last_error(&self) -> Option<&DecodeError> {
+        self.sink.last_error.as_ref()
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SubscriberConfig {
+        &self.config
+    }
+
+    /// Finds or creates the stream of `publisher` for `session`; false if the datagram belongs
+    /// to an older session than the one followed.
+    ///
+    /// Session ids are time-ordered ([`new_session_id`](crate::proto::new_session_id)), so a
+    /// delayed datagram of the previous session cannot be mistaken for a restart. A lower id is
+    /// still accepted once the current session has gone silent (a publisher whose clock went
+    /// back).
+    fn admit(&mut self, now: Instant, publisher: u32, session: u64) -> bool {
+        match self.streams.get(&publisher) {
+            Some(stream) if stream.session == session => true,
+            Some(stream) if session < stream.session && !stream.silent => false,
+            Some(stream) => {
+                let old_session = stream.session;
+                tracing::info!(
+                    publisher,
+                    old_session,
+                    new_session = session,
+                    "publisher restarted"
+                );
+                self.streams
+                    .insert(publisher, Stream::new(publisher, session, now));
+                self.sink.stats.restarts += 1;
+                self.sink
+                    .events
+                    .push_back(SubscriberEvent::PublisherRestarted {
+                        publisher,
+                        old_session,
+                        new_session: session,
+                    });
+                true
+            }
+            None => {
+                tracing::info!(publisher, session, "publisher joined");
+                self.streams
+                    .insert(publisher, Stream::new(publisher, session, now));
+                self.sink
+                    .events
+                    .push_back(SubscriberEvent::PublisherJoined { publisher, session });
+                true
+            }
+        }
+    }
+}
+
+impl<S: ReplicatedState> Stream<S> {
+    fn new(publisher: u32, session: u64, now: Instant) -> Self {
+        Self {
+            publisher,
+            session,
+            state: S::default(),
+            leaves: HashMap::new(),
+            stale: BTreeSet::new(),
+            tracking: None,
+            verify_after: None,
+            ahead_until: 0,
+            cycle: None,
+            recovering_since: Some(now),
+            live: false,
+            last_heard: now,
+            silent: false,
+        }
+    }
+
+    fn view(&self) -> StreamView<'_, S> {
+        let status = match (&self.tracking, self.live) {
+            (None, _) => StreamStatus::Joining,
+            (Some(_), true) => StreamStatus::Live,
+            (Some(_), false) => StreamStatus::Recovering,
+        };
+        StreamView {
+            publisher: self.publisher,
+            session: self.session,
+            status,
+            state: &self.state,
+            stale: &self.stale,
+            last_seq: self.tracking.as_ref().map_or(0, |t| t.expected - 1),
+        }
+    }
+
+    fn on_message(
+        &mut self,
+        now: Instant,
+        message: Message<'_>,
+        config: &SubscriberConfig,
+        sink: &mut Sink<S::Key>,
+    ) {
+        match message {
+            Message::Delta { seq, prev, payload } => {
+                sink.stats.deltas_received += 1;
+                match codec::decode::<S::Delta>(payload) {
+                    // A delta that does not decode is lost: the reorder window turns it into a gap.
+                    Err(error) => bad_payload(sink, error),
+                    Ok(delta) => self.on_delta(now, seq, prev, delta, config, sink),
+                }
+            }
+            Message::Heartbeat { last_seq } => self.on_heartbeat(now, last_seq, config, sink),
+            Message::Leaf {
+                position,
+                as_of_seq,
+                payload,
+            } => {
+                sink.stats.snapshot_messages += 1;
+                match codec::decode::<(S::Key, S::Leaf)>(payload) {
+                    Err(error) => bad_payload(sink, error),
+                    Ok((key, leaf)) => {
+                        self.on_snapshot(now, position, as_of_seq, key, Some(leaf), config, sink)
+                    }
+                }
+            }
+            Message::Tombstone {
+                position,
+                as_of_seq,
+                payload,
+            } => {
+                sink.stats.snapshot_messages += 1;
+                match codec::decode::<S::Key>(payload) {
+                    Err(error) => bad_payload(sink, error),
+                    Ok(key) => self.on_snapshot(now, position, as_of_seq, key, None, config, sink),
+                }
+            }
+            Message::EmptyCycle { cycle, start_seq } => {
+                sink.stats.snapshot_messages += 1;
+                let position = CyclePosition {
+                    cycle,
+                    start_seq,
+                    leaf_index: 0,
+                    leaf_count: 0,
+                };
+                if self.tracking.is_none() || !self.accept_cycle(&position, config) {
+                    return;
+                }
+                let completed = self
+                    .cycle
+                    .as_mut()
+                    .is_some_and(CycleProgress::check_complete);
+                if completed && !self.live {
+                    self.on_cycle_complete(config, sink);
+                    self.update_live(now, sink);
+                }
+            }
+            // Fragments are reassembled by the session before they reach a stream.
+            Message::Fragment(_) => {}
+        }
+    }
+
+    fn on_delta(
+        &mut self,
+        now: Instant,
+        seq: u64,
+        prev: u64,
+        delta: S::Delta,
+        config: &SubscriberConfig,
+        sink: &mut Sink<S::Key>,
+    ) {
+        if self.tracking.is_none() {
+            self.start_tracking(now, seq, sink);
+        }
+        let Some(tracking) = self.tracking.as_mut() else {
+            return;
+        };
+        if seq < tracking.expected || tracking.held.contains_key(&seq) {
+            sink.stats.duplicates += 1;
+            return;
+        }
+        tracking.held.insert(seq, (prev, delta));
+        tracking.highest_seen = tracking.highest_seen.max(seq);
+        self.drain(now, config, sink);
+    }
+
+    fn on_heartbeat(
+        &mut self,
+        now: Instant,
+        last_seq: u64,
+        config: &SubscriberConfig,
+        sink: &mut Sink<S::Key>,
+    ) {
+        let Some(tracking) = self.tracking.as_mut() else {
+            self.start_tracking(now, last_seq.saturating_add(1), sink);
+            return;
+        };
+        tracking.highest_seen = tracking.highest_seen.max(last_seq);
+        self.drain(now, config, sink);
+    }
+
+    /// The first `seq` known of this session is `first`: everything before was missed.
+    fn start_tracking(&mut self, now: Instant, first: u64, sink: &mut Sink<S::Key>) {
+        let missed_through = first.saturating_sub(1);
+        self.tracking = Some(Tracking {
+            expected: first,
+            highest_seen: missed_through,
+            held: BTreeMap::new(),
+            gap_deadline: None,
+        });
+        if missed_through > 0 {
+            self.verify_after = Some(missed_through);
+        }
+        self.update_live(now, sink);
+    }
+
+    fn on_timeout(&mut self, now: Instant, config: &SubscriberConfig, sink: &mut Sink<S::Key>) {
+        if !self.silent && now >= self.last_heard + config.publisher_timeout {
+            self.silent = true;
+            tracing::warn!(publisher = self.publisher, "publisher silent");
+            sink.events.push_back(SubscriberEvent::PublisherSilent {
+                publisher: self.publisher,
+            });
+        }
+        let due = self
+            .tracking
+            .as_ref()
+            .and_then(|t| t.gap_deadline)
+            .is_some_and(|deadline| now >= deadline);
+        if due {
+            self.declare_gap(now, sink);
+            self.drain(now, config, sink);
+        }
+    }
+
+    /// Gives up on the missing `seq`s below the first held delta (or up to the highest seen).
+    fn declare_gap(&mut self, now: Instant, sink: &mut Sink<S::Key>) {
+        let Some(tracking) = self.tracking.as_mut() else {
+            return;
+        };
+        tracking.gap_deadline = None;
+        let through = match tracking.held.first_key_value() {
+            Some((&first_held, _)) => first_held - 1,
+            None => tracking.highest_seen,
+        };
+        if through < tracking.expected {
+            return;
+        }
+        let first = tracking.expected;
+        let lost = through - first + 1;
+        tracking.expected = through + 1;
+        tracing::debug!(publisher = self.publisher, first, lost, "gap");
+        sink.stats.gaps += 1;
+        sink.stats.messages_lost += lost;
+        sink.events.push_back(SubscriberEvent::Gap {
+            publisher: self.publisher,
+            first,
+            lost,
+        });
+        self.verify_after = Some(self.verify_after.map_or(through, |v| v.max(through)));
+        self.begin_recovery(now);
+    }
+
+    fn begin_recovery(&mut self, now: Instant) {
+        self.live = false;
+        if self.recovering_since.is_none() {
+            self.recovering_since = Some(now);
+        }
+    }
+
+    /// Processes held deltas in order and arms the reorder timer for what is missing.
+    fn drain(&mut self, now: Instant, config: &SubscriberConfig, sink: &mut Sink<S::Key>) {
+        loop {
+            let Some(tracking) = self.tracking.as_mut() else {
+                return;
+            };
+            if let Some(entry) = tracking.held.first_entry() {
+                if *entry.key() == tracking.expected {
+                    let (seq, (prev, delta)) = entry.remove_entry();
+                    tracking.expected += 1;
+                    self.process(now, seq, prev, delta, config, sink);
+                    continue;
+                }
+            }
+            if tracking.held.len() > config.max_held_deltas {
+                self.declare_gap(now, sink);
+                continue;
+            }
+            if tracking.expected <= tracking.highest_seen {
+                if tracking.gap_deadline.is_none() {
+                    tracking.gap_deadline = Some(now + config.reorder_window);
+                }
+            } else {
+                tracking.gap_deadline = None;
+            }
+            break;
+        }
+        self.update_live(now, sink);
+    }
+
+    /// Applies one delta in `seq` order, or buffers it on a stale leaf.
+    fn process(
+        &mut self,
+        now: Instant,
+        seq: u64,
+        prev: u64,
+        delta: S::Delta,
+        config: &SubscriberConfig,
+        sink: &mut Sink<S::Key>,
+    ) {
+        let key = S::delta_key(&delta);
+        let (last, present) = self
+            .leaves
+            .get(key)
+            .map_or((0, false), |m| (m.last, m.present));
+        if let Some(buffer) = self.leaves.get_mut(key).and_then(|m| m.stale.as_mut()) {
+            if buffer.len() >= config.max_stale_buffer {
+                buffer.pop_front();
+            }
+            buffer.push_back((seq, prev, delta));
+            return;
+        }
+        if seq <= last {
+            sink.stats.superseded += 1;
+            return;
+        }
+        let chains = if present { prev == last } else { prev == 0 };
+        if chains {
+            self.apply(seq, delta, config, sink);
+            return;
+        }
+        let key = key.clone();
+        tracing::debug!(
+            publisher = self.publisher,
+            ?key,
+            seq,
+            prev,
+            last,
+            "leaf stale"
+        );
+        let meta = self
+            .leaves
+            .entry(key.clone())
+            .or_insert_with(LeafMeta::absent);
+        meta.stale = Some(VecDeque::from([(seq, prev, delta)]));
+        self.stale.insert(key.clone());
+        sink.stats.stale_leaves += 1;
+        sink.events.push_back(SubscriberEvent::LeafStale {
+            publisher: self.publisher,
+            key,
+        });
+        self.begin_recovery(now);
+    }
+
+    fn apply(
+        &mut self,
+        seq: u64,
+        delta: S::Delta,
+        config: &SubscriberConfig,
+        sink: &mut Sink<S::Key>,
+    ) {
+        let key = S::delta_key(&delta);
+        self.state.apply(&delta);
+        let present = self.state.leaf(key).is_some();
+        sink.stats.deltas_applied += 1;
+        if self.live && !present {
+            // While live nothing needs to remember deleted keys.
+            self.leaves.remove(key);
+        } else {
+            let meta = match self.leaves.get_mut(key) {
+                Some(meta) => meta,
+                None => self
+                    .leaves
+                    .entry(key.clone())
+                    .or_insert_with(LeafMeta::absent),
+            };
+            meta.last = seq;
+            meta.present = present;
+        }
+        if config.emit_applied {
+            sink.events.push_back(SubscriberEvent::Applied {
+                publisher: self.publisher,
+                seq,
+                key: key.clone(),
+            });
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_snapshot(
+        &mut self,
+        now: Instant,
+        position: CyclePosition,
+        as_of: u64,
+        key: S::Key,
+        leaf: Option<S::Leaf>,
+        config: &SubscriberConfig,
+        sink: &mut Sink<S::Key>,
+    ) {
+        if self.tracking.is_none() {
+            return;
+        }
+        let in_cycle = self.accept_cycle(&position, config);
+        if self.live {
+            // While live only confirm: a newer snapshot means a delta is on its way (or lost,
+            // which the reorder window will declare), and applying it early would put the leaf
+            // ahead of the rest of the state.
+            let meta = self.leaves.get(&key);
+            let consistent = match (&leaf, meta) {
+                (Some(_), Some(m)) => m.present && as_of <= m.last,
+                (Some(_), None) => false,
+                (None, Some(m)) => !m.present || m.last > as_of,
+                (None, None) => true,
+            };
+            if consistent && in_cycle {
+                if let Some(m) = self.leaves.get_mut(&key) {
+                    m.seen_cycle = Some(position.cycle);
+                }
+                if let Some(progress) = self.cycle.as_mut() {
+                    progress.mark(position.leaf_index);
+                }
+            }
+            return;
+        }
+        let meta = match self.leaves.get_mut(&key) {
+            Some(meta) => meta,
+            None => self
+                .leaves
+                .entry(key.clone())
+                .or_insert_with(LeafMeta::absent),
+        };
+        if in_cycle {
+            meta.seen_cycle = Some(position.cycle);
+        }
+        if as_of > meta.last {
+            match leaf {
+                Some(leaf) => {
+                    self.state.put_leaf(key.clone(), leaf);
+                    meta.present = true;
+                    sink.stats.snapshot_replaced += 1;
+                }
+                None => {
+                    if meta.present {
+                        self.state.remove_leaf(&key);
+                        sink.stats.snapshot_removed += 1;
+                    }
+                    meta.present = false;
+                }
+            }
+            meta.last = as_of;
+            self.ahead_until = self.ahead_until.max(as_of);
+            if meta.stale.is_some() {
+                self.replay(key, config, sink);
+            }
+        }
+        let completed = in_cycle
+            && self
+                .cycle
+                .as_mut()
+                .is_some_and(|progress| progress.mark(position.leaf_index));
+        if completed {
+            self.on_cycle_complete(config, sink);
+        }
+        self.update_live(now, sink);
+    }
+
+    /// Whether a snapshot message counts toward the current cycle (starting a new one if it is
+    /// newer).
+    fn accept_cycle(&mut self, position: &CyclePosition, config: &SubscriberConfig) -> bool {
+        if let Some(progress) = &self.cycle {
+            if progress.cycle == position.cycle {
+                return progress.count == position.leaf_count
+                    && progress.start_seq == position.start_seq;
+            }
+            // Serial-number arithmetic: cycle ids wrap.
+            if position.cycle.wrapping_sub(progress.cycle) > u32::MAX / 2 {
+                return false;
+            }
+        }
+        if position.leaf_count > config.max_cycle_leaves {
+            return false;
+        }
+        self.cycle = Some(CycleProgress::new(position));
+        true
+    }
+
+    /// Replays the buffered deltas of a stale leaf after it was rebuilt.
+    fn replay(&mut self, key: S::Key, config: &SubscriberConfig, sink: &mut Sink<S::Key>) {
+        let Some(mut buffer) = self.leaves.get_mut(&key).and_then(|m| m.stale.take()) else {
+            return;
+        };
+        while let Some((seq, prev, delta)) = buffer.pop_front() {
+            let Some(meta) = self.leaves.get(&key) else {
+                break;
+            };
+            if seq <= meta.last {
+                sink.stats.superseded += 1;
+                continue;
+            }
+            let chains = if meta.present {
+                prev == meta.last
+            } else {
+                prev == 0
+            };
+            if !chains {
+                buffer.push_front((seq, prev, delta));
+                if let Some(meta) = self.leaves.get_mut(&key) {
+                    meta.stale = Some(buffer);
+                }
+                return;
+            }
+            self.apply(seq, delta, config, sink);
+        }
+        self.stale.remove(&key);
+        sink.events.push_back(SubscriberEvent::LeafRecovered {
+            publisher: self.publisher,
+            key,
+        });
+    }
+
+    /// A whole cycle was seen: remove what it shows absent and end verification if it started
+    /// after the last gap.
+    fn on_cycle_complete(&mut self, config: &SubscriberConfig, sink: &mut Sink<S::Key>) {
+        let Some(progress) = &self.cycle else {
+            return;
+        };
+        let (cycle, start) = (progress.cycle, progress.start_seq);
+        let mut removed = Vec::new();
+        let mut to_replay = Vec::new();
+        for (key, meta) in &mut self.leaves {
+            // Keys not among those present at the cycle's start, and untouched since, were
+            // absent at `start`.
+            if meta.seen_cycle == Some(cycle) || meta.last > start {
+                continue;
+            }
+            if meta.present {
+                removed.push(key.clone());
+                meta.present = false;
+            }
+            meta.last = start;
+            if meta.stale.is_some() {
+                to_replay.push(key.clone());
+            }
+        }
+        for key in removed {
+            if self.state.remove_leaf(&key).is_some() {
+                sink.stats.snapshot_removed += 1;
+            }
+        }
+        for key in to_replay {
+            self.replay(key, config, sink);
+        }
+        self.ahead_until = self.ahead_until.max(start);
+        if self.verify_after.is_some_and(|b| start >= b) {
+            self.verify_after = None;
+        }
+    }
+
+    fn update_live(&mut self, now: Instant, sink: &mut Sink<S::Key>) {
+        let Some(tracking) = &self.tracking else {
+            return;
+        };
+        let live = self.verify_after.is_none()
+            && self.stale.is_empty()
+            && tracking.expected - 1 >= self.ahead_until;
+        if live && !self.live {
+            self.live = true;
+            self.leaves.retain(|_, m| m.present || m.stale.is_some());
+            let recovery = self
+                .recovering_since
+                .take()
+                .map(|t| now.saturating_duration_since(t));
+            if let Some(took) = recovery {
+                sink.stats.recoveries += 1;
+                sink.stats.last_recovery = Some(took);
+            }
+            tracing::debug!(publisher = self.publisher, ?recovery, "live");
+            sink.events.push_back(SubscriberEvent::Live {
+                publisher: self.publisher,
+                recovery,
+            });
+        } else if !live && self.live {
+            self.begin_recovery(now);
+        }
+    }
+}
+
+fn bad_payload<K>(sink: &mut Sink<K>, error: DecodeError) {
+    tracing::debug!(%error, "payload does not decode");
+    sink.stats.bad_payloads += 1;
+    sink.last_error = Some(error);
+}

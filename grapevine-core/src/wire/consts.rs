@@ -1,0 +1,46 @@
+//! Wire constants: the one place where the protocol's numbers live.
+
+/// First two bytes of every GrapeVine datagram: ASCII `GV`.
+pub const MAGIC: [u8; 2] = *b"GV";
+/// The protocol version this build speaks.
+pub const VERSION: u8 = 1;
+
+/// Size of the datagram header.
+pub const DATAGRAM_HEADER_LEN: usize = 24;
+/// Size of a message header (`kind`, `flags`, `body_len`).
+pub const MESSAGE_HEADER_LEN: usize = 4;
+/// Fixed fields of a delta body (`seq`, `prev`).
+pub const DELTA_FIELDS_LEN: usize = 16;
+/// Fixed fields of a snapshot body (cycle, index, count, start seq, as-of seq).
+pub const SNAPSHOT_FIELDS_LEN: usize = 28;
+/// Fixed fields of a heartbeat body (`last_seq`).
+pub const HEARTBEAT_FIELDS_LEN: usize = 8;
+/// Fixed fields of a fragment body (id, index, count, total length).
+pub const FRAGMENT_FIELDS_LEN: usize = 16;
+
+/// Default datagram size: safe on the paths GrapeVine is used on (below a 1500-byte MTU with
+/// room for IP/UDP headers and tunnels).
+pub const DEFAULT_MAX_DATAGRAM: usize = 1400;
+/// Largest datagram GrapeVine accepts or builds: the largest IPv4 UDP payload.
+pub const MAX_DATAGRAM: usize = 65_507;
+/// Smallest configurable datagram size: a header, a message header and a fragment's fields with
+/// room for a useful chunk.
+pub const MIN_DATAGRAM: usize = 128;
+
+/// Message kind: a delta.
+pub const KIND_DELTA: u8 = 1;
+/// Message kind: a snapshot leaf.
+pub const KIND_LEAF: u8 = 2;
+/// Message kind: a snapshot tombstone (a cycle key deleted before it was read).
+pub const KIND_TOMBSTONE: u8 = 3;
+/// Message kind: a heartbeat.
+pub const KIND_HEARTBEAT: u8 = 4;
+/// Message kind: a fragment of a larger message.
+pub const KIND_FRAGMENT: u8 = 5;
+/// Message kind: a snapshot cycle of an empty state.
+pub const KIND_EMPTY_CYCLE: u8 = 6;
+
+/// Datagram flag: a transport self-test probe, ignored by subscribers.
+pub const FLAG_PROBE: u8 = 0x01;
+/// Every datagram flag this version defines.
+pub const KNOWN_DATAGRAM_FLAGS: u8 = FLAG_PROBE;
