@@ -168,14 +168,6 @@ fn run(scenario: &Scenario) -> Result<(), String> {
         return Err(failure);
     }
     if !net.converged() {
-        for s in net.subscribers() {
-            eprintln!(
-                "pub session {} sub: {:?} {:?}",
-                net.publisher().session(),
-                s.streams().map(|v| v.session).collect::<Vec<_>>(),
-                s.stats()
-            );
-        }
         let summary: Vec<_> = net
             .subscribers()
             .iter()
