@@ -1,6 +1,6 @@
 //! Reassembly of messages fragmented over several datagrams, with bounded memory.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::wire::Fragment;
@@ -74,7 +74,12 @@ pub struct Reassembler {
     max_bytes: usize,
     timeout: Duration,
     dropped: u64,
+    /// Recently completed messages, so that late duplicates of their fragments are ignored
+    /// instead of starting a partial that can only expire.
+    completed: VecDeque<FragmentKey>,
 }
+
+const REMEMBERED_COMPLETIONS: usize = 256;
 
 impl Reassembler {
     /// A reassembler with the given limits.
@@ -86,6 +91,7 @@ impl Reassembler {
             max_bytes,
             timeout,
             dropped: 0,
+            completed: VecDeque::new(),
         }
     }
 
@@ -105,6 +111,9 @@ impl Reassembler {
                 len: fragment.total_len,
                 limit: self.max_message_len,
             });
+        }
+        if self.completed.contains(&key) {
+            return Ok(None);
         }
         let partial = self.partial.entry(key).or_insert_with(|| Partial {
             total_len: fragment.total_len,
@@ -143,6 +152,10 @@ impl Reassembler {
         let Some(done) = self.remove(&key) else {
             return Ok(None);
         };
+        if self.completed.len() >= REMEMBERED_COMPLETIONS {
+            self.completed.pop_front();
+        }
+        self.completed.push_back(key);
         if done.bytes != done.total_len as usize {
             self.dropped += 1;
             return Err(ReassemblyError::LengthMismatch {

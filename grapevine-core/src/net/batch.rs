@@ -1,0 +1,248 @@
+//! Batched datagram I/O: `recvmmsg`/`sendmmsg`, one syscall for many datagrams, and the kernel's
+//! per-socket drop counter (`SO_RXQ_OVFL`).
+//!
+//! This is the one module of the core that needs `unsafe`: the syscalls take raw pointers into
+//! buffers this module owns for the duration of each call.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::mem;
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+/// Up to this many datagrams per `sendmmsg` call.
+const SEND_BATCH: usize = 64;
+
+/// Room for one `SO_RXQ_OVFL` control message (a `u32`), with alignment slack.
+const CONTROL_LEN: usize = 64;
+
+/// Metadata of one received datagram.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub struct RecvMeta {
+    /// Bytes received.
+    pub len: usize,
+    /// The datagram was larger than the buffer and was cut.
+    pub truncated: bool,
+}
+
+/// Reusable buffers for [`recv_batch`]: `batch` datagrams of at most `buf_len` bytes each.
+#[derive(Debug)]
+pub struct RecvBatch {
+    buffers: Vec<Vec<u8>>,
+    meta: Vec<RecvMeta>,
+    controls: Vec<[u8; CONTROL_LEN]>,
+    count: usize,
+    kernel_drops: u32,
+}
+
+impl RecvBatch {
+    /// Buffers for `batch` datagrams of up to `buf_len` bytes.
+    pub fn new(batch: usize, buf_len: usize) -> Self {
+        let batch = batch.clamp(1, 1024);
+        Self {
+            buffers: vec![vec![0; buf_len.max(1)]; batch],
+            meta: vec![RecvMeta::default(); batch],
+            controls: vec![[0; CONTROL_LEN]; batch],
+            count: 0,
+            kernel_drops: 0,
+        }
+    }
+
+    /// The datagrams of the last receive.
+    pub fn datagrams(&self) -> impl Iterator<Item = &[u8]> {
+        self.buffers
+            .iter()
+            .zip(&self.meta)
+            .take(self.count)
+            .map(|(buf, meta)| buf.get(..meta.len).unwrap_or_default())
+    }
+
+    /// Metadata of the datagrams of the last receive.
+    pub fn meta(&self) -> &[RecvMeta] {
+        self.meta.get(..self.count).unwrap_or_default()
+    }
+
+    /// The kernel's count of datagrams this socket dropped because its buffer was full,
+    /// cumulative since the socket opened, as last reported (the kernel reports it only once it
+    /// is non-zero).
+    pub fn kernel_drops(&self) -> u32 {
+        self.kernel_drops
+    }
+
+    /// Capacity in datagrams.
+    pub fn capacity(&self) -> usize {
+        self.buffers.len()
+    }
+}
+
+pub(super) fn enable_drop_counter(socket: &socket2::Socket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a valid c_int that outlives the call; the length matches its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RXQ_OVFL,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+pub(super) fn recv_batch(
+    socket: &UdpSocket,
+    batch: &mut RecvBatch,
+    timeout: Duration,
+) -> io::Result<usize> {
+    batch.count = 0;
+    // Under load the first non-blocking call succeeds: one syscall per batch. Idle, wait in poll.
+    match recvmmsg(socket, batch) {
+        Ok(n) => return Ok(n),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+        Err(e) => return Err(e),
+    }
+    let mut pollfd = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // Round sub-millisecond timeouts up so the call waits rather than spins.
+    let millis = if millis == 0 && !timeout.is_zero() { 1 } else { millis };
+    // SAFETY: `pollfd` is a valid, initialised pollfd and we pass a count of 1.
+    let rc = unsafe { libc::poll(&mut pollfd, 1, millis) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(0)
+        } else {
+            Err(e)
+        };
+    }
+    if rc == 0 {
+        return Ok(0);
+    }
+    match recvmmsg(socket, batch) {
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+            Ok(0)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn recvmmsg(socket: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> {
+    let n = batch.buffers.len();
+    let mut iovecs: Vec<libc::iovec> = batch
+        .buffers
+        .iter_mut()
+        .map(|buf| libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        })
+        .collect();
+    // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
+    let mut headers: Vec<libc::mmsghdr> = (0..n).map(|_| unsafe { mem::zeroed() }).collect();
+    for ((header, iov), control) in headers
+        .iter_mut()
+        .zip(iovecs.iter_mut())
+        .zip(batch.controls.iter_mut())
+    {
+        header.msg_hdr.msg_iov = iov;
+        header.msg_hdr.msg_iovlen = 1;
+        header.msg_hdr.msg_control = control.as_mut_ptr().cast();
+        header.msg_hdr.msg_controllen = CONTROL_LEN as _;
+    }
+    // SAFETY: every header points at an iovec and a control buffer that live until the call
+    // returns, each iovec at a buffer of the stated length; `n` is the number of headers.
+    let rc = unsafe {
+        libc::recvmmsg(
+            socket.as_raw_fd(),
+            headers.as_mut_ptr(),
+            n as libc::c_uint,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let count = rc as usize;
+    for (header, meta) in headers.iter().zip(batch.meta.iter_mut()).take(count) {
+        meta.len = header.msg_len as usize;
+        meta.truncated = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+        if let Some(drops) = read_drop_counter(&header.msg_hdr) {
+            batch.kernel_drops = drops;
+        }
+    }
+    batch.count = count;
+    Ok(count)
+}
+
+fn read_drop_counter(msg: &libc::msghdr) -> Option<u32> {
+    // SAFETY: `msg` was filled by recvmmsg; CMSG_* walk its control buffer within
+    // `msg_controllen`, and we read a u32 only from a SO_RXQ_OVFL message, which carries one.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SO_RXQ_OVFL {
+                let data = libc::CMSG_DATA(cmsg).cast::<u32>();
+                return Some(data.read_unaligned());
+            }
+            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
+        }
+    }
+    None
+}
+
+pub(super) fn send_batch(socket: &UdpSocket, datagrams: &[Bytes]) -> io::Result<usize> {
+    let mut sent = 0;
+    for chunk in datagrams.chunks(SEND_BATCH) {
+        let mut iovecs: Vec<libc::iovec> = chunk
+            .iter()
+            .map(|d| libc::iovec {
+                iov_base: d.as_ptr() as *mut libc::c_void,
+                iov_len: d.len(),
+            })
+            .collect();
+        // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
+        let mut headers: Vec<libc::mmsghdr> =
+            (0..chunk.len()).map(|_| unsafe { mem::zeroed() }).collect();
+        for (header, iov) in headers.iter_mut().zip(iovecs.iter_mut()) {
+            header.msg_hdr.msg_iov = iov;
+            header.msg_hdr.msg_iovlen = 1;
+        }
+        let mut offset = 0;
+        while offset < headers.len() {
+            let rest = headers.get_mut(offset..).unwrap_or_default();
+            // SAFETY: the headers point at iovecs describing `Bytes` that outlive the call; the
+            // kernel only reads them. The socket is connected, so no address is needed.
+            let rc = unsafe {
+                libc::sendmmsg(
+                    socket.as_raw_fd(),
+                    rest.as_mut_ptr(),
+                    rest.len() as libc::c_uint,
+                    0,
+                )
+            };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return if sent == 0 { Err(e) } else { Ok(sent) };
+            }
+            offset += rc as usize;
+            sent += rc as usize;
+        }
+    }
+    Ok(sent)
+}
