@@ -61,7 +61,7 @@ pub trait ReplicatedState: Default + Send + Sync + 'static {
 /// ```
 /// use grapevine_core::state::{digest, KeyedMap, MapDelta, ReplicatedState};
 /// let mut a: KeyedMap<u32, u32> = KeyedMap::default();
-/// let mut b = KeyedMap::default();
+/// let mut b: KeyedMap<u32, u32> = KeyedMap::default();
 /// a.apply(&MapDelta::Put(1, 10));
 /// a.apply(&MapDelta::Put(2, 20));
 /// b.apply(&MapDelta::Put(2, 20));

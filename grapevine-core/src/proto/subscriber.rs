@@ -338,7 +338,7 @@ pub struct StreamView<'a, S: ReplicatedState> {
 /// let now = Instant::now();
 /// let mut publisher = PublisherSession::new(PublisherConfig::new(3), 11, KeyedMap::default(), now);
 /// let mut subscriber = SubscriberSession::<KeyedMap<u32, u32>>::new(SubscriberConfig::new(3));
-/// publisher.publish(now, MapDelta::Put(1, 100)).unwrap();
+/// publisher.publish(now, MapDelta::Put(1u32, 100u32)).unwrap();
 /// publisher.flush(now);
 /// while let Some(datagram) = publisher.poll_transmit() {
 ///     subscriber.handle_datagram(now, &datagram);
