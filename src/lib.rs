@@ -1,1 +1,30 @@
-//! GrapeVine facade.
+//! GrapeVine: replicated state over UDP multicast.
+//!
+//! A [`Publisher`](publisher::Publisher) owns a state and sends sequenced deltas; a
+//! [`Snapshotter`](snapshotter::Snapshotter) cycles its leaves; a
+//! [`Subscriber`](subscriber::Subscriber) keeps a copy, and rebuilds from the cycle after a gap,
+//! a late start or a publisher restart. This facade re-exports the crates and carries the
+//! order-book model shared by the examples and the `grapevine` binary.
+//!
+//! ```no_run
+//! use grapevine::core::net::MulticastConfig;
+//! use grapevine::core::state::{KeyedMap, MapDelta};
+//! use grapevine::publisher::{Publisher, PublisherOptions};
+//! use grapevine::snapshotter::{Snapshotter, SnapshotterOptions};
+//! use grapevine::subscriber::{Subscriber, SubscriberOptions};
+//!
+//! let group = MulticastConfig::new("239.255.0.9:7009".parse()?); // loopback by default
+//! let subscriber = Subscriber::<KeyedMap<String, u64>>::join(SubscriberOptions::new(1, group.clone()))?;
+//! let publisher = Publisher::start(PublisherOptions::new(1, group.clone()), KeyedMap::default())?;
+//! let _snapshots = Snapshotter::start(&publisher, SnapshotterOptions::new(group))?;
+//! publisher.publish(MapDelta::Put("ACME".into(), 101))?;
+//! subscriber.wait_live(std::time::Duration::from_secs(1));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod order_book;
+
+pub use grapevine_core as core;
+pub use grapevine_publisher as publisher;
+pub use grapevine_snapshotter as snapshotter;
+pub use grapevine_subscriber as subscriber;

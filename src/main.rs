@@ -1,1 +1,493 @@
-fn main() {}
+//! `grapevine`: run a replication demo, a publisher or a subscriber from the command line.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use grapevine::core::net::{self_test, InterfaceSpec, MulticastConfig};
+use grapevine::core::proto::{SnapshotConfig, SnapshotRate, StreamStatus};
+use grapevine::core::state::{digest, short_hex, ReplicatedState};
+use grapevine::order_book::{MarketGenerator, OrderBook};
+use grapevine::publisher::{Publisher, PublisherOptions};
+use grapevine::snapshotter::{Snapshotter, SnapshotterOptions};
+use grapevine::subscriber::{Subscriber, SubscriberOptions};
+
+/// Replicated state over UDP multicast.
+#[derive(Debug, Parser)]
+#[command(name = "grapevine", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Publisher, snapshotter and N subscribers in one process on loopback, with injected loss;
+    /// exits 0 only when every subscriber converged to the publisher's state.
+    Demo(DemoArgs),
+    /// Publish a simulated order book until stopped (or for --seconds).
+    Pub(PubArgs),
+    /// Subscribe to an order book and print top of book and counters every second.
+    Sub(SubArgs),
+    /// Check that multicast flows on the group and interface.
+    Selftest(NetArgs),
+}
+
+#[derive(Args, Clone, Debug)]
+struct NetArgs {
+    /// Multicast group and port of the live stream.
+    #[arg(long, env = "GRAPEVINE_GROUP", default_value = "239.255.70.86:7086")]
+    group: SocketAddr,
+    /// Separate group for snapshots, joined by subscribers only while recovering.
+    #[arg(long, env = "GRAPEVINE_RECOVERY_GROUP")]
+    recovery_group: Option<SocketAddr>,
+    /// Interface (name or address) to join and send on; loopback unless set.
+    #[arg(long, env = "GRAPEVINE_IFACE", default_value = "lo")]
+    iface: InterfaceSpec,
+    /// Topic id.
+    #[arg(long, env = "GRAPEVINE_TOPIC", default_value_t = 1)]
+    topic: u32,
+}
+
+impl NetArgs {
+    fn live(&self) -> MulticastConfig {
+        MulticastConfig::new(self.group).on(self.iface.clone())
+    }
+
+    fn recovery(&self) -> Option<MulticastConfig> {
+        self.recovery_group
+            .map(|g| MulticastConfig::new(g).on(self.iface.clone()))
+    }
+
+    fn snapshots(&self) -> MulticastConfig {
+        self.recovery().unwrap_or_else(|| self.live())
+    }
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    #[command(flatten)]
+    net: NetArgs,
+    /// Number of subscribers.
+    #[arg(long, default_value_t = 3)]
+    subscribers: usize,
+    /// Fraction of datagrams each subscriber drops on receipt (0..1).
+    #[arg(long, default_value_t = 0.1)]
+    loss: f64,
+    /// Updates to publish.
+    #[arg(long, default_value_t = 200_000)]
+    updates: u64,
+    /// Seconds over which to publish them.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Instruments in the order book.
+    #[arg(long, default_value_t = 8)]
+    instruments: u16,
+    /// Snapshot rate in leaves per second.
+    #[arg(long, default_value_t = 50_000)]
+    snapshot_rate: u32,
+    /// Seconds to wait for convergence after publishing stops.
+    #[arg(long, default_value_t = 15.0)]
+    settle: f64,
+}
+
+#[derive(Args, Debug)]
+struct PubArgs {
+    #[command(flatten)]
+    net: NetArgs,
+    /// Updates per second.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Stop after this many seconds (default: run until killed).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Instruments in the order book.
+    #[arg(long, default_value_t = 8)]
+    instruments: u16,
+    /// Snapshot rate in leaves per second.
+    #[arg(long, default_value_t = 50_000)]
+    snapshot_rate: u32,
+    /// Publisher id (several publishers may share a topic).
+    #[arg(long, default_value_t = 0)]
+    publisher_id: u32,
+}
+
+#[derive(Args, Debug)]
+struct SubArgs {
+    #[command(flatten)]
+    net: NetArgs,
+    /// Stop after this many seconds (default: run until killed).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Fraction of datagrams to drop on receipt, to watch recovery.
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// Print one JSON object per second instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(args) => demo(&args),
+        Command::Pub(args) => publish(&args).map(|()| true),
+        Command::Sub(args) => subscribe(&args).map(|()| true),
+        Command::Selftest(args) => selftest(&args).map(|()| true),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn snapshot_config(rate: u32) -> SnapshotConfig {
+    let mut config = SnapshotConfig::default();
+    config.rate = SnapshotRate::LeavesPerSecond(rate.max(1));
+    config
+}
+
+fn subscriber_options(net: &NetArgs, loss: f64) -> SubscriberOptions {
+    let mut options = SubscriberOptions::new(net.topic, net.live());
+    options.recovery = net.recovery();
+    options.inject_loss = loss;
+    options.session.emit_applied = false;
+    options
+}
+
+fn demo(args: &DemoArgs) -> Result<bool> {
+    if !(0.0..1.0).contains(&args.loss) {
+        bail!("--loss must be in [0, 1), got {}", args.loss);
+    }
+    if args.subscribers == 0 {
+        bail!("--subscribers must be at least 1");
+    }
+    self_test(&args.net.live(), Duration::from_secs(2)).context("multicast self-test")?;
+    let subscribers = (0..args.subscribers)
+        .map(|_| Subscriber::<OrderBook>::join(subscriber_options(&args.net, args.loss)))
+        .collect::<Result<Vec<_>, _>>()
+        .context("starting subscribers")?;
+    let publisher = Publisher::start(
+        PublisherOptions::new(args.net.topic, args.net.live()),
+        OrderBook::default(),
+    )
+    .context("starting the publisher")?;
+    let mut snapshot_options = SnapshotterOptions::new(args.net.snapshots());
+    snapshot_options.snapshot = snapshot_config(args.snapshot_rate);
+    let snapshotter =
+        Snapshotter::start(&publisher, snapshot_options).context("starting the snapshotter")?;
+    println!(
+        "demo: {} subscribers, {:.0}% loss each, {} updates over {}s on {} ({})",
+        args.subscribers,
+        args.loss * 100.0,
+        args.updates,
+        args.seconds,
+        args.net.group,
+        args.net.iface
+    );
+
+    let mut market = MarketGenerator::new(args.instruments, 20, 1);
+    let mut mirror = OrderBook::default();
+    let started = Instant::now();
+    let duration = Duration::from_secs_f64(args.seconds.max(0.001));
+    let mut published = 0u64;
+    let mut next_report = started + Duration::from_millis(500);
+    let mut batch = Vec::new();
+    while published < args.updates {
+        let elapsed = started.elapsed();
+        let due = if elapsed >= duration {
+            args.updates
+        } else {
+            (args.updates as f64 * elapsed.as_secs_f64() / duration.as_secs_f64()) as u64
+        };
+        while published < due.min(args.updates) && batch.len() < 256 {
+            let delta = market.next_delta(&mirror);
+            mirror.apply(&delta);
+            batch.push(delta);
+            published += 1;
+        }
+        if !batch.is_empty() {
+            publisher.publish_all(batch.drain(..))?;
+        } else {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        if Instant::now() >= next_report {
+            next_report += Duration::from_millis(500);
+            report(started, published, &subscribers, snapshotter.stats().cycles);
+        }
+    }
+    publisher.flush();
+    println!(
+        "published {published} updates in {:.2}s ({:.0}/s), {} datagrams; settling",
+        started.elapsed().as_secs_f64(),
+        published as f64 / started.elapsed().as_secs_f64(),
+        publisher.stats().datagrams
+    );
+
+    let want = publisher.read(digest);
+    let session = publisher.session_id();
+    let converged_at = |s: &Subscriber<OrderBook>| {
+        s.read(|session_state| {
+            session_state.is_live()
+                && session_state
+                    .stream(0)
+                    .is_some_and(|v| v.session == session && digest(v.state) == want)
+        })
+    };
+    let settle_until = Instant::now() + Duration::from_secs_f64(args.settle);
+    while Instant::now() < settle_until && !subscribers.iter().all(converged_at) {
+        std::thread::sleep(Duration::from_millis(50));
+        if Instant::now() >= next_report {
+            next_report += Duration::from_millis(500);
+            report(started, published, &subscribers, snapshotter.stats().cycles);
+        }
+    }
+
+    let mut converged = 0;
+    for (i, subscriber) in subscribers.iter().enumerate() {
+        let ok = converged_at(subscriber);
+        converged += usize::from(ok);
+        let stats = subscriber.stats();
+        let p = stats.protocol;
+        let recovery = p
+            .last_recovery
+            .map_or("-".to_string(), |d| format!("{:.1}ms", d.as_secs_f64() * 1e3));
+        let got = subscriber.read(|s| s.stream(0).map(|v| short_hex(&digest(v.state))));
+        tracing::debug!(subscriber = i, stats = ?stats, "final counters");
+        println!(
+            "subscriber {i}: {} applied {} gaps {} lost {} recoveries {} (last {recovery}) stale-leaf events {} snapshot leaves replaced {} removed {} malformed {} kernel drops {} digest {}",
+            if ok { "converged" } else { "DIVERGED" },
+            p.deltas_applied,
+            p.gaps,
+            p.messages_lost,
+            p.recoveries,
+            p.stale_leaves,
+            p.snapshot_replaced,
+            p.snapshot_removed,
+            p.malformed,
+            stats.kernel_drops,
+            got.unwrap_or_else(|| "none".into())
+        );
+    }
+    let cycles = snapshotter.shutdown().cycles;
+    let pub_stats = publisher.shutdown();
+    println!(
+        "publisher: {} deltas in {} datagrams ({:.1} per datagram), {} snapshot cycles",
+        pub_stats.deltas,
+        pub_stats.datagrams,
+        pub_stats.deltas as f64 / pub_stats.datagrams.max(1) as f64,
+        cycles
+    );
+    println!(
+        "converged: {converged}/{} subscribers, digest {}",
+        subscribers.len(),
+        short_hex(&want)
+    );
+    Ok(converged == subscribers.len())
+}
+
+fn report(started: Instant, published: u64, subscribers: &[Subscriber<OrderBook>], cycles: u64) {
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut live = 0;
+    let (mut applied, mut gaps, mut lost, mut recoveries, mut stale) = (0, 0, 0, 0, 0);
+    for subscriber in subscribers {
+        let p = subscriber.stats().protocol;
+        applied += p.deltas_applied;
+        gaps += p.gaps;
+        lost += p.messages_lost;
+        recoveries += p.recoveries;
+        let (is_live, stale_now) = subscriber.read(|s| {
+            (
+                s.is_live(),
+                s.streams().map(|v| v.stale.len()).sum::<usize>(),
+            )
+        });
+        live += usize::from(is_live);
+        stale += stale_now;
+    }
+    let line = format!(
+        "[{elapsed:5.1}s] published {published} ({:.0}/s) | live {live}/{} | applied {applied} gaps {gaps} lost {lost} recoveries {recoveries} stale now {stale} | snapshot cycles {cycles}",
+        published as f64 / elapsed.max(1e-9),
+        subscribers.len()
+    );
+    println!("{line}");
+    let _ = std::io::stdout().flush();
+}
+
+fn publish(args: &PubArgs) -> Result<()> {
+    let mut options = PublisherOptions::new(args.net.topic, args.net.live());
+    options.session.publisher = args.publisher_id;
+    let publisher = Publisher::start(options, OrderBook::default())?;
+    let mut snapshot_options = SnapshotterOptions::new(args.net.snapshots());
+    snapshot_options.snapshot = snapshot_config(args.snapshot_rate);
+    let snapshotter = Snapshotter::start(&publisher, snapshot_options)?;
+    println!(
+        "publishing topic {} as publisher {} session {:#x} on {} ({}), {} updates/s",
+        args.net.topic,
+        args.publisher_id,
+        publisher.session_id(),
+        args.net.group,
+        args.net.iface,
+        args.rate
+    );
+    let mut market = MarketGenerator::new(args.instruments, 20, publisher.session_id());
+    let mut mirror = OrderBook::default();
+    let started = Instant::now();
+    let stop_at = args.seconds.map(|s| started + Duration::from_secs_f64(s));
+    let mut published = 0u64;
+    let mut next_report = started + Duration::from_secs(1);
+    let mut batch = Vec::new();
+    while stop_at.is_none_or(|t| Instant::now() < t) {
+        let due = (args.rate as f64 * started.elapsed().as_secs_f64()) as u64;
+        while published < due && batch.len() < 256 {
+            let delta = market.next_delta(&mirror);
+            mirror.apply(&delta);
+            batch.push(delta);
+            published += 1;
+        }
+        if batch.is_empty() {
+            std::thread::sleep(Duration::from_micros(500));
+        } else {
+            publisher.publish_all(batch.drain(..))?;
+        }
+        if Instant::now() >= next_report {
+            next_report += Duration::from_secs(1);
+            let stats = publisher.stats();
+            println!(
+                "[{:5.1}s] published {} ({} datagrams), {} levels, snapshot cycles {}",
+                started.elapsed().as_secs_f64(),
+                stats.deltas,
+                stats.datagrams,
+                mirror.len(),
+                snapshotter.stats().cycles
+            );
+        }
+    }
+    snapshotter.shutdown();
+    let stats = publisher.shutdown();
+    println!("done: {} deltas in {} datagrams", stats.deltas, stats.datagrams);
+    Ok(())
+}
+
+fn subscribe(args: &SubArgs) -> Result<()> {
+    let subscriber = Subscriber::<OrderBook>::join(subscriber_options(&args.net, args.loss))?;
+    let started = Instant::now();
+    let stop_at = args.seconds.map(|s| started + Duration::from_secs_f64(s));
+    let tty = std::io::stdout().is_terminal();
+    while stop_at.is_none_or(|t| Instant::now() < t) {
+        std::thread::sleep(Duration::from_secs(1));
+        let stats = subscriber.stats();
+        let p = stats.protocol;
+        let lines = subscriber.read(|s| {
+            let mut lines = Vec::new();
+            for view in s.streams() {
+                let status = match view.status {
+                    StreamStatus::Joining => "joining",
+                    StreamStatus::Recovering => "recovering",
+                    StreamStatus::Live => "live",
+                };
+                if args.json {
+                    let tops: Vec<_> = view
+                        .state
+                        .instruments()
+                        .into_iter()
+                        .map(|i| {
+                            serde_json::json!({
+                                "instrument": i,
+                                "bid": view.state.best_bid(i).map(|b| b.0),
+                                "ask": view.state.best_ask(i).map(|a| a.0),
+                            })
+                        })
+                        .collect();
+                    lines.push(
+                        serde_json::json!({
+                            "t": started.elapsed().as_secs_f64(),
+                            "publisher": view.publisher,
+                            "session": view.session,
+                            "status": status,
+                            "seq": view.last_seq,
+                            "levels": view.state.len(),
+                            "stale": view.stale.len(),
+                            "digest": short_hex(&digest(view.state)),
+                            "top": tops,
+                            "applied": p.deltas_applied,
+                            "gaps": p.gaps,
+                            "lost": p.messages_lost,
+                            "recoveries": p.recoveries,
+                            "malformed": p.malformed,
+                            "kernel_drops": stats.kernel_drops,
+                        })
+                        .to_string(),
+                    );
+                    continue;
+                }
+                lines.push(format!(
+                    "publisher {} session {:#x}: {status}, seq {}, {} levels, {} stale, digest {}",
+                    view.publisher,
+                    view.session,
+                    view.last_seq,
+                    view.state.len(),
+                    view.stale.len(),
+                    short_hex(&digest(view.state))
+                ));
+                for instrument in view.state.instruments().into_iter().take(8) {
+                    let fmt = |l: Option<(i64, grapevine::order_book::Level)>| {
+                        l.map_or("-".to_string(), |(p, l)| format!("{} x {}", p, l.quantity))
+                    };
+                    lines.push(format!(
+                        "  #{instrument:<3} bid {:>16}   ask {:<16}",
+                        fmt(view.state.best_bid(instrument)),
+                        fmt(view.state.best_ask(instrument))
+                    ));
+                }
+            }
+            lines
+        });
+        if tty && !args.json {
+            print!("\x1b[2J\x1b[H");
+        }
+        for line in lines {
+            println!("{line}");
+        }
+        if !args.json {
+            println!(
+                "applied {} gaps {} lost {} recoveries {} (last {:?}) malformed {} kernel drops {} rcvbuf {}",
+                p.deltas_applied,
+                p.gaps,
+                p.messages_lost,
+                p.recoveries,
+                p.last_recovery,
+                p.malformed,
+                stats.kernel_drops,
+                stats.recv_buffer
+            );
+        }
+    }
+    subscriber.shutdown();
+    Ok(())
+}
+
+fn selftest(args: &NetArgs) -> Result<()> {
+    let took = self_test(&args.live(), Duration::from_secs(2))?;
+    println!(
+        "multicast OK on {} ({}): probe came back in {:.3} ms",
+        args.group,
+        args.iface,
+        took.as_secs_f64() * 1e3
+    );
+    Ok(())
+}

@@ -1,1 +1,291 @@
-//! grapevine-publisher
+//! GrapeVine publisher: owns the source of truth of a topic, applies each delta locally and
+//! sends it, sequenced, over UDP multicast.
+//!
+//! # Layout
+//!
+//! A [`Publisher`] wraps the sans-IO [`PublisherSession`] of `grapevine-core` in a mutex.
+//! [`Publisher::publish`] applies the delta and, when a datagram is full, sends it from the
+//! caller's thread (batched with `sendmmsg`, outside the lock). A background thread flushes
+//! partly filled datagrams after the flush delay and sends heartbeats when idle. The
+//! `grapevine-snapshotter` crate reads the same session through [`Publisher::shared`].
+//!
+//! ```no_run
+//! use grapevine_core::net::MulticastConfig;
+//! use grapevine_core::state::{KeyedMap, MapDelta};
+//! use grapevine_publisher::{Publisher, PublisherOptions};
+//!
+//! let options = PublisherOptions::new(1, MulticastConfig::new("239.255.0.1:7000".parse()?));
+//! let publisher = Publisher::start(options, KeyedMap::<String, u64>::default())?;
+//! publisher.publish(MapDelta::Put("ACME".into(), 101))?;
+//! let stats = publisher.shutdown();
+//! println!("{} deltas in {} datagrams", stats.deltas, stats.datagrams);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use grapevine_core::net::{MulticastConfig, MulticastSocket, NetError};
+use grapevine_core::proto::{new_session_id, PublishError, PublisherConfig, PublisherSession, PublisherStats};
+use grapevine_core::state::ReplicatedState;
+use parking_lot::{Condvar, Mutex};
+
+/// Settings of a [`Publisher`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct PublisherOptions {
+    /// Group and interface to send on.
+    pub multicast: MulticastConfig,
+    /// Protocol settings (topic, publisher id, datagram size, flush delay, heartbeat).
+    pub session: PublisherConfig,
+}
+
+impl PublisherOptions {
+    /// Publishes `topic` on `multicast` with default protocol settings.
+    pub fn new(topic: u32, multicast: MulticastConfig) -> Self {
+        Self {
+            multicast,
+            session: PublisherConfig::new(topic),
+        }
+    }
+}
+
+/// Why the publisher failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublisherError {
+    /// The socket could not be set up.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The delta was refused (state unchanged).
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// The publisher was shut down.
+    #[error("publisher is shut down")]
+    Closed,
+}
+
+/// The session shared between the publisher, its flusher thread and snapshotters.
+pub type SharedSession<S> = Arc<Shared<S>>;
+
+/// State shared with the background threads.
+#[derive(Debug)]
+pub struct Shared<S: ReplicatedState> {
+    session: Mutex<PublisherSession<S>>,
+    wake: Condvar,
+    socket: MulticastSocket,
+    stopping: AtomicBool,
+    send_errors: AtomicU64,
+}
+
+impl<S: ReplicatedState> Shared<S> {
+    /// Runs `f` with the session locked. Keep it short: publishing waits meanwhile.
+    pub fn with_session<R>(&self, f: impl FnOnce(&PublisherSession<S>) -> R) -> R {
+        f(&self.session.lock())
+    }
+
+    /// Whether the publisher is shutting down.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    fn send(&self, datagrams: &[Bytes]) {
+        if datagrams.is_empty() {
+            return;
+        }
+        if let Err(error) = self.socket.send_batch(datagrams) {
+            self.send_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%error, group = %self.socket.group(), "send failed");
+        }
+    }
+}
+
+/// A running publisher of one topic.
+#[derive(Debug)]
+pub struct Publisher<S: ReplicatedState> {
+    shared: SharedSession<S>,
+    flusher: Option<JoinHandle<()>>,
+}
+
+impl<S: ReplicatedState> Publisher<S> {
+    /// Opens the socket and starts publishing `initial` under a new session.
+    ///
+    /// # Errors
+    ///
+    /// [`PublisherError::Net`] when the socket cannot be set up.
+    pub fn start(options: PublisherOptions, initial: S) -> Result<Self, PublisherError> {
+        let socket = MulticastSocket::sender(&options.multicast)?;
+        let now = Instant::now();
+        let session_id = new_session_id(unix_millis(), rand::random());
+        let session = PublisherSession::new(options.session.clone(), session_id, initial, now);
+        tracing::info!(
+            topic = options.session.topic,
+            publisher = options.session.publisher,
+            session = session_id,
+            group = %options.multicast.group,
+            interface = %socket.interface().name,
+            "publisher started"
+        );
+        let shared = Arc::new(Shared {
+            session: Mutex::new(session),
+            wake: Condvar::new(),
+            socket,
+            stopping: AtomicBool::new(false),
+            send_errors: AtomicU64::new(0),
+        });
+        let flusher = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("gv-publisher".into())
+                .spawn(move || flush_loop(&shared))
+                .map_err(|e| {
+                    PublisherError::Net(NetError::Io {
+                        op: "spawning the flusher thread",
+                        group: options.multicast.group,
+                        interface: "-".into(),
+                        source: e,
+                    })
+                })?
+        };
+        Ok(Self {
+            shared,
+            flusher: Some(flusher),
+        })
+    }
+
+    /// Applies `delta` to the state and sends it; returns its `seq`.
+    ///
+    /// # Errors
+    ///
+    /// [`PublisherError::Publish`] when the delta cannot be encoded or is too large (the state
+    /// is unchanged), [`PublisherError::Closed`] after shutdown.
+    pub fn publish(&self, delta: S::Delta) -> Result<u64, PublisherError> {
+        self.publish_all(std::iter::once(delta))
+    }
+
+    /// Publishes several deltas under one lock; returns the last `seq`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Publisher::publish`]; deltas before a refused one are published.
+    pub fn publish_all(
+        &self,
+        deltas: impl IntoIterator<Item = S::Delta>,
+    ) -> Result<u64, PublisherError> {
+        if self.shared.is_stopping() {
+            return Err(PublisherError::Closed);
+        }
+        let mut ready: Vec<Bytes> = Vec::new();
+        let result = {
+            let mut session = self.shared.session.lock();
+            let now = Instant::now();
+            let mut last = Ok(session.last_seq());
+            for delta in deltas {
+                last = session.publish(now, delta);
+                if last.is_err() {
+                    break;
+                }
+            }
+            while let Some(datagram) = session.poll_transmit() {
+                ready.push(datagram);
+            }
+            last
+        };
+        // Wake the flusher: a new batch may need flushing before its heartbeat deadline.
+        self.shared.wake.notify_one();
+        self.shared.send(&ready);
+        Ok(result?)
+    }
+
+    /// Sends whatever is batched now.
+    pub fn flush(&self) {
+        let ready = {
+            let mut session = self.shared.session.lock();
+            session.flush(Instant::now());
+            std::iter::from_fn(|| session.poll_transmit()).collect::<Vec<_>>()
+        };
+        self.shared.send(&ready);
+    }
+
+    /// Reads the source-of-truth state.
+    pub fn read<R>(&self, f: impl FnOnce(&S) -> R) -> R {
+        f(self.shared.session.lock().state())
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> PublisherStats {
+        self.shared.session.lock().stats()
+    }
+
+    /// Failed sends so far.
+    pub fn send_errors(&self) -> u64 {
+        self.shared.send_errors.load(Ordering::Relaxed)
+    }
+
+    /// The session id.
+    pub fn session_id(&self) -> u64 {
+        self.shared.session.lock().session()
+    }
+
+    /// The shared session, for a snapshotter in this process.
+    pub fn shared(&self) -> SharedSession<S> {
+        Arc::clone(&self.shared)
+    }
+
+    /// Flushes what is batched, stops the background thread and returns the final counters.
+    pub fn shutdown(mut self) -> PublisherStats {
+        self.stop();
+        self.stats()
+    }
+
+    fn stop(&mut self) {
+        self.flush();
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        self.shared.wake.notify_all();
+        if let Some(flusher) = self.flusher.take() {
+            let _ = flusher.join();
+        }
+    }
+}
+
+impl<S: ReplicatedState> Drop for Publisher<S> {
+    fn drop(&mut self) {
+        if self.flusher.is_some() {
+            self.stop();
+        }
+    }
+}
+
+/// Flushes batches whose delay expired and sends heartbeats, sleeping until the session's next
+/// deadline (or until a publish wakes it).
+fn flush_loop<S: ReplicatedState>(shared: &Shared<S>) {
+    let mut ready = Vec::new();
+    let mut session = shared.session.lock();
+    while !shared.is_stopping() {
+        let now = Instant::now();
+        session.handle_timeout(now);
+        ready.extend(std::iter::from_fn(|| session.poll_transmit()));
+        if !ready.is_empty() {
+            parking_lot::MutexGuard::unlocked(&mut session, || {
+                shared.send(&ready);
+            });
+            ready.clear();
+            continue;
+        }
+        let deadline = session
+            .poll_timeout()
+            .unwrap_or(now + Duration::from_millis(100));
+        if deadline > now {
+            let _ = shared.wake.wait_until(&mut session, deadline);
+        }
+    }
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

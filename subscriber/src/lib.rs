@@ -1,1 +1,473 @@
-//! grapevine-subscriber
+//! GrapeVine subscriber: joins a topic's multicast group, applies the publishers' deltas to a
+//! local copy of their state, and rebuilds from the snapshot cycle after a gap, a late start or
+//! a publisher restart.
+//!
+//! # Layout
+//!
+//! A [`Subscriber`] owns an I/O thread that receives datagrams in batches (`recvmmsg`) and feeds
+//! them to the sans-IO [`SubscriberSession`] of `grapevine-core`, which holds the state. While
+//! any stream is recovering, a second thread joins the recovery group (when one is configured)
+//! and leaves it once everything is live again. Events reach the application through a
+//! crossbeam channel ([`Subscriber::events`], blocking) or a tokio channel
+//! ([`Subscriber::event_stream`], async); the state is read in place with [`Subscriber::read`].
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use grapevine_core::net::MulticastConfig;
+//! use grapevine_core::state::KeyedMap;
+//! use grapevine_subscriber::{Subscriber, SubscriberOptions};
+//!
+//! let options = SubscriberOptions::new(1, MulticastConfig::new("239.255.0.1:7000".parse()?));
+//! let subscriber = Subscriber::<KeyedMap<String, u64>>::join(options)?;
+//! if subscriber.wait_live(Duration::from_secs(5)) {
+//!     let price = subscriber.read(|s| s.stream(0).and_then(|v| v.state.get(&"ACME".to_string()).copied()));
+//!     println!("ACME: {price:?}");
+//! }
+//! for event in subscriber.events().try_iter() {
+//!     println!("{event:?}");
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use grapevine_core::net::{MulticastConfig, MulticastSocket, NetError, RecvBatch};
+use grapevine_core::proto::{SubscriberConfig, SubscriberEvent, SubscriberSession, SubscriberStats};
+use grapevine_core::state::ReplicatedState;
+use parking_lot::{Condvar, Mutex};
+
+/// Settings of a [`Subscriber`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct SubscriberOptions {
+    /// The live group (deltas, heartbeats, and snapshots when no recovery group is used).
+    pub multicast: MulticastConfig,
+    /// A separate group the snapshotter sends on, joined only while recovering.
+    pub recovery: Option<MulticastConfig>,
+    /// Protocol settings (topic, reorder window, limits).
+    pub session: SubscriberConfig,
+    /// Datagrams received per syscall. Default 32.
+    pub batch: usize,
+    /// Largest datagram expected. Default 65 536 (any GrapeVine datagram).
+    pub max_datagram: usize,
+    /// Events buffered for the application; beyond this they are dropped and counted (the state
+    /// itself is never dropped). Default 65 536.
+    pub event_capacity: usize,
+    /// Fraction of received datagrams to discard on purpose before processing, to exercise
+    /// recovery in demos and tests. Default 0.
+    pub inject_loss: f64,
+}
+
+impl SubscriberOptions {
+    /// Subscribes to `topic` on `multicast`, with default settings.
+    pub fn new(topic: u32, multicast: MulticastConfig) -> Self {
+        Self {
+            multicast,
+            recovery: None,
+            session: SubscriberConfig::new(topic),
+            batch: 32,
+            max_datagram: 65_536,
+            event_capacity: 65_536,
+            inject_loss: 0.0,
+        }
+    }
+}
+
+/// Why the subscriber could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubscribeError {
+    /// The socket could not be set up.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// A thread could not be started.
+    #[error("cannot start the receive thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Counters of the subscriber: the protocol's plus the transport's.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Protocol counters (applied, gaps, lost, recoveries, malformed, ...).
+    pub protocol: SubscriberStats,
+    /// Datagrams the kernel dropped because the receive buffer was full.
+    pub kernel_drops: u64,
+    /// Datagrams larger than the receive buffer (cut, then rejected).
+    pub truncated: u64,
+    /// Events dropped because the application did not read them.
+    pub events_dropped: u64,
+    /// Receive buffer the kernel granted.
+    pub recv_buffer: usize,
+    /// Times the recovery group was joined.
+    pub recovery_joins: u64,
+}
+
+#[derive(Debug)]
+struct Shared<S: ReplicatedState> {
+    session: Mutex<SubscriberSession<S>>,
+    changed: Condvar,
+    stop: AtomicBool,
+    kernel_drops: AtomicU64,
+    truncated: AtomicU64,
+    events_dropped: AtomicU64,
+    recovery_joins: AtomicU64,
+    recv_buffer: usize,
+}
+
+enum EventSink<K> {
+    Blocking(Sender<SubscriberEvent<K>>),
+    Async(tokio::sync::mpsc::Sender<SubscriberEvent<K>>),
+}
+
+/// A running subscriber of one topic.
+#[derive(Debug)]
+pub struct Subscriber<S: ReplicatedState> {
+    shared: Arc<Shared<S>>,
+    events: Receiver<SubscriberEvent<S::Key>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Async stream of a subscriber's events (implements `futures_core::Stream`).
+#[derive(Debug)]
+pub struct EventStream<K> {
+    receiver: tokio::sync::mpsc::Receiver<SubscriberEvent<K>>,
+}
+
+impl<K> EventStream<K> {
+    /// The next event; `None` once the subscriber has shut down.
+    pub async fn recv(&mut self) -> Option<SubscriberEvent<K>> {
+        self.receiver.recv().await
+    }
+}
+
+impl<K> futures_core::Stream for EventStream<K> {
+    type Item = SubscriberEvent<K>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.receiver.poll_recv(cx)
+    }
+}
+
+impl<S: ReplicatedState> Subscriber<S> {
+    /// Joins the group and starts replicating; events go to [`Subscriber::events`].
+    ///
+    /// # Errors
+    ///
+    /// [`SubscribeError`] when the socket or the threads cannot be set up.
+    pub fn join(options: SubscriberOptions) -> Result<Self, SubscribeError> {
+        let (sender, receiver) = crossbeam_channel::bounded(options.event_capacity.max(1));
+        Self::start(options, EventSink::Blocking(sender), receiver)
+    }
+
+    /// Joins the group and starts replicating; events go to the returned async stream.
+    ///
+    /// # Errors
+    ///
+    /// As [`Subscriber::join`].
+    pub fn join_async(
+        options: SubscriberOptions,
+    ) -> Result<(Self, EventStream<S::Key>), SubscribeError> {
+        let (sender, receiver) = tokio::sync::mpsc::channel(options.event_capacity.max(1));
+        // The blocking receiver of an async subscriber never gets anything.
+        let (_, unused) = crossbeam_channel::bounded(1);
+        let subscriber = Self::start(options, EventSink::Async(sender), unused)?;
+        Ok((subscriber, EventStream { receiver }))
+    }
+
+    fn start(
+        options: SubscriberOptions,
+        sink: EventSink<S::Key>,
+        events: Receiver<SubscriberEvent<S::Key>>,
+    ) -> Result<Self, SubscribeError> {
+        let live = MulticastSocket::receiver(&options.multicast)?;
+        let recv_buffer = live.recv_buffer_size();
+        if recv_buffer < options.multicast.recv_buffer {
+            tracing::warn!(
+                asked = options.multicast.recv_buffer,
+                granted = recv_buffer,
+                "the kernel capped the receive buffer (raise net.core.rmem_max)"
+            );
+        }
+        let shared = Arc::new(Shared {
+            session: Mutex::new(SubscriberSession::new(options.session.clone())),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+            kernel_drops: AtomicU64::new(0),
+            truncated: AtomicU64::new(0),
+            events_dropped: AtomicU64::new(0),
+            recovery_joins: AtomicU64::new(0),
+            recv_buffer,
+        });
+        let sink = Arc::new(sink);
+        let mut threads = Vec::new();
+        {
+            let shared = Arc::clone(&shared);
+            let sink = Arc::clone(&sink);
+            let options = options.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("gv-subscriber".into())
+                    .spawn(move || receive_loop(&shared, &live, &options, &sink, true))
+                    .map_err(SubscribeError::Thread)?,
+            );
+        }
+        if let Some(recovery) = options.recovery.clone() {
+            let shared = Arc::clone(&shared);
+            let sink = Arc::clone(&sink);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("gv-recovery".into())
+                    .spawn(move || recovery_loop(&shared, &recovery, &options, &sink))
+                    .map_err(SubscribeError::Thread)?,
+            );
+        }
+        Ok(Self {
+            shared,
+            events,
+            threads,
+        })
+    }
+
+    /// Reads the session (states, statuses, stale leaves) under its lock. Keep it short.
+    pub fn read<R>(&self, f: impl FnOnce(&SubscriberSession<S>) -> R) -> R {
+        f(&self.shared.session.lock())
+    }
+
+    /// A copy of the state replicated from `publisher`, if known.
+    pub fn snapshot(&self, publisher: u32) -> Option<S>
+    where
+        S: Clone,
+    {
+        self.read(|s| s.stream(publisher).map(|v| v.state.clone()))
+    }
+
+    /// Whether every known publisher's stream is live.
+    pub fn is_live(&self) -> bool {
+        self.read(SubscriberSession::is_live)
+    }
+
+    /// Waits until every known stream is live, at most `timeout`; returns whether it is.
+    pub fn wait_live(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut session = self.shared.session.lock();
+        while !session.is_live() {
+            if self.shared.changed.wait_until(&mut session, deadline).timed_out() {
+                return session.is_live();
+            }
+        }
+        true
+    }
+
+    /// The events, for blocking use (`recv`, `recv_timeout`, `try_iter`).
+    pub fn events(&self) -> &Receiver<SubscriberEvent<S::Key>> {
+        &self.events
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            protocol: self.read(SubscriberSession::stats),
+            kernel_drops: self.shared.kernel_drops.load(Ordering::Relaxed),
+            truncated: self.shared.truncated.load(Ordering::Relaxed),
+            events_dropped: self.shared.events_dropped.load(Ordering::Relaxed),
+            recv_buffer: self.shared.recv_buffer,
+            recovery_joins: self.shared.recovery_joins.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops the threads and leaves the groups.
+    pub fn shutdown(mut self) -> Stats {
+        self.stop();
+        self.stats()
+    }
+
+    fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl<S: ReplicatedState> Drop for Subscriber<S> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// How long a receive call waits at most, so that stop requests and timers are noticed.
+const MAX_WAIT: Duration = Duration::from_millis(20);
+
+fn receive_loop<S: ReplicatedState>(
+    shared: &Shared<S>,
+    socket: &MulticastSocket,
+    options: &SubscriberOptions,
+    sink: &EventSink<S::Key>,
+    run_timers: bool,
+) {
+    let mut batch = RecvBatch::new(options.batch, options.max_datagram);
+    let mut events = Vec::new();
+    let mut reported_drops = 0u32;
+    let mut loss = LossInjector::new(options.inject_loss);
+    while !shared.stop.load(Ordering::Relaxed) {
+        let wait = {
+            let session = shared.session.lock();
+            session
+                .poll_timeout()
+                .map_or(MAX_WAIT, |t| t.saturating_duration_since(Instant::now()))
+                .min(MAX_WAIT)
+        };
+        let received = match socket.recv_batch(&mut batch, wait) {
+            Ok(n) => n,
+            Err(error) => {
+                tracing::warn!(%error, group = %socket.group(), "receive failed");
+                std::thread::sleep(MAX_WAIT);
+                0
+            }
+        };
+        let drops = batch.kernel_drops();
+        if drops > reported_drops {
+            shared
+                .kernel_drops
+                .fetch_add(u64::from(drops - reported_drops), Ordering::Relaxed);
+            tracing::warn!(dropped = drops - reported_drops, "kernel dropped datagrams: receive buffer full");
+            reported_drops = drops;
+        }
+        {
+            let mut session = shared.session.lock();
+            let now = Instant::now();
+            for (bytes, meta) in batch.datagrams().zip(batch.meta()).take(received) {
+                if meta.truncated {
+                    shared.truncated.fetch_add(1, Ordering::Relaxed);
+                }
+                if loss.drop_next() {
+                    continue;
+                }
+                session.handle_datagram(now, bytes);
+            }
+            if run_timers && session.poll_timeout().is_some_and(|t| t <= now) {
+                session.handle_timeout(now);
+            }
+            events.extend(std::iter::from_fn(|| session.poll_event()));
+        }
+        if !events.is_empty() {
+            shared.changed.notify_all();
+            deliver(shared, sink, &mut events);
+        }
+    }
+}
+
+/// Joins the recovery group while anything is recovering, leaves it when all is live.
+fn recovery_loop<S: ReplicatedState>(
+    shared: &Shared<S>,
+    config: &MulticastConfig,
+    options: &SubscriberOptions,
+    sink: &EventSink<S::Key>,
+) {
+    let mut batch = RecvBatch::new(options.batch, options.max_datagram);
+    let mut events = Vec::new();
+    let mut socket: Option<MulticastSocket> = None;
+    let mut loss = LossInjector::new(options.inject_loss);
+    while !shared.stop.load(Ordering::Relaxed) {
+        let recovering = {
+            let session = shared.session.lock();
+            session.streams().next().is_none() || !session.is_live()
+        };
+        match (&socket, recovering) {
+            (None, true) => match MulticastSocket::receiver(config) {
+                Ok(joined) => {
+                    tracing::debug!(group = %config.group, "joined the recovery group");
+                    shared.recovery_joins.fetch_add(1, Ordering::Relaxed);
+                    socket = Some(joined);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot join the recovery group");
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+            },
+            (Some(_), false) => {
+                tracing::debug!(group = %config.group, "left the recovery group");
+                socket = None;
+            }
+            _ => {}
+        }
+        let Some(joined) = &socket else {
+            std::thread::sleep(MAX_WAIT);
+            continue;
+        };
+        let received = joined.recv_batch(&mut batch, MAX_WAIT).unwrap_or(0);
+        if received == 0 {
+            continue;
+        }
+        {
+            let mut session = shared.session.lock();
+            let now = Instant::now();
+            for bytes in batch.datagrams().take(received) {
+                if loss.drop_next() {
+                    continue;
+                }
+                session.handle_datagram(now, bytes);
+            }
+            events.extend(std::iter::from_fn(|| session.poll_event()));
+        }
+        if !events.is_empty() {
+            shared.changed.notify_all();
+            deliver(shared, sink, &mut events);
+        }
+    }
+}
+
+fn deliver<S: ReplicatedState>(
+    shared: &Shared<S>,
+    sink: &EventSink<S::Key>,
+    events: &mut Vec<SubscriberEvent<S::Key>>,
+) {
+    for event in events.drain(..) {
+        let full = match sink {
+            EventSink::Blocking(sender) => matches!(sender.try_send(event), Err(TrySendError::Full(_))),
+            EventSink::Async(sender) => matches!(
+                sender.try_send(event),
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_))
+            ),
+        };
+        if full {
+            shared.events_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Drops a fraction of datagrams (xorshift, seeded from the OS): deliberate loss for demos and
+/// tests, no cryptographic quality needed.
+struct LossInjector {
+    threshold: u64,
+    state: u64,
+}
+
+impl LossInjector {
+    fn new(fraction: f64) -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let seed = std::collections::hash_map::RandomState::new().build_hasher().finish() | 1;
+        Self {
+            threshold: (fraction.clamp(0.0, 1.0) * u64::MAX as f64) as u64,
+            state: seed,
+        }
+    }
+
+    fn drop_next(&mut self) -> bool {
+        if self.threshold == 0 {
+            return false;
+        }
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state < self.threshold
+    }
+}

@@ -35,7 +35,7 @@ use crate::wire::{self, CyclePosition, Datagram, DecodeError, Message};
 pub struct SubscriberConfig {
     /// Topic to replicate; datagrams of other topics are counted and ignored.
     pub topic: u32,
-    /// How long a missing `seq` is waited for before it is declared lost. Default 10 ms.
+    /// How long a missing `seq` is waited for before it is declared lost. Default 2 ms.
     pub reorder_window: Duration,
     /// Out-of-order deltas held at most; beyond this a gap is declared at once. Default 65 536.
     pub max_held_deltas: usize,
@@ -69,7 +69,7 @@ impl Default for SubscriberConfig {
     fn default() -> Self {
         Self {
             topic: 0,
-            reorder_window: Duration::from_millis(10),
+            reorder_window: Duration::from_millis(2),
             max_held_deltas: 65_536,
             max_stale_buffer: 4096,
             max_cycle_leaves: 1 << 24,
