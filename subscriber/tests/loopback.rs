@@ -1,0 +1,239 @@
+//! Publisher, snapshotter and subscribers on real sockets, loopback multicast.
+//! Each test uses its own group and port so they can run in parallel.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use grapevine_core::net::MulticastConfig;
+use grapevine_core::proto::{StreamStatus, SubscriberEvent};
+use grapevine_core::sim::{CounterDelta, Counters};
+use grapevine_core::state::{digest, ReplicatedState};
+use grapevine_publisher::{Publisher, PublisherOptions};
+use grapevine_snapshotter::{Snapshotter, SnapshotterOptions};
+use grapevine_subscriber::{Subscriber, SubscriberOptions};
+
+const TOPIC: u32 = 5;
+const WAIT: Duration = Duration::from_secs(10);
+
+fn group(last: u8) -> MulticastConfig {
+    MulticastConfig::new(SocketAddr::from(([239, 255, 72, last], 47_200 + u16::from(last))))
+}
+
+fn start_publisher(live: &MulticastConfig, id: u32, initial: Counters) -> Publisher<Counters> {
+    let mut options = PublisherOptions::new(TOPIC, live.clone());
+    options.session.publisher = id;
+    options.session.heartbeat_interval = Duration::from_millis(20);
+    Publisher::start(options, initial).unwrap()
+}
+
+fn start_snapshotter(publisher: &Publisher<Counters>, on: &MulticastConfig) -> Snapshotter {
+    Snapshotter::start(publisher, SnapshotterOptions::new(on.clone())).unwrap()
+}
+
+fn subscribe(live: &MulticastConfig) -> Subscriber<Counters> {
+    Subscriber::join(SubscriberOptions::new(TOPIC, live.clone())).unwrap()
+}
+
+fn publish_counts(publisher: &Publisher<Counters>, n: u32) {
+    for i in 0..n {
+        let key = (i % 50) as u8;
+        let delta = if i % 17 == 0 {
+            CounterDelta::Remove(key)
+        } else {
+            CounterDelta::Add(key, i64::from(i))
+        };
+        publisher.publish(delta).unwrap();
+    }
+    publisher.flush();
+}
+
+/// Waits until the subscriber's stream of `id` holds exactly the publisher's state.
+fn wait_converged(subscriber: &Subscriber<Counters>, publisher: &Publisher<Counters>, id: u32) {
+    let want = publisher.read(digest);
+    let session = publisher.session_id();
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        let done = subscriber.read(|s| {
+            s.stream(id).is_some_and(|v| {
+                v.status == StreamStatus::Live && v.session == session && digest(v.state) == want
+            })
+        });
+        if done {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let summary = subscriber.read(|s| {
+        s.streams()
+            .map(|v| format!("{} {:?} seq {} stale {}", v.publisher, v.status, v.last_seq, v.stale.len()))
+            .collect::<Vec<_>>()
+    });
+    panic!(
+        "not converged within {WAIT:?}: {summary:?}, stats {:?}",
+        subscriber.stats()
+    );
+}
+
+#[test]
+fn live_subscriber_applies_every_delta() {
+    let live = group(1);
+    let subscriber = subscribe(&live);
+    let publisher = start_publisher(&live, 0, Counters::default());
+    let _snapshots = start_snapshotter(&publisher, &live);
+    publish_counts(&publisher, 2_000);
+    wait_converged(&subscriber, &publisher, 0);
+    let stats = subscriber.stats().protocol;
+    assert_eq!(stats.gaps, 0, "no loss on loopback at this rate");
+    assert_eq!(stats.deltas_applied + stats.superseded, 2_000);
+}
+
+#[test]
+fn late_joiner_catches_up_from_snapshots() {
+    let live = group(2);
+    let publisher = start_publisher(&live, 0, Counters::default());
+    let _snapshots = start_snapshotter(&publisher, &live);
+    publish_counts(&publisher, 3_000);
+    let subscriber = subscribe(&live);
+    wait_converged(&subscriber, &publisher, 0);
+    assert!(subscriber.stats().protocol.snapshot_replaced > 0);
+    // And it keeps up with what follows.
+    publish_counts(&publisher, 500);
+    wait_converged(&subscriber, &publisher, 0);
+}
+
+#[test]
+fn publisher_restart_is_detected_and_rebuilt() {
+    let live = group(3);
+    let subscriber = subscribe(&live);
+    let first = start_publisher(&live, 0, Counters::default());
+    let snapshots = start_snapshotter(&first, &live);
+    publish_counts(&first, 1_000);
+    wait_converged(&subscriber, &first, 0);
+    let old_session = first.session_id();
+    drop(snapshots);
+    first.shutdown();
+
+    let restarted_state: Counters = Counters([(1u8, 111i64), (2, 222)].into_iter().collect());
+    let second = start_publisher(&live, 0, restarted_state);
+    let _snapshots = start_snapshotter(&second, &live);
+    publish_counts(&second, 100);
+    wait_converged(&subscriber, &second, 0);
+    let restarted = subscriber.events().try_iter().any(|e| {
+        matches!(e, SubscriberEvent::PublisherRestarted { old_session: o, .. } if o == old_session)
+    });
+    assert!(restarted, "a PublisherRestarted event names the old session");
+    assert_eq!(subscriber.stats().protocol.restarts, 1);
+}
+
+#[test]
+fn receiver_loss_recovers() {
+    let live = group(4);
+    let mut options = SubscriberOptions::new(TOPIC, live.clone());
+    options.inject_loss = 0.2;
+    let subscriber = Subscriber::<Counters>::join(options).unwrap();
+    let publisher = start_publisher(&live, 0, Counters::default());
+    let _snapshots = start_snapshotter(&publisher, &live);
+    for _ in 0..20 {
+        publish_counts(&publisher, 200);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    wait_converged(&subscriber, &publisher, 0);
+    let stats = subscriber.stats().protocol;
+    assert!(stats.gaps > 0 && stats.messages_lost > 0, "{stats:?}");
+    assert!(stats.recoveries >= 1);
+}
+
+#[test]
+fn several_publishers_on_one_topic() {
+    let live = group(5);
+    let subscriber = subscribe(&live);
+    let a = start_publisher(&live, 1, Counters::default());
+    let b = start_publisher(&live, 2, Counters::default());
+    let _sa = start_snapshotter(&a, &live);
+    let _sb = start_snapshotter(&b, &live);
+    publish_counts(&a, 300);
+    b.publish(CounterDelta::Set(9, -9)).unwrap();
+    b.flush();
+    wait_converged(&subscriber, &a, 1);
+    wait_converged(&subscriber, &b, 2);
+    let b_state = subscriber.snapshot(2).unwrap();
+    assert_eq!(b_state.0.get(&9), Some(&-9));
+    assert_eq!(b_state.len(), 1, "streams are kept apart");
+}
+
+#[test]
+fn malformed_datagrams_are_counted_and_ignored() {
+    let live = group(6);
+    let subscriber = subscribe(&live);
+    let publisher = start_publisher(&live, 0, Counters::default());
+    let _snapshots = start_snapshotter(&publisher, &live);
+    let raw = UdpSocket::bind("127.0.0.1:0").unwrap();
+    raw.set_multicast_loop_v4(true).unwrap();
+    let garbage: Vec<Vec<u8>> = vec![
+        vec![],
+        b"hello".to_vec(),
+        b"GV\x09\x00....................".to_vec(),
+        // A valid header claiming 200 messages that are not there.
+        {
+            let mut d = b"GV\x01\x00".to_vec();
+            d.extend_from_slice(&TOPIC.to_be_bytes());
+            d.extend_from_slice(&[0; 12]);
+            d.extend_from_slice(&[0, 200, 0, 0]);
+            d
+        },
+        vec![0xff; 1400],
+    ];
+    for round in 0..10 {
+        publish_counts(&publisher, 50);
+        for bytes in &garbage {
+            raw.send_to(bytes, live.group).unwrap();
+        }
+        if round == 5 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    wait_converged(&subscriber, &publisher, 0);
+    let stats = subscriber.stats().protocol;
+    assert_eq!(stats.malformed, 50, "{stats:?}");
+    assert_eq!(stats.gaps, 0, "garbage costs nothing");
+}
+
+#[test]
+fn recovery_group_is_joined_while_recovering() {
+    let live = group(7);
+    let recovery = group(8);
+    let publisher = start_publisher(&live, 0, Counters::default());
+    let _snapshots = start_snapshotter(&publisher, &recovery);
+    publish_counts(&publisher, 1_000);
+    let mut options = SubscriberOptions::new(TOPIC, live.clone());
+    options.recovery = Some(recovery.clone());
+    let subscriber = Subscriber::<Counters>::join(options).unwrap();
+    publish_counts(&publisher, 10);
+    wait_converged(&subscriber, &publisher, 0);
+    let stats = subscriber.stats();
+    assert!(stats.recovery_joins >= 1);
+    assert!(stats.protocol.snapshot_replaced > 0, "the state came from the recovery group");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_event_stream_reports_live() {
+    let live = group(9);
+    let (subscriber, mut events) =
+        Subscriber::<Counters>::join_async(SubscriberOptions::new(TOPIC, live.clone())).unwrap();
+    let publisher = start_publisher(&live, 0, Counters::default());
+    let _snapshots = start_snapshotter(&publisher, &live);
+    publisher.publish(CounterDelta::Set(1, 1)).unwrap();
+    publisher.flush();
+    let live_event = tokio::time::timeout(WAIT, async {
+        while let Some(event) = events.recv().await {
+            if let SubscriberEvent::Live { publisher: 0, .. } = event {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("a Live event within the timeout");
+    assert!(live_event);
+    drop(subscriber);
+}
