@@ -15,7 +15,7 @@
 //!
 //! let group = MulticastConfig::new("239.255.0.9:7009".parse()?); // loopback by default
 //! let subscriber = Subscriber::<KeyedMap<String, u64>>::join(SubscriberOptions::new(1, group.clone()))?;
-//! let publisher = Publisher::start(PublisherOptions::new(1, group.clone()), KeyedMap::default())?;
+//! let publisher = Publisher::start(PublisherOptions::new(1, group.clone()), KeyedMap::<String, u64>::default())?;
 //! let _snapshots = Snapshotter::start(&publisher, SnapshotterOptions::new(group))?;
 //! publisher.publish(MapDelta::Put("ACME".into(), 101))?;
 //! subscriber.wait_live(std::time::Duration::from_secs(1));

@@ -263,9 +263,9 @@ fn demo(args: &DemoArgs) -> Result<bool> {
         converged += usize::from(ok);
         let stats = subscriber.stats();
         let p = stats.protocol;
-        let recovery = p
-            .last_recovery
-            .map_or("-".to_string(), |d| format!("{:.1}ms", d.as_secs_f64() * 1e3));
+        let recovery = p.last_recovery.map_or("-".to_string(), |d| {
+            format!("{:.1}ms", d.as_secs_f64() * 1e3)
+        });
         let got = subscriber.read(|s| s.stream(0).map(|v| short_hex(&digest(v.state))));
         tracing::debug!(subscriber = i, stats = ?stats, "final counters");
         println!(
@@ -379,7 +379,10 @@ fn publish(args: &PubArgs) -> Result<()> {
     }
     snapshotter.shutdown();
     let stats = publisher.shutdown();
-    println!("done: {} deltas in {} datagrams", stats.deltas, stats.datagrams);
+    println!(
+        "done: {} deltas in {} datagrams",
+        stats.deltas, stats.datagrams
+    );
     Ok(())
 }
 

@@ -69,7 +69,11 @@ impl OrderBook {
     }
 
     /// Levels of one side, by increasing price.
-    pub fn side(&self, instrument: u16, side: Side) -> impl DoubleEndedIterator<Item = (i64, Level)> + '_ {
+    pub fn side(
+        &self,
+        instrument: u16,
+        side: Side,
+    ) -> impl DoubleEndedIterator<Item = (i64, Level)> + '_ {
         let low = LevelKey {
             instrument,
             side,
@@ -230,11 +234,27 @@ mod tests {
             side: Side::Bid,
             price,
         };
-        book.apply(&BookDelta::Set(bid(99), Level { quantity: 500, orders: 2 }));
-        book.apply(&BookDelta::Set(bid(100), Level { quantity: 300, orders: 1 }));
+        book.apply(&BookDelta::Set(
+            bid(99),
+            Level {
+                quantity: 500,
+                orders: 2,
+            },
+        ));
+        book.apply(&BookDelta::Set(
+            bid(100),
+            Level {
+                quantity: 300,
+                orders: 1,
+            },
+        ));
         assert_eq!(book.best_bid(1).map(|b| b.0), Some(100));
         book.apply(&BookDelta::Trade(bid(100), 300));
-        assert_eq!(book.best_bid(1).map(|b| b.0), Some(99), "emptied level removed");
+        assert_eq!(
+            book.best_bid(1).map(|b| b.0),
+            Some(99),
+            "emptied level removed"
+        );
         assert_eq!(book.best_ask(1), None);
     }
 
@@ -247,6 +267,10 @@ mod tests {
             book.apply(&delta);
         }
         assert!(book.len() > 10);
-        assert!(book.len() < 4 * 2 * 40, "levels stay near the mid: {}", book.len());
+        assert!(
+            book.len() < 4 * 2 * 40,
+            "levels stay near the mid: {}",
+            book.len()
+        );
     }
 }

@@ -8,6 +8,8 @@
 //! publisher never had. Runs: `PROPTEST_CASES` (default 2000) random scenarios with loss 0–30 %,
 //! duplication, reordering, publisher restarts and late joiners.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 

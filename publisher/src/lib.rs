@@ -29,7 +29,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use grapevine_core::net::{MulticastConfig, MulticastSocket, NetError};
-use grapevine_core::proto::{new_session_id, PublishError, PublisherConfig, PublisherSession, PublisherStats};
+use grapevine_core::proto::{
+    new_session_id, PublishError, PublisherConfig, PublisherSession, PublisherStats,
+};
 use grapevine_core::state::ReplicatedState;
 use parking_lot::{Condvar, Mutex};
 

@@ -38,7 +38,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use grapevine_core::net::{MulticastConfig, MulticastSocket, NetError, RecvBatch};
-use grapevine_core::proto::{SubscriberConfig, SubscriberEvent, SubscriberSession, SubscriberStats};
+use grapevine_core::proto::{
+    SubscriberConfig, SubscriberEvent, SubscriberSession, SubscriberStats,
+};
 use grapevine_core::state::ReplicatedState;
 use parking_lot::{Condvar, Mutex};
 
@@ -258,7 +260,12 @@ impl<S: ReplicatedState> Subscriber<S> {
         let deadline = Instant::now() + timeout;
         let mut session = self.shared.session.lock();
         while !session.is_live() {
-            if self.shared.changed.wait_until(&mut session, deadline).timed_out() {
+            if self
+                .shared
+                .changed
+                .wait_until(&mut session, deadline)
+                .timed_out()
+            {
                 return session.is_live();
             }
         }
@@ -337,7 +344,10 @@ fn receive_loop<S: ReplicatedState>(
             shared
                 .kernel_drops
                 .fetch_add(u64::from(drops - reported_drops), Ordering::Relaxed);
-            tracing::warn!(dropped = drops - reported_drops, "kernel dropped datagrams: receive buffer full");
+            tracing::warn!(
+                dropped = drops - reported_drops,
+                "kernel dropped datagrams: receive buffer full"
+            );
             reported_drops = drops;
         }
         {
@@ -432,7 +442,9 @@ fn deliver<S: ReplicatedState>(
 ) {
     for event in events.drain(..) {
         let full = match sink {
-            EventSink::Blocking(sender) => matches!(sender.try_send(event), Err(TrySendError::Full(_))),
+            EventSink::Blocking(sender) => {
+                matches!(sender.try_send(event), Err(TrySendError::Full(_)))
+            }
             EventSink::Async(sender) => matches!(
                 sender.try_send(event),
                 Err(tokio::sync::mpsc::error::TrySendError::Full(_))
@@ -454,7 +466,10 @@ struct LossInjector {
 impl LossInjector {
     fn new(fraction: f64) -> Self {
         use std::hash::{BuildHasher, Hasher};
-        let seed = std::collections::hash_map::RandomState::new().build_hasher().finish() | 1;
+        let seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+            | 1;
         Self {
             threshold: (fraction.clamp(0.0, 1.0) * u64::MAX as f64) as u64,
             state: seed,

@@ -1,6 +1,8 @@
 //! Publisher, snapshotter and subscribers on real sockets, loopback multicast.
 //! Each test uses its own group and port so they can run in parallel.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -16,7 +18,10 @@ const TOPIC: u32 = 5;
 const WAIT: Duration = Duration::from_secs(10);
 
 fn group(last: u8) -> MulticastConfig {
-    MulticastConfig::new(SocketAddr::from(([239, 255, 72, last], 47_200 + u16::from(last))))
+    MulticastConfig::new(SocketAddr::from((
+        [239, 255, 72, last],
+        47_200 + u16::from(last),
+    )))
 }
 
 fn start_publisher(live: &MulticastConfig, id: u32, initial: Counters) -> Publisher<Counters> {
@@ -65,7 +70,15 @@ fn wait_converged(subscriber: &Subscriber<Counters>, publisher: &Publisher<Count
     }
     let summary = subscriber.read(|s| {
         s.streams()
-            .map(|v| format!("{} {:?} seq {} stale {}", v.publisher, v.status, v.last_seq, v.stale.len()))
+            .map(|v| {
+                format!(
+                    "{} {:?} seq {} stale {}",
+                    v.publisher,
+                    v.status,
+                    v.last_seq,
+                    v.stale.len()
+                )
+            })
             .collect::<Vec<_>>()
     });
     panic!(
@@ -121,7 +134,10 @@ fn publisher_restart_is_detected_and_rebuilt() {
     let restarted = subscriber.events().try_iter().any(|e| {
         matches!(e, SubscriberEvent::PublisherRestarted { old_session: o, .. } if o == old_session)
     });
-    assert!(restarted, "a PublisherRestarted event names the old session");
+    assert!(
+        restarted,
+        "a PublisherRestarted event names the old session"
+    );
     assert_eq!(subscriber.stats().protocol.restarts, 1);
 }
 
@@ -212,7 +228,10 @@ fn recovery_group_is_joined_while_recovering() {
     wait_converged(&subscriber, &publisher, 0);
     let stats = subscriber.stats();
     assert!(stats.recovery_joins >= 1);
-    assert!(stats.protocol.snapshot_replaced > 0, "the state came from the recovery group");
+    assert!(
+        stats.protocol.snapshot_replaced > 0,
+        "the state came from the recovery group"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -106,7 +106,8 @@ pub(super) fn recv_batch(
     // Under load the first non-blocking call succeeds: one syscall per batch. Idle, wait in poll.
     match recvmmsg(socket, batch) {
         Ok(n) => return Ok(n),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+        Err(e)
+            if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
         Err(e) => return Err(e),
     }
     let mut pollfd = libc::pollfd {
@@ -116,7 +117,11 @@ pub(super) fn recv_batch(
     };
     let millis = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
     // Round sub-millisecond timeouts up so the call waits rather than spins.
-    let millis = if millis == 0 && !timeout.is_zero() { 1 } else { millis };
+    let millis = if millis == 0 && !timeout.is_zero() {
+        1
+    } else {
+        millis
+    };
     // SAFETY: `pollfd` is a valid, initialised pollfd and we pass a count of 1.
     let rc = unsafe { libc::poll(&mut pollfd, 1, millis) };
     if rc < 0 {
@@ -132,7 +137,9 @@ pub(super) fn recv_batch(
     }
     match recvmmsg(socket, batch) {
         Ok(n) => Ok(n),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+        Err(e)
+            if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted =>
+        {
             Ok(0)
         }
         Err(e) => Err(e),

@@ -257,7 +257,9 @@ impl MulticastSocket {
                 source,
             }
         };
-        socket.set_reuse_address(true).map_err(err("SO_REUSEADDR"))?;
+        socket
+            .set_reuse_address(true)
+            .map_err(err("SO_REUSEADDR"))?;
         socket.set_reuse_port(true).map_err(err("SO_REUSEPORT"))?;
         // Ask for the buffer; the kernel silently caps it, so read back what we got.
         let _ = socket.set_recv_buffer_size(config.recv_buffer);
@@ -277,10 +279,9 @@ impl MulticastSocket {
             }
             (IpAddr::V6(group), _) => {
                 // Scoped groups (ff02::, ff12::) need the interface as the bind scope.
-                let bind_to = std::net::SocketAddrV6::new(group, config.group.port(), 0, interface.index);
-                socket
-                    .bind(&SockAddr::from(bind_to))
-                    .map_err(err("bind"))?;
+                let bind_to =
+                    std::net::SocketAddrV6::new(group, config.group.port(), 0, interface.index);
+                socket.bind(&SockAddr::from(bind_to)).map_err(err("bind"))?;
                 socket
                     .join_multicast_v6(&group, interface.index)
                     .map_err(err("IPV6_JOIN_GROUP"))?;
@@ -345,14 +346,10 @@ impl MulticastSocket {
                     .set_multicast_loop_v6(config.loopback)
                     .map_err(err("IPV6_MULTICAST_LOOP"))?;
                 let bind_to = match iface {
-                    IpAddr::V6(addr) if !is_link_local(&addr) => {
-                        SocketAddr::from((addr, 0))
-                    }
+                    IpAddr::V6(addr) if !is_link_local(&addr) => SocketAddr::from((addr, 0)),
                     _ => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
                 };
-                socket
-                    .bind(&SockAddr::from(bind_to))
-                    .map_err(err("bind"))?;
+                socket.bind(&SockAddr::from(bind_to)).map_err(err("bind"))?;
             }
             (IpAddr::V4(_), IpAddr::V6(_)) => {
                 return Err(NetError::NoAddress {
@@ -392,13 +389,14 @@ impl MulticastSocket {
         } else {
             Domain::IPV4
         };
-        let socket =
-            Socket::new(domain, Type::DGRAM, Some(Protocol::UDP)).map_err(|source| NetError::Io {
+        let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP)).map_err(|source| {
+            NetError::Io {
                 op: "socket",
                 group: config.group,
                 interface: interface.name.clone(),
                 source,
-            })?;
+            }
+        })?;
         Ok((socket, interface))
     }
 
@@ -537,7 +535,9 @@ pub fn self_test(config: &MulticastConfig, timeout: Duration) -> Result<Duration
         use std::hash::{BuildHasher, Hasher};
         // A per-call random value without a random-number dependency: std seeds each
         // RandomState from the OS.
-        std::collections::hash_map::RandomState::new().build_hasher().finish()
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
     };
     let header = DatagramHeader::new(0, 0, nonce, FLAG_PROBE);
     let probe = header.as_bytes().to_vec();
@@ -559,8 +559,7 @@ pub fn self_test(config: &MulticastConfig, timeout: Duration) -> Result<Duration
             .recv_batch(&mut batch, wait)
             .map_err(io_err("receive probe"))?;
         let came_back = batch.datagrams().take(count).any(|bytes| {
-            Datagram::parse(bytes)
-                .is_ok_and(|d| d.is_probe() && d.header().session() == nonce)
+            Datagram::parse(bytes).is_ok_and(|d| d.is_probe() && d.header().session() == nonce)
         });
         if came_back {
             return Ok(started.elapsed());
@@ -574,7 +573,9 @@ pub fn self_test(config: &MulticastConfig, timeout: Duration) -> Result<Duration
 }
 
 fn is_link_local(addr: &Ipv6Addr) -> bool {
-    addr.segments().first().is_some_and(|s| s & 0xffc0 == 0xfe80)
+    addr.segments()
+        .first()
+        .is_some_and(|s| s & 0xffc0 == 0xfe80)
 }
 
 #[cfg(test)]

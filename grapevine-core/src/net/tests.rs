@@ -15,12 +15,16 @@ fn round_trip_on_loopback_with_batches() {
     let sender = MulticastSocket::sender(&config).unwrap();
     assert_eq!(sender.interface().addr, IpAddr::from([127, 0, 0, 1]));
     assert!(receiver.recv_buffer_size() > 0);
-    let datagrams: Vec<Bytes> = (0..10u8).map(|i| Bytes::from(vec![i; 100 + usize::from(i)])).collect();
+    let datagrams: Vec<Bytes> = (0..10u8)
+        .map(|i| Bytes::from(vec![i; 100 + usize::from(i)]))
+        .collect();
     assert_eq!(sender.send_batch(&datagrams).unwrap(), 10);
     let mut batch = RecvBatch::new(16, 2048);
     let mut received = Vec::new();
     for _ in 0..20 {
-        let n = receiver.recv_batch(&mut batch, Duration::from_millis(100)).unwrap();
+        let n = receiver
+            .recv_batch(&mut batch, Duration::from_millis(100))
+            .unwrap();
         received.extend(batch.datagrams().take(n).map(<[u8]>::to_vec));
         if received.len() >= 10 {
             break;
@@ -47,7 +51,12 @@ fn kernel_drops_are_counted() {
     assert!(received < 200, "a tiny buffer cannot hold 200 KB");
     // The kernel stamps its drop count on the datagrams queued after the drops.
     sender.send(&[1u8; 10]).unwrap();
-    assert_eq!(receiver.recv_batch(&mut batch, Duration::from_secs(1)).unwrap(), 1);
+    assert_eq!(
+        receiver
+            .recv_batch(&mut batch, Duration::from_secs(1))
+            .unwrap(),
+        1
+    );
     assert_eq!(batch.kernel_drops() as usize, 200 - received);
 }
 
@@ -58,7 +67,9 @@ fn truncated_datagrams_are_flagged() {
     let sender = MulticastSocket::sender(&config).unwrap();
     sender.send(&[1u8; 300]).unwrap();
     let mut batch = RecvBatch::new(4, 100);
-    let n = receiver.recv_batch(&mut batch, Duration::from_secs(1)).unwrap();
+    let n = receiver
+        .recv_batch(&mut batch, Duration::from_secs(1))
+        .unwrap();
     assert_eq!(n, 1);
     assert!(batch.meta()[0].truncated);
 }
@@ -68,7 +79,12 @@ fn recv_times_out_with_nothing() {
     let config = MulticastConfig::new(group(3, 47_103));
     let receiver = MulticastSocket::receiver(&config).unwrap();
     let mut batch = RecvBatch::new(4, 2048);
-    assert_eq!(receiver.recv_batch(&mut batch, Duration::from_millis(20)).unwrap(), 0);
+    assert_eq!(
+        receiver
+            .recv_batch(&mut batch, Duration::from_millis(20))
+            .unwrap(),
+        0
+    );
 }
 
 #[test]
@@ -87,27 +103,45 @@ fn clear_errors_for_bad_settings() {
 
     let config = MulticastConfig::new(group(5, 47_105)).on("no-such-if0".parse().unwrap());
     let err = MulticastSocket::sender(&config).unwrap_err();
-    assert!(matches!(err, NetError::NoSuchInterface(ref name) if name == "no-such-if0"), "{err}");
+    assert!(
+        matches!(err, NetError::NoSuchInterface(ref name) if name == "no-such-if0"),
+        "{err}"
+    );
 
     let config = MulticastConfig::new(group(5, 47_105)).on("192.0.2.77".parse().unwrap());
-    assert!(matches!(MulticastSocket::sender(&config).unwrap_err(), NetError::NoSuchInterface(_)));
+    assert!(matches!(
+        MulticastSocket::sender(&config).unwrap_err(),
+        NetError::NoSuchInterface(_)
+    ));
 }
 
 #[test]
 fn interface_spec_parses() {
-    assert_eq!("lo".parse::<InterfaceSpec>().unwrap(), InterfaceSpec::Loopback);
+    assert_eq!(
+        "lo".parse::<InterfaceSpec>().unwrap(),
+        InterfaceSpec::Loopback
+    );
     assert_eq!(
         "10.0.0.1".parse::<InterfaceSpec>().unwrap(),
         InterfaceSpec::Addr("10.0.0.1".parse().unwrap())
     );
-    assert_eq!("eth1".parse::<InterfaceSpec>().unwrap(), InterfaceSpec::Name("eth1".into()));
+    assert_eq!(
+        "eth1".parse::<InterfaceSpec>().unwrap(),
+        InterfaceSpec::Name("eth1".into())
+    );
 }
 
 #[tokio::test]
 async fn tokio_round_trip() {
     let config = MulticastConfig::new(group(6, 47_106));
-    let receiver = MulticastSocket::receiver(&config).unwrap().into_tokio().unwrap();
-    let sender = MulticastSocket::sender(&config).unwrap().into_tokio().unwrap();
+    let receiver = MulticastSocket::receiver(&config)
+        .unwrap()
+        .into_tokio()
+        .unwrap();
+    let sender = MulticastSocket::sender(&config)
+        .unwrap()
+        .into_tokio()
+        .unwrap();
     sender.send(b"over tokio").await.unwrap();
     let mut buf = [0u8; 64];
     let (len, from) = tokio::time::timeout(Duration::from_secs(2), receiver.recv_from(&mut buf))

@@ -175,9 +175,7 @@ impl<K: Clone + serde::Serialize> SnapshotSession<K> {
     /// When [`handle_timeout`](Self::handle_timeout) must be called next.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let Some(refilled_at) = self.refilled_at else {
-            return None;
-        };
+        let refilled_at = self.refilled_at?;
         let per_second = self.config.rate.per_second();
         let slice = (per_second * self.config.tick.as_secs_f64()).max(1.0);
         let wanted = (slice - self.tokens).max(0.0);

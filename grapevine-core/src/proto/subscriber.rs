@@ -1043,7 +1043,7 @@ impl<S: ReplicatedState> Stream<S> {
         };
         let live = self.verify_after.is_none()
             && self.stale.is_empty()
-            && tracking.expected - 1 >= self.ahead_until;
+            && tracking.expected > self.ahead_until;
         if live && !self.live {
             self.live = true;
             self.leaves.retain(|_, m| m.present || m.stale.is_some());

@@ -7,17 +7,64 @@ use super::*;
 /// A datagram of topic 0x0102_0304, publisher 5, session 0x1122334455667788 with one delta
 /// (seq 9, prev 4, payload "hi") and one heartbeat (last seq 9), byte by byte.
 const GOLDEN: [u8; 58] = [
-    b'G', b'V', 1, 0, // magic, version, flags
-    0x01, 0x02, 0x03, 0x04, // topic
-    0, 0, 0, 5, // publisher
-    0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, // session
-    0, 2, 0, 0, // message count, reserved
-    KIND_DELTA, 0, 0, 18, // delta header: body 16 + 2
-    0, 0, 0, 0, 0, 0, 0, 9, // seq
-    0, 0, 0, 0, 0, 0, 0, 4, // prev
-    b'h', b'i', // payload
-    KIND_HEARTBEAT, 0, 0, 8, // heartbeat header
-    0, 0, 0, 0, 0, 0, 0, 9, // last seq
+    b'G',
+    b'V',
+    1,
+    0, // magic, version, flags
+    0x01,
+    0x02,
+    0x03,
+    0x04, // topic
+    0,
+    0,
+    0,
+    5, // publisher
+    0x11,
+    0x22,
+    0x33,
+    0x44,
+    0x55,
+    0x66,
+    0x77,
+    0x88, // session
+    0,
+    2,
+    0,
+    0, // message count, reserved
+    KIND_DELTA,
+    0,
+    0,
+    18, // delta header: body 16 + 2
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    9, // seq
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    4, // prev
+    b'h',
+    b'i', // payload
+    KIND_HEARTBEAT,
+    0,
+    0,
+    8, // heartbeat header
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    9, // last seq
 ];
 
 #[test]
@@ -88,7 +135,10 @@ fn rejects_malformed() {
                 extra: 1,
             },
         ),
-        (vec![0; MAX_DATAGRAM + 1], DecodeError::Oversized(MAX_DATAGRAM + 1)),
+        (
+            vec![0; MAX_DATAGRAM + 1],
+            DecodeError::Oversized(MAX_DATAGRAM + 1),
+        ),
     ];
     for (bytes, want) in cases {
         assert_eq!(Datagram::parse(&bytes).unwrap_err(), want, "{bytes:02x?}");
@@ -154,7 +204,10 @@ fn fragments_reassemble() {
         let Some(Message::Fragment(fragment)) = datagram.messages().next() else {
             panic!("expected a fragment");
         };
-        if let Some(done) = reassembler.push(now, (2, 3, fragment.fragment_id), &fragment).unwrap() {
+        if let Some(done) = reassembler
+            .push(now, (2, 3, fragment.fragment_id), &fragment)
+            .unwrap()
+        {
             whole = Some(done);
         }
     }
@@ -192,10 +245,7 @@ fn conflicting_fragments_are_dropped() {
         total_len: 6,
         chunk: b"abc",
     };
-    let b = Fragment {
-        total_len: 7,
-        ..a
-    };
+    let b = Fragment { total_len: 7, ..a };
     assert_eq!(reassembler.push(now, (0, 0, 1), &a), Ok(None));
     assert!(reassembler.push(now, (0, 0, 1), &b).is_err());
     assert_eq!(reassembler.pending_bytes(), 0);
@@ -267,8 +317,9 @@ fn owned() -> impl Strategy<Value = Owned> {
         })
     });
     prop_oneof![
-        (1..u64::MAX, payload.clone())
-            .prop_flat_map(|(seq, p)| (0..seq).prop_map(move |prev| Owned::Delta(seq, prev, p.clone()))),
+        (1..u64::MAX, payload.clone()).prop_flat_map(
+            |(seq, p)| (0..seq).prop_map(move |prev| Owned::Delta(seq, prev, p.clone()))
+        ),
         (position.clone(), 1..u64::MAX, payload.clone()).prop_map(|(a, b, c)| Owned::Leaf(a, b, c)),
         (position, any::<u64>(), payload).prop_map(|(a, b, c)| Owned::Tombstone(a, b, c)),
         (any::<u32>(), any::<u64>()).prop_map(|(a, b)| Owned::Empty(a, b)),
