@@ -104,6 +104,9 @@ struct PubArgs {
     /// Stop after this many seconds (default: run until killed).
     #[arg(long)]
     seconds: Option<f64>,
+    /// Stop publishing updates after this many, but keep sending heartbeats and snapshots.
+    #[arg(long)]
+    updates: Option<u64>,
     /// Instruments in the order book.
     #[arg(long, default_value_t = 8)]
     instruments: u16,
@@ -353,6 +356,7 @@ fn publish(args: &PubArgs) -> Result<()> {
     let mut batch = Vec::new();
     while stop_at.is_none_or(|t| Instant::now() < t) {
         let due = (args.rate as f64 * started.elapsed().as_secs_f64()) as u64;
+        let due = args.updates.map_or(due, |limit| due.min(limit));
         while published < due && batch.len() < 256 {
             let delta = market.next_delta(&mirror);
             mirror.apply(&delta);
@@ -378,10 +382,13 @@ fn publish(args: &PubArgs) -> Result<()> {
         }
     }
     snapshotter.shutdown();
+    let final_digest = publisher.read(digest);
     let stats = publisher.shutdown();
     println!(
-        "done: {} deltas in {} datagrams",
-        stats.deltas, stats.datagrams
+        "done: {} deltas in {} datagrams, digest {}",
+        stats.deltas,
+        stats.datagrams,
+        short_hex(&final_digest)
     );
     Ok(())
 }

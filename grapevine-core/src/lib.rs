@@ -5,8 +5,8 @@
 //!
 //! - [`wire`]: datagram and message headers (`zerocopy`, big-endian), validation that never
 //!   panics, batching many messages into one datagram and fragmenting large ones.
-//! - [`state`]: the [`ReplicatedState`](state::ReplicatedState) trait (leaves, keys, deltas) and
-//!   [`KeyedMap`](state::KeyedMap), a ready-made implementation.
+//! - [`state`]: the [`state::ReplicatedState`] trait (leaves, keys, deltas) and
+//!   [`state::KeyedMap`], a ready-made implementation.
 //! - [`proto`]: the publisher, snapshot-cycle and subscriber state machines. They take bytes and
 //!   `Instant`s and return bytes and events: deterministic, testable with a fake clock.
 //! - [`net`]: multicast sockets built with `socket2` (explicit interface, loopback by default),

@@ -9,7 +9,7 @@
 //! any stream is recovering, a second thread joins the recovery group (when one is configured)
 //! and leaves it once everything is live again. Events reach the application through a
 //! crossbeam channel ([`Subscriber::events`], blocking) or a tokio channel
-//! ([`Subscriber::event_stream`], async); the state is read in place with [`Subscriber::read`].
+//! ([`Subscriber::join_async`], async); the state is read in place with [`Subscriber::read`].
 //!
 //! ```no_run
 //! use std::time::Duration;

@@ -28,7 +28,7 @@ pub struct RecvMeta {
     pub truncated: bool,
 }
 
-/// Reusable buffers for [`recv_batch`]: `batch` datagrams of at most `buf_len` bytes each.
+/// Reusable buffers for [`MulticastSocket::recv_batch`](super::MulticastSocket::recv_batch): `batch` datagrams of at most `buf_len` bytes each.
 #[derive(Debug)]
 pub struct RecvBatch {
     buffers: Vec<Vec<u8>>,

@@ -3,7 +3,7 @@
 //! Each machine takes inputs through `handle_*` methods (datagrams, deltas, `now`) and gives its
 //! outputs through `poll_*` methods (datagrams to send, events, the next timeout). The drivers in
 //! the `grapevine-publisher`, `-snapshotter` and `-subscriber` crates move bytes between these
-//! and sockets; the simulated network in [`crate::sim`] moves them through a lossy model.
+//! and sockets; the simulated network in `crate::sim` (feature `testing`) moves them through a lossy model.
 
 mod publisher;
 mod reassembly;
