@@ -120,6 +120,7 @@ struct Shared<S: ReplicatedState> {
     truncated: AtomicU64,
     events_dropped: AtomicU64,
     recovery_joins: AtomicU64,
+    drop_next: AtomicU64,
     recv_buffer: usize,
 }
 
@@ -205,6 +206,7 @@ impl<S: ReplicatedState> Subscriber<S> {
             truncated: AtomicU64::new(0),
             events_dropped: AtomicU64::new(0),
             recovery_joins: AtomicU64::new(0),
+            drop_next: AtomicU64::new(0),
             recv_buffer,
         });
         let sink = Arc::new(sink);
@@ -289,6 +291,12 @@ impl<S: ReplicatedState> Subscriber<S> {
         }
     }
 
+    /// Discards the next `datagrams` datagrams received on the live group, as if the network
+    /// had lost them: a fault injection for testing recovery and measuring its time.
+    pub fn inject_drop(&self, datagrams: u64) {
+        self.shared.drop_next.fetch_add(datagrams, Ordering::Relaxed);
+    }
+
     /// Stops the threads and leaves the groups.
     pub fn shutdown(mut self) -> Stats {
         self.stop();
@@ -357,7 +365,7 @@ fn receive_loop<S: ReplicatedState>(
                 if meta.truncated {
                     shared.truncated.fetch_add(1, Ordering::Relaxed);
                 }
-                if loss.drop_next() {
+                if loss.drop_next() || take_one(&shared.drop_next) {
                     continue;
                 }
                 session.handle_datagram(now, bytes);
@@ -454,6 +462,13 @@ fn deliver<S: ReplicatedState>(
             shared.events_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Decrements `counter` if positive; true when it did.
+fn take_one(counter: &AtomicU64) -> bool {
+    counter
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 /// Drops a fraction of datagrams (xorshift, seeded from the OS): deliberate loss for demos and

@@ -729,7 +729,7 @@ impl<S: ReplicatedState> Stream<S> {
         }
         let first = tracking.expected;
         let lost = through - first + 1;
-        tracking.expected = through + 1;
+        tracking.expected = through.saturating_add(1);
         tracing::debug!(publisher = self.publisher, first, lost, "gap");
         sink.stats.gaps += 1;
         sink.stats.messages_lost += lost;
@@ -758,7 +758,7 @@ impl<S: ReplicatedState> Stream<S> {
             if let Some(entry) = tracking.held.first_entry() {
                 if *entry.key() == tracking.expected {
                     let (seq, (prev, delta)) = entry.remove_entry();
-                    tracking.expected += 1;
+                    tracking.expected = tracking.expected.saturating_add(1);
                     self.process(now, seq, prev, delta, config, sink);
                     continue;
                 }

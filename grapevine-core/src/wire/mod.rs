@@ -449,9 +449,11 @@ fn decode_message(kind: u8, flags: u8, body: &[u8]) -> Result<Message<'_>, Decod
         }
         KIND_HEARTBEAT => {
             let fields = exact::<HeartbeatFields>(kind, body)?;
-            Ok(Message::Heartbeat {
-                last_seq: fields.last_seq.get(),
-            })
+            let last_seq = fields.last_seq.get();
+            if last_seq == u64::MAX {
+                return Err(DecodeError::Inconsistent("heartbeat seq out of range"));
+            }
+            Ok(Message::Heartbeat { last_seq })
         }
         KIND_FRAGMENT => {
             let (fields, chunk) = fixed::<FragmentFields>(kind, body)?;
