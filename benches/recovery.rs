@@ -54,10 +54,13 @@ fn main() -> anyhow::Result<()> {
     let bytes_before = snapshotter.stats().bytes;
     let started = Instant::now();
     // Start each round at a random phase of the cycle, or rounds lock onto cycle boundaries.
-    let cycle = Duration::from_secs_f64(f64::from(leaves) / f64::from(rate)) + Duration::from_millis(10);
+    let cycle =
+        Duration::from_secs_f64(f64::from(leaves) / f64::from(rate)) + Duration::from_millis(10);
     let mut phase = 0x9e37_79b9_7f4a_7c15u64;
     for round in 0..rounds {
-        phase = phase.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        phase = phase
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
         std::thread::sleep(cycle.mul_f64((phase >> 11) as f64 / (1u64 << 53) as f64));
         subscriber.inject_drop(1);
         publisher.publish(MapDelta::Put((round as u32 * 7919) % leaves, round))?;

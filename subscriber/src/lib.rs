@@ -294,7 +294,9 @@ impl<S: ReplicatedState> Subscriber<S> {
     /// Discards the next `datagrams` datagrams received on the live group, as if the network
     /// had lost them: a fault injection for testing recovery and measuring its time.
     pub fn inject_drop(&self, datagrams: u64) {
-        self.shared.drop_next.fetch_add(datagrams, Ordering::Relaxed);
+        self.shared
+            .drop_next
+            .fetch_add(datagrams, Ordering::Relaxed);
     }
 
     /// Stops the threads and leaves the groups.

@@ -398,7 +398,7 @@ fn decode_message(kind: u8, flags: u8, body: &[u8]) -> Result<Message<'_>, Decod
         KIND_DELTA => {
             let (fields, payload) = fixed::<DeltaFields>(kind, body)?;
             let (seq, prev) = (fields.seq.get(), fields.prev.get());
-            if seq == 0 || prev >= seq {
+            if seq == 0 || seq == u64::MAX || prev >= seq {
                 return Err(DecodeError::Inconsistent(
                     "delta prev must be below its seq",
                 ));

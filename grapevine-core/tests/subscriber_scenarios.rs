@@ -1,0 +1,176 @@
+//! Named scenarios for the subscriber state machine, driven by hand on a fake clock.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use grapevine_core::proto::{
+    new_session_id, PublisherConfig, PublisherSession, SnapshotConfig, SnapshotSession,
+    StreamStatus, SubscriberConfig, SubscriberEvent, SubscriberSession,
+};
+use grapevine_core::sim::{CounterDelta, Counters};
+use grapevine_core::wire::DatagramBuilder;
+
+fn publisher(now: Instant, session_ms: u64) -> PublisherSession<Counters> {
+    let mut config = PublisherConfig::new(1);
+    config.flush_delay = Duration::ZERO;
+    PublisherSession::new(
+        config,
+        new_session_id(session_ms, 7),
+        Counters::default(),
+        now,
+    )
+}
+
+fn subscriber() -> SubscriberSession<Counters> {
+    SubscriberSession::new(SubscriberConfig::new(1))
+}
+
+fn drain(publisher: &mut PublisherSession<Counters>) -> Vec<Bytes> {
+    std::iter::from_fn(|| publisher.poll_transmit()).collect()
+}
+
+fn status(subscriber: &SubscriberSession<Counters>) -> StreamStatus {
+    subscriber.stream(0).unwrap().status
+}
+
+#[test]
+fn duplicates_are_applied_once() {
+    let now = Instant::now();
+    let mut p = publisher(now, 1);
+    let mut s = subscriber();
+    p.publish(now, CounterDelta::Add(1, 5)).unwrap();
+    p.publish(now, CounterDelta::Add(1, 5)).unwrap();
+    for datagram in drain(&mut p) {
+        s.handle_datagram(now, &datagram);
+        s.handle_datagram(now, &datagram);
+    }
+    assert_eq!(s.stream(0).unwrap().state.0.get(&1), Some(&10));
+    assert_eq!(s.stats().duplicates, 2);
+    assert_eq!(status(&s), StreamStatus::Live);
+}
+
+#[test]
+fn a_lost_delta_makes_only_its_leaf_stale_until_its_snapshot() {
+    let now = Instant::now();
+    let mut p = publisher(now, 1);
+    let mut s = subscriber();
+    p.publish(now, CounterDelta::Add(1, 1)).unwrap();
+    p.publish(now, CounterDelta::Add(2, 1)).unwrap();
+    for d in drain(&mut p) {
+        s.handle_datagram(now, &d);
+    }
+    p.publish(now, CounterDelta::Add(1, 10)).unwrap(); // lost
+    drain(&mut p);
+    p.publish(now, CounterDelta::Add(1, 100)).unwrap();
+    p.publish(now, CounterDelta::Add(2, 100)).unwrap();
+    for d in drain(&mut p) {
+        s.handle_datagram(now, &d);
+    }
+    // After the reorder window the gap is declared: leaf 1 is stale (its value is still the
+    // trusted 1, not 101), leaf 2 kept chaining.
+    let later = now + Duration::from_millis(50);
+    s.handle_timeout(later);
+    let view = s.stream(0).unwrap();
+    assert_eq!(view.status, StreamStatus::Recovering);
+    assert!(view.stale.contains(&1));
+    assert_eq!(view.state.0.get(&1), Some(&1));
+    assert_eq!(view.state.0.get(&2), Some(&101));
+    let events: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
+    assert!(events.contains(&SubscriberEvent::Gap {
+        publisher: 0,
+        first: 3,
+        lost: 1
+    }));
+    assert!(events.contains(&SubscriberEvent::LeafStale {
+        publisher: 0,
+        key: 1
+    }));
+
+    // One whole snapshot cycle repairs it.
+    let mut cycle = SnapshotSession::new(SnapshotConfig::default());
+    cycle.handle_timeout(later, &p);
+    for d in std::iter::from_fn(|| cycle.poll_transmit()) {
+        s.handle_datagram(later, &d);
+    }
+    let view = s.stream(0).unwrap();
+    assert_eq!(view.status, StreamStatus::Live);
+    assert_eq!(view.state, p.state());
+}
+
+#[test]
+fn late_datagrams_of_a_replaced_session_are_ignored() {
+    let now = Instant::now();
+    let mut old = publisher(now, 1);
+    let mut new = publisher(now, 2);
+    let mut s = subscriber();
+    old.publish(now, CounterDelta::Set(1, 1)).unwrap();
+    let old_datagrams = drain(&mut old);
+    new.publish(now, CounterDelta::Set(1, 2)).unwrap();
+    for d in drain(&mut new) {
+        s.handle_datagram(now, &d);
+    }
+    for d in old_datagrams {
+        s.handle_datagram(now, &d);
+    }
+    assert_eq!(s.stream(0).unwrap().session, new.session());
+    assert_eq!(s.stream(0).unwrap().state.0.get(&1), Some(&2));
+    assert_eq!(s.stats().retired_session, 1);
+    assert_eq!(s.stats().restarts, 0);
+}
+
+#[test]
+fn extreme_sequence_numbers_do_not_overflow() {
+    let now = Instant::now();
+    let mut s = subscriber();
+    let mut builder = DatagramBuilder::new(1400, 1, 0, 5);
+    assert!(builder.push_heartbeat(u64::MAX - 1));
+    s.handle_datagram(now, &builder.finish().unwrap());
+    let payload = postcard::to_allocvec(&CounterDelta::Set(1, 1)).unwrap();
+    assert!(builder.push_delta(u64::MAX - 1, 0, &payload));
+    s.handle_datagram(now, &builder.finish().unwrap());
+    // seq 2^64-1 is invalid on the wire.
+    assert!(builder.push_delta(u64::MAX, 0, &payload));
+    s.handle_datagram(now, &builder.finish().unwrap());
+    s.handle_timeout(now + Duration::from_secs(1));
+    assert_eq!(s.stats().malformed, 1);
+    assert_eq!(s.stream(0).unwrap().last_seq, u64::MAX - 1);
+}
+
+#[test]
+fn foreign_topics_and_bad_payloads_are_counted() {
+    let now = Instant::now();
+    let mut s = subscriber();
+    let mut other_topic = DatagramBuilder::new(1400, 99, 0, 5);
+    assert!(other_topic.push_heartbeat(1));
+    s.handle_datagram(now, &other_topic.finish().unwrap());
+    let mut builder = DatagramBuilder::new(1400, 1, 0, 5);
+    assert!(builder.push_delta(1, 0, &[0xff, 0xff, 0xff]));
+    s.handle_datagram(now, &builder.finish().unwrap());
+    assert_eq!(s.stats().foreign_topic, 1);
+    assert_eq!(s.stats().bad_payloads, 1);
+    assert!(s.stream(0).unwrap().state.0.is_empty());
+}
+
+#[test]
+fn heartbeat_reveals_a_lost_tail() {
+    let now = Instant::now();
+    let mut p = publisher(now, 1);
+    let mut s = subscriber();
+    p.publish(now, CounterDelta::Set(1, 1)).unwrap();
+    for d in drain(&mut p) {
+        s.handle_datagram(now, &d);
+    }
+    p.publish(now, CounterDelta::Set(1, 2)).unwrap(); // lost tail
+    drain(&mut p);
+    let later = now + Duration::from_secs(1);
+    p.handle_timeout(later); // idle: heartbeat with last seq 2
+    for d in drain(&mut p) {
+        s.handle_datagram(later, &d);
+    }
+    s.handle_timeout(later + Duration::from_millis(50));
+    assert_eq!(s.stats().gaps, 1);
+    assert_eq!(s.stats().messages_lost, 1);
+    assert_eq!(status(&s), StreamStatus::Recovering);
+}
