@@ -248,15 +248,7 @@ impl MulticastSocket {
     /// ```
     pub fn receiver(config: &MulticastConfig) -> Result<Self, NetError> {
         let (socket, interface) = Self::open(config)?;
-        let err = |op| {
-            let interface = interface.name.clone();
-            move |source| NetError::Io {
-                op,
-                group: config.group,
-                interface,
-                source,
-            }
-        };
+        let err = io_error(config.group, interface.name.clone());
         socket
             .set_reuse_address(true)
             .map_err(err("SO_REUSEADDR"))?;
@@ -310,15 +302,7 @@ impl MulticastSocket {
     /// As [`MulticastSocket::receiver`].
     pub fn sender(config: &MulticastConfig) -> Result<Self, NetError> {
         let (socket, interface) = Self::open(config)?;
-        let err = |op| {
-            let interface = interface.name.clone();
-            move |source| NetError::Io {
-                op,
-                group: config.group,
-                interface,
-                source,
-            }
-        };
+        let err = io_error(config.group, interface.name.clone());
         let _ = socket.set_send_buffer_size(config.send_buffer);
         match (config.group.ip(), interface.addr) {
             (IpAddr::V4(_), IpAddr::V4(iface)) => {
@@ -543,15 +527,7 @@ pub fn self_test(config: &MulticastConfig, timeout: Duration) -> Result<Duration
     let probe = header.as_bytes().to_vec();
     let mut batch = RecvBatch::new(8, 2048);
     let started = Instant::now();
-    let io_err = |op| {
-        let interface = sender.interface().name.clone();
-        move |source| NetError::Io {
-            op,
-            group: config.group,
-            interface,
-            source,
-        }
-    };
+    let io_err = io_error(config.group, sender.interface().name.clone());
     while started.elapsed() < timeout {
         sender.send(&probe).map_err(io_err("send probe"))?;
         let wait = Duration::from_millis(50).min(timeout.saturating_sub(started.elapsed()));
@@ -570,6 +546,22 @@ pub fn self_test(config: &MulticastConfig, timeout: Duration) -> Result<Duration
         interface: sender.interface().name.clone(),
         waited: timeout,
     })
+}
+
+/// Builds the error of a failed socket operation `op` on `group` and `interface`.
+fn io_error(
+    group: SocketAddr,
+    interface: String,
+) -> impl Fn(&'static str) -> Box<dyn FnOnce(io::Error) -> NetError> {
+    move |op| {
+        let interface = interface.clone();
+        Box::new(move |source| NetError::Io {
+            op,
+            group,
+            interface,
+            source,
+        })
+    }
 }
 
 fn is_link_local(addr: &Ipv6Addr) -> bool {
