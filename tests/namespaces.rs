@@ -74,6 +74,27 @@ impl Lab {
         Ok(())
     }
 
+    /// Two hosts joined by one veth pair, with IPv6 unique-local addresses (no DAD wait).
+    fn setup_ipv6_pair(&self) -> Result<(), String> {
+        for i in 0..2 {
+            run(&["ip", "netns", "add", &self.ns(&format!("h{i}"))])?;
+        }
+        let (h0, h1) = (self.ns("h0"), self.ns("h1"));
+        let (v0, v1) = (self.veth('v', 0), self.veth('v', 1));
+        run(&[
+            "ip", "link", "add", &v0, "netns", &h0, "type", "veth", "peer", "name", &v1, "netns",
+            &h1,
+        ])?;
+        for (host, link, addr) in [(&h0, &v0, "fd47::1/64"), (&h1, &v1, "fd47::2/64")] {
+            run(&[
+                "ip", "-n", host, "-6", "addr", "add", addr, "dev", link, "nodad",
+            ])?;
+            run(&["ip", "-n", host, "link", "set", link, "up"])?;
+            run(&["ip", "-n", host, "link", "set", "lo", "up"])?;
+        }
+        Ok(())
+    }
+
     fn spawn(&mut self, host: usize, args: &[&str]) -> usize {
         let ns = self.ns(&format!("h{host}"));
         let child = Command::new("ip")
@@ -147,8 +168,24 @@ fn run(args: &[&str]) -> Result<Output, String> {
     Ok(output)
 }
 
+/// The last JSON line a `grapevine sub --json` printed.
+fn last_status(output: &str) -> serde_json::Value {
+    let last = output.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("bad subscriber output ({e}):\n{output}"))
+}
+
+/// The digest a `grapevine pub` printed when it finished.
+fn published_digest(output: &str) -> String {
+    output
+        .lines()
+        .find_map(|l| l.split("digest ").nth(1))
+        .unwrap_or_else(|| panic!("publisher printed no digest:\n{output}"))
+        .trim()
+        .to_string()
+}
+
 fn can_run() -> Result<(), String> {
-    // SAFETY-free root check: `id -u` avoids a libc dependency here.
+    // `id -u` rather than libc: this test crate needs no unsafe code.
     let uid = run(&["id", "-u"])?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         return Err("not root".into());
@@ -247,24 +284,78 @@ fn hosts_on_a_bridge_converge_with_loss_at_one() {
         .iter()
         .map(|&index| lab.finish(index, deadline))
         .collect();
-    let published = lab.finish(publisher, deadline);
-    let want = published
-        .lines()
-        .find_map(|l| l.split("digest ").nth(1))
-        .unwrap_or_else(|| panic!("publisher printed no digest:\n{published}"))
-        .trim()
-        .to_string();
+    let want = published_digest(&lab.finish(publisher, deadline));
     for (host, output) in outputs.iter().enumerate() {
-        let last = output.lines().last().unwrap_or_default();
-        let status: serde_json::Value = serde_json::from_str(last)
-            .unwrap_or_else(|e| panic!("host {}: bad output ({e}):\n{output}", host + 1));
-        assert_eq!(status["status"], "live", "host {}: {last}", host + 1);
-        assert_eq!(status["digest"], want.as_str(), "host {}: {last}", host + 1);
+        let status = last_status(output);
+        assert_eq!(status["status"], "live", "host {}: {status}", host + 1);
+        assert_eq!(
+            status["digest"],
+            want.as_str(),
+            "host {}: {status}",
+            host + 1
+        );
         if host + 1 == LOSSY_HOST {
             assert!(
                 status["lost"].as_u64().unwrap() > 0,
-                "nftables dropped nothing: {last}"
+                "nftables dropped nothing: {status}"
             );
         }
     }
+}
+
+#[test]
+fn ipv6_group_between_two_hosts() {
+    if let Err(why) = can_run() {
+        eprintln!("SKIPPED ipv6_group_between_two_hosts: {why} (needs root, ip, nft)");
+        return;
+    }
+    let mut lab = Lab {
+        prefix: format!("gw{}", std::process::id() % 100_000),
+        children: Vec::new(),
+    };
+    if let Err(why) = lab.setup_ipv6_pair() {
+        eprintln!("SKIPPED ipv6_group_between_two_hosts: cannot create namespaces: {why}");
+        return;
+    }
+    let group = "[ff15::4756:1]:47410";
+    let (v0, v1) = (lab.veth('v', 0), lab.veth('v', 1));
+    let subscriber = lab.spawn(
+        1,
+        &[
+            "sub",
+            "--group",
+            group,
+            "--iface",
+            &v1,
+            "--json",
+            "--seconds",
+            "4",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let publisher = lab.spawn(
+        0,
+        &[
+            "pub",
+            "--group",
+            group,
+            "--iface",
+            &v0,
+            "--rate",
+            "2000",
+            "--updates",
+            "2000",
+            "--seconds",
+            "5",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = last_status(&lab.finish(subscriber, deadline));
+    let want = published_digest(&lab.finish(publisher, deadline));
+    assert_eq!(status["status"], "live", "{status}");
+    assert_eq!(status["digest"], want.as_str(), "{status}");
+    assert!(
+        status["applied"].as_u64().unwrap() > 0,
+        "deltas flowed over IPv6: {status}"
+    );
 }
