@@ -83,8 +83,8 @@ pub struct SnapshotStats {
 
 /// The sans-IO snapshotter of one publisher session.
 ///
-/// At the start of a cycle it records the keys present and the publisher's last `seq`, then
-/// sends each key's leaf with its `as_of_seq` (or a tombstone if the key was deleted since),
+/// At the start of a cycle it records the keys present, in key order, and the publisher's last
+/// `seq`, then sends each key's leaf with its `as_of_seq` (or a tombstone if the key was deleted since),
 /// releasing tokens at the configured rate. It reads the publisher through a shared reference
 /// in each call, so the caller decides how reads are made consistent with publishing (the
 /// `grapevine-snapshotter` crate takes the publisher's lock for one short slice of leaves).
@@ -122,7 +122,7 @@ pub struct SnapshotSession<K> {
     stats: SnapshotStats,
 }
 
-impl<K: Clone + serde::Serialize> SnapshotSession<K> {
+impl<K: Clone + Ord + serde::Serialize> SnapshotSession<K> {
     /// A snapshotter with `config`; it follows whatever publisher session it is given.
     pub fn new(config: SnapshotConfig) -> Self {
         Self {
@@ -241,6 +241,9 @@ impl<K: Clone + serde::Serialize> SnapshotSession<K> {
         self.keys.clear();
         self.keys
             .extend(publisher.state().leaves().map(|(k, _)| k.clone()));
+        // Subscribers rely on the order: no key lies between two consecutive indices. (Cheap
+        // when the state iterates in order already, as BTreeMap-based states do.)
+        self.keys.sort_unstable();
         self.next_index = 0;
         self.start_seq = publisher.last_seq();
         self.in_cycle = true;

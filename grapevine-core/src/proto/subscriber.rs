@@ -13,15 +13,20 @@
 //!   `last` arrives, which replaces it; the buffered chain is then replayed.
 //!
 //! A hole in `seq` (or a heartbeat ahead of us) may hide creations and deletions, so after it
-//! the stream is *unverified* until a complete cycle that started at or after the hole has been
-//! seen. In that cycle a snapshot leaf whose `as_of_seq <= last` confirms our leaf (we applied
-//! every delta on it up to `last` by chaining, and the publisher applied none between `as_of_seq`
-//! and the read), a newer one replaces it, and leaves the cycle shows absent are removed.
+//! the stream is *unverified* until snapshot cycles that started at or after the hole have
+//! shown the whole key space. A snapshot leaf whose `as_of_seq <= last` confirms our leaf (we
+//! applied every delta on it up to `last` by chaining, and the publisher applied none between
+//! `as_of_seq` and the read); a newer one replaces it. Cycles send keys in order, so two
+//! consecutive indices of one cycle show that no other key lay between them at the cycle's
+//! start: local leaves there that were not changed since are removed, and the span counts as
+//! covered. Spans from different cycles add up, so under steady loss the state is verified as
+//! soon as every part of the key space has arrived once, not only when one cycle arrives whole.
 //!
 //! The stream is `Live` when nothing is stale or unverified and no leaf is ahead of the last
 //! `seq` processed; while `Live` its state equals the publisher's as of that `seq`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::Bound;
 use std::time::{Duration, Instant};
 
 use crate::codec;
@@ -212,16 +217,19 @@ struct LeafMeta<D> {
     /// `seq` of the last delta applied, or `as_of_seq` of the snapshot that set it.
     last: u64,
     present: bool,
-    seen_cycle: Option<u32>,
     stale: Option<VecDeque<(u64, u64, D)>>,
 }
 
 impl<D> LeafMeta<D> {
     fn absent() -> Self {
+        Self::absent_as_of(None)
+    }
+
+    /// A leaf not held, known absent as of `seq` when given.
+    fn absent_as_of(seq: Option<u64>) -> Self {
         Self {
-            last: 0,
+            last: seq.unwrap_or(0),
             present: false,
-            seen_cycle: None,
             stale: None,
         }
     }
@@ -235,46 +243,113 @@ struct Tracking<D> {
     gap_deadline: Option<Instant>,
 }
 
+/// The keys received so far of the snapshot cycle being watched, by index.
 #[derive(Debug)]
-struct CycleProgress {
+struct CycleKeys<K> {
     cycle: u32,
     start_seq: u64,
     count: u32,
-    seen: Vec<u64>,
-    seen_count: u32,
-    completed: bool,
+    keys: BTreeMap<u32, K>,
 }
 
-impl CycleProgress {
-    fn new(position: &CyclePosition) -> Self {
+/// A point of the key space: keys are totally ordered and the cycle sends them in order.
+#[derive(Clone, Debug, Eq, Ord, PartialEq, PartialOrd)]
+enum Edge<K> {
+    Start,
+    Key(K),
+    End,
+}
+
+/// The parts of the key space that snapshot cycles (started at or after `since`) have shown
+/// completely: every key present there at the cycle's start was received, and nothing else is
+/// there. Once the whole space is covered the state is verified.
+#[derive(Debug)]
+struct Coverage<K> {
+    since: u64,
+    /// Disjoint closed spans, start → end.
+    spans: BTreeMap<Edge<K>, Edge<K>>,
+}
+
+impl<K: Clone + Ord> Coverage<K> {
+    fn new(since: u64) -> Self {
         Self {
-            cycle: position.cycle,
-            start_seq: position.start_seq,
-            count: position.leaf_count,
-            seen: vec![0; (position.leaf_count as usize).div_ceil(64)],
-            seen_count: 0,
-            completed: false,
+            since,
+            spans: BTreeMap::new(),
         }
     }
 
-    /// Marks `index` seen; true when this completes the cycle.
-    fn mark(&mut self, index: u32) -> bool {
-        let (word, bit) = ((index / 64) as usize, index % 64);
-        if let Some(w) = self.seen.get_mut(word) {
-            if *w & (1 << bit) == 0 {
-                *w |= 1 << bit;
-                self.seen_count += 1;
+    fn add(&mut self, mut low: Edge<K>, mut high: Edge<K>) {
+        // Spans are disjoint and sorted, so their ends are sorted too: the ones overlapping
+        // [low, high] are the last ones starting at or before `high` whose end reaches `low`.
+        let overlapping: Vec<Edge<K>> = self
+            .spans
+            .range(..=high.clone())
+            .rev()
+            .take_while(|(_, end)| **end >= low)
+            .map(|(start, _)| start.clone())
+            .collect();
+        for start in overlapping {
+            if let Some(end) = self.spans.remove(&start) {
+                low = low.min(start);
+                high = high.max(end);
             }
         }
-        self.check_complete()
+        self.spans.insert(low, high);
     }
 
-    fn check_complete(&mut self) -> bool {
-        if !self.completed && self.seen_count >= self.count {
-            self.completed = true;
-            return true;
+    fn is_full(&self) -> bool {
+        self.spans.get(&Edge::Start) == Some(&Edge::End)
+    }
+}
+
+/// Where covered spans showed the key space empty, and as of which `seq`: a key without local
+/// metadata inside such a span was absent then, so deltas on it up to that `seq` are already
+/// reflected. Disjoint closed spans, start → (end, seq); kept until the stream is live.
+#[derive(Debug)]
+struct AbsentSpans<K> {
+    spans: BTreeMap<Edge<K>, (Edge<K>, u64)>,
+}
+
+impl<K: Clone + Ord> AbsentSpans<K> {
+    fn new() -> Self {
+        Self {
+            spans: BTreeMap::new(),
         }
-        false
+    }
+
+    /// Records [`low`, `high`] as absent as of `seq`, replacing older records there (cycles
+    /// are watched in order, so `seq` never decreases).
+    fn paint(&mut self, low: Edge<K>, high: Edge<K>, seq: u64) {
+        let overlapping: Vec<Edge<K>> = self
+            .spans
+            .range(..=high.clone())
+            .rev()
+            .take_while(|(_, (end, _))| *end >= low)
+            .map(|(start, _)| start.clone())
+            .collect();
+        for start in overlapping {
+            let Some((end, old)) = self.spans.remove(&start) else {
+                continue;
+            };
+            if start < low {
+                self.spans.insert(start, (low.clone(), old));
+            }
+            if end > high {
+                self.spans.insert(high.clone(), (end, old));
+            }
+        }
+        self.spans.insert(low, (high, seq));
+    }
+
+    /// The `seq` as of which `key` is known absent, if it lies in a recorded span.
+    fn absent_as_of(&self, key: &K) -> Option<u64> {
+        let point = Edge::Key(key.clone());
+        let (_, (end, seq)) = self.spans.range(..=point.clone()).next_back()?;
+        (*end >= point).then_some(*seq)
+    }
+
+    fn clear(&mut self) {
+        self.spans.clear();
     }
 }
 
@@ -284,14 +359,16 @@ struct Stream<S: ReplicatedState> {
     publisher: u32,
     session: u64,
     state: S,
-    leaves: HashMap<S::Key, LeafMeta<S::Delta>>,
+    leaves: BTreeMap<S::Key, LeafMeta<S::Delta>>,
     stale: BTreeSet<S::Key>,
     tracking: Option<Tracking<S::Delta>>,
     /// `Some(b)`: unverified until a complete cycle with `start_seq >= b`.
     verify_after: Option<u64>,
     /// Highest `seq` a leaf was set to from snapshots; live only once processing reaches it.
     ahead_until: u64,
-    cycle: Option<CycleProgress>,
+    cycle_keys: Option<CycleKeys<S::Key>>,
+    coverage: Option<Coverage<S::Key>>,
+    absent: AbsentSpans<S::Key>,
     recovering_since: Option<Instant>,
     live: bool,
     last_heard: Instant,
@@ -546,12 +623,14 @@ impl<S: ReplicatedState> Stream<S> {
             publisher,
             session,
             state: S::default(),
-            leaves: HashMap::new(),
+            leaves: BTreeMap::new(),
             stale: BTreeSet::new(),
             tracking: None,
             verify_after: None,
             ahead_until: 0,
-            cycle: None,
+            cycle_keys: None,
+            coverage: None,
+            absent: AbsentSpans::new(),
             recovering_since: Some(now),
             live: false,
             last_heard: now,
@@ -616,25 +695,13 @@ impl<S: ReplicatedState> Stream<S> {
                     Ok(key) => self.on_snapshot(now, position, as_of_seq, key, None, config, sink),
                 }
             }
-            Message::EmptyCycle { cycle, start_seq } => {
+            Message::EmptyCycle { start_seq, .. } => {
                 sink.stats.snapshot_messages += 1;
-                let position = CyclePosition {
-                    cycle,
-                    start_seq,
-                    leaf_index: 0,
-                    leaf_count: 0,
-                };
-                if self.tracking.is_none() || !self.accept_cycle(&position, config) {
+                if self.tracking.is_none() || self.live {
                     return;
                 }
-                let completed = self
-                    .cycle
-                    .as_mut()
-                    .is_some_and(CycleProgress::check_complete);
-                if completed && !self.live {
-                    self.on_cycle_complete(config, sink);
-                    self.update_live(now, sink);
-                }
+                self.cover(Edge::Start, Edge::End, start_seq, config, sink);
+                self.update_live(now, sink);
             }
             // Fragments are reassembled by the session before they reach a stream.
             Message::Fragment(_) => {}
@@ -790,10 +857,10 @@ impl<S: ReplicatedState> Stream<S> {
         sink: &mut Sink<S::Key>,
     ) {
         let key = S::delta_key(&delta);
-        let (last, present) = self
-            .leaves
-            .get(key)
-            .map_or((0, false), |m| (m.last, m.present));
+        let (last, present) = match self.leaves.get(key) {
+            Some(meta) => (meta.last, meta.present),
+            None => (self.absent.absent_as_of(key).unwrap_or(0), false),
+        };
         if let Some(buffer) = self.leaves.get_mut(key).and_then(|m| m.stale.as_mut()) {
             if buffer.len() >= config.max_stale_buffer {
                 buffer.pop_front();
@@ -811,6 +878,7 @@ impl<S: ReplicatedState> Stream<S> {
             return;
         }
         let key = key.clone();
+        let absent_as_of = self.absent.absent_as_of(&key);
         tracing::debug!(
             publisher = self.publisher,
             ?key,
@@ -822,7 +890,7 @@ impl<S: ReplicatedState> Stream<S> {
         let meta = self
             .leaves
             .entry(key.clone())
-            .or_insert_with(LeafMeta::absent);
+            .or_insert_with(|| LeafMeta::absent_as_of(absent_as_of));
         meta.stale = Some(VecDeque::from([(seq, prev, delta)]));
         self.stale.insert(key.clone());
         sink.stats.stale_leaves += 1;
@@ -878,41 +946,20 @@ impl<S: ReplicatedState> Stream<S> {
         config: &SubscriberConfig,
         sink: &mut Sink<S::Key>,
     ) {
-        if self.tracking.is_none() {
+        // While live the state is exact as of the last processed seq; a newer snapshot only
+        // means a delta is on its way (or lost, which the reorder window will declare), and
+        // applying it early would put the leaf ahead of the rest of the state.
+        if self.tracking.is_none() || self.live {
             return;
         }
-        let in_cycle = self.accept_cycle(&position, config);
-        if self.live {
-            // While live only confirm: a newer snapshot means a delta is on its way (or lost,
-            // which the reorder window will declare), and applying it early would put the leaf
-            // ahead of the rest of the state.
-            let meta = self.leaves.get(&key);
-            let consistent = match (&leaf, meta) {
-                (Some(_), Some(m)) => m.present && as_of <= m.last,
-                (Some(_), None) => false,
-                (None, Some(m)) => !m.present || m.last > as_of,
-                (None, None) => true,
-            };
-            if consistent && in_cycle {
-                if let Some(m) = self.leaves.get_mut(&key) {
-                    m.seen_cycle = Some(position.cycle);
-                }
-                if let Some(progress) = self.cycle.as_mut() {
-                    progress.mark(position.leaf_index);
-                }
-            }
-            return;
-        }
+        let absent_as_of = self.absent.absent_as_of(&key);
         let meta = match self.leaves.get_mut(&key) {
             Some(meta) => meta,
             None => self
                 .leaves
                 .entry(key.clone())
-                .or_insert_with(LeafMeta::absent),
+                .or_insert_with(|| LeafMeta::absent_as_of(absent_as_of)),
         };
-        if in_cycle {
-            meta.seen_cycle = Some(position.cycle);
-        }
         if as_of > meta.last {
             match leaf {
                 Some(leaf) => {
@@ -931,38 +978,133 @@ impl<S: ReplicatedState> Stream<S> {
             meta.last = as_of;
             self.ahead_until = self.ahead_until.max(as_of);
             if meta.stale.is_some() {
-                self.replay(key, config, sink);
+                self.replay(key.clone(), config, sink);
             }
         }
-        let completed = in_cycle
-            && self
-                .cycle
-                .as_mut()
-                .is_some_and(|progress| progress.mark(position.leaf_index));
-        if completed {
-            self.on_cycle_complete(config, sink);
-        }
+        self.record_cycle_key(position, key, config, sink);
         self.update_live(now, sink);
     }
 
-    /// Whether a snapshot message counts toward the current cycle (starting a new one if it is
-    /// newer).
-    fn accept_cycle(&mut self, position: &CyclePosition, config: &SubscriberConfig) -> bool {
-        if let Some(progress) = &self.cycle {
-            if progress.cycle == position.cycle {
-                return progress.count == position.leaf_count
-                    && progress.start_seq == position.start_seq;
+    /// Notes the key at its index in the cycle, and covers the spans between it and the
+    /// neighbouring indices already received: no key lies strictly between two consecutive
+    /// indices of a cycle.
+    fn record_cycle_key(
+        &mut self,
+        position: CyclePosition,
+        key: S::Key,
+        config: &SubscriberConfig,
+        sink: &mut Sink<S::Key>,
+    ) {
+        let Some(since) = self.verify_after else {
+            return;
+        };
+        if position.start_seq < since || position.leaf_count > config.max_cycle_leaves {
+            return;
+        }
+        let same_cycle = self.cycle_keys.as_ref().is_some_and(|c| {
+            c.cycle == position.cycle
+                && c.start_seq == position.start_seq
+                && c.count == position.leaf_count
+        });
+        if !same_cycle {
+            // Serial-number arithmetic: cycle ids wrap; an older cycle is not watched again.
+            if let Some(current) = &self.cycle_keys {
+                if position.cycle.wrapping_sub(current.cycle) > u32::MAX / 2 {
+                    return;
+                }
             }
-            // Serial-number arithmetic: cycle ids wrap.
-            if position.cycle.wrapping_sub(progress.cycle) > u32::MAX / 2 {
-                return false;
+            self.cycle_keys = Some(CycleKeys {
+                cycle: position.cycle,
+                start_seq: position.start_seq,
+                count: position.leaf_count,
+                keys: BTreeMap::new(),
+            });
+        }
+        let Some(cycle) = self.cycle_keys.as_mut() else {
+            return;
+        };
+        let index = position.leaf_index;
+        let before = match index.checked_sub(1) {
+            None => Some(Edge::Start),
+            Some(i) => cycle.keys.get(&i).map(|k| Edge::Key(k.clone())),
+        };
+        let after = if index + 1 == cycle.count {
+            Some(Edge::End)
+        } else {
+            cycle.keys.get(&(index + 1)).map(|k| Edge::Key(k.clone()))
+        };
+        cycle.keys.insert(index, key.clone());
+        let start_seq = cycle.start_seq;
+        let here = Edge::Key(key);
+        for (low, high) in [(before, Some(here.clone())), (Some(here.clone()), after)] {
+            if let (Some(low), Some(high)) = (low, high) {
+                // Keys out of order are not a cycle this build can trust.
+                if low < high {
+                    self.cover(low, high, start_seq, config, sink);
+                }
             }
         }
-        if position.leaf_count > config.max_cycle_leaves {
-            return false;
+    }
+
+    /// The span (`low`, `high`) held no key at `start_seq` but those at its ends: remove the
+    /// local leaves inside it that were not changed since, and count it covered.
+    fn cover(
+        &mut self,
+        low: Edge<S::Key>,
+        high: Edge<S::Key>,
+        start_seq: u64,
+        config: &SubscriberConfig,
+        sink: &mut Sink<S::Key>,
+    ) {
+        let Some(since) = self.verify_after else {
+            return;
+        };
+        if start_seq < since {
+            return;
         }
-        self.cycle = Some(CycleProgress::new(position));
-        true
+        let lower = match &low {
+            Edge::Key(k) => Bound::Excluded(k),
+            _ => Bound::Unbounded,
+        };
+        let upper = match &high {
+            Edge::Key(k) => Bound::Excluded(k),
+            _ => Bound::Unbounded,
+        };
+        let mut removed = Vec::new();
+        let mut to_replay = Vec::new();
+        for (key, meta) in self.leaves.range_mut((lower, upper)) {
+            if meta.last > start_seq {
+                continue;
+            }
+            if meta.present {
+                removed.push(key.clone());
+                meta.present = false;
+            }
+            meta.last = start_seq;
+            if meta.stale.is_some() {
+                to_replay.push(key.clone());
+            }
+        }
+        for key in removed {
+            if self.state.remove_leaf(&key).is_some() {
+                sink.stats.snapshot_removed += 1;
+            }
+        }
+        for key in to_replay {
+            self.replay(key, config, sink);
+        }
+        self.ahead_until = self.ahead_until.max(start_seq);
+        self.absent.paint(low.clone(), high.clone(), start_seq);
+        let coverage = self.coverage.get_or_insert_with(|| Coverage::new(since));
+        if coverage.since != since {
+            *coverage = Coverage::new(since);
+        }
+        coverage.add(low, high);
+        if coverage.is_full() {
+            self.verify_after = None;
+            self.coverage = None;
+            self.cycle_keys = None;
+        }
     }
 
     /// Replays the buffered deltas of a stale leaf after it was rebuilt.
@@ -999,44 +1141,6 @@ impl<S: ReplicatedState> Stream<S> {
         });
     }
 
-    /// A whole cycle was seen: remove what it shows absent and end verification if it started
-    /// after the last gap.
-    fn on_cycle_complete(&mut self, config: &SubscriberConfig, sink: &mut Sink<S::Key>) {
-        let Some(progress) = &self.cycle else {
-            return;
-        };
-        let (cycle, start) = (progress.cycle, progress.start_seq);
-        let mut removed = Vec::new();
-        let mut to_replay = Vec::new();
-        for (key, meta) in &mut self.leaves {
-            // Keys not among those present at the cycle's start, and untouched since, were
-            // absent at `start`.
-            if meta.seen_cycle == Some(cycle) || meta.last > start {
-                continue;
-            }
-            if meta.present {
-                removed.push(key.clone());
-                meta.present = false;
-            }
-            meta.last = start;
-            if meta.stale.is_some() {
-                to_replay.push(key.clone());
-            }
-        }
-        for key in removed {
-            if self.state.remove_leaf(&key).is_some() {
-                sink.stats.snapshot_removed += 1;
-            }
-        }
-        for key in to_replay {
-            self.replay(key, config, sink);
-        }
-        self.ahead_until = self.ahead_until.max(start);
-        if self.verify_after.is_some_and(|b| start >= b) {
-            self.verify_after = None;
-        }
-    }
-
     fn update_live(&mut self, now: Instant, sink: &mut Sink<S::Key>) {
         let Some(tracking) = &self.tracking else {
             return;
@@ -1047,6 +1151,7 @@ impl<S: ReplicatedState> Stream<S> {
         if live && !self.live {
             self.live = true;
             self.leaves.retain(|_, m| m.present || m.stale.is_some());
+            self.absent.clear();
             let recovery = self
                 .recovering_since
                 .take()
