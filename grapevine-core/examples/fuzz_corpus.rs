@@ -11,7 +11,9 @@ use grapevine_core::proto::{
 use grapevine_core::sim::{CounterDelta, Counters};
 
 fn main() -> std::io::Result<()> {
-    let out = std::env::args().nth(1).unwrap_or_else(|| "fuzz/corpus".into());
+    let out = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "fuzz/corpus".into());
     let sessions = format!("{out}/subscriber_session");
     let datagrams = format!("{out}/decode_datagram");
     std::fs::create_dir_all(&sessions)?;

@@ -368,6 +368,10 @@ impl ReplicatedState for Counters {
         Box::new(self.0.iter())
     }
 
+    fn next_leaf(&self, after: Option<&u8>) -> Option<(&u8, &i64)> {
+        crate::state::next_in(&self.0, after)
+    }
+
     fn put_leaf(&mut self, key: u8, leaf: i64) {
         self.0.insert(key, leaf);
     }

@@ -43,6 +43,16 @@ pub trait ReplicatedState: Default + Send + Sync + 'static {
     fn leaf(&self, key: &Self::Key) -> Option<&Self::Leaf>;
     /// Every leaf, in any order.
     fn leaves(&self) -> Box<dyn Iterator<Item = (&Self::Key, &Self::Leaf)> + '_>;
+    /// The leaf with the smallest key greater than `after` (the smallest of all for `None`).
+    ///
+    /// Snapshot cycles walk the state with this, one leaf at a time, so that each step sees
+    /// the state as it is then. The default scans every leaf; states with many leaves should
+    /// answer from an ordered index (a `BTreeMap` range), as [`KeyedMap`] does.
+    fn next_leaf(&self, after: Option<&Self::Key>) -> Option<(&Self::Key, &Self::Leaf)> {
+        self.leaves()
+            .filter(|(key, _)| after.is_none_or(|after| *key > after))
+            .min_by(|a, b| a.0.cmp(b.0))
+    }
     /// Inserts or replaces a leaf (used when rebuilding from snapshots).
     fn put_leaf(&mut self, key: Self::Key, leaf: Self::Leaf);
     /// Removes a leaf (used when a snapshot cycle shows it absent).
@@ -173,6 +183,10 @@ where
         Box::new(self.entries.iter())
     }
 
+    fn next_leaf(&self, after: Option<&K>) -> Option<(&K, &V)> {
+        next_in(&self.entries, after)
+    }
+
     fn put_leaf(&mut self, key: K, leaf: V) {
         self.entries.insert(key, leaf);
     }
@@ -183,5 +197,17 @@ where
 
     fn len(&self) -> usize {
         self.entries.len()
+    }
+}
+
+/// [`ReplicatedState::next_leaf`] for states kept in a `BTreeMap`.
+pub fn next_in<'a, K: Ord, V>(
+    map: &'a BTreeMap<K, V>,
+    after: Option<&K>,
+) -> Option<(&'a K, &'a V)> {
+    use std::ops::Bound;
+    match after {
+        None => map.iter().next(),
+        Some(after) => map.range((Bound::Excluded(after), Bound::Unbounded)).next(),
     }
 }

@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use grapevine_core::proto::StreamStatus;
+use grapevine_core::proto::{SnapshotRate, StreamStatus};
 use grapevine_core::sim::{CounterDelta, Counters, LinkConfig, SimConfig, SimNet};
 use grapevine_core::state::ReplicatedState;
 use proptest::prelude::*;
@@ -87,6 +87,10 @@ struct Scenario {
     keys: u8,
     restarts: Vec<(usize, bool)>,
     late_joiner_at: Option<usize>,
+    /// Snapshot leaves per second: slow cycles make recoveries span several gaps.
+    snapshot_rate: u32,
+    /// Datagram size: small ones spread a cycle over many datagrams.
+    max_datagram: usize,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -97,12 +101,24 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         0..3_000u64,
         1..4usize,
         10..300usize,
-        1..24u8,
+        1..200u8,
         prop::collection::vec((0..300usize, any::<bool>()), 0..3),
         prop::option::of(0..300usize),
+        (300..6_000u32, 128..1400usize),
     )
         .prop_map(
-            |(seed, loss, duplicate, jitter_us, subscribers, updates, keys, restarts, late)| {
+            |(
+                seed,
+                loss,
+                duplicate,
+                jitter_us,
+                subscribers,
+                updates,
+                keys,
+                restarts,
+                late,
+                snap,
+            )| {
                 Scenario {
                     seed,
                     loss,
@@ -113,6 +129,8 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     keys,
                     restarts,
                     late_joiner_at: late,
+                    snapshot_rate: snap.0,
+                    max_datagram: snap.1,
                 }
             },
         )
@@ -125,8 +143,11 @@ fn run(scenario: &Scenario) -> Result<(), String> {
         delay: Duration::from_micros(100),
         jitter: Duration::from_micros(scenario.jitter_us),
     };
-    let mut net =
-        SimNet::<Counters>::new(SimConfig::new(scenario.seed, link), scenario.subscribers);
+    let mut config = SimConfig::new(scenario.seed, link);
+    config.snapshot.rate = SnapshotRate::LeavesPerSecond(scenario.snapshot_rate);
+    config.snapshot.max_datagram = scenario.max_datagram;
+    config.publisher.max_datagram = scenario.max_datagram;
+    let mut net = SimNet::<Counters>::new(config, scenario.subscribers);
     let mut rng = ChaCha8Rng::seed_from_u64(scenario.seed ^ 0x5eed);
     let mut history = History::default();
     history.record(&net);
@@ -165,7 +186,11 @@ fn run(scenario: &Scenario) -> Result<(), String> {
         duplicate: 0.0,
         ..link
     });
-    net.run_for(Duration::from_millis(400), |net, i| check(net, i, &history));
+    let cycle =
+        Duration::from_secs_f64(f64::from(scenario.keys) / f64::from(scenario.snapshot_rate));
+    net.run_for(cycle * 3 + Duration::from_millis(400), |net, i| {
+        check(net, i, &history)
+    });
     if let Some(failure) = failure {
         return Err(failure);
     }
@@ -221,6 +246,8 @@ fn converges_at_each_loss_rate() {
             keys: 16,
             restarts: vec![(200, true)],
             late_joiner_at: Some(100),
+            snapshot_rate: 5_000,
+            max_datagram: 1400,
         };
         run(&scenario).unwrap_or_else(|e| panic!("loss {loss}: {e}"));
     }
@@ -240,6 +267,8 @@ fn restart_onto_empty_state_converges() {
         keys: 8,
         restarts: vec![(149, false)],
         late_joiner_at: None,
+        snapshot_rate: 5_000,
+        max_datagram: 1400,
     };
     run(&scenario).unwrap();
 }
@@ -258,6 +287,8 @@ fn delete_at_cycle_start_after_coverage() {
         keys: 4,
         restarts: vec![(258, true)],
         late_joiner_at: None,
+        snapshot_rate: 5_000,
+        max_datagram: 1400,
     };
     run(&scenario).unwrap();
 }

@@ -6,11 +6,13 @@
 //! The snapshotter runs on its own thread, in the publisher's process, and reads the
 //! publisher's session under the publisher's lock one *slice* at a time: each slice is what the
 //! rate allows in one tick (1 ms by default, so 100 leaves at 100 000 leaves/s). Within a slice
-//! every leaf is read together with its `as_of_seq`, so each snapshot leaf is exactly the value
-//! the publisher had after that `seq`; between slices deltas flow normally. The publisher's hot
-//! path therefore waits at most one slice, and only while a slice is being encoded. Keys are
-//! listed at the start of each cycle; a key deleted before the cycle reaches it goes out as a
-//! tombstone, so subscribers always see every index of the cycle.
+//! every leaf is read together with its `as_of_seq` and the publisher's current `seq`, so each
+//! snapshot leaf is exactly the value the publisher had then; between slices deltas flow
+//! normally. The publisher's hot path therefore waits at most one slice, and only while a slice
+//! is being encoded. Nothing is copied up front: the cycle walks the keys in order, each step
+//! asking for the key after the previous one, so a cycle over a million leaves costs no more
+//! memory than one over ten, and keys created or deleted during the cycle are simply found or
+//! not found when the walk gets there.
 //!
 //! Snapshots go to the live group or to a separate *recovery group* that subscribers join only
 //! while they recover.

@@ -1,4 +1,4 @@
-//! The snapshot cycle: walks the publisher's leaves at a bounded rate.
+//! The snapshot cycle: walks the publisher's leaves in key order at a bounded rate.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -9,8 +9,8 @@ use crate::codec;
 use crate::proto::PublisherSession;
 use crate::state::ReplicatedState;
 use crate::wire::{
-    CyclePosition, DatagramBuilder, Fragmenter, DEFAULT_MAX_DATAGRAM, MESSAGE_HEADER_LEN,
-    SNAPSHOT_FIELDS_LEN,
+    CyclePosition, DatagramBuilder, Fragmenter, DEFAULT_MAX_DATAGRAM, LEAF_FIELDS_LEN,
+    MESSAGE_HEADER_LEN,
 };
 
 /// How fast a snapshot cycle sends leaves.
@@ -69,8 +69,6 @@ pub struct SnapshotStats {
     pub cycles: u64,
     /// Leaves sent.
     pub leaves: u64,
-    /// Tombstones sent (keys deleted before the cycle reached them).
-    pub tombstones: u64,
     /// Datagrams produced.
     pub datagrams: u64,
     /// Bytes produced.
@@ -83,11 +81,14 @@ pub struct SnapshotStats {
 
 /// The sans-IO snapshotter of one publisher session.
 ///
-/// At the start of a cycle it records the keys present, in key order, and the publisher's last
-/// `seq`, then sends each key's leaf with its `as_of_seq` (or a tombstone if the key was deleted since),
-/// releasing tokens at the configured rate. It reads the publisher through a shared reference
+/// A cycle walks the publisher's state in increasing key order, one leaf per step: each step
+/// asks for the first key after the previous one ([`ReplicatedState::next_leaf`]) and sends that
+/// leaf with its `as_of_seq` and the publisher's last `seq` at that moment (`read_seq`). When no
+/// key follows, a cycle-end message closes the cycle. A subscriber that receives two
+/// consecutive steps therefore knows that no key lay between them when the later one was read.
+/// Steps are released at the configured rate. The publisher is read through a shared reference
 /// in each call, so the caller decides how reads are made consistent with publishing (the
-/// `grapevine-snapshotter` crate takes the publisher's lock for one short slice of leaves).
+/// `grapevine-snapshotter` crate takes the publisher's lock for one short slice of steps).
 ///
 /// ```
 /// use std::time::{Duration, Instant};
@@ -109,9 +110,9 @@ pub struct SnapshotSession<K> {
     fragmenter: Fragmenter,
     session: Option<u64>,
     cycle: u32,
-    keys: Vec<K>,
-    next_index: usize,
-    start_seq: u64,
+    /// The last key sent in this cycle; `None` at its start.
+    cursor: Option<K>,
+    index: u32,
     in_cycle: bool,
     cycle_started_at: Option<Instant>,
     next_cycle_at: Option<Instant>,
@@ -131,9 +132,8 @@ impl<K: Clone + Ord + serde::Serialize> SnapshotSession<K> {
             builder: None,
             session: None,
             cycle: 0,
-            keys: Vec::new(),
-            next_index: 0,
-            start_seq: 0,
+            cursor: None,
+            index: 0,
             in_cycle: false,
             cycle_started_at: None,
             next_cycle_at: None,
@@ -145,7 +145,7 @@ impl<K: Clone + Ord + serde::Serialize> SnapshotSession<K> {
         }
     }
 
-    /// Sends as many leaves as the rate allows by `now`.
+    /// Sends as many steps as the rate allows by `now`.
     pub fn handle_timeout<S>(&mut self, now: Instant, publisher: &PublisherSession<S>)
     where
         S: ReplicatedState<Key = K>,
@@ -159,14 +159,13 @@ impl<K: Clone + Ord + serde::Serialize> SnapshotSession<K> {
                 if self.next_cycle_at.is_some_and(|t| now < t) {
                     break;
                 }
-                self.start_cycle(now, publisher);
-                continue;
+                self.in_cycle = true;
+                self.cycle = self.cycle.wrapping_add(1);
+                self.cursor = None;
+                self.index = 0;
+                self.cycle_started_at = Some(now);
             }
-            if self.next_index >= self.keys.len() {
-                self.end_cycle(now);
-                continue;
-            }
-            let cost = self.send_leaf(publisher);
+            let cost = self.step(now, publisher);
             self.tokens -= cost;
         }
         self.flush();
@@ -197,9 +196,9 @@ impl<K: Clone + Ord + serde::Serialize> SnapshotSession<K> {
         self.stats
     }
 
-    /// The current cycle number and how far it has got (`index`, `count`).
-    pub fn progress(&self) -> (u32, usize, usize) {
-        (self.cycle, self.next_index, self.keys.len())
+    /// The current cycle number and how many leaves it has sent.
+    pub fn progress(&self) -> (u32, u32) {
+        (self.cycle, self.index)
     }
 
     fn restart<S: ReplicatedState<Key = K>>(&mut self, publisher: &PublisherSession<S>) {
@@ -213,8 +212,8 @@ impl<K: Clone + Ord + serde::Serialize> SnapshotSession<K> {
         ));
         self.cycle = 0;
         self.in_cycle = false;
-        self.keys.clear();
-        self.next_index = 0;
+        self.cursor = None;
+        self.index = 0;
         self.next_cycle_at = None;
         self.out.clear();
     }
@@ -232,128 +231,73 @@ impl<K: Clone + Ord + serde::Serialize> SnapshotSession<K> {
         self.refilled_at = Some(now);
     }
 
-    fn start_cycle<S: ReplicatedState<Key = K>>(
+    /// Sends the leaf after the cursor, or the cycle's end; returns the tokens it cost.
+    fn step<S: ReplicatedState<Key = K>>(
         &mut self,
         now: Instant,
         publisher: &PublisherSession<S>,
-    ) {
-        self.cycle = self.cycle.wrapping_add(1);
-        self.keys.clear();
-        self.keys
-            .extend(publisher.state().leaves().map(|(k, _)| k.clone()));
-        // Subscribers rely on the order: no key lies between two consecutive indices. (Cheap
-        // when the state iterates in order already, as BTreeMap-based states do.)
-        self.keys.sort_unstable();
-        self.next_index = 0;
-        self.start_seq = publisher.last_seq();
-        self.in_cycle = true;
-        self.cycle_started_at = Some(now);
-        if self.keys.is_empty() || u32::try_from(self.keys.len()).is_err() {
-            let Some(builder) = self.builder.as_mut() else {
-                return;
-            };
-            if !builder.push_empty_cycle(self.cycle, self.start_seq) {
-                Self::finish_into(builder, &mut self.out, &mut self.stats);
-                let pushed = builder.push_empty_cycle(self.cycle, self.start_seq);
-                debug_assert!(pushed);
-            }
-            self.keys.clear();
-            self.tokens -= 1.0;
-        }
-    }
-
-    fn end_cycle(&mut self, now: Instant) {
-        self.in_cycle = false;
-        self.stats.cycles += 1;
-        self.stats.last_cycle = self
-            .cycle_started_at
-            .map(|t| now.saturating_duration_since(t));
-        self.next_cycle_at = Some(now + self.config.cycle_pause);
-    }
-
-    /// Sends the leaf at `next_index`; returns the tokens it cost.
-    fn send_leaf<S: ReplicatedState<Key = K>>(&mut self, publisher: &PublisherSession<S>) -> f64 {
+    ) -> f64 {
         let Some(builder) = self.builder.as_mut() else {
-            return 1.0;
-        };
-        let index = self.next_index;
-        self.next_index += 1;
-        let Some(key) = self.keys.get(index) else {
             return 1.0;
         };
         let position = CyclePosition {
             cycle: self.cycle,
-            start_seq: self.start_seq,
-            leaf_index: index as u32,
-            // Cycles above u32::MAX leaves are sent as empty cycles by `start_cycle`.
-            leaf_count: self.keys.len() as u32,
+            index: self.index,
+            read_seq: publisher.last_seq(),
         };
+        let Some((key, leaf)) = publisher.state().next_leaf(self.cursor.as_ref()) else {
+            if !builder.push_cycle_end(position) {
+                Self::finish_into(builder, &mut self.out, &mut self.stats);
+                let pushed = builder.push_cycle_end(position);
+                debug_assert!(pushed);
+            }
+            self.in_cycle = false;
+            self.stats.cycles += 1;
+            self.stats.last_cycle = self
+                .cycle_started_at
+                .map(|t| now.saturating_duration_since(t));
+            self.next_cycle_at = Some(now + self.config.cycle_pause);
+            return 1.0;
+        };
+        self.cursor = Some(key.clone());
+        // Present leaves always have a seq; the fallback only makes the leaf stale.
+        let as_of = publisher.leaf_seq(key).unwrap_or(position.read_seq).max(1);
         self.scratch.clear();
-        let leaf = publisher.state().leaf(key);
-        let (as_of, encoded) = match leaf {
-            Some(leaf) => (
-                // Present leaves always have a seq; the fallback only makes the leaf stale.
-                publisher.leaf_seq(key).unwrap_or(publisher.last_seq()),
-                codec::encode_into(&(key, leaf), &mut self.scratch),
-            ),
-            None => (
-                publisher.last_seq(),
-                codec::encode_into(key, &mut self.scratch),
-            ),
-        };
+        let encoded = codec::encode_into(&(key, leaf), &mut self.scratch);
         if encoded.is_err() || self.scratch.len() > self.config.max_message_len {
+            // Skipping keeps the index: subscribers see a hole between its neighbours, which
+            // stays uncovered this cycle rather than being taken for an absence.
+            self.index = self.index.wrapping_add(1);
             self.stats.skipped += 1;
             return 1.0;
         }
-        let is_leaf = leaf.is_some();
-        let push = |builder: &mut DatagramBuilder, payload: &[u8]| {
-            if is_leaf {
-                builder.push_leaf(position, as_of, payload)
-            } else {
-                builder.push_tombstone(position, as_of, payload)
-            }
-        };
-        if !push(builder, &self.scratch) {
+        self.index = self.index.wrapping_add(1);
+        if !builder.push_leaf(position, as_of, &self.scratch) {
             Self::finish_into(builder, &mut self.out, &mut self.stats);
-            if !push(builder, &self.scratch) {
+            if !builder.push_leaf(position, as_of, &self.scratch) {
                 let out = &mut self.out;
                 let stats = &mut self.stats;
-                let mut emit = |datagram: Bytes| {
-                    stats.datagrams += 1;
-                    stats.bytes += datagram.len() as u64;
-                    out.push_back(datagram);
-                };
-                let fragmented = if is_leaf {
-                    self.fragmenter.fragment_leaf(
-                        builder,
-                        position,
-                        as_of,
-                        &self.scratch,
-                        &mut emit,
-                    )
-                } else {
-                    self.fragmenter.fragment_tombstone(
-                        builder,
-                        position,
-                        as_of,
-                        &self.scratch,
-                        &mut emit,
-                    )
-                };
+                let fragmented = self.fragmenter.fragment_leaf(
+                    builder,
+                    position,
+                    as_of,
+                    &self.scratch,
+                    |datagram| {
+                        stats.datagrams += 1;
+                        stats.bytes += datagram.len() as u64;
+                        out.push_back(datagram);
+                    },
+                );
                 if fragmented.is_err() {
                     self.stats.skipped += 1;
                 }
             }
         }
-        if is_leaf {
-            self.stats.leaves += 1;
-        } else {
-            self.stats.tombstones += 1;
-        }
+        self.stats.leaves += 1;
         match self.config.rate {
             SnapshotRate::LeavesPerSecond(_) => 1.0,
             SnapshotRate::BytesPerSecond(_) => {
-                (MESSAGE_HEADER_LEN + SNAPSHOT_FIELDS_LEN + self.scratch.len()) as f64
+                (MESSAGE_HEADER_LEN + LEAF_FIELDS_LEN + self.scratch.len()) as f64
             }
         }
     }

@@ -243,84 +243,59 @@ struct Tracking<D> {
     gap_deadline: Option<Instant>,
 }
 
-/// The keys received so far of the snapshot cycle being watched, by index.
+/// The steps received so far of the snapshot cycle being watched: index → (key, read seq).
 #[derive(Debug)]
-struct CycleKeys<K> {
+struct CycleSteps<K> {
     cycle: u32,
-    start_seq: u64,
-    count: u32,
-    keys: BTreeMap<u32, K>,
+    steps: BTreeMap<u32, (K, u64)>,
+    /// Index and read seq of the cycle's end, once received.
+    end: Option<(u32, u64)>,
 }
 
-/// A point of the key space: keys are totally ordered and the cycle sends them in order.
+/// Which side of a key a position is on.
+#[derive(Clone, Copy, Debug, Eq, Ord, PartialEq, PartialOrd)]
+enum Side {
+    Below,
+    At,
+    Above,
+}
+
+/// A position in the key space: before every key, just below / at / just above a key, or after
+/// every key. Keys are totally ordered, and cycles walk them in that order.
 #[derive(Clone, Debug, Eq, Ord, PartialEq, PartialOrd)]
-enum Edge<K> {
+enum Pos<K> {
     Start,
-    Key(K),
+    Key(K, Side),
     End,
 }
 
-/// The parts of the key space that snapshot cycles (started at or after `since`) have shown
-/// completely: every key present there at the cycle's start was received, and nothing else is
-/// there. Once the whole space is covered the state is verified.
-#[derive(Debug)]
-struct Coverage<K> {
-    since: u64,
-    /// Disjoint closed spans, start → end.
-    spans: BTreeMap<Edge<K>, Edge<K>>,
-}
-
-impl<K: Clone + Ord> Coverage<K> {
-    fn new(since: u64) -> Self {
-        Self {
-            since,
-            spans: BTreeMap::new(),
+impl<K: Eq> Pos<K> {
+    /// Whether `next` immediately follows `self`, with no position in between.
+    fn touches(&self, next: &Self) -> bool {
+        match (self, next) {
+            (Self::Key(a, Side::Below), Self::Key(b, Side::At))
+            | (Self::Key(a, Side::At), Self::Key(b, Side::Above)) => a == b,
+            _ => false,
         }
     }
-
-    fn add(&mut self, mut low: Edge<K>, mut high: Edge<K>) {
-        // Spans are disjoint and sorted, so their ends are sorted too: the ones overlapping
-        // [low, high] are the last ones starting at or before `high` whose end reaches `low`.
-        let overlapping: Vec<Edge<K>> = self
-            .spans
-            .range(..=high.clone())
-            .rev()
-            .take_while(|(_, end)| **end >= low)
-            .map(|(start, _)| start.clone())
-            .collect();
-        for start in overlapping {
-            if let Some(end) = self.spans.remove(&start) {
-                low = low.min(start);
-                high = high.max(end);
-            }
-        }
-        self.spans.insert(low, high);
-    }
-
-    fn is_full(&self) -> bool {
-        self.spans.get(&Edge::Start) == Some(&Edge::End)
-    }
 }
 
-/// Where covered spans showed the key space empty, and as of which `seq`: a key without local
-/// metadata inside such a span was absent then, so deltas on it up to that `seq` are already
-/// reflected. Disjoint closed spans, start → (end, seq); kept until the stream is live.
+/// Disjoint closed spans of positions, start → (end, value), merged when they touch.
 #[derive(Debug)]
-struct AbsentSpans<K> {
-    spans: BTreeMap<Edge<K>, (Edge<K>, u64)>,
+struct SpanMap<K, V> {
+    spans: BTreeMap<Pos<K>, (Pos<K>, V)>,
 }
 
-impl<K: Clone + Ord> AbsentSpans<K> {
+impl<K: Clone + Ord, V: Copy> SpanMap<K, V> {
     fn new() -> Self {
         Self {
             spans: BTreeMap::new(),
         }
     }
 
-    /// Records [`low`, `high`] as absent as of `seq`, replacing older records there (cycles
-    /// are watched in order, so `seq` never decreases).
-    fn paint(&mut self, low: Edge<K>, high: Edge<K>, seq: u64) {
-        let overlapping: Vec<Edge<K>> = self
+    /// Records [`low`, `high`] with `value`, replacing what was recorded there.
+    fn paint(&mut self, low: Pos<K>, high: Pos<K>, value: V) {
+        let overlapping: Vec<Pos<K>> = self
             .spans
             .range(..=high.clone())
             .rev()
@@ -338,18 +313,51 @@ impl<K: Clone + Ord> AbsentSpans<K> {
                 self.spans.insert(high.clone(), (end, old));
             }
         }
-        self.spans.insert(low, (high, seq));
+        self.spans.insert(low, (high, value));
     }
 
-    /// The `seq` as of which `key` is known absent, if it lies in a recorded span.
-    fn absent_as_of(&self, key: &K) -> Option<u64> {
-        let point = Edge::Key(key.clone());
-        let (_, (end, seq)) = self.spans.range(..=point.clone()).next_back()?;
-        (*end >= point).then_some(*seq)
+    /// The value recorded at `point`.
+    fn at(&self, point: &Pos<K>) -> Option<V> {
+        let (_, (end, value)) = self.spans.range(..=point.clone()).next_back()?;
+        (end >= point).then_some(*value)
     }
 
     fn clear(&mut self) {
         self.spans.clear();
+    }
+}
+
+impl<K: Clone + Ord> SpanMap<K, ()> {
+    /// Adds [`low`, `high`] and merges it with the spans it overlaps or touches.
+    fn cover(&mut self, mut low: Pos<K>, mut high: Pos<K>) {
+        loop {
+            let before = self
+                .spans
+                .range(..=low.clone())
+                .next_back()
+                .filter(|(_, (end, _))| *end >= low || end.touches(&low))
+                .map(|(start, _)| start.clone());
+            let after = self
+                .spans
+                .range(low.clone()..)
+                .find(|(start, _)| **start != low || before.is_none())
+                .filter(|(start, _)| **start <= high || high.touches(start))
+                .map(|(start, _)| start.clone());
+            let Some(start) = before.or(after) else {
+                break;
+            };
+            if let Some((end, ())) = self.spans.remove(&start) {
+                low = low.min(start);
+                high = high.max(end);
+            }
+        }
+        self.spans.insert(low, (high, ()));
+    }
+
+    fn is_full(&self) -> bool {
+        self.spans
+            .get(&Pos::Start)
+            .is_some_and(|(end, ())| *end == Pos::End)
     }
 }
 
@@ -366,9 +374,13 @@ struct Stream<S: ReplicatedState> {
     verify_after: Option<u64>,
     /// Highest `seq` a leaf was set to from snapshots; live only once processing reaches it.
     ahead_until: u64,
-    cycle_keys: Option<CycleKeys<S::Key>>,
-    coverage: Option<Coverage<S::Key>>,
-    absent: AbsentSpans<S::Key>,
+    /// The cycle being watched while unverified.
+    cycle: Option<CycleSteps<S::Key>>,
+    /// What cycles read at or after `verify_after` have shown, while unverified.
+    coverage: SpanMap<S::Key, ()>,
+    /// Spans shown empty, with the seq as of which they were: keys without metadata there are
+    /// absent as of that seq. Kept until live.
+    absent: SpanMap<S::Key, u64>,
     recovering_since: Option<Instant>,
     live: bool,
     last_heard: Instant,
@@ -628,9 +640,9 @@ impl<S: ReplicatedState> Stream<S> {
             tracking: None,
             verify_after: None,
             ahead_until: 0,
-            cycle_keys: None,
-            coverage: None,
-            absent: AbsentSpans::new(),
+            cycle: None,
+            coverage: SpanMap::new(),
+            absent: SpanMap::new(),
             recovering_since: Some(now),
             live: false,
             last_heard: now,
@@ -680,28 +692,13 @@ impl<S: ReplicatedState> Stream<S> {
                 match codec::decode::<(S::Key, S::Leaf)>(payload) {
                     Err(error) => bad_payload(sink, error),
                     Ok((key, leaf)) => {
-                        self.on_snapshot(now, position, as_of_seq, key, Some(leaf), config, sink)
+                        self.on_snapshot_leaf(now, position, as_of_seq, key, leaf, config, sink)
                     }
                 }
             }
-            Message::Tombstone {
-                position,
-                as_of_seq,
-                payload,
-            } => {
+            Message::CycleEnd { position } => {
                 sink.stats.snapshot_messages += 1;
-                match codec::decode::<S::Key>(payload) {
-                    Err(error) => bad_payload(sink, error),
-                    Ok(key) => self.on_snapshot(now, position, as_of_seq, key, None, config, sink),
-                }
-            }
-            Message::EmptyCycle { start_seq, .. } => {
-                sink.stats.snapshot_messages += 1;
-                if self.tracking.is_none() || self.live {
-                    return;
-                }
-                self.cover(Edge::Start, Edge::End, start_seq, config, sink);
-                self.update_live(now, sink);
+                self.on_cycle_end(now, position, config, sink);
             }
             // Fragments are reassembled by the session before they reach a stream.
             Message::Fragment(_) => {}
@@ -805,7 +802,10 @@ impl<S: ReplicatedState> Stream<S> {
             first,
             lost,
         });
+        // What earlier cycles showed may predate the hole: verification starts over.
         self.verify_after = Some(self.verify_after.map_or(through, |v| v.max(through)));
+        self.coverage.clear();
+        self.cycle = None;
         self.begin_recovery(now);
     }
 
@@ -859,7 +859,12 @@ impl<S: ReplicatedState> Stream<S> {
         let key = S::delta_key(&delta);
         let (last, present) = match self.leaves.get(key) {
             Some(meta) => (meta.last, meta.present),
-            None => (self.absent.absent_as_of(key).unwrap_or(0), false),
+            None => (
+                self.absent
+                    .at(&Pos::Key(key.clone(), Side::At))
+                    .unwrap_or(0),
+                false,
+            ),
         };
         if let Some(buffer) = self.leaves.get_mut(key).and_then(|m| m.stale.as_mut()) {
             if buffer.len() >= config.max_stale_buffer {
@@ -878,7 +883,7 @@ impl<S: ReplicatedState> Stream<S> {
             return;
         }
         let key = key.clone();
-        let absent_as_of = self.absent.absent_as_of(&key);
+        let absent_as_of = self.absent.at(&Pos::Key(key.clone(), Side::At));
         tracing::debug!(
             publisher = self.publisher,
             ?key,
@@ -936,13 +941,13 @@ impl<S: ReplicatedState> Stream<S> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn on_snapshot(
+    fn on_snapshot_leaf(
         &mut self,
         now: Instant,
         position: CyclePosition,
         as_of: u64,
         key: S::Key,
-        leaf: Option<S::Leaf>,
+        leaf: S::Leaf,
         config: &SubscriberConfig,
         sink: &mut Sink<S::Key>,
     ) {
@@ -952,7 +957,7 @@ impl<S: ReplicatedState> Stream<S> {
         if self.tracking.is_none() || self.live {
             return;
         }
-        let absent_as_of = self.absent.absent_as_of(&key);
+        let absent_as_of = self.absent.at(&Pos::Key(key.clone(), Side::At));
         let meta = match self.leaves.get_mut(&key) {
             Some(meta) => meta,
             None => self
@@ -960,150 +965,177 @@ impl<S: ReplicatedState> Stream<S> {
                 .entry(key.clone())
                 .or_insert_with(|| LeafMeta::absent_as_of(absent_as_of)),
         };
+        // Newer than ours: replace. Otherwise ours already includes `as_of` (we applied every
+        // delta on the leaf up to `last` by chaining) and the publisher applied none between
+        // `as_of` and the read: ours is confirmed.
         if as_of > meta.last {
-            match leaf {
-                Some(leaf) => {
-                    self.state.put_leaf(key.clone(), leaf);
-                    meta.present = true;
-                    sink.stats.snapshot_replaced += 1;
-                }
-                None => {
-                    if meta.present {
-                        self.state.remove_leaf(&key);
-                        sink.stats.snapshot_removed += 1;
-                    }
-                    meta.present = false;
-                }
-            }
+            self.state.put_leaf(key.clone(), leaf);
+            meta.present = true;
             meta.last = as_of;
+            sink.stats.snapshot_replaced += 1;
             self.ahead_until = self.ahead_until.max(as_of);
             if meta.stale.is_some() {
                 self.replay(key.clone(), config, sink);
             }
         }
-        self.record_cycle_key(position, key, config, sink);
+        if self.watch_cycle(position.cycle) {
+            let point = Pos::Key(key.clone(), Side::At);
+            self.cover(point.clone(), point, position.read_seq, config, sink);
+            let index = position.index;
+            let previous = match index.checked_sub(1) {
+                None => Some(Pos::Start),
+                Some(i) => self.step(i).map(|(k, _)| Pos::Key(k, Side::Above)),
+            };
+            // At this read the walk found `key` right after the previous step's key.
+            if let Some(low) = previous {
+                self.cover(
+                    low,
+                    Pos::Key(key.clone(), Side::Below),
+                    position.read_seq,
+                    config,
+                    sink,
+                );
+            }
+            let next = self.step(index.wrapping_add(1));
+            if let Some((next_key, next_read)) = next {
+                if next_key > key {
+                    let high = Pos::Key(next_key, Side::Below);
+                    self.cover(
+                        Pos::Key(key.clone(), Side::Above),
+                        high,
+                        next_read,
+                        config,
+                        sink,
+                    );
+                }
+            }
+            let end = self.cycle.as_ref().and_then(|c| c.end);
+            if let Some((end_index, end_read)) = end {
+                if end_index == index.wrapping_add(1) {
+                    self.cover(
+                        Pos::Key(key.clone(), Side::Above),
+                        Pos::End,
+                        end_read,
+                        config,
+                        sink,
+                    );
+                }
+            }
+            if let Some(cycle) = self.cycle.as_mut() {
+                if cycle.steps.len() < config.max_cycle_leaves as usize {
+                    cycle.steps.insert(index, (key, position.read_seq));
+                }
+            }
+        }
         self.update_live(now, sink);
     }
 
-    /// Notes the key at its index in the cycle, and covers the spans between it and the
-    /// neighbouring indices already received: no key lies strictly between two consecutive
-    /// indices of a cycle.
-    fn record_cycle_key(
+    fn on_cycle_end(
         &mut self,
+        now: Instant,
         position: CyclePosition,
-        key: S::Key,
         config: &SubscriberConfig,
         sink: &mut Sink<S::Key>,
     ) {
-        let Some(since) = self.verify_after else {
-            return;
-        };
-        if position.start_seq < since || position.leaf_count > config.max_cycle_leaves {
+        if self.tracking.is_none() || self.live || !self.watch_cycle(position.cycle) {
             return;
         }
-        let same_cycle = self.cycle_keys.as_ref().is_some_and(|c| {
-            c.cycle == position.cycle
-                && c.start_seq == position.start_seq
-                && c.count == position.leaf_count
-        });
-        if !same_cycle {
-            // Serial-number arithmetic: cycle ids wrap; an older cycle is not watched again.
-            if let Some(current) = &self.cycle_keys {
-                if position.cycle.wrapping_sub(current.cycle) > u32::MAX / 2 {
-                    return;
-                }
-            }
-            self.cycle_keys = Some(CycleKeys {
-                cycle: position.cycle,
-                start_seq: position.start_seq,
-                count: position.leaf_count,
-                keys: BTreeMap::new(),
-            });
+        // At this read the walk found no key after the last step's.
+        let low = match position.index.checked_sub(1) {
+            None => Some(Pos::Start),
+            Some(i) => self.step(i).map(|(k, _)| Pos::Key(k, Side::Above)),
+        };
+        if let Some(low) = low {
+            self.cover(low, Pos::End, position.read_seq, config, sink);
         }
-        let Some(cycle) = self.cycle_keys.as_mut() else {
-            return;
-        };
-        let index = position.leaf_index;
-        let before = match index.checked_sub(1) {
-            None => Some(Edge::Start),
-            Some(i) => cycle.keys.get(&i).map(|k| Edge::Key(k.clone())),
-        };
-        let after = if index + 1 == cycle.count {
-            Some(Edge::End)
-        } else {
-            cycle.keys.get(&(index + 1)).map(|k| Edge::Key(k.clone()))
-        };
-        cycle.keys.insert(index, key.clone());
-        let start_seq = cycle.start_seq;
-        let here = Edge::Key(key);
-        for (low, high) in [(before, Some(here.clone())), (Some(here.clone()), after)] {
-            if let (Some(low), Some(high)) = (low, high) {
-                // Keys out of order are not a cycle this build can trust.
-                if low < high {
-                    self.cover(low, high, start_seq, config, sink);
-                }
-            }
+        if let Some(cycle) = self.cycle.as_mut() {
+            cycle.end = Some((position.index, position.read_seq));
         }
+        self.update_live(now, sink);
     }
 
-    /// The span (`low`, `high`) held no key at `start_seq` but those at its ends: remove the
-    /// local leaves inside it that were not changed since, and count it covered.
+    /// Whether snapshot messages of `cycle` count toward verification, switching to it if it is
+    /// newer than the one watched.
+    fn watch_cycle(&mut self, cycle: u32) -> bool {
+        if self.verify_after.is_none() {
+            return false;
+        }
+        if let Some(current) = &self.cycle {
+            if current.cycle == cycle {
+                return true;
+            }
+            // Serial-number arithmetic: cycle ids wrap; an older cycle is not watched again.
+            if cycle.wrapping_sub(current.cycle) > u32::MAX / 2 {
+                return false;
+            }
+        }
+        self.cycle = Some(CycleSteps {
+            cycle,
+            steps: BTreeMap::new(),
+            end: None,
+        });
+        true
+    }
+
+    fn step(&self, index: u32) -> Option<(S::Key, u64)> {
+        self.cycle.as_ref()?.steps.get(&index).cloned()
+    }
+
+    /// At `read_seq` the publisher had no key strictly inside [`low`, `high`] but possibly the
+    /// ones at its ends (a point span [`At(k)`, `At(k)`] confirms one leaf). If that read is
+    /// recent enough to verify, remove local leaves there that were not changed since, remember
+    /// the span as absent, and count it covered.
     fn cover(
         &mut self,
-        low: Edge<S::Key>,
-        high: Edge<S::Key>,
-        start_seq: u64,
+        low: Pos<S::Key>,
+        high: Pos<S::Key>,
+        read_seq: u64,
         config: &SubscriberConfig,
         sink: &mut Sink<S::Key>,
     ) {
-        let Some(since) = self.verify_after else {
-            return;
-        };
-        if start_seq < since {
+        if self.verify_after.is_none_or(|since| read_seq < since) {
             return;
         }
-        let lower = match &low {
-            Edge::Key(k) => Bound::Excluded(k),
-            _ => Bound::Unbounded,
-        };
-        let upper = match &high {
-            Edge::Key(k) => Bound::Excluded(k),
-            _ => Bound::Unbounded,
-        };
-        let mut removed = Vec::new();
-        let mut to_replay = Vec::new();
-        for (key, meta) in self.leaves.range_mut((lower, upper)) {
-            if meta.last > start_seq {
-                continue;
+        if low != high {
+            let lower = match &low {
+                Pos::Key(k, _) => Bound::Excluded(k),
+                _ => Bound::Unbounded,
+            };
+            let upper = match &high {
+                Pos::Key(k, _) => Bound::Excluded(k),
+                _ => Bound::Unbounded,
+            };
+            let mut removed = Vec::new();
+            let mut to_replay = Vec::new();
+            for (key, meta) in self.leaves.range_mut((lower, upper)) {
+                if meta.last > read_seq {
+                    continue;
+                }
+                if meta.present {
+                    removed.push(key.clone());
+                    meta.present = false;
+                }
+                meta.last = read_seq;
+                if meta.stale.is_some() {
+                    to_replay.push(key.clone());
+                }
             }
-            if meta.present {
-                removed.push(key.clone());
-                meta.present = false;
+            for key in removed {
+                if self.state.remove_leaf(&key).is_some() {
+                    sink.stats.snapshot_removed += 1;
+                }
             }
-            meta.last = start_seq;
-            if meta.stale.is_some() {
-                to_replay.push(key.clone());
+            for key in to_replay {
+                self.replay(key, config, sink);
             }
+            self.ahead_until = self.ahead_until.max(read_seq);
+            self.absent.paint(low.clone(), high.clone(), read_seq);
         }
-        for key in removed {
-            if self.state.remove_leaf(&key).is_some() {
-                sink.stats.snapshot_removed += 1;
-            }
-        }
-        for key in to_replay {
-            self.replay(key, config, sink);
-        }
-        self.ahead_until = self.ahead_until.max(start_seq);
-        self.absent.paint(low.clone(), high.clone(), start_seq);
-        let coverage = self.coverage.get_or_insert_with(|| Coverage::new(since));
-        if coverage.since != since {
-            *coverage = Coverage::new(since);
-        }
-        coverage.add(low, high);
-        if coverage.is_full() {
+        self.coverage.cover(low, high);
+        if self.coverage.is_full() {
             self.verify_after = None;
-            self.coverage = None;
-            self.cycle_keys = None;
+            self.coverage.clear();
+            self.cycle = None;
         }
     }
 

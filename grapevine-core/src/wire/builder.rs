@@ -6,8 +6,8 @@ use zerocopy::IntoBytes;
 
 use super::consts::*;
 use super::{
-    CyclePosition, DatagramHeader, DeltaFields, FragmentFields, HeartbeatFields, MessageHeader,
-    SnapshotFields,
+    CycleEndFields, CyclePosition, DatagramHeader, DeltaFields, FragmentFields, HeartbeatFields,
+    LeafFields, MessageHeader,
 };
 
 /// Packs messages into datagrams of at most `max_len` bytes.
@@ -99,31 +99,18 @@ impl DatagramBuilder {
 
     /// Appends a snapshot leaf (`payload` is the encoded `(key, leaf)`).
     pub fn push_leaf(&mut self, position: CyclePosition, as_of_seq: u64, payload: &[u8]) -> bool {
-        let fields = snapshot_fields(position, as_of_seq);
+        let fields = leaf_fields(position, as_of_seq);
         self.push(KIND_LEAF, fields.as_bytes(), payload)
     }
 
-    /// Appends a snapshot tombstone (`payload` is the encoded key).
-    pub fn push_tombstone(
-        &mut self,
-        position: CyclePosition,
-        as_of_seq: u64,
-        payload: &[u8],
-    ) -> bool {
-        let fields = snapshot_fields(position, as_of_seq);
-        self.push(KIND_TOMBSTONE, fields.as_bytes(), payload)
-    }
-
-    /// Appends the only message of a cycle over an empty state.
-    pub fn push_empty_cycle(&mut self, cycle: u32, start_seq: u64) -> bool {
-        let position = CyclePosition {
-            cycle,
-            start_seq,
-            leaf_index: 0,
-            leaf_count: 0,
+    /// Appends the end of a snapshot cycle.
+    pub fn push_cycle_end(&mut self, position: CyclePosition) -> bool {
+        let fields = CycleEndFields {
+            cycle: U32::new(position.cycle),
+            index: U32::new(position.index),
+            read_seq: U64::new(position.read_seq),
         };
-        let fields = snapshot_fields(position, 0);
-        self.push(KIND_EMPTY_CYCLE, fields.as_bytes(), &[])
+        self.push(KIND_CYCLE_END, fields.as_bytes(), &[])
     }
 
     /// Appends a heartbeat.
@@ -177,12 +164,11 @@ impl DatagramBuilder {
     }
 }
 
-fn snapshot_fields(position: CyclePosition, as_of_seq: u64) -> SnapshotFields {
-    SnapshotFields {
+fn leaf_fields(position: CyclePosition, as_of_seq: u64) -> LeafFields {
+    LeafFields {
         cycle: U32::new(position.cycle),
-        leaf_index: U32::new(position.leaf_index),
-        leaf_count: U32::new(position.leaf_count),
-        cycle_start_seq: U64::new(position.start_seq),
+        index: U32::new(position.index),
+        read_seq: U64::new(position.read_seq),
         as_of_seq: U64::new(as_of_seq),
     }
 }
@@ -293,24 +279,7 @@ impl Fragmenter {
         payload: &[u8],
         emit: impl FnMut(Bytes),
     ) -> Result<(), MessageTooLarge> {
-        let fields = snapshot_fields(position, as_of_seq);
+        let fields = leaf_fields(position, as_of_seq);
         self.fragment(builder, KIND_LEAF, fields.as_bytes(), payload, emit)
-    }
-
-    /// Fragments a snapshot tombstone (a huge key).
-    ///
-    /// # Errors
-    ///
-    /// See [`Fragmenter::fragment`].
-    pub fn fragment_tombstone(
-        &mut self,
-        builder: &mut DatagramBuilder,
-        position: CyclePosition,
-        as_of_seq: u64,
-        payload: &[u8],
-        emit: impl FnMut(Bytes),
-    ) -> Result<(), MessageTooLarge> {
-        let fields = snapshot_fields(position, as_of_seq);
-        self.fragment(builder, KIND_TOMBSTONE, fields.as_bytes(), payload, emit)
     }
 }

@@ -11,8 +11,10 @@ pub const DATAGRAM_HEADER_LEN: usize = 24;
 pub const MESSAGE_HEADER_LEN: usize = 4;
 /// Fixed fields of a delta body (`seq`, `prev`).
 pub const DELTA_FIELDS_LEN: usize = 16;
-/// Fixed fields of a snapshot body (cycle, index, count, start seq, as-of seq).
-pub const SNAPSHOT_FIELDS_LEN: usize = 28;
+/// Fixed fields of a snapshot leaf body (cycle, index, read seq, as-of seq).
+pub const LEAF_FIELDS_LEN: usize = 24;
+/// Fixed fields of a cycle-end body (cycle, index, read seq).
+pub const CYCLE_END_FIELDS_LEN: usize = 16;
 /// Fixed fields of a heartbeat body (`last_seq`).
 pub const HEARTBEAT_FIELDS_LEN: usize = 8;
 /// Fixed fields of a fragment body (id, index, count, total length).
@@ -31,14 +33,12 @@ pub const MIN_DATAGRAM: usize = 128;
 pub const KIND_DELTA: u8 = 1;
 /// Message kind: a snapshot leaf.
 pub const KIND_LEAF: u8 = 2;
-/// Message kind: a snapshot tombstone (a cycle key deleted before it was read).
-pub const KIND_TOMBSTONE: u8 = 3;
 /// Message kind: a heartbeat.
 pub const KIND_HEARTBEAT: u8 = 4;
 /// Message kind: a fragment of a larger message.
 pub const KIND_FRAGMENT: u8 = 5;
-/// Message kind: a snapshot cycle of an empty state.
-pub const KIND_EMPTY_CYCLE: u8 = 6;
+/// Message kind: the end of a snapshot cycle (no key after the last leaf sent).
+pub const KIND_CYCLE_END: u8 = 6;
 
 /// Datagram flag: a transport self-test probe, ignored by subscribers.
 pub const FLAG_PROBE: u8 = 0x01;

@@ -106,15 +106,23 @@ struct DeltaFields {
     prev: U64,
 }
 
-/// Fixed fields of a snapshot leaf, tombstone or empty-cycle body.
+/// Fixed fields of a snapshot leaf body, followed by the encoded `(key, leaf)`.
 #[derive(Clone, Copy, Debug, FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned)]
 #[repr(C)]
-struct SnapshotFields {
+struct LeafFields {
     cycle: U32,
-    leaf_index: U32,
-    leaf_count: U32,
-    cycle_start_seq: U64,
+    index: U32,
+    read_seq: U64,
     as_of_seq: U64,
+}
+
+/// Fixed fields of a cycle-end body.
+#[derive(Clone, Copy, Debug, FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned)]
+#[repr(C)]
+struct CycleEndFields {
+    cycle: U32,
+    index: U32,
+    read_seq: U64,
 }
 
 #[derive(Clone, Copy, Debug, FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned)]
@@ -133,21 +141,20 @@ struct FragmentFields {
 }
 
 const _: () = assert!(size_of::<DeltaFields>() == DELTA_FIELDS_LEN);
-const _: () = assert!(size_of::<SnapshotFields>() == SNAPSHOT_FIELDS_LEN);
+const _: () = assert!(size_of::<LeafFields>() == LEAF_FIELDS_LEN);
+const _: () = assert!(size_of::<CycleEndFields>() == CYCLE_END_FIELDS_LEN);
 const _: () = assert!(size_of::<HeartbeatFields>() == HEARTBEAT_FIELDS_LEN);
 const _: () = assert!(size_of::<FragmentFields>() == FRAGMENT_FIELDS_LEN);
 
-/// Where a snapshot message sits in its cycle.
+/// Where a snapshot message sits in its cycle, and when it was read.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct CyclePosition {
     /// Cycle number, incremented (wrapping) at each new cycle of a session.
     pub cycle: u32,
-    /// The publisher's last `seq` when the cycle started.
-    pub start_seq: u64,
-    /// Index of this leaf in the cycle, `< leaf_count`.
-    pub leaf_index: u32,
-    /// Number of leaves the publisher had when the cycle started.
-    pub leaf_count: u32,
+    /// Position in the cycle's walk over the keys in increasing order: 0 for the smallest key.
+    pub index: u32,
+    /// The publisher's last `seq` when this position was read.
+    pub read_seq: u64,
 }
 
 /// One decoded message, borrowing its payload from the datagram.
@@ -162,7 +169,7 @@ pub enum Message<'a> {
         /// The encoded delta.
         payload: &'a [u8],
     },
-    /// One leaf of a snapshot cycle.
+    /// One leaf of a snapshot cycle: the next key after the previous index's, when read.
     Leaf {
         /// Position in the cycle.
         position: CyclePosition,
@@ -171,21 +178,11 @@ pub enum Message<'a> {
         /// The encoded `(key, leaf)`.
         payload: &'a [u8],
     },
-    /// A key of the cycle that was deleted before the snapshotter reached it.
-    Tombstone {
-        /// Position in the cycle.
+    /// The end of a cycle: when read, no key followed the previous index's (or, at index 0,
+    /// the state was empty).
+    CycleEnd {
+        /// Position in the cycle (`index` is the number of leaves the cycle sent).
         position: CyclePosition,
-        /// The publisher's last `seq` when the absence was read.
-        as_of_seq: u64,
-        /// The encoded key.
-        payload: &'a [u8],
-    },
-    /// A cycle of a state that had no leaves at all.
-    EmptyCycle {
-        /// Cycle number.
-        cycle: u32,
-        /// The publisher's last `seq` when the cycle started.
-        start_seq: u64,
     },
     /// The publisher's last `seq`, sent when idle.
     Heartbeat {
@@ -405,46 +402,33 @@ fn decode_message(kind: u8, flags: u8, body: &[u8]) -> Result<Message<'_>, Decod
             }
             Ok(Message::Delta { seq, prev, payload })
         }
-        KIND_LEAF | KIND_TOMBSTONE => {
-            let (fields, payload) = fixed::<SnapshotFields>(kind, body)?;
+        KIND_LEAF => {
+            let (fields, payload) = fixed::<LeafFields>(kind, body)?;
             let position = CyclePosition {
                 cycle: fields.cycle.get(),
-                start_seq: fields.cycle_start_seq.get(),
-                leaf_index: fields.leaf_index.get(),
-                leaf_count: fields.leaf_count.get(),
+                index: fields.index.get(),
+                read_seq: fields.read_seq.get(),
             };
-            if position.leaf_index >= position.leaf_count {
-                return Err(DecodeError::Inconsistent("leaf index beyond leaf count"));
-            }
             let as_of_seq = fields.as_of_seq.get();
-            if kind == KIND_LEAF {
-                if as_of_seq == 0 {
-                    return Err(DecodeError::Inconsistent("snapshot leaf with as_of_seq 0"));
-                }
-                Ok(Message::Leaf {
-                    position,
-                    as_of_seq,
-                    payload,
-                })
-            } else {
-                Ok(Message::Tombstone {
-                    position,
-                    as_of_seq,
-                    payload,
-                })
+            if as_of_seq == 0 || as_of_seq > position.read_seq {
+                return Err(DecodeError::Inconsistent(
+                    "snapshot leaf as_of_seq must be in 1..=read_seq",
+                ));
             }
+            Ok(Message::Leaf {
+                position,
+                as_of_seq,
+                payload,
+            })
         }
-        KIND_EMPTY_CYCLE => {
-            let fields = exact::<SnapshotFields>(kind, body)?;
-            if fields.leaf_count.get() != 0
-                || fields.leaf_index.get() != 0
-                || fields.as_of_seq.get() != 0
-            {
-                return Err(DecodeError::Inconsistent("empty cycle with leaves"));
-            }
-            Ok(Message::EmptyCycle {
-                cycle: fields.cycle.get(),
-                start_seq: fields.cycle_start_seq.get(),
+        KIND_CYCLE_END => {
+            let fields = exact::<CycleEndFields>(kind, body)?;
+            Ok(Message::CycleEnd {
+                position: CyclePosition {
+                    cycle: fields.cycle.get(),
+                    index: fields.index.get(),
+                    read_seq: fields.read_seq.get(),
+                },
             })
         }
         KIND_HEARTBEAT => {

@@ -156,15 +156,15 @@ fn snapshot_fields_are_checked() {
     let mut builder = DatagramBuilder::new(1400, 1, 1, 1);
     let position = CyclePosition {
         cycle: 3,
-        start_seq: 10,
-        leaf_index: 4,
-        leaf_count: 4,
+        index: 4,
+        read_seq: 10,
     };
-    assert!(builder.push_leaf(position, 7, b"x"));
+    // A leaf cannot be newer than the moment it was read.
+    assert!(builder.push_leaf(position, 11, b"x"));
     let bytes = builder.finish().unwrap();
     assert_eq!(
         Datagram::parse(&bytes).unwrap_err(),
-        DecodeError::Inconsistent("leaf index beyond leaf count")
+        DecodeError::Inconsistent("snapshot leaf as_of_seq must be in 1..=read_seq")
     );
 }
 
@@ -260,8 +260,7 @@ fn conflicting_fragments_are_dropped() {
 enum Owned {
     Delta(u64, u64, Vec<u8>),
     Leaf(CyclePosition, u64, Vec<u8>),
-    Tombstone(CyclePosition, u64, Vec<u8>),
-    Empty(u32, u64),
+    End(CyclePosition),
     Heartbeat(u64),
 }
 
@@ -270,8 +269,7 @@ impl Owned {
         match self {
             Self::Delta(seq, prev, p) => builder.push_delta(*seq, *prev, p),
             Self::Leaf(pos, as_of, p) => builder.push_leaf(*pos, *as_of, p),
-            Self::Tombstone(pos, as_of, p) => builder.push_tombstone(*pos, *as_of, p),
-            Self::Empty(cycle, start) => builder.push_empty_cycle(*cycle, *start),
+            Self::End(pos) => builder.push_cycle_end(*pos),
             Self::Heartbeat(seq) => builder.push_heartbeat(*seq),
         }
     }
@@ -288,18 +286,8 @@ impl Owned {
                     as_of_seq,
                     payload,
                 },
-            )
-            | (
-                Self::Tombstone(pos, a, b),
-                Message::Tombstone {
-                    position,
-                    as_of_seq,
-                    payload,
-                },
             ) => pos == position && a == as_of_seq && b == payload,
-            (Self::Empty(c, s), Message::EmptyCycle { cycle, start_seq }) => {
-                c == cycle && s == start_seq
-            }
+            (Self::End(pos), Message::CycleEnd { position }) => pos == position,
             (Self::Heartbeat(s), Message::Heartbeat { last_seq }) => s == last_seq,
             _ => false,
         }
@@ -308,21 +296,22 @@ impl Owned {
 
 fn owned() -> impl Strategy<Value = Owned> {
     let payload = prop::collection::vec(any::<u8>(), 0..300);
-    let position = (any::<u32>(), any::<u64>(), 1..u32::MAX).prop_flat_map(|(c, s, n)| {
-        (0..n).prop_map(move |i| CyclePosition {
-            cycle: c,
-            start_seq: s,
-            leaf_index: i,
-            leaf_count: n,
-        })
-    });
+    let position =
+        (any::<u32>(), any::<u32>(), 1..u64::MAX).prop_map(|(cycle, index, read_seq)| {
+            CyclePosition {
+                cycle,
+                index,
+                read_seq,
+            }
+        });
     prop_oneof![
         (1..u64::MAX - 1, payload.clone()).prop_flat_map(
             |(seq, p)| (0..seq).prop_map(move |prev| Owned::Delta(seq, prev, p.clone()))
         ),
-        (position.clone(), 1..u64::MAX, payload.clone()).prop_map(|(a, b, c)| Owned::Leaf(a, b, c)),
-        (position, any::<u64>(), payload).prop_map(|(a, b, c)| Owned::Tombstone(a, b, c)),
-        (any::<u32>(), any::<u64>()).prop_map(|(a, b)| Owned::Empty(a, b)),
+        (position.clone(), payload.clone()).prop_flat_map(|(pos, p)| {
+            (1..=pos.read_seq).prop_map(move |as_of| Owned::Leaf(pos, as_of, p.clone()))
+        }),
+        position.prop_map(Owned::End),
         (0..u64::MAX - 1).prop_map(Owned::Heartbeat),
     ]
 }
