@@ -796,7 +796,7 @@ impl<S: ReplicatedState> Stream<S> {
         tracking.expected = through.saturating_add(1);
         tracing::debug!(publisher = self.publisher, first, lost, "gap");
         sink.stats.gaps += 1;
-        sink.stats.messages_lost += lost;
+        sink.stats.messages_lost = sink.stats.messages_lost.saturating_add(lost);
         sink.events.push_back(SubscriberEvent::Gap {
             publisher: self.publisher,
             first,
