@@ -3,6 +3,8 @@
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -142,6 +144,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Ctrl-C / SIGTERM end `pub` and `sub` cleanly: the publisher flushes what is batched.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let interrupted = Arc::clone(&interrupted);
+        if let Err(error) = ctrlc::set_handler(move || interrupted.store(true, Ordering::Relaxed)) {
+            eprintln!("warning: cannot handle Ctrl-C: {error}");
+        }
+    }
+    let _ = STOP.set(interrupted);
     let result = match cli.command {
         Command::Demo(args) => demo(&args),
         Command::Pub(args) => publish(&args).map(|()| true),
@@ -156,6 +167,13 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+static STOP: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+
+/// Whether Ctrl-C or SIGTERM arrived.
+fn interrupted() -> bool {
+    STOP.get().is_some_and(|flag| flag.load(Ordering::Relaxed))
 }
 
 fn snapshot_config(rate: u32) -> SnapshotConfig {
@@ -354,7 +372,7 @@ fn publish(args: &PubArgs) -> Result<()> {
     let mut published = 0u64;
     let mut next_report = started + Duration::from_secs(1);
     let mut batch = Vec::new();
-    while stop_at.is_none_or(|t| Instant::now() < t) {
+    while stop_at.is_none_or(|t| Instant::now() < t) && !interrupted() {
         let due = (args.rate as f64 * started.elapsed().as_secs_f64()) as u64;
         let due = args.updates.map_or(due, |limit| due.min(limit));
         while published < due && batch.len() < 256 {
@@ -398,7 +416,7 @@ fn subscribe(args: &SubArgs) -> Result<()> {
     let started = Instant::now();
     let stop_at = args.seconds.map(|s| started + Duration::from_secs_f64(s));
     let tty = std::io::stdout().is_terminal();
-    while stop_at.is_none_or(|t| Instant::now() < t) {
+    while stop_at.is_none_or(|t| Instant::now() < t) && !interrupted() {
         std::thread::sleep(Duration::from_secs(1));
         let stats = subscriber.stats();
         let p = stats.protocol;
