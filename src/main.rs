@@ -1,5 +1,7 @@
 //! `grapevine`: run a replication demo, a publisher or a subscriber from the command line.
 
+mod bench;
+
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -36,6 +38,11 @@ enum Command {
     Sub(SubArgs),
     /// Check that multicast flows on the group and interface.
     Selftest(NetArgs),
+    /// Measure GrapeVine against raw UDP multicast in the same run (use a release build).
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
 }
 
 #[derive(Args, Clone, Debug)]
@@ -158,6 +165,7 @@ fn main() -> ExitCode {
         Command::Pub(args) => publish(&args).map(|()| true),
         Command::Sub(args) => subscribe(&args).map(|()| true),
         Command::Selftest(args) => selftest(&args).map(|()| true),
+        Command::Bench { command } => bench::run(&command).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

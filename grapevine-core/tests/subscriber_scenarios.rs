@@ -204,3 +204,11 @@ fn fuzz_regression_lost_counter_overflow() {
         replay_fuzz_input(include_bytes!("fuzz-regressions/lost-counter-overflow.bin"));
     assert_eq!(subscriber.stats().messages_lost, u64::MAX);
 }
+
+/// Fuzz find: a cycle whose steps go backwards in key order (forged) made an inverted key range
+/// and panicked the range query.
+#[test]
+fn fuzz_regression_inverted_span() {
+    let subscriber = replay_fuzz_input(include_bytes!("fuzz-regressions/inverted-span.bin"));
+    assert!(subscriber.stats().snapshot_messages > 0);
+}

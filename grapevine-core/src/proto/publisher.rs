@@ -183,7 +183,12 @@ impl<S: ReplicatedState> PublisherSession<S> {
         let seq = self.last_seq + 1;
         self.state.apply(&delta);
         if self.state.leaf(key).is_some() {
-            self.leaf_seqs.insert(key.clone(), seq);
+            match self.leaf_seqs.get_mut(key) {
+                Some(last) => *last = seq,
+                None => {
+                    self.leaf_seqs.insert(key.clone(), seq);
+                }
+            }
         } else {
             self.leaf_seqs.remove(key);
         }

@@ -25,7 +25,7 @@
 //! The stream is `Live` when nothing is stale or unverified and no leaf is ahead of the last
 //! `seq` processed; while `Live` its state equals the publisher's as of that `seq`.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 use std::time::{Duration, Instant};
 
@@ -221,10 +221,6 @@ struct LeafMeta<D> {
 }
 
 impl<D> LeafMeta<D> {
-    fn absent() -> Self {
-        Self::absent_as_of(None)
-    }
-
     /// A leaf not held, known absent as of `seq` when given.
     fn absent_as_of(seq: Option<u64>) -> Self {
         Self {
@@ -232,6 +228,62 @@ impl<D> LeafMeta<D> {
             present: false,
             stale: None,
         }
+    }
+}
+
+/// Per-leaf metadata: hashed for the per-delta lookups, with the keys also kept in order for
+/// the range queries of snapshot coverage. Only creations and removals touch the order.
+#[derive(Debug)]
+struct LeafIndex<K, D> {
+    map: HashMap<K, LeafMeta<D>>,
+    order: BTreeSet<K>,
+}
+
+impl<K: Clone + Eq + std::hash::Hash + Ord, D> LeafIndex<K, D> {
+    fn new() -> Self {
+        Self {
+            map: HashMap::new(),
+            order: BTreeSet::new(),
+        }
+    }
+
+    fn get(&self, key: &K) -> Option<&LeafMeta<D>> {
+        self.map.get(key)
+    }
+
+    fn get_mut(&mut self, key: &K) -> Option<&mut LeafMeta<D>> {
+        self.map.get_mut(key)
+    }
+
+    fn get_or_insert(&mut self, key: &K, absent_as_of: Option<u64>) -> &mut LeafMeta<D> {
+        if !self.map.contains_key(key) {
+            self.order.insert(key.clone());
+        }
+        self.map
+            .entry(key.clone())
+            .or_insert_with(|| LeafMeta::absent_as_of(absent_as_of))
+    }
+
+    fn remove(&mut self, key: &K) {
+        if self.map.remove(key).is_some() {
+            self.order.remove(key);
+        }
+    }
+
+    /// Keys strictly inside the bounds, in order.
+    fn keys_in(&self, lower: Bound<&K>, upper: Bound<&K>) -> Vec<K> {
+        if let (Bound::Excluded(low), Bound::Excluded(high)) = (lower, upper) {
+            if low >= high {
+                return Vec::new();
+            }
+        }
+        self.order.range((lower, upper)).cloned().collect()
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&LeafMeta<D>) -> bool) {
+        let map = &mut self.map;
+        map.retain(|_, meta| keep(meta));
+        self.order.retain(|key| map.contains_key(key));
     }
 }
 
@@ -367,7 +419,7 @@ struct Stream<S: ReplicatedState> {
     publisher: u32,
     session: u64,
     state: S,
-    leaves: BTreeMap<S::Key, LeafMeta<S::Delta>>,
+    leaves: LeafIndex<S::Key, S::Delta>,
     stale: BTreeSet<S::Key>,
     tracking: Option<Tracking<S::Delta>>,
     /// `Some(b)`: unverified until a complete cycle with `start_seq >= b`.
@@ -635,7 +687,7 @@ impl<S: ReplicatedState> Stream<S> {
             publisher,
             session,
             state: S::default(),
-            leaves: BTreeMap::new(),
+            leaves: LeafIndex::new(),
             stale: BTreeSet::new(),
             tracking: None,
             verify_after: None,
@@ -724,8 +776,14 @@ impl<S: ReplicatedState> Stream<S> {
             sink.stats.duplicates += 1;
             return;
         }
-        tracking.held.insert(seq, (prev, delta));
         tracking.highest_seen = tracking.highest_seen.max(seq);
+        if seq == tracking.expected && tracking.held.is_empty() {
+            // The common case, in order: no detour through the reorder buffer.
+            tracking.expected = seq.saturating_add(1);
+            self.process(now, seq, prev, delta, config, sink);
+        } else {
+            tracking.held.insert(seq, (prev, delta));
+        }
         self.drain(now, config, sink);
     }
 
@@ -857,22 +915,19 @@ impl<S: ReplicatedState> Stream<S> {
         sink: &mut Sink<S::Key>,
     ) {
         let key = S::delta_key(&delta);
-        let (last, present) = match self.leaves.get(key) {
-            Some(meta) => (meta.last, meta.present),
-            None => (
-                self.absent
-                    .at(&Pos::Key(key.clone(), Side::At))
-                    .unwrap_or(0),
-                false,
-            ),
-        };
-        if let Some(buffer) = self.leaves.get_mut(key).and_then(|m| m.stale.as_mut()) {
-            if buffer.len() >= config.max_stale_buffer {
-                buffer.pop_front();
+        let (last, present) = match self.leaves.get_mut(key) {
+            Some(meta) => {
+                if let Some(buffer) = meta.stale.as_mut() {
+                    if buffer.len() >= config.max_stale_buffer {
+                        buffer.pop_front();
+                    }
+                    buffer.push_back((seq, prev, delta));
+                    return;
+                }
+                (meta.last, meta.present)
             }
-            buffer.push_back((seq, prev, delta));
-            return;
-        }
+            None => (self.absent_as_of(key).unwrap_or(0), false),
+        };
         if seq <= last {
             sink.stats.superseded += 1;
             return;
@@ -883,7 +938,7 @@ impl<S: ReplicatedState> Stream<S> {
             return;
         }
         let key = key.clone();
-        let absent_as_of = self.absent.at(&Pos::Key(key.clone(), Side::At));
+        let absent_as_of = self.absent_as_of(&key);
         tracing::debug!(
             publisher = self.publisher,
             ?key,
@@ -892,10 +947,7 @@ impl<S: ReplicatedState> Stream<S> {
             last,
             "leaf stale"
         );
-        let meta = self
-            .leaves
-            .entry(key.clone())
-            .or_insert_with(|| LeafMeta::absent_as_of(absent_as_of));
+        let meta = self.leaves.get_or_insert(&key, absent_as_of);
         meta.stale = Some(VecDeque::from([(seq, prev, delta)]));
         self.stale.insert(key.clone());
         sink.stats.stale_leaves += 1;
@@ -923,10 +975,7 @@ impl<S: ReplicatedState> Stream<S> {
         } else {
             let meta = match self.leaves.get_mut(key) {
                 Some(meta) => meta,
-                None => self
-                    .leaves
-                    .entry(key.clone())
-                    .or_insert_with(LeafMeta::absent),
+                None => self.leaves.get_or_insert(key, None),
             };
             meta.last = seq;
             meta.present = present;
@@ -957,13 +1006,10 @@ impl<S: ReplicatedState> Stream<S> {
         if self.tracking.is_none() || self.live {
             return;
         }
-        let absent_as_of = self.absent.at(&Pos::Key(key.clone(), Side::At));
+        let absent_as_of = self.absent_as_of(&key);
         let meta = match self.leaves.get_mut(&key) {
             Some(meta) => meta,
-            None => self
-                .leaves
-                .entry(key.clone())
-                .or_insert_with(|| LeafMeta::absent_as_of(absent_as_of)),
+            None => self.leaves.get_or_insert(&key, absent_as_of),
         };
         // Newer than ours: replace. Otherwise ours already includes `as_of` (we applied every
         // delta on the leaf up to `last` by chaining) and the publisher applied none between
@@ -986,7 +1032,8 @@ impl<S: ReplicatedState> Stream<S> {
                 None => Some(Pos::Start),
                 Some(i) => self.step(i).map(|(k, _)| Pos::Key(k, Side::Above)),
             };
-            // At this read the walk found `key` right after the previous step's key.
+            // At this read the walk found `key` right after the previous step's key (`cover`
+            // ignores steps out of order).
             if let Some(low) = previous {
                 self.cover(
                     low,
@@ -1077,6 +1124,14 @@ impl<S: ReplicatedState> Stream<S> {
         true
     }
 
+    /// As of which seq `key`, which has no metadata, is known absent (from covered spans).
+    fn absent_as_of(&self, key: &S::Key) -> Option<u64> {
+        if self.absent.spans.is_empty() {
+            return None;
+        }
+        self.absent.at(&Pos::Key(key.clone(), Side::At))
+    }
+
     fn step(&self, index: u32) -> Option<(S::Key, u64)> {
         self.cycle.as_ref()?.steps.get(&index).cloned()
     }
@@ -1096,6 +1151,10 @@ impl<S: ReplicatedState> Stream<S> {
         if self.verify_after.is_none_or(|since| read_seq < since) {
             return;
         }
+        // Steps out of key order come from a broken or forged cycle: they prove nothing.
+        if low > high {
+            return;
+        }
         if low != high {
             let lower = match &low {
                 Pos::Key(k, _) => Bound::Excluded(k),
@@ -1107,7 +1166,10 @@ impl<S: ReplicatedState> Stream<S> {
             };
             let mut removed = Vec::new();
             let mut to_replay = Vec::new();
-            for (key, meta) in self.leaves.range_mut((lower, upper)) {
+            for key in self.leaves.keys_in(lower, upper) {
+                let Some(meta) = self.leaves.get_mut(&key) else {
+                    continue;
+                };
                 if meta.last > read_seq {
                     continue;
                 }
@@ -1182,7 +1244,7 @@ impl<S: ReplicatedState> Stream<S> {
             && tracking.expected > self.ahead_until;
         if live && !self.live {
             self.live = true;
-            self.leaves.retain(|_, m| m.present || m.stale.is_some());
+            self.leaves.retain(|m| m.present || m.stale.is_some());
             self.absent.clear();
             let recovery = self
                 .recovering_since

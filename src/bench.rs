@@ -1,0 +1,432 @@
+//! `grapevine bench`: GrapeVine against raw UDP multicast, measured side by side in one run.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use grapevine::core::net::{MulticastConfig, MulticastSocket, RecvBatch};
+use grapevine::core::proto::SnapshotRate;
+use grapevine::core::state::{digest, KeyedMap, MapDelta};
+use grapevine::publisher::{Publisher, PublisherOptions};
+use grapevine::snapshotter::{Snapshotter, SnapshotterOptions};
+use grapevine::subscriber::{Subscriber, SubscriberOptions};
+use serde_json::json;
+
+/// A state of `u32` keys and opaque payloads: what the throughput bench publishes.
+type PayloadMap = KeyedMap<u32, Bytes>;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Messages per second from one publisher to one subscriber, against raw UDP with the same
+    /// packing and syscalls.
+    Throughput(ThroughputArgs),
+    /// Time from a forced gap to live again, and the snapshot bandwidth used.
+    Recovery(RecoveryArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ThroughputArgs {
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Distinct keys the messages update.
+    #[arg(long, default_value_t = 10_000)]
+    keys: u32,
+    /// Group and port (loopback).
+    #[arg(long, default_value = "239.255.77.1:47700")]
+    group: SocketAddr,
+    /// Bytes of messages the sender may be ahead of the receiver (a credit window, so that
+    /// the figure is the rate sustained without loss); 0 sends open-loop, as fast as it can.
+    #[arg(long, default_value_t = 1 << 20)]
+    window: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct RecoveryArgs {
+    /// Leaves in the state.
+    #[arg(long, default_value_t = 10_000)]
+    leaves: u32,
+    /// Payload bytes per leaf.
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Snapshot rate in leaves per second.
+    #[arg(long, default_value_t = 100_000)]
+    snapshot_rate: u32,
+    /// Forced gaps to measure.
+    #[arg(long, default_value_t = 30)]
+    rounds: u32,
+    /// Group and port (loopback).
+    #[arg(long, default_value = "239.255.77.2:47701")]
+    group: SocketAddr,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn run(command: &BenchCommand) -> Result<()> {
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "warning: a debug build; run `cargo run --release -- bench ...` for real figures"
+        );
+    }
+    match command {
+        BenchCommand::Throughput(args) => throughput(args),
+        BenchCommand::Recovery(args) => recovery(args),
+    }
+}
+
+/// What one side of a throughput run measured.
+#[derive(Debug, Default)]
+struct Measured {
+    sent: u64,
+    received: u64,
+    datagrams: u64,
+    seconds: f64,
+    cpu_seconds: f64,
+    kernel_drops: u64,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        self.received as f64 / self.seconds
+    }
+
+    fn loss(&self) -> f64 {
+        1.0 - self.received as f64 / self.sent.max(1) as f64
+    }
+
+    fn json(&self, payload: usize) -> serde_json::Value {
+        json!({
+            "sent": self.sent,
+            "received": self.received,
+            "datagrams": self.datagrams,
+            "seconds": self.seconds,
+            "messages_per_second": self.rate(),
+            "megabytes_per_second": self.rate() * payload as f64 / 1e6,
+            "loss": self.loss(),
+            "cpu_percent": self.cpu_seconds / self.seconds * 100.0,
+            "kernel_drops": self.kernel_drops,
+        })
+    }
+}
+
+fn throughput(args: &ThroughputArgs) -> Result<()> {
+    if args.payload == 0 || args.payload > 60_000 {
+        bail!("--payload must be 1..=60000 bytes");
+    }
+    let duration = Duration::from_secs_f64(args.seconds.max(0.1));
+    // The window in messages: what `window` bytes of framed messages hold.
+    let window = if args.window == 0 {
+        0
+    } else {
+        (args.window / (args.payload as u64 + 32)).max(1)
+    };
+    let group = MulticastConfig::new(args.group);
+    let (gv, per_datagram) = throughput_grapevine(args, &group, duration, window)?;
+    // Raw UDP with exactly GrapeVine's packing: as many messages of the same payload per
+    // datagram, sent with the same sendmmsg batches, on another port.
+    let mut raw_group = args.group;
+    raw_group.set_port(args.group.port().wrapping_add(1));
+    let raw = throughput_raw(
+        &MulticastConfig::new(raw_group),
+        args.payload,
+        per_datagram.max(1),
+        duration,
+        window,
+    )?;
+    let ratio = gv.rate() / raw.rate().max(1.0);
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "bench": "throughput",
+                "payload": args.payload,
+                "messages_per_datagram": per_datagram,
+                "window": args.window,
+                "grapevine": gv.json(args.payload),
+                "raw": raw.json(args.payload),
+                "ratio": ratio,
+            })
+        );
+        return Ok(());
+    }
+    let mode = if args.window == 0 {
+        "open loop".to_string()
+    } else {
+        format!("sender at most {} KiB ahead", args.window / 1024)
+    };
+    println!(
+        "throughput, {} B payloads, {per_datagram} messages per datagram, {:.1} s each, loopback multicast, {mode}",
+        args.payload, args.seconds
+    );
+    for (name, m) in [("grapevine", &gv), ("raw udp", &raw)] {
+        println!(
+            "  {name:<10} {:>10.0} msgs/s {:>8.1} MB/s  loss {:>5.1} %  cpu {:>5.1} %  kernel drops {}",
+            m.rate(),
+            m.rate() * args.payload as f64 / 1e6,
+            m.loss() * 100.0,
+            m.cpu_seconds / m.seconds * 100.0,
+            m.kernel_drops
+        );
+    }
+    println!("ratio: {ratio:.2}");
+    Ok(())
+}
+
+fn payload_bytes(size: usize) -> Bytes {
+    Bytes::from((0..size).map(|i| i as u8).collect::<Vec<u8>>())
+}
+
+fn throughput_grapevine(
+    args: &ThroughputArgs,
+    group: &MulticastConfig,
+    duration: Duration,
+    window: u64,
+) -> Result<(Measured, u64)> {
+    let mut options = SubscriberOptions::new(1, group.clone());
+    options.session.emit_applied = false;
+    options.batch = 64;
+    let subscriber = Subscriber::<PayloadMap>::join(options)?;
+    let mut publisher_options = PublisherOptions::new(1, group.clone());
+    publisher_options.session.heartbeat_interval = Duration::from_millis(50);
+    let publisher = Publisher::start(publisher_options, PayloadMap::default())?;
+    let payload = payload_bytes(args.payload);
+    let cpu_before = process_cpu_seconds();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut key = 0u32;
+    while started.elapsed() < duration {
+        if window > 0 && sent.saturating_sub(subscriber.processed()) > window {
+            // The receiver lags: flush what is batched and let it catch up.
+            publisher.flush();
+            std::thread::yield_now();
+            continue;
+        }
+        let batch = (0..256).map(|_| {
+            key = (key + 1) % args.keys.max(1);
+            MapDelta::Put(key, payload.clone())
+        });
+        publisher.publish_all(batch)?;
+        sent += 256;
+    }
+    publisher.flush();
+    let seconds = started.elapsed().as_secs_f64();
+    // Let the subscriber drain what is in flight (bounded).
+    let drained_by = Instant::now() + Duration::from_millis(500);
+    let mut last = 0;
+    while Instant::now() < drained_by {
+        std::thread::sleep(Duration::from_millis(20));
+        let now_received = received(&subscriber);
+        if now_received == last {
+            break;
+        }
+        last = now_received;
+    }
+    let cpu_seconds = process_cpu_seconds() - cpu_before;
+    let stats = subscriber.stats();
+    let datagrams = publisher.stats().datagrams;
+    let measured = Measured {
+        sent,
+        received: received(&subscriber),
+        datagrams,
+        seconds,
+        cpu_seconds,
+        kernel_drops: stats.kernel_drops,
+    };
+    drop(subscriber);
+    let per_datagram = ((sent as f64 / datagrams.max(1) as f64).round() as u64).max(1);
+    publisher.shutdown();
+    Ok((measured, per_datagram))
+}
+
+/// Deltas the subscriber took in: applied, or already reflected by a snapshot.
+fn received(subscriber: &Subscriber<PayloadMap>) -> u64 {
+    let p = subscriber.stats().protocol;
+    p.deltas_applied + p.superseded
+}
+
+fn throughput_raw(
+    group: &MulticastConfig,
+    payload: usize,
+    per_datagram: u64,
+    duration: Duration,
+    window: u64,
+) -> Result<Measured> {
+    let receiver = MulticastSocket::receiver(group)?;
+    let sender = MulticastSocket::sender(group)?;
+    // Same framing cost as a GrapeVine message: a 4-byte header and 16 bytes of seq/prev.
+    let message = 20 + payload;
+    let datagram = Bytes::from(vec![7u8; 24 + message * per_datagram as usize]);
+    let batch: Vec<Bytes> = (0..16).map(|_| datagram.clone()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
+    let drops = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (stop, received, drops) =
+            (Arc::clone(&stop), Arc::clone(&received), Arc::clone(&drops));
+        std::thread::spawn(move || {
+            let mut buffers = RecvBatch::new(64, 65_536);
+            let mut checksum = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let n = receiver
+                    .recv_batch(&mut buffers, Duration::from_millis(20))
+                    .unwrap_or(0);
+                for bytes in buffers.datagrams().take(n) {
+                    // Touch every message, as a receiver would.
+                    for m in bytes.chunks(message) {
+                        checksum = checksum.wrapping_add(u64::from(m[0]));
+                    }
+                    received.fetch_add(per_datagram, Ordering::Relaxed);
+                }
+                drops.store(u64::from(buffers.kernel_drops()), Ordering::Relaxed);
+            }
+            checksum
+        })
+    };
+    let cpu_before = process_cpu_seconds();
+    let started = Instant::now();
+    let mut datagrams = 0u64;
+    while started.elapsed() < duration {
+        let sent = datagrams * per_datagram;
+        if window > 0 && sent.saturating_sub(received.load(Ordering::Relaxed)) > window {
+            std::thread::yield_now();
+            continue;
+        }
+        datagrams += sender.send_batch(&batch).context("raw send")? as u64;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let _ = reader.join();
+    Ok(Measured {
+        sent: datagrams * per_datagram,
+        received: received.load(Ordering::Relaxed),
+        datagrams,
+        seconds,
+        cpu_seconds: process_cpu_seconds() - cpu_before,
+        kernel_drops: drops.load(Ordering::Relaxed),
+    })
+}
+
+fn recovery(args: &RecoveryArgs) -> Result<()> {
+    let group = MulticastConfig::new(args.group);
+    let payload = payload_bytes(args.payload);
+    let initial: PayloadMap = (0..args.leaves).map(|k| (k, payload.clone())).collect();
+    let publisher = Publisher::start(PublisherOptions::new(1, group.clone()), initial)?;
+    let mut snapshot = SnapshotterOptions::new(group.clone());
+    snapshot.snapshot.rate = SnapshotRate::LeavesPerSecond(args.snapshot_rate);
+    let cycle_pause = snapshot.snapshot.cycle_pause;
+    let snapshotter = Snapshotter::start(&publisher, snapshot)?;
+    let mut options = SubscriberOptions::new(1, group);
+    options.session.emit_applied = false;
+    let subscriber = Subscriber::<PayloadMap>::join(options)?;
+    if !subscriber.wait_live(Duration::from_secs(120)) {
+        bail!("the subscriber never caught up: {:?}", subscriber.stats());
+    }
+    let converged = |want: [u8; 32]| {
+        subscriber.read(|s| s.is_live() && s.stream(0).is_some_and(|v| digest(v.state) == want))
+    };
+    let cycle =
+        Duration::from_secs_f64(f64::from(args.leaves) / f64::from(args.snapshot_rate.max(1)))
+            + cycle_pause;
+    let mut phase = 0x9e37_79b9_7f4a_7c15u64;
+    let mut times = Vec::new();
+    let bytes_before = snapshotter.stats().bytes;
+    let started = Instant::now();
+    for round in 0..args.rounds {
+        // Start each round at a random phase of the cycle, or rounds lock onto its boundaries.
+        phase = phase
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        std::thread::sleep(cycle.mul_f64((phase >> 11) as f64 / (1u64 << 53) as f64));
+        let gaps_before = subscriber.stats().protocol.gaps;
+        subscriber.inject_drop(1);
+        publisher.publish(MapDelta::Put(round % args.leaves.max(1), payload.clone()))?;
+        publisher.flush();
+        let t0 = Instant::now();
+        publisher.publish(MapDelta::Put(
+            (round * 7919) % args.leaves.max(1),
+            payload.clone(),
+        ))?;
+        publisher.flush();
+        let want = publisher.read(digest);
+        while !converged(want) {
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("no recovery within 60 s: {:?}", subscriber.stats());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // The dropped datagram may have been a snapshot one: only rounds with a gap count.
+        if subscriber.stats().protocol.gaps > gaps_before {
+            times.push(t0.elapsed());
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    if times.is_empty() {
+        bail!("no round produced a gap");
+    }
+    times.sort();
+    let pick = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
+    let snapshot_rate = (snapshotter.stats().bytes - bytes_before) as f64 / elapsed;
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "bench": "recovery",
+                "leaves": args.leaves,
+                "payload": args.payload,
+                "snapshot_rate_leaves": args.snapshot_rate,
+                "cycle_ms": cycle.as_secs_f64() * 1e3,
+                "rounds": times.len(),
+                "median_ms": pick(0.5),
+                "p99_ms": pick(0.99),
+                "max_ms": pick(1.0),
+                "snapshot_bytes_per_second": snapshot_rate,
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "recovery after a forced gap: {} leaves of {} B, snapshots at {} leaves/s (cycle {:.1} ms with its pause), {} rounds",
+        args.leaves,
+        args.payload,
+        args.snapshot_rate,
+        cycle.as_secs_f64() * 1e3,
+        times.len()
+    );
+    println!(
+        "  median {:.1} ms  p99 {:.1} ms  max {:.1} ms; snapshots {:.2} MB/s",
+        pick(0.5),
+        pick(0.99),
+        pick(1.0),
+        snapshot_rate / 1e6
+    );
+    Ok(())
+}
+
+/// User + system CPU time of this process so far.
+fn process_cpu_seconds() -> f64 {
+    // /proc/self/stat fields 14 and 15 are utime and stime in clock ticks (100 Hz on Linux).
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
