@@ -30,7 +30,11 @@ fn main() {
     let mut sub_config = SubscriberConfig::new(1);
     sub_config.emit_applied = false;
     let mut subscriber = SubscriberSession::<KeyedMap<u32, Bytes>>::new(sub_config);
-    let payload = Bytes::from(vec![1u8; 64]);
+    let size: usize = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(64);
+    let payload = Bytes::from(vec![1u8; size]);
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let wall = Instant::now();
     let messages = 2_000_000u64;

@@ -249,10 +249,9 @@ fn throughput_grapevine(
     Ok((measured, per_datagram))
 }
 
-/// Deltas the subscriber took in: applied, or already reflected by a snapshot.
+/// Distinct deltas the subscriber received.
 fn received(subscriber: &Subscriber<PayloadMap>) -> u64 {
-    let p = subscriber.stats().protocol;
-    p.deltas_applied + p.superseded
+    subscriber.processed()
 }
 
 fn throughput_raw(

@@ -212,3 +212,45 @@ fn fuzz_regression_inverted_span() {
     let subscriber = replay_fuzz_input(include_bytes!("fuzz-regressions/inverted-span.bin"));
     assert!(subscriber.stats().snapshot_messages > 0);
 }
+
+/// A subscriber far behind buffers a bounded number of deltas for its stale leaves, counts what
+/// it drops, and still converges from the snapshot cycle.
+#[test]
+fn stale_buffers_are_bounded() {
+    let now = Instant::now();
+    let mut p = publisher(now, 1);
+    let mut config = SubscriberConfig::new(1);
+    config.max_stale_total = 100;
+    config.max_stale_buffer = 30;
+    let mut s = SubscriberSession::<Counters>::new(config);
+    for key in 0..50u8 {
+        p.publish(now, CounterDelta::Add(key, 1)).unwrap();
+    }
+    for d in drain(&mut p) {
+        s.handle_datagram(now, &d);
+    }
+    // Lose one delta on every key, then send 20 more per key: all 50 leaves go stale.
+    for key in 0..50u8 {
+        p.publish(now, CounterDelta::Add(key, 1)).unwrap();
+    }
+    drain(&mut p);
+    for _ in 0..20 {
+        for key in 0..50u8 {
+            p.publish(now, CounterDelta::Add(key, 1)).unwrap();
+        }
+    }
+    let later = now + Duration::from_millis(50);
+    for d in drain(&mut p) {
+        s.handle_datagram(now, &d);
+    }
+    s.handle_timeout(later);
+    assert_eq!(s.stream(0).unwrap().stale.len(), 50);
+    assert_eq!(s.stats().stale_dropped, 50 * 20 - 100);
+    let mut cycle = SnapshotSession::new(SnapshotConfig::default());
+    cycle.handle_timeout(later, &p);
+    for d in std::iter::from_fn(|| cycle.poll_transmit()) {
+        s.handle_datagram(later, &d);
+    }
+    assert_eq!(s.stream(0).unwrap().state, p.state());
+    assert_eq!(status(&s), StreamStatus::Live);
+}

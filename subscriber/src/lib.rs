@@ -294,8 +294,9 @@ impl<S: ReplicatedState> Subscriber<S> {
         }
     }
 
-    /// Deltas applied so far (or found already reflected by a snapshot), without taking the
-    /// session's lock: a cheap progress counter for flow control in benchmarks and tests.
+    /// Distinct deltas received so far (applied, already reflected, or buffered for a stale
+    /// leaf), without taking the session's lock: a cheap progress counter for flow control in
+    /// benchmarks and tests.
     pub fn processed(&self) -> u64 {
         self.shared.processed.load(Ordering::Relaxed)
     }
@@ -392,9 +393,10 @@ fn receive_loop<S: ReplicatedState>(
                 session.handle_timeout(now);
             }
             let stats = session.stats();
-            shared
-                .processed
-                .store(stats.deltas_applied + stats.superseded, Ordering::Relaxed);
+            shared.processed.store(
+                stats.deltas_received.saturating_sub(stats.duplicates),
+                Ordering::Relaxed,
+            );
             events.extend(std::iter::from_fn(|| session.poll_event()));
         }
         if !events.is_empty() {

@@ -44,8 +44,12 @@ pub struct SubscriberConfig {
     pub reorder_window: Duration,
     /// Out-of-order deltas held at most; beyond this a gap is declared at once. Default 65 536.
     pub max_held_deltas: usize,
-    /// Deltas buffered per stale leaf; the oldest are dropped beyond. Default 4096.
+    /// Deltas buffered per stale leaf; the oldest are dropped beyond. Default 1024.
     pub max_stale_buffer: usize,
+    /// Deltas buffered for all stale leaves of a stream together; beyond this new ones are
+    /// dropped (their leaves then wait for a later snapshot). Bounds memory when a subscriber
+    /// falls far behind. Default 65 536.
+    pub max_stale_total: usize,
     /// Largest snapshot cycle accepted, in leaves. Default 16 Mi.
     pub max_cycle_leaves: u32,
     /// Largest reassembled message. Default 1 MiB.
@@ -76,7 +80,8 @@ impl Default for SubscriberConfig {
             topic: 0,
             reorder_window: Duration::from_millis(2),
             max_held_deltas: 65_536,
-            max_stale_buffer: 4096,
+            max_stale_buffer: 1024,
+            max_stale_total: 65_536,
             max_cycle_leaves: 1 << 24,
             max_message_len: 1 << 20,
             max_reassembly_bytes: 16 << 20,
@@ -194,6 +199,8 @@ pub struct SubscriberStats {
     pub messages_lost: u64,
     /// Leaves that went stale.
     pub stale_leaves: u64,
+    /// Deltas of stale leaves dropped because the buffers were full.
+    pub stale_dropped: u64,
     /// Snapshot messages received.
     pub snapshot_messages: u64,
     /// Leaves replaced from snapshots.
@@ -421,6 +428,8 @@ struct Stream<S: ReplicatedState> {
     state: S,
     leaves: LeafIndex<S::Key, S::Delta>,
     stale: BTreeSet<S::Key>,
+    /// Deltas held in all stale leaves' buffers.
+    stale_buffered: usize,
     tracking: Option<Tracking<S::Delta>>,
     /// `Some(b)`: unverified until a complete cycle with `start_seq >= b`.
     verify_after: Option<u64>,
@@ -689,6 +698,7 @@ impl<S: ReplicatedState> Stream<S> {
             state: S::default(),
             leaves: LeafIndex::new(),
             stale: BTreeSet::new(),
+            stale_buffered: 0,
             tracking: None,
             verify_after: None,
             ahead_until: 0,
@@ -920,6 +930,12 @@ impl<S: ReplicatedState> Stream<S> {
                 if let Some(buffer) = meta.stale.as_mut() {
                     if buffer.len() >= config.max_stale_buffer {
                         buffer.pop_front();
+                        sink.stats.stale_dropped += 1;
+                    } else if self.stale_buffered >= config.max_stale_total {
+                        sink.stats.stale_dropped += 1;
+                        return;
+                    } else {
+                        self.stale_buffered += 1;
                     }
                     buffer.push_back((seq, prev, delta));
                     return;
@@ -948,7 +964,13 @@ impl<S: ReplicatedState> Stream<S> {
             "leaf stale"
         );
         let meta = self.leaves.get_or_insert(&key, absent_as_of);
-        meta.stale = Some(VecDeque::from([(seq, prev, delta)]));
+        meta.stale = Some(if self.stale_buffered < config.max_stale_total {
+            self.stale_buffered += 1;
+            VecDeque::from([(seq, prev, delta)])
+        } else {
+            sink.stats.stale_dropped += 1;
+            VecDeque::new()
+        });
         self.stale.insert(key.clone());
         sink.stats.stale_leaves += 1;
         sink.events.push_back(SubscriberEvent::LeafStale {
@@ -1206,6 +1228,7 @@ impl<S: ReplicatedState> Stream<S> {
         let Some(mut buffer) = self.leaves.get_mut(&key).and_then(|m| m.stale.take()) else {
             return;
         };
+        self.stale_buffered -= buffer.len();
         while let Some((seq, prev, delta)) = buffer.pop_front() {
             let Some(meta) = self.leaves.get(&key) else {
                 break;
@@ -1221,6 +1244,7 @@ impl<S: ReplicatedState> Stream<S> {
             };
             if !chains {
                 buffer.push_front((seq, prev, delta));
+                self.stale_buffered += buffer.len();
                 if let Some(meta) = self.leaves.get_mut(&key) {
                     meta.stale = Some(buffer);
                 }
