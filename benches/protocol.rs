@@ -1,6 +1,8 @@
 //! Criterion benches of the sans-IO core: encode, decode, the subscriber's apply path and the
 //! snapshot rebuild. No sockets: these are the protocol's own costs.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;

@@ -7,6 +7,8 @@
 //!
 //! `cargo bench --bench recovery`
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 

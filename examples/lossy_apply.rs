@@ -3,6 +3,8 @@
 //!
 //! `cargo run --release --example lossy_apply`
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
