@@ -2,6 +2,8 @@
 //! snapshot rebuild. No sockets: these are the protocol's own costs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+// criterion's macros generate undocumented items.
+#![allow(missing_docs)]
 
 use std::time::{Duration, Instant};
 
