@@ -326,7 +326,7 @@ fn throughput_raw(
 
 fn recovery(args: &RecoveryArgs) -> Result<()> {
     let group = MulticastConfig::new(args.group);
-    let payload = payload_bytes(args.payload);
+    let payload = payload_bytes(args.payload.max(4));
     let initial: PayloadMap = (0..args.leaves).map(|k| (k, payload.clone())).collect();
     let publisher = Publisher::start(PublisherOptions::new(1, group.clone()), initial)?;
     let mut snapshot = SnapshotterOptions::new(group.clone());
@@ -357,12 +357,23 @@ fn recovery(args: &RecoveryArgs) -> Result<()> {
         std::thread::sleep(cycle.mul_f64((phase >> 11) as f64 / (1u64 << 53) as f64));
         let gaps_before = subscriber.stats().protocol.gaps;
         subscriber.inject_drop(1);
-        publisher.publish(MapDelta::Put(round % args.leaves.max(1), payload.clone()))?;
+        // Values that differ from everything before, so convergence really means the new state.
+        let marked = |tag: u32| {
+            let mut bytes = payload.to_vec();
+            for (b, t) in bytes.iter_mut().zip(tag.to_be_bytes()) {
+                *b = t;
+            }
+            Bytes::from(bytes)
+        };
+        publisher.publish(MapDelta::Put(
+            round % args.leaves.max(1),
+            marked(2 * round + 1),
+        ))?;
         publisher.flush();
         let t0 = Instant::now();
         publisher.publish(MapDelta::Put(
             (round * 7919) % args.leaves.max(1),
-            payload.clone(),
+            marked(2 * round + 2),
         ))?;
         publisher.flush();
         let want = publisher.read(digest);
@@ -398,6 +409,7 @@ fn recovery(args: &RecoveryArgs) -> Result<()> {
                 "p99_ms": pick(0.99),
                 "max_ms": pick(1.0),
                 "snapshot_bytes_per_second": snapshot_rate,
+                "process_rss_mib": rss_mib(),
             })
         );
         return Ok(());
@@ -411,11 +423,12 @@ fn recovery(args: &RecoveryArgs) -> Result<()> {
         times.len()
     );
     println!(
-        "  median {:.1} ms  p99 {:.1} ms  max {:.1} ms; snapshots {:.2} MB/s",
+        "  median {:.1} ms  p99 {:.1} ms  max {:.1} ms; snapshots {:.2} MB/s; process RSS {:.1} MiB (publisher + subscriber)",
         pick(0.5),
         pick(0.99),
         pick(1.0),
-        snapshot_rate / 1e6
+        snapshot_rate / 1e6,
+        rss_mib()
     );
     Ok(())
 }
@@ -685,4 +698,17 @@ pub(crate) fn echo(args: &EchoArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Resident memory of this process, in MiB.
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
 }
