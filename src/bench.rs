@@ -632,7 +632,10 @@ fn ping_grapevine(args: &LatencyArgs, pong: SocketAddr, total: u64) -> Result<Ve
             let event = if args.busy_poll {
                 match subscriber.events().try_recv() {
                     Ok(event) => event,
-                    Err(_) if t0.elapsed() < ROUND_TRIP_TIMEOUT => continue,
+                    Err(_) if t0.elapsed() < ROUND_TRIP_TIMEOUT => {
+                        std::thread::yield_now();
+                        continue;
+                    }
                     Err(_) => bail!("grapevine round trip {i} lost"),
                 }
             } else {
@@ -684,7 +687,10 @@ pub(crate) fn echo(args: &EchoArgs) -> Result<()> {
         let event = if args.busy_poll {
             match subscriber.events().try_recv() {
                 Ok(event) => event,
-                Err(_) => continue,
+                Err(_) => {
+                    std::thread::yield_now();
+                    continue;
+                }
             }
         } else {
             match subscriber.events().recv_timeout(Duration::from_millis(100)) {

@@ -370,6 +370,10 @@ fn receive_loop<S: ReplicatedState>(
                 0
             }
         };
+        if received == 0 && options.busy_poll {
+            // Spinning threads can outnumber cores; let the others run between attempts.
+            std::thread::yield_now();
+        }
         let drops = batch.kernel_drops();
         if drops > reported_drops {
             shared
