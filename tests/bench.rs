@@ -1,0 +1,73 @@
+//! `grapevine bench` runs end to end and reports every figure as JSON (tiny runs: the figures
+//! themselves are for release builds, see docs/PERFORMANCE.md).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> serde_json::Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_grapevine"))
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run grapevine bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+#[test]
+fn throughput_reports_both_stacks_and_their_ratio() {
+    let report = bench(&[
+        "throughput",
+        "--seconds",
+        "0.3",
+        "--group",
+        "239.255.78.1:47800",
+    ]);
+    for stack in ["grapevine", "raw"] {
+        let figures = &report[stack];
+        assert!(
+            figures["messages_per_second"].as_f64().unwrap() > 0.0,
+            "{report}"
+        );
+        // Flow control keeps the receiver's buffer from overflowing; the tail of a debug-build
+        // run may still miss a few datagrams, which the report shows.
+        assert!(figures["loss"].as_f64().unwrap() < 0.01, "{report}");
+    }
+    assert!(report["ratio"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn latency_reports_percentiles_for_both_stacks() {
+    let report = bench(&["latency", "--count", "300", "--group", "239.255.78.2:47810"]);
+    for stack in ["grapevine", "raw"] {
+        let figures = &report[stack];
+        assert_eq!(figures["count"], 300, "{report}");
+        let p50 = figures["p50_us"].as_f64().unwrap();
+        let p99 = figures["p99_us"].as_f64().unwrap();
+        assert!(p50 > 0.0 && p99 >= p50, "{report}");
+    }
+}
+
+#[test]
+fn recovery_reports_time_to_live() {
+    let report = bench(&[
+        "recovery",
+        "--leaves",
+        "500",
+        "--rounds",
+        "3",
+        "--group",
+        "239.255.78.3:47820",
+    ]);
+    assert!(report["rounds"].as_u64().unwrap() >= 1, "{report}");
+    let median = report["median_ms"].as_f64().unwrap();
+    // 500 leaves at 100 000 leaves/s: a 5 ms walk plus a 10 ms pause per cycle.
+    assert!(median > 0.0 && median < 5_000.0, "{report}");
+}
