@@ -101,6 +101,8 @@ struct Measured {
     seconds: f64,
     cpu_seconds: f64,
     kernel_drops: u64,
+    /// Messages the receiver itself knows it lost (GrapeVine's gap accounting; raw UDP has none).
+    counted_lost: Option<u64>,
 }
 
 impl Measured {
@@ -123,6 +125,7 @@ impl Measured {
             "loss": self.loss(),
             "cpu_percent": self.cpu_seconds / self.seconds * 100.0,
             "kernel_drops": self.kernel_drops,
+            "counted_lost": self.counted_lost,
         })
     }
 }
@@ -178,12 +181,14 @@ fn throughput(args: &ThroughputArgs) -> Result<()> {
     );
     for (name, m) in [("grapevine", &gv), ("raw udp", &raw)] {
         println!(
-            "  {name:<10} {:>10.0} msgs/s {:>8.1} MB/s  loss {:>5.1} %  cpu {:>5.1} %  kernel drops {}",
+            "  {name:<10} {:>10.0} msgs/s {:>8.1} MB/s  loss {:>5.1} %  cpu {:>5.1} %  kernel drops {}{}",
             m.rate(),
             m.rate() * args.payload as f64 / 1e6,
             m.loss() * 100.0,
             m.cpu_seconds / m.seconds * 100.0,
-            m.kernel_drops
+            m.kernel_drops,
+            m.counted_lost
+                .map_or(String::new(), |n| format!("  lost and counted by the subscriber {n}"))
         );
     }
     println!("ratio: {ratio:.2}");
@@ -249,6 +254,7 @@ fn throughput_grapevine(
         seconds,
         cpu_seconds,
         kernel_drops: stats.kernel_drops,
+        counted_lost: Some(stats.protocol.messages_lost),
     };
     drop(subscriber);
     let per_datagram = ((sent as f64 / datagrams.max(1) as f64).round() as u64).max(1);
@@ -321,6 +327,7 @@ fn throughput_raw(
         seconds,
         cpu_seconds: process_cpu_seconds() - cpu_before,
         kernel_drops: drops.load(Ordering::Relaxed),
+        counted_lost: None,
     })
 }
 
