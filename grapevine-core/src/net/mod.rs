@@ -329,6 +329,8 @@ impl MulticastSocket {
                 socket
                     .set_multicast_loop_v6(config.loopback)
                     .map_err(err("IPV6_MULTICAST_LOOP"))?;
+                // Only the source address is left open for link-local interfaces (binding one
+                // needs a scope); the sending interface is pinned by IPV6_MULTICAST_IF above.
                 let bind_to = match iface {
                     IpAddr::V6(addr) if !is_link_local(&addr) => SocketAddr::from((addr, 0)),
                     _ => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
