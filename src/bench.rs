@@ -626,9 +626,8 @@ fn ping_grapevine(args: &LatencyArgs, pong: SocketAddr, total: u64) -> Result<Ve
     let mut options = PublisherOptions::new(1, MulticastConfig::new(args.group));
     options.session.flush_delay = Duration::ZERO;
     let publisher = Publisher::start(options, PayloadMap::default())?;
-    let mut sub_options = SubscriberOptions::new(2, MulticastConfig::new(pong));
-    sub_options.busy_poll = args.busy_poll;
-    let subscriber = Subscriber::<PayloadMap>::join(sub_options)?;
+    let sub_options = SubscriberOptions::new(2, MulticastConfig::new(pong));
+    let mut pongs = Pongs::join(sub_options, args.busy_poll)?;
     let payload = payload_bytes(args.payload);
     let mut times = Vec::with_capacity(total as usize);
     for i in 0..total {
@@ -636,30 +635,63 @@ fn ping_grapevine(args: &LatencyArgs, pong: SocketAddr, total: u64) -> Result<Ve
         let t0 = Instant::now();
         publisher.publish(MapDelta::Put(key, payload.clone()))?;
         loop {
-            let event = if args.busy_poll {
-                match subscriber.events().try_recv() {
-                    Ok(event) => event,
-                    Err(_) if t0.elapsed() < ROUND_TRIP_TIMEOUT => {
-                        std::thread::yield_now();
-                        continue;
-                    }
-                    Err(_) => bail!("grapevine round trip {i} lost"),
-                }
-            } else {
-                subscriber
-                    .events()
-                    .recv_timeout(ROUND_TRIP_TIMEOUT)
-                    .with_context(|| format!("grapevine round trip {i} lost"))?
-            };
-            if let grapevine::core::proto::SubscriberEvent::Applied { key: k, .. } = event {
-                if k == key {
-                    break;
-                }
+            if t0.elapsed() > ROUND_TRIP_TIMEOUT {
+                bail!("grapevine round trip {i} lost");
+            }
+            if pongs.next_applied()? == Some(key) {
+                break;
             }
         }
         times.push(t0.elapsed());
     }
     Ok(times)
+}
+
+/// Receives the keys of applied deltas: through the threaded subscriber and its channel
+/// (blocking), or an inline subscriber polled on this thread (busy poll).
+enum Pongs {
+    Threaded(Subscriber<PayloadMap>),
+    Inline(
+        Box<grapevine::subscriber::InlineSubscriber<PayloadMap>>,
+        Vec<u32>,
+    ),
+}
+
+impl Pongs {
+    fn join(options: SubscriberOptions, busy_poll: bool) -> Result<Self> {
+        Ok(if busy_poll {
+            Self::Inline(
+                Box::new(grapevine::subscriber::InlineSubscriber::join(options)?),
+                Vec::new(),
+            )
+        } else {
+            Self::Threaded(Subscriber::join(options)?)
+        })
+    }
+
+    /// The key of the next applied delta, if one arrives soon.
+    fn next_applied(&mut self) -> Result<Option<u32>> {
+        use grapevine::core::proto::SubscriberEvent::Applied;
+        match self {
+            Self::Threaded(subscriber) => {
+                match subscriber.events().recv_timeout(Duration::from_millis(100)) {
+                    Ok(Applied { key, .. }) => Ok(Some(key)),
+                    _ => Ok(None),
+                }
+            }
+            Self::Inline(subscriber, pending) => {
+                if pending.is_empty() {
+                    for event in subscriber.poll(Duration::ZERO) {
+                        if let Applied { key, .. } = event {
+                            pending.push(key);
+                        }
+                    }
+                    pending.reverse();
+                }
+                Ok(pending.pop())
+            }
+        }
+    }
 }
 
 pub(crate) fn echo(args: &EchoArgs) -> Result<()> {
@@ -685,27 +717,12 @@ pub(crate) fn echo(args: &EchoArgs) -> Result<()> {
     let mut options = PublisherOptions::new(2, MulticastConfig::new(args.pong));
     options.session.flush_delay = Duration::ZERO;
     let publisher = Publisher::start(options, PayloadMap::default())?;
-    let mut sub_options = SubscriberOptions::new(1, MulticastConfig::new(args.ping));
-    sub_options.busy_poll = args.busy_poll;
-    let subscriber = Subscriber::<PayloadMap>::join(sub_options)?;
+    let sub_options = SubscriberOptions::new(1, MulticastConfig::new(args.ping));
+    let mut pings = Pongs::join(sub_options, args.busy_poll)?;
     let payload = payload_bytes(args.payload);
     let mut served = 0;
     while served < args.count && Instant::now() < deadline {
-        let event = if args.busy_poll {
-            match subscriber.events().try_recv() {
-                Ok(event) => event,
-                Err(_) => {
-                    std::thread::yield_now();
-                    continue;
-                }
-            }
-        } else {
-            match subscriber.events().recv_timeout(Duration::from_millis(100)) {
-                Ok(event) => event,
-                Err(_) => continue,
-            }
-        };
-        if let grapevine::core::proto::SubscriberEvent::Applied { key, .. } = event {
+        if let Some(key) = pings.next_applied()? {
             publisher.publish(MapDelta::Put(key, payload.clone()))?;
             served += 1;
         }

@@ -194,10 +194,14 @@ impl<S: ReplicatedState> Publisher<S> {
             while let Some(datagram) = session.poll_transmit() {
                 ready.push(datagram);
             }
-            last
+            (last, session.has_pending_batch())
         };
-        // Wake the flusher: a new batch may need flushing before its heartbeat deadline.
-        self.shared.wake.notify_one();
+        let (result, pending) = result;
+        // Wake the flusher only when a batch waits for its flush delay: a needless wake-up is
+        // a syscall and a thread competing for the CPU on every publish.
+        if pending {
+            self.shared.wake.notify_one();
+        }
         self.shared.send(&ready);
         Ok(result?)
     }

@@ -10,6 +10,8 @@
 //! and leaves it once everything is live again. Events reach the application through a
 //! crossbeam channel ([`Subscriber::events`], blocking) or a tokio channel
 //! ([`Subscriber::join_async`], async); the state is read in place with [`Subscriber::read`].
+//! For the lowest latency, [`InlineSubscriber`] has no thread at all: the application's own
+//! thread polls the socket and gets the events directly.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -43,6 +45,10 @@ use grapevine_core::proto::{
 };
 use grapevine_core::state::ReplicatedState;
 use parking_lot::{Condvar, Mutex};
+
+mod inline;
+
+pub use inline::InlineSubscriber;
 
 /// Settings of a [`Subscriber`].
 #[derive(Clone, Debug)]

@@ -256,3 +256,30 @@ async fn async_event_stream_reports_live() {
     assert!(live_event);
     drop(subscriber);
 }
+
+#[test]
+fn inline_subscriber_replicates_on_the_callers_thread() {
+    let live = group(10);
+    let mut subscriber = grapevine_subscriber::InlineSubscriber::<Counters>::join(
+        SubscriberOptions::new(TOPIC, live.clone()),
+    )
+    .unwrap();
+    let publisher = start_publisher(&live, 0, Counters::default());
+    let _snapshots = start_snapshotter(&publisher, &live);
+    publish_counts(&publisher, 500);
+    let want = publisher.read(digest);
+    let deadline = Instant::now() + WAIT;
+    let mut applied = 0;
+    while Instant::now() < deadline {
+        applied += subscriber
+            .poll(Duration::from_millis(10))
+            .filter(|e| matches!(e, SubscriberEvent::Applied { .. }))
+            .count();
+        let session = subscriber.session();
+        if session.is_live() && session.stream(0).is_some_and(|v| digest(v.state) == want) {
+            break;
+        }
+    }
+    assert!(subscriber.session().is_live());
+    assert_eq!(applied, 500, "every delta applied, reported as an event");
+}

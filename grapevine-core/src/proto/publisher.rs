@@ -266,6 +266,11 @@ impl<S: ReplicatedState> PublisherSession<S> {
         self.out.pop_front()
     }
 
+    /// Whether deltas wait in a partly filled datagram for the flush delay.
+    pub fn has_pending_batch(&self) -> bool {
+        self.batch_started.is_some()
+    }
+
     /// The source-of-truth state.
     pub fn state(&self) -> &S {
         &self.state
