@@ -1,0 +1,160 @@
+//! `gv-dir-devices`: a VDRIVER (docs/VDRIVER.md) exposing every regular file of a directory
+//! (`GV_DIRDEV_ROOT`, default `/var/lib/gvd/devices`) as a `block` VDEV named after the file.
+//! Functions: `size` (decimal bytes) and `read` (arguments: offset and length as two
+//! big-endian u64; answer: the bytes). The list is read again at every listing, so files that
+//! appear or disappear change the inventory.
+#![allow(unsafe_code)]
+
+use std::ffi::{c_char, CStr, CString};
+use std::io::{Read, Seek, SeekFrom};
+use std::panic::catch_unwind;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+/// A VDEV as the ABI lays it out.
+#[repr(C)]
+pub struct GvVdev {
+    name: *const c_char,
+    kind: *const c_char,
+    attributes: *const c_char,
+}
+
+/// The strings of the last listing, kept alive until the next one (as the ABI allows).
+static LISTED: Mutex<Vec<(CString, CString)>> = Mutex::new(Vec::new());
+
+fn root() -> PathBuf {
+    std::env::var_os("GV_DIRDEV_ROOT")
+        .map_or_else(|| PathBuf::from("/var/lib/gvd/devices"), PathBuf::from)
+}
+
+/// Regular files of the root with names that are valid device names, sorted.
+fn devices() -> Vec<(String, u64)> {
+    let Ok(entries) = std::fs::read_dir(root()) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(String, u64)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let meta = entry.metadata().ok()?;
+            let name = entry.file_name().into_string().ok()?;
+            (meta.is_file() && !name.contains('\0')).then_some((name, meta.len()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The ABI version this driver implements.
+#[no_mangle]
+pub extern "C" fn gv_vdriver_abi_version() -> u32 {
+    1
+}
+
+/// The driver's name.
+#[no_mangle]
+pub extern "C" fn gv_vdriver_name() -> *const c_char {
+    c"dir-devices".as_ptr()
+}
+
+/// Lists the VDEVs: one per file.
+///
+/// # Safety
+///
+/// `out` must point to `cap` writable `GvVdev`s (or be null with `cap` 0).
+#[no_mangle]
+pub unsafe extern "C" fn gv_vdriver_list(out: *mut GvVdev, cap: u32) -> i32 {
+    let listed = catch_unwind(|| {
+        let Ok(mut listed) = LISTED.lock() else {
+            return -1;
+        };
+        listed.clear();
+        for (name, size) in devices() {
+            let (Ok(name), Ok(attributes)) = (
+                CString::new(name),
+                CString::new(format!("{{\"size\":{size}}}")),
+            ) else {
+                continue;
+            };
+            listed.push((name, attributes));
+        }
+        for (i, (name, attributes)) in listed.iter().enumerate().take(cap as usize) {
+            // SAFETY: the caller provides `cap` writable entries and i < cap; the strings live
+            // in LISTED until the next listing.
+            unsafe {
+                out.add(i).write(GvVdev {
+                    name: name.as_ptr(),
+                    kind: c"block".as_ptr(),
+                    attributes: attributes.as_ptr(),
+                });
+            }
+        }
+        i32::try_from(listed.len()).unwrap_or(i32::MAX)
+    });
+    listed.unwrap_or(-1)
+}
+
+/// Calls `size` or `read` on a device.
+///
+/// # Safety
+///
+/// Strings must be NUL-terminated, `args` readable for `args_len` bytes, `out` writable for
+/// `out_cap` bytes and `out_len` writable.
+#[no_mangle]
+pub unsafe extern "C" fn gv_vdriver_call(
+    vdev: *const c_char,
+    function: *const c_char,
+    args: *const u8,
+    args_len: usize,
+    out: *mut u8,
+    out_cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    let result = catch_unwind(|| {
+        // SAFETY: the caller guarantees valid strings and buffers (see above).
+        let (vdev, function, args) = unsafe {
+            (
+                CStr::from_ptr(vdev).to_string_lossy().into_owned(),
+                CStr::from_ptr(function).to_bytes(),
+                std::slice::from_raw_parts(args, args_len),
+            )
+        };
+        let Some((_, size)) = devices().into_iter().find(|(name, _)| *name == vdev) else {
+            return -3;
+        };
+        let answer = match function {
+            b"size" => size.to_string().into_bytes(),
+            b"read" => {
+                let (Some(offset), Some(len)) = (
+                    args.get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_be_bytes),
+                    args.get(8..16)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_be_bytes),
+                ) else {
+                    return -5;
+                };
+                let mut buf = vec![0u8; len.min(size.saturating_sub(offset)).min(1 << 20) as usize];
+                let read = std::fs::File::open(root().join(&vdev)).and_then(|mut f| {
+                    f.seek(SeekFrom::Start(offset))?;
+                    f.read_exact(&mut buf)
+                });
+                if read.is_err() {
+                    return -1;
+                }
+                buf
+            }
+            _ => return -4,
+        };
+        // SAFETY: out_len is writable; out is writable for out_cap bytes.
+        unsafe {
+            *out_len = answer.len();
+            if answer.len() > out_cap {
+                return -2;
+            }
+            std::ptr::copy_nonoverlapping(answer.as_ptr(), out, answer.len());
+        }
+        0
+    });
+    result.unwrap_or(-1)
+}

@@ -1,0 +1,121 @@
+//! `gv-echo`: a VDRIVER (docs/VDRIVER.md) with two loopback devices. `echo0` answers `echo`
+//! with its arguments and `reverse` with them reversed; `counter0` answers `next` with a
+//! counter that increases on every call. `GV_ECHO_FAULT` makes it misbehave on purpose for
+//! gvd's tests: `abi` reports another ABI version, `error` fails to list, `panic` panics while
+//! listing, `abort` aborts the process.
+#![allow(unsafe_code)]
+
+use std::ffi::{c_char, CStr};
+use std::panic::catch_unwind;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A VDEV as the ABI lays it out.
+#[repr(C)]
+pub struct GvVdev {
+    name: *const c_char,
+    kind: *const c_char,
+    attributes: *const c_char,
+}
+
+const VDEVS: [(&CStr, &CStr, &CStr); 2] = [
+    (c"echo0", c"echo", c"{\"functions\":[\"echo\",\"reverse\"]}"),
+    (c"counter0", c"char", c"{\"functions\":[\"next\"]}"),
+];
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn fault() -> String {
+    std::env::var("GV_ECHO_FAULT").unwrap_or_default()
+}
+
+/// The ABI version this driver implements.
+#[no_mangle]
+pub extern "C" fn gv_vdriver_abi_version() -> u32 {
+    if fault() == "abi" {
+        99
+    } else {
+        1
+    }
+}
+
+/// The driver's name.
+#[no_mangle]
+pub extern "C" fn gv_vdriver_name() -> *const c_char {
+    c"echo".as_ptr()
+}
+
+/// Lists the VDEVs.
+///
+/// # Safety
+///
+/// `out` must point to `cap` writable `GvVdev`s (or be null with `cap` 0).
+#[no_mangle]
+pub unsafe extern "C" fn gv_vdriver_list(out: *mut GvVdev, cap: u32) -> i32 {
+    let listed = catch_unwind(|| {
+        match fault().as_str() {
+            "error" => return -1,
+            "panic" => panic!("gv-echo: asked to panic"),
+            "abort" => std::process::abort(),
+            _ => {}
+        }
+        for (i, (name, kind, attributes)) in VDEVS.iter().enumerate().take(cap as usize) {
+            // SAFETY: the caller provides `cap` writable entries and i < cap.
+            unsafe {
+                out.add(i).write(GvVdev {
+                    name: name.as_ptr(),
+                    kind: kind.as_ptr(),
+                    attributes: attributes.as_ptr(),
+                });
+            }
+        }
+        VDEVS.len() as i32
+    });
+    listed.unwrap_or(-1)
+}
+
+/// Calls a function of a VDEV.
+///
+/// # Safety
+///
+/// Strings must be NUL-terminated, `args` readable for `args_len` bytes, `out` writable for
+/// `out_cap` bytes and `out_len` writable.
+#[no_mangle]
+pub unsafe extern "C" fn gv_vdriver_call(
+    vdev: *const c_char,
+    function: *const c_char,
+    args: *const u8,
+    args_len: usize,
+    out: *mut u8,
+    out_cap: usize,
+    out_len: *mut usize,
+) -> i32 {
+    let result = catch_unwind(|| {
+        // SAFETY: the caller guarantees valid strings and buffers (see above).
+        let (vdev, function, args) = unsafe {
+            (
+                CStr::from_ptr(vdev).to_bytes(),
+                CStr::from_ptr(function).to_bytes(),
+                std::slice::from_raw_parts(args, args_len),
+            )
+        };
+        let answer: Vec<u8> = match (vdev, function) {
+            (b"echo0", b"echo") => args.to_vec(),
+            (b"echo0", b"reverse") => args.iter().rev().copied().collect(),
+            (b"counter0", b"next") => (COUNTER.fetch_add(1, Ordering::Relaxed) + 1)
+                .to_string()
+                .into_bytes(),
+            (b"echo0" | b"counter0", _) => return -4,
+            _ => return -3,
+        };
+        // SAFETY: out_len is writable; out is writable for out_cap bytes.
+        unsafe {
+            *out_len = answer.len();
+            if answer.len() > out_cap {
+                return -2;
+            }
+            std::ptr::copy_nonoverlapping(answer.as_ptr(), out, answer.len());
+        }
+        0
+    });
+    result.unwrap_or(-1)
+}
