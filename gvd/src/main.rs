@@ -1,11 +1,15 @@
-//! `gvd`, the GrapeVine daemon. This version inventories VDRIVERs; discovery, the node list,
+//! `gvd`, the GrapeVine daemon: VDRIVER inventory and echolocation with a node list file.
 //! KOS agents and GrapeVineFS are the next steps (see README).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use gvd::daemon::{self, Config};
 use gvd::inventory::{probe_here, scan, search_path};
 
 /// The GrapeVine daemon.
@@ -18,6 +22,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the daemon: announce this node, track the others, keep the node list file.
+    Run(RunArgs),
     /// Find the VDRIVERs in VDRIVER_PATH, check each, and print the VDEVs and `unique`.
     Inventory {
         /// Colon-separated directories of driver libraries.
@@ -34,6 +40,72 @@ enum Command {
         /// The library.
         path: PathBuf,
     },
+}
+
+/// Settings for `gvd run`: flags override the environment, which overrides the file.
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// TOML configuration file (keys as the long flags, with underscores).
+    #[arg(long, env = "GVD_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's name.
+    #[arg(long, env = "GVD_NAME")]
+    name: Option<String>,
+    /// Directory for the node id.
+    #[arg(long, env = "GVD_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// The node list file for local readers.
+    #[arg(long, env = "GV_NODES_PATH")]
+    nodes_path: Option<PathBuf>,
+    /// Colon-separated directories of VDRIVERs.
+    #[arg(long, env = "VDRIVER_PATH")]
+    vdriver_path: Option<String>,
+    /// Multicast group of the ELP topic.
+    #[arg(long, env = "GVD_GROUP")]
+    group: Option<SocketAddr>,
+    /// Interface to announce on (loopback unless set).
+    #[arg(long, env = "GVD_IFACE")]
+    iface: Option<String>,
+    /// Announcement period in milliseconds.
+    #[arg(long, env = "ELP_DELAY")]
+    elp_delay_ms: Option<u64>,
+    /// Periods of silence after which a node is dead.
+    #[arg(long, env = "NODE_TTL")]
+    node_ttl: Option<u32>,
+}
+
+impl RunArgs {
+    fn config(&self) -> Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = &self.name {
+            config.name = v.clone();
+        }
+        if let Some(v) = &self.state_dir {
+            config.state_dir = v.clone();
+        }
+        if let Some(v) = &self.nodes_path {
+            config.nodes_path = Some(v.clone());
+        }
+        if let Some(v) = &self.vdriver_path {
+            config.vdriver_path = v.clone();
+        }
+        if let Some(v) = self.group {
+            config.group = v;
+        }
+        if let Some(v) = &self.iface {
+            config.iface = v.clone();
+        }
+        if let Some(v) = self.elp_delay_ms {
+            config.elp_delay_ms = v;
+        }
+        if let Some(v) = self.node_ttl {
+            config.node_ttl = v;
+        }
+        Ok(config)
+    }
 }
 
 fn main() -> ExitCode {
@@ -55,6 +127,15 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Run(args) => {
+            let config = args.config()?;
+            let stop = Arc::new(AtomicBool::new(false));
+            {
+                let stop = Arc::clone(&stop);
+                ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))?;
+            }
+            daemon::run(&config, &std::env::current_exe()?, &stop)
+        }
         Command::Inventory { vdriver_path, json } => {
             let exe = std::env::current_exe()?;
             let inventory = scan(&search_path(&vdriver_path), &exe);
