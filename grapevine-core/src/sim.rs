@@ -316,6 +316,29 @@ impl<S: ReplicatedState + Clone> SimNet<S> {
     }
 }
 
+/// Feeds a subscriber of topic 1 with a recorded input: records of
+/// `[advance_ms: u8][len: u16 BE][datagram]`, running its timers as time advances. The format
+/// of the `subscriber_session` fuzz target, so its findings replay as tests.
+pub fn feed_subscriber(data: &[u8]) -> SubscriberSession<Counters> {
+    let mut config = SubscriberConfig::new(1);
+    config.max_cycle_leaves = 1 << 16;
+    let mut subscriber = SubscriberSession::<Counters>::new(config);
+    let mut now = Instant::now();
+    let mut rest = data;
+    while let [advance, hi, lo, tail @ ..] = rest {
+        now += Duration::from_millis(u64::from(*advance));
+        let len = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
+        let (datagram, after) = tail.split_at(len);
+        subscriber.handle_datagram(now, datagram);
+        if subscriber.poll_timeout().is_some_and(|t| t <= now) {
+            subscriber.handle_timeout(now);
+        }
+        while subscriber.poll_event().is_some() {}
+        rest = after;
+    }
+    subscriber
+}
+
 /// A map of counters with *incremental* deltas, so a delta applied to the wrong base value
 /// gives a value the publisher never had: the property tests catch any such mistake.
 #[derive(Clone, Debug, Default, Deserialize, Eq, PartialEq, Serialize)]

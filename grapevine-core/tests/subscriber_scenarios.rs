@@ -9,7 +9,7 @@ use grapevine_core::proto::{
     new_session_id, PublisherConfig, PublisherSession, SnapshotConfig, SnapshotSession,
     StreamStatus, SubscriberConfig, SubscriberEvent, SubscriberSession,
 };
-use grapevine_core::sim::{CounterDelta, Counters};
+use grapevine_core::sim::{feed_subscriber, CounterDelta, Counters};
 use grapevine_core::wire::DatagramBuilder;
 
 fn publisher(now: Instant, session_ms: u64) -> PublisherSession<Counters> {
@@ -175,33 +175,10 @@ fn heartbeat_reveals_a_lost_tail() {
     assert_eq!(status(&s), StreamStatus::Recovering);
 }
 
-/// Feeds a `subscriber_session` fuzz input (`[advance_ms][len u16][datagram]...`) through a
-/// subscriber, exactly as the fuzz target does.
-fn replay_fuzz_input(data: &[u8]) -> SubscriberSession<Counters> {
-    let mut config = SubscriberConfig::new(1);
-    config.max_cycle_leaves = 1 << 16;
-    let mut subscriber = SubscriberSession::<Counters>::new(config);
-    let mut now = Instant::now();
-    let mut rest = data;
-    while let [advance, hi, lo, tail @ ..] = rest {
-        now += Duration::from_millis(u64::from(*advance));
-        let len = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
-        let (datagram, after) = tail.split_at(len);
-        subscriber.handle_datagram(now, datagram);
-        if subscriber.poll_timeout().is_some_and(|t| t <= now) {
-            subscriber.handle_timeout(now);
-        }
-        while subscriber.poll_event().is_some() {}
-        rest = after;
-    }
-    subscriber
-}
-
 /// Fuzz find: two heartbeats claiming ~2^64 lost messages overflowed the lost counter.
 #[test]
 fn fuzz_regression_lost_counter_overflow() {
-    let subscriber =
-        replay_fuzz_input(include_bytes!("fuzz-regressions/lost-counter-overflow.bin"));
+    let subscriber = feed_subscriber(include_bytes!("fuzz-regressions/lost-counter-overflow.bin"));
     assert_eq!(subscriber.stats().messages_lost, u64::MAX);
 }
 
@@ -209,7 +186,7 @@ fn fuzz_regression_lost_counter_overflow() {
 /// and panicked the range query.
 #[test]
 fn fuzz_regression_inverted_span() {
-    let subscriber = replay_fuzz_input(include_bytes!("fuzz-regressions/inverted-span.bin"));
+    let subscriber = feed_subscriber(include_bytes!("fuzz-regressions/inverted-span.bin"));
     assert!(subscriber.stats().snapshot_messages > 0);
 }
 

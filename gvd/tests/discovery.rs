@@ -3,6 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::built;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -90,16 +94,6 @@ fn names(list: &NodesFile) -> Vec<String> {
     let mut names: Vec<String> = list.nodes.iter().map(|n| n.record.name.clone()).collect();
     names.sort();
     names
-}
-
-fn built(name: &str) -> PathBuf {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_gvd"));
-    let dir = bin.parent().unwrap();
-    let file = format!("lib{name}.so");
-    [dir.join("deps").join(&file), dir.join(&file)]
-        .into_iter()
-        .find(|p| p.exists())
-        .unwrap()
 }
 
 fn terminate(child: &Child) {

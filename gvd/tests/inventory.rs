@@ -2,22 +2,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::built;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use gvd::inventory::Inventory;
 use gvd::vdriver::{Driver, DriverError};
-
-/// A driver library built by this workspace (a dev-dependency, so cargo builds it).
-fn built(name: &str) -> PathBuf {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_gvd"));
-    let dir = bin.parent().unwrap();
-    let file = format!("lib{name}.so");
-    [dir.join("deps").join(&file), dir.join(&file)]
-        .into_iter()
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("{file} not built next to {}", bin.display()))
-}
 
 struct Setup {
     dir: PathBuf,
