@@ -1,0 +1,235 @@
+//! Three gvd on three namespace hosts joined by a bridge (DESIGN.md §7): they list each other
+//! and each other's VDEVs within two announcement periods of starting, and a killed one leaves
+//! the lists within the TTL plus one period. Needs root and `ip`; skips with a message
+//! otherwise, and removes its namespaces and processes whatever happens.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::built;
+use gvd::daemon::NodesFile;
+
+const HOSTS: usize = 3;
+const ELP_DELAY_MS: u64 = 200;
+const NODE_TTL: u64 = 3;
+
+struct Lab {
+    prefix: String,
+    dir: PathBuf,
+    children: Vec<Child>,
+}
+
+impl Lab {
+    fn ns(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn setup(&self) -> Result<(), String> {
+        let br = self.ns("br");
+        run(&["ip", "netns", "add", &br])?;
+        run(&[
+            "ip",
+            "-n",
+            &br,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
+        run(&["ip", "-n", &br, "link", "set", "br0", "up"])?;
+        for i in 0..HOSTS {
+            let host = self.ns(&format!("h{i}"));
+            let (inner, outer) = (
+                format!("{}v{i}", self.prefix),
+                format!("{}p{i}", self.prefix),
+            );
+            run(&["ip", "netns", "add", &host])?;
+            run(&[
+                "ip", "link", "add", &inner, "type", "veth", "peer", "name", &outer,
+            ])?;
+            run(&["ip", "link", "set", &inner, "netns", &host])?;
+            run(&["ip", "link", "set", &outer, "netns", &br])?;
+            run(&[
+                "ip", "-n", &br, "link", "set", &outer, "master", "br0", "up",
+            ])?;
+            run(&[
+                "ip",
+                "-n",
+                &host,
+                "addr",
+                "add",
+                &format!("10.231.0.{}/24", i + 1),
+                "dev",
+                &inner,
+            ])?;
+            run(&["ip", "-n", &host, "link", "set", &inner, "up"])?;
+            run(&["ip", "-n", &host, "link", "set", "lo", "up"])?;
+            run(&[
+                "ip",
+                "-n",
+                &host,
+                "route",
+                "add",
+                "224.0.0.0/4",
+                "dev",
+                &inner,
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn nodes_path(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("h{i}")).join("nodes.json")
+    }
+
+    fn start(&mut self, i: usize, drivers: &PathBuf) {
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns(&format!("h{i}")),
+                env!("CARGO_BIN_EXE_gvd"),
+                "run",
+            ])
+            .args([
+                "--name",
+                &format!("host{i}"),
+                "--group",
+                "239.255.79.20:47920",
+            ])
+            .args(["--iface", &format!("{}v{i}", self.prefix)])
+            .args([
+                "--elp-delay-ms",
+                &ELP_DELAY_MS.to_string(),
+                "--node-ttl",
+                &NODE_TTL.to_string(),
+            ])
+            .arg("--state-dir")
+            .arg(self.dir.join(format!("h{i}")))
+            .arg("--vdriver-path")
+            .arg(drivers)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start gvd in a namespace");
+        self.children.push(child);
+    }
+
+    fn list(&self, i: usize) -> Option<NodesFile> {
+        serde_json::from_slice(&std::fs::read(self.nodes_path(i)).ok()?).ok()
+    }
+
+    fn wait(&self, i: usize, timeout: Duration, want: &[&str]) -> Duration {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if let Some(list) = self.list(i) {
+                let mut names: Vec<String> =
+                    list.nodes.iter().map(|n| n.record.name.clone()).collect();
+                names.sort();
+                if names == want {
+                    return started.elapsed();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!(
+            "host {i} did not list {want:?} within {timeout:?}: {:?}",
+            self.list(i)
+        );
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for name in (0..HOSTS)
+            .map(|i| format!("h{i}"))
+            .chain(["br".to_string()])
+        {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(&name)])
+                .output();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn run(args: &[&str]) -> Result<(), String> {
+    let output = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+#[test]
+fn three_hosts_discover_each_other_and_a_dead_one_leaves() {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n");
+    if !matches!(root, Ok(true)) || run(&["ip", "-V"]).is_err() {
+        eprintln!("SKIPPED three_hosts_discover_each_other_and_a_dead_one_leaves: needs root and iproute2");
+        return;
+    }
+    let pid = std::process::id();
+    let mut lab = Lab {
+        prefix: format!("gd{}", pid % 100_000),
+        dir: std::env::temp_dir().join(format!("gvd-ns-{pid}")),
+        children: Vec::new(),
+    };
+    if let Err(why) = lab.setup() {
+        eprintln!("SKIPPED three_hosts_discover_each_other_and_a_dead_one_leaves: {why}");
+        return;
+    }
+    let drivers = lab.dir.join("drivers");
+    std::fs::create_dir_all(&drivers).unwrap();
+    std::fs::copy(built("gv_echo"), drivers.join("echo.so")).unwrap();
+
+    for i in 0..HOSTS {
+        lab.start(i, &drivers);
+    }
+    let all = ["host0", "host1", "host2"];
+    // Within two announcement periods of starting (plus process start-up).
+    let within = Duration::from_millis(2 * ELP_DELAY_MS + 1_000);
+    for i in 0..HOSTS {
+        let took = lab.wait(i, within, &all);
+        eprintln!("host {i} listed all three after {took:?}");
+    }
+    let list = lab.list(0).unwrap();
+    for node in &list.nodes {
+        let index: usize = node.record.name.trim_start_matches("host").parse().unwrap();
+        assert_eq!(
+            node.record.addresses,
+            vec![format!("10.231.0.{}", index + 1)]
+        );
+        assert_eq!(node.record.vdevs.len(), 2, "each other's VDEVs: {node:?}");
+    }
+
+    let _ = lab.children[2].kill();
+    let _ = lab.children[2].wait();
+    let limit = Duration::from_millis(ELP_DELAY_MS * (NODE_TTL + 1) + 500);
+    for i in 0..2 {
+        let took = lab.wait(i, limit, &["host0", "host1"]);
+        eprintln!("host {i} dropped the killed host after {took:?}");
+    }
+}
