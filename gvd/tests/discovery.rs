@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use gvd::daemon::NodesFile;
 
 const ELP_DELAY_MS: u64 = 100;
-const NODE_TTL: u64 = 5;
+// Long enough that a goodbye (immediate) and a death (after the TTL) cannot be confused.
+const NODE_TTL: u64 = 20;
 
 struct Node {
     child: Child,
