@@ -117,6 +117,29 @@ fn nodes_find_each_other_and_notice_departures() {
         eprintln!("node {i} saw all three after {took:?}");
     }
     let list = cluster.list(0).unwrap();
+    let gvctl = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_gvctl"))
+            .args(args)
+            .env("GV_NODES_PATH", &cluster.nodes[0].nodes_path)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let table = gvctl(&["nodes"]);
+    assert_eq!(
+        table.lines().count(),
+        4,
+        "a header and three nodes:\n{table}"
+    );
+    let vdevs: serde_json::Value =
+        serde_json::from_str(&gvctl(&["vdevs", "node1", "--json"])).unwrap();
+    assert_eq!(vdevs.as_array().unwrap().len(), 2, "{vdevs}");
+    assert!(gvctl(&["status"]).contains("3 nodes known"));
     for node in &list.nodes {
         let vdevs: Vec<&str> = node
             .record
@@ -198,4 +221,14 @@ fn bad_configuration_is_a_clear_error() {
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn gvctl_says_when_there_is_no_node_list() {
+    let output = Command::new(env!("CARGO_BIN_EXE_gvctl"))
+        .args(["nodes", "--nodes-path", "/nonexistent/nodes.json"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("is gvd running?"));
 }
