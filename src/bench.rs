@@ -238,7 +238,7 @@ fn throughput_grapevine(
     let mut last = 0;
     while Instant::now() < drained_by {
         std::thread::sleep(Duration::from_millis(20));
-        let now_received = received(&subscriber);
+        let now_received = subscriber.processed();
         if now_received == last {
             break;
         }
@@ -249,7 +249,7 @@ fn throughput_grapevine(
     let datagrams = publisher.stats().datagrams;
     let measured = Measured {
         sent,
-        received: received(&subscriber),
+        received: subscriber.processed(),
         datagrams,
         seconds,
         cpu_seconds,
@@ -260,11 +260,6 @@ fn throughput_grapevine(
     let per_datagram = ((sent as f64 / datagrams.max(1) as f64).round() as u64).max(1);
     publisher.shutdown();
     Ok((measured, per_datagram))
-}
-
-/// Distinct deltas the subscriber received.
-fn received(subscriber: &Subscriber<PayloadMap>) -> u64 {
-    subscriber.processed()
 }
 
 fn throughput_raw(

@@ -181,7 +181,7 @@ impl<S: ReplicatedState> Publisher<S> {
             return Err(PublisherError::Closed);
         }
         let mut ready: Vec<Bytes> = Vec::new();
-        let result = {
+        let (result, pending) = {
             let mut session = self.shared.session.lock();
             let now = Instant::now();
             let mut last = Ok(session.last_seq());
@@ -196,7 +196,6 @@ impl<S: ReplicatedState> Publisher<S> {
             }
             (last, session.has_pending_batch())
         };
-        let (result, pending) = result;
         // Wake the flusher only when a batch waits for its flush delay: a needless wake-up is
         // a syscall and a thread competing for the CPU on every publish.
         if pending {

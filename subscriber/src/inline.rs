@@ -6,7 +6,7 @@ use grapevine_core::net::{MulticastSocket, RecvBatch};
 use grapevine_core::proto::{SubscriberEvent, SubscriberSession};
 use grapevine_core::state::ReplicatedState;
 
-use crate::{SubscribeError, SubscriberOptions};
+use crate::{wants_snapshots, RecoveryMembership, SubscribeError, SubscriberOptions};
 
 /// A subscriber whose owner drives it: each [`poll`](Self::poll) reads what the socket has,
 /// runs the protocol and returns the events, on the calling thread.
@@ -36,8 +36,7 @@ use crate::{SubscribeError, SubscriberOptions};
 pub struct InlineSubscriber<S: ReplicatedState> {
     session: SubscriberSession<S>,
     live: MulticastSocket,
-    recovery: Option<MulticastSocket>,
-    options: SubscriberOptions,
+    recovery: Option<RecoveryMembership>,
     batch: RecvBatch,
     events: Vec<SubscriberEvent<S::Key>>,
     kernel_drops: u32,
@@ -55,8 +54,7 @@ impl<S: ReplicatedState> InlineSubscriber<S> {
             session: SubscriberSession::new(options.session.clone()),
             batch: RecvBatch::new(options.batch, options.max_datagram),
             live,
-            recovery: None,
-            options,
+            recovery: options.recovery.clone().map(RecoveryMembership::new),
             events: Vec::new(),
             kernel_drops: 0,
         })
@@ -91,19 +89,13 @@ impl<S: ReplicatedState> InlineSubscriber<S> {
     }
 
     fn poll_recovery(&mut self) {
-        let Some(config) = &self.options.recovery else {
+        let Some(membership) = self.recovery.as_mut() else {
             return;
         };
-        let recovering = self.session.streams().next().is_none() || !self.session.is_live();
-        match (&self.recovery, recovering) {
-            (None, true) => match MulticastSocket::receiver(config) {
-                Ok(socket) => self.recovery = Some(socket),
-                Err(error) => tracing::warn!(%error, "cannot join the recovery group"),
-            },
-            (Some(_), false) => self.recovery = None,
-            _ => {}
+        if let Err(error) = membership.update(wants_snapshots(&self.session)) {
+            tracing::warn!(%error, "cannot join the recovery group");
         }
-        let Some(socket) = &self.recovery else {
+        let Some(socket) = membership.socket() else {
             return;
         };
         if let Ok(received) = socket.recv_batch(&mut self.batch, Duration::ZERO) {

@@ -434,33 +434,22 @@ fn recovery_loop<S: ReplicatedState>(
 ) {
     let mut batch = RecvBatch::new(options.batch, options.max_datagram);
     let mut events = Vec::new();
-    let mut socket: Option<MulticastSocket> = None;
+    let mut membership = RecoveryMembership::new(config.clone());
     let mut loss = LossInjector::new(options.inject_loss);
     while !shared.stop.load(Ordering::Relaxed) {
-        let recovering = {
-            let session = shared.session.lock();
-            session.streams().next().is_none() || !session.is_live()
-        };
-        match (&socket, recovering) {
-            (None, true) => match MulticastSocket::receiver(config) {
-                Ok(joined) => {
-                    tracing::debug!(group = %config.group, "joined the recovery group");
-                    shared.recovery_joins.fetch_add(1, Ordering::Relaxed);
-                    socket = Some(joined);
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "cannot join the recovery group");
-                    std::thread::sleep(Duration::from_millis(500));
-                    continue;
-                }
-            },
-            (Some(_), false) => {
-                tracing::debug!(group = %config.group, "left the recovery group");
-                socket = None;
+        let wanted = wants_snapshots(&shared.session.lock());
+        match membership.update(wanted) {
+            Ok(true) => {
+                shared.recovery_joins.fetch_add(1, Ordering::Relaxed);
             }
-            _ => {}
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(%error, "cannot join the recovery group");
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
         }
-        let Some(joined) = &socket else {
+        let Some(joined) = membership.socket() else {
             std::thread::sleep(MAX_WAIT);
             continue;
         };
@@ -483,6 +472,48 @@ fn recovery_loop<S: ReplicatedState>(
             shared.changed.notify_all();
             deliver(shared, sink, &mut events);
         }
+    }
+}
+
+/// Whether snapshots are needed: nothing heard yet, or a stream is not live.
+fn wants_snapshots<S: ReplicatedState>(session: &SubscriberSession<S>) -> bool {
+    session.streams().next().is_none() || !session.is_live()
+}
+
+/// Membership of the recovery group: joined while snapshots are wanted, left otherwise.
+#[derive(Debug)]
+struct RecoveryMembership {
+    config: MulticastConfig,
+    socket: Option<MulticastSocket>,
+}
+
+impl RecoveryMembership {
+    fn new(config: MulticastConfig) -> Self {
+        Self {
+            config,
+            socket: None,
+        }
+    }
+
+    /// Joins or leaves as `wanted` says; true when this call joined.
+    fn update(&mut self, wanted: bool) -> Result<bool, NetError> {
+        match (&self.socket, wanted) {
+            (None, true) => {
+                self.socket = Some(MulticastSocket::receiver(&self.config)?);
+                tracing::debug!(group = %self.config.group, "joined the recovery group");
+                Ok(true)
+            }
+            (Some(_), false) => {
+                self.socket = None;
+                tracing::debug!(group = %self.config.group, "left the recovery group");
+                Ok(false)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn socket(&self) -> Option<&MulticastSocket> {
+        self.socket.as_ref()
     }
 }
 

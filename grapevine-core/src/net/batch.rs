@@ -34,8 +34,28 @@ pub struct RecvBatch {
     buffers: Vec<Vec<u8>>,
     meta: Vec<RecvMeta>,
     controls: Vec<[u8; CONTROL_LEN]>,
+    scratch: Scratch,
     count: usize,
     kernel_drops: u32,
+}
+
+/// The `iovec`/`mmsghdr` arrays handed to `recvmmsg`, kept between calls so that receiving
+/// allocates nothing. Their pointers are refreshed before every call.
+struct Scratch {
+    iovecs: Vec<libc::iovec>,
+    headers: Vec<libc::mmsghdr>,
+}
+
+// SAFETY: the raw pointers in `Scratch` only ever point into buffers owned by the same
+// `RecvBatch`, and are rewritten from those buffers before each use; nothing is shared.
+unsafe impl Send for Scratch {}
+
+impl std::fmt::Debug for Scratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scratch")
+            .field("entries", &self.headers.len())
+            .finish()
+    }
 }
 
 impl RecvBatch {
@@ -46,6 +66,16 @@ impl RecvBatch {
             buffers: vec![vec![0; buf_len.max(1)]; batch],
             meta: vec![RecvMeta::default(); batch],
             controls: vec![[0; CONTROL_LEN]; batch],
+            scratch: Scratch {
+                iovecs: (0..batch)
+                    .map(|_| libc::iovec {
+                        iov_base: std::ptr::null_mut(),
+                        iov_len: 0,
+                    })
+                    .collect(),
+                // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
+                headers: (0..batch).map(|_| unsafe { mem::zeroed() }).collect(),
+            },
             count: 0,
             kernel_drops: 0,
         }
@@ -152,25 +182,22 @@ pub(super) fn recv_batch(
 
 fn recvmmsg(socket: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> {
     let n = batch.buffers.len();
-    let mut iovecs: Vec<libc::iovec> = batch
-        .buffers
-        .iter_mut()
-        .map(|buf| libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        })
-        .collect();
-    // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
-    let mut headers: Vec<libc::mmsghdr> = (0..n).map(|_| unsafe { mem::zeroed() }).collect();
-    for ((header, iov), control) in headers
+    let Scratch { iovecs, headers } = &mut batch.scratch;
+    for (((header, iov), buf), control) in headers
         .iter_mut()
         .zip(iovecs.iter_mut())
+        .zip(batch.buffers.iter_mut())
         .zip(batch.controls.iter_mut())
     {
+        iov.iov_base = buf.as_mut_ptr().cast();
+        iov.iov_len = buf.len();
         header.msg_hdr.msg_iov = iov;
         header.msg_hdr.msg_iovlen = 1;
         header.msg_hdr.msg_control = control.as_mut_ptr().cast();
+        // The kernel shrinks these to what it wrote: reset them for every call.
         header.msg_hdr.msg_controllen = CONTROL_LEN as _;
+        header.msg_hdr.msg_flags = 0;
+        header.msg_len = 0;
     }
     // SAFETY: every header points at an iovec and a control buffer that live until the call
     // returns, each iovec at a buffer of the stated length; `n` is the number of headers.
@@ -216,20 +243,21 @@ fn read_drop_counter(msg: &libc::msghdr) -> Option<u32> {
 
 pub(super) fn send_batch(socket: &UdpSocket, datagrams: &[Bytes]) -> io::Result<usize> {
     let mut sent = 0;
+    // On the stack: sending allocates nothing.
+    let mut iovecs = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; SEND_BATCH];
+    // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
+    let mut all_headers: [libc::mmsghdr; SEND_BATCH] = unsafe { mem::zeroed() };
     for chunk in datagrams.chunks(SEND_BATCH) {
-        let mut iovecs: Vec<libc::iovec> = chunk
-            .iter()
-            .map(|d| libc::iovec {
-                iov_base: d.as_ptr() as *mut libc::c_void,
-                iov_len: d.len(),
-            })
-            .collect();
-        // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
-        let mut headers: Vec<libc::mmsghdr> =
-            (0..chunk.len()).map(|_| unsafe { mem::zeroed() }).collect();
-        for (header, iov) in headers.iter_mut().zip(iovecs.iter_mut()) {
+        let headers = all_headers.get_mut(..chunk.len()).unwrap_or_default();
+        for ((header, iov), datagram) in headers.iter_mut().zip(iovecs.iter_mut()).zip(chunk) {
+            iov.iov_base = datagram.as_ptr() as *mut libc::c_void;
+            iov.iov_len = datagram.len();
             header.msg_hdr.msg_iov = iov;
             header.msg_hdr.msg_iovlen = 1;
+            header.msg_len = 0;
         }
         let mut offset = 0;
         while offset < headers.len() {
