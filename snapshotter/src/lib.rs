@@ -74,10 +74,15 @@ pub enum SnapshotterError {
     Thread(#[source] std::io::Error),
 }
 
+enum Command {
+    Stop,
+    RequestCycle,
+}
+
 /// A running snapshot cycle for one publisher.
 #[derive(Debug)]
 pub struct Snapshotter {
-    stop: Option<Sender<()>>,
+    commands: Option<Sender<Command>>,
     thread: Option<JoinHandle<()>>,
     stats: Arc<Mutex<SnapshotStats>>,
 }
@@ -95,21 +100,33 @@ impl Snapshotter {
         let socket = MulticastSocket::sender(&options.multicast)?;
         let shared = publisher.shared();
         let stats = Arc::new(Mutex::new(SnapshotStats::default()));
-        let (stop, stopped) = bounded::<()>(1);
+        // Requests beyond what the thread has yet to see add nothing: a full queue drops them.
+        let (commands, received) = bounded::<Command>(16);
         let thread = {
             let stats = Arc::clone(&stats);
             std::thread::Builder::new()
                 .name("gv-snapshotter".into())
                 .spawn(move || {
                     let mut cycle = SnapshotSession::new(options.snapshot);
-                    run(&shared, &socket, &mut cycle, &stats, |wait| {
-                        !matches!(stopped.recv_timeout(wait), Err(RecvTimeoutError::Timeout))
-                    });
+                    run(
+                        &shared,
+                        &socket,
+                        &mut cycle,
+                        &stats,
+                        |wait, cycle| match received.recv_timeout(wait) {
+                            Ok(Command::RequestCycle) => {
+                                cycle.request_cycle(Instant::now());
+                                false
+                            }
+                            Err(RecvTimeoutError::Timeout) => false,
+                            Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => true,
+                        },
+                    );
                 })
                 .map_err(SnapshotterError::Thread)?
         };
         Ok(Self {
-            stop: Some(stop),
+            commands: Some(commands),
             thread: Some(thread),
             stats,
         })
@@ -120,6 +137,14 @@ impl Snapshotter {
         *self.stats.lock()
     }
 
+    /// Starts a cycle now instead of after the pause (or right after the cycle under way):
+    /// what a node does when a peer says it needs a snapshot. Never raises the rate.
+    pub fn request_cycle(&self) {
+        if let Some(commands) = &self.commands {
+            let _ = commands.try_send(Command::RequestCycle);
+        }
+    }
+
     /// Stops the cycle and returns the final counters.
     pub fn shutdown(mut self) -> SnapshotStats {
         self.stop();
@@ -127,8 +152,8 @@ impl Snapshotter {
     }
 
     fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+        if let Some(commands) = self.commands.take() {
+            let _ = commands.send(Command::Stop);
         }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -143,13 +168,14 @@ impl Drop for Snapshotter {
 }
 
 /// The snapshot loop: one slice under the publisher's lock, send outside it, sleep until the
-/// next slice. `wait(d)` sleeps up to `d` and returns true when asked to stop.
+/// next slice. `wait(d, cycle)` sleeps up to `d` (less when a request arrives, which it hands
+/// to `cycle`) and returns true when asked to stop.
 fn run<S: ReplicatedState>(
     shared: &SharedSession<S>,
     socket: &MulticastSocket,
     cycle: &mut SnapshotSession<S::Key>,
     stats: &Mutex<SnapshotStats>,
-    wait: impl Fn(Duration) -> bool,
+    wait: impl Fn(Duration, &mut SnapshotSession<S::Key>) -> bool,
 ) {
     let mut ready = Vec::new();
     loop {
@@ -167,7 +193,7 @@ fn run<S: ReplicatedState>(
             .poll_timeout()
             .unwrap_or(now + Duration::from_millis(1));
         let sleep = next.saturating_duration_since(Instant::now());
-        if shared.is_stopping() || wait(sleep) {
+        if shared.is_stopping() || wait(sleep, cycle) {
             return;
         }
     }

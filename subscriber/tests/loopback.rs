@@ -115,6 +115,32 @@ fn late_joiner_catches_up_from_snapshots() {
 }
 
 #[test]
+fn a_requested_cycle_does_not_wait_for_the_pause() {
+    let live = group(11);
+    let publisher = start_publisher(&live, 0, Counters::default());
+    let mut options = SnapshotterOptions::new(live.clone());
+    options.snapshot.cycle_pause = Duration::from_secs(60);
+    let snapshots = Snapshotter::start(&publisher, options).unwrap();
+    publish_counts(&publisher, 1_000);
+    // Let the first cycle end, so that the snapshotter sits in its minute-long pause.
+    let deadline = Instant::now() + WAIT;
+    while snapshots.stats().cycles == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let subscriber = subscribe(&live);
+    publish_counts(&publisher, 10);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !subscriber.is_live(),
+        "a late joiner cannot be live before a cycle"
+    );
+    snapshots.request_cycle();
+    wait_converged(&subscriber, &publisher, 0);
+    assert_eq!(snapshots.stats().requested, 1);
+    assert_eq!(snapshots.stats().cycles, 2);
+}
+
+#[test]
 fn publisher_restart_is_detected_and_rebuilt() {
     let live = group(3);
     let subscriber = subscribe(&live);

@@ -77,6 +77,8 @@ pub struct SnapshotStats {
     pub skipped: u64,
     /// Duration of the last complete cycle.
     pub last_cycle: Option<Duration>,
+    /// Cycles asked for with [`SnapshotSession::request_cycle`].
+    pub requested: u64,
 }
 
 /// The sans-IO snapshotter of one publisher session.
@@ -114,6 +116,8 @@ pub struct SnapshotSession<K> {
     cursor: Option<K>,
     index: u32,
     in_cycle: bool,
+    /// A cycle was requested while one was under way: skip the next pause.
+    requested: bool,
     cycle_started_at: Option<Instant>,
     next_cycle_at: Option<Instant>,
     tokens: f64,
@@ -135,6 +139,7 @@ impl<K: Clone + Ord + serde::Serialize> SnapshotSession<K> {
             cursor: None,
             index: 0,
             in_cycle: false,
+            requested: false,
             cycle_started_at: None,
             next_cycle_at: None,
             tokens: 0.0,
@@ -169,6 +174,19 @@ impl<K: Clone + Ord + serde::Serialize> SnapshotSession<K> {
             self.tokens -= cost;
         }
         self.flush();
+    }
+
+    /// Asks for a cycle now rather than after the pause: a subscriber that lost something
+    /// (or just joined) need not wait. A cycle already under way finishes and the next one
+    /// starts without a pause. Requests never raise the rate, so a flood of them costs at
+    /// most the configured snapshot bandwidth.
+    pub fn request_cycle(&mut self, now: Instant) {
+        if self.in_cycle {
+            self.requested = true;
+        } else if self.next_cycle_at.is_some_and(|t| t > now) {
+            self.next_cycle_at = Some(now);
+        }
+        self.stats.requested += 1;
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) must be called next.
@@ -256,7 +274,11 @@ impl<K: Clone + Ord + serde::Serialize> SnapshotSession<K> {
             self.stats.last_cycle = self
                 .cycle_started_at
                 .map(|t| now.saturating_duration_since(t));
-            self.next_cycle_at = Some(now + self.config.cycle_pause);
+            self.next_cycle_at = if std::mem::take(&mut self.requested) {
+                Some(now)
+            } else {
+                Some(now + self.config.cycle_pause)
+            };
             return 1.0;
         };
         self.cursor = Some(key.clone());
@@ -318,5 +340,97 @@ impl<K: Clone + Ord + serde::Serialize> SnapshotSession<K> {
             stats.bytes += datagram.len() as u64;
             out.push_back(datagram);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::PublisherConfig;
+    use crate::state::{KeyedMap, MapDelta};
+
+    fn one_leaf_publisher(now: Instant) -> PublisherSession<KeyedMap<u32, u32>> {
+        let mut publisher =
+            PublisherSession::new(PublisherConfig::new(1), 7, KeyedMap::default(), now);
+        assert!(publisher.publish(now, MapDelta::Put(1, 1)).is_ok());
+        publisher
+    }
+
+    fn paused_config() -> SnapshotConfig {
+        SnapshotConfig {
+            cycle_pause: Duration::from_secs(10),
+            ..SnapshotConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_request_ends_the_pause() {
+        let start = Instant::now();
+        let publisher = one_leaf_publisher(start);
+        let mut snapshot = SnapshotSession::new(paused_config());
+        snapshot.handle_timeout(start, &publisher);
+        assert_eq!(snapshot.stats().cycles, 1);
+        let later = start + Duration::from_millis(50);
+        snapshot.handle_timeout(later, &publisher);
+        assert_eq!(snapshot.stats().cycles, 1, "paused: no second cycle yet");
+        snapshot.request_cycle(later);
+        assert!(snapshot
+            .poll_timeout()
+            .is_some_and(|t| t <= later + Duration::from_millis(1)));
+        snapshot.handle_timeout(later + Duration::from_millis(1), &publisher);
+        assert_eq!(snapshot.stats().cycles, 2);
+        assert_eq!(snapshot.stats().requested, 1);
+    }
+
+    #[test]
+    fn a_request_during_a_cycle_skips_the_next_pause() {
+        let start = Instant::now();
+        let mut publisher = one_leaf_publisher(start);
+        for key in 2..1000 {
+            assert!(publisher.publish(start, MapDelta::Put(key, key)).is_ok());
+        }
+        let mut snapshot = SnapshotSession::new(SnapshotConfig {
+            rate: SnapshotRate::LeavesPerSecond(1000),
+            ..paused_config()
+        });
+        snapshot.handle_timeout(start, &publisher);
+        assert_eq!(
+            snapshot.stats().cycles,
+            0,
+            "a 1000-leaf cycle takes a second"
+        );
+        snapshot.request_cycle(start);
+        let mut now = start;
+        while snapshot.stats().cycles < 2 && now < start + Duration::from_secs(3) {
+            now = snapshot.poll_timeout().unwrap_or(now).max(now);
+            snapshot.handle_timeout(now, &publisher);
+        }
+        assert_eq!(
+            snapshot.stats().cycles,
+            2,
+            "no pause after the requested cycle: {:?} {:?}",
+            snapshot.stats(),
+            now - start
+        );
+    }
+
+    #[test]
+    fn requests_never_raise_the_rate() {
+        let start = Instant::now();
+        let publisher = one_leaf_publisher(start);
+        let mut snapshot = SnapshotSession::new(SnapshotConfig {
+            rate: SnapshotRate::LeavesPerSecond(100),
+            ..paused_config()
+        });
+        let mut now = start;
+        for _ in 0..1000 {
+            now += Duration::from_millis(1);
+            snapshot.request_cycle(now);
+            snapshot.handle_timeout(now, &publisher);
+        }
+        // One leaf plus one cycle end per cycle, at 100 steps/s over one second (plus the
+        // initial burst).
+        assert!(snapshot.stats().cycles <= 60, "{:?}", snapshot.stats());
+        assert!(snapshot.stats().cycles >= 40, "{:?}", snapshot.stats());
     }
 }

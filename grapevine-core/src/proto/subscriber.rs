@@ -471,6 +471,9 @@ pub struct StreamView<'a, S: ReplicatedState> {
     pub stale: &'a BTreeSet<S::Key>,
     /// Last `seq` processed in order.
     pub last_seq: u64,
+    /// When a datagram of this stream (delta, heartbeat or snapshot) last arrived: what
+    /// failure detectors go by, since it keeps moving while the stream recovers from a gap.
+    pub last_heard: Instant,
 }
 
 /// The sans-IO subscriber of one topic: replicates the state of every publisher of the topic.
@@ -725,6 +728,7 @@ impl<S: ReplicatedState> Stream<S> {
             state: &self.state,
             stale: &self.stale,
             last_seq: self.tracking.as_ref().map_or(0, |t| t.expected - 1),
+            last_heard: self.last_heard,
         }
     }
 
