@@ -1,6 +1,7 @@
 //! The daemon loop: inventory, echolocation, and the node list file.
 
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -8,15 +9,22 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use grapevine_core::net::{resolve_interface, InterfaceSpec, MulticastConfig};
-use grapevine_core::proto::{SnapshotRate, SubscriberEvent};
+use grapevine_core::proto::{SnapshotRate, StreamStatus, SubscriberEvent};
 use grapevine_core::state::{MapDelta, ReplicatedState};
 use grapevine_publisher::{Publisher, PublisherOptions};
 use grapevine_snapshotter::{Snapshotter, SnapshotterOptions};
 use grapevine_subscriber::{Subscriber, SubscriberOptions};
 use serde::{Deserialize, Serialize};
 
-use crate::elp::{Liveness, LivenessTracker, NodeRecord, NodeTable, NodeVdev, ELP_TOPIC};
+use crate::elp::{
+    liveness, Liveness, NodeRecord, NodeTable, NodeVdev, TransitionCounts, Transitions, VdevList,
+    VdevTable, ELP_TOPIC, VDEV_TOPIC,
+};
 use crate::inventory::{driver_files, scan, search_path, Inventory};
+use crate::query::Query;
+
+/// The schema version of the node list file.
+pub const NODES_FILE_VERSION: u32 = 2;
 
 /// gvd's settings. Read from a TOML file, then overridden by environment and flags.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -32,12 +40,22 @@ pub struct Config {
     pub vdriver_path: String,
     /// Multicast group of the ELP topic. Default `239.255.71.71:7171`.
     pub group: SocketAddr,
+    /// Multicast group of the VDEV topic. Default: the ELP group's address, next port.
+    pub vdev_group: Option<SocketAddr>,
+    /// UDP port for QUERYs (snapshot requests from peers); 0 picks a free one. Default 7172.
+    pub query_port: u16,
     /// Interface to announce on (name or address). Default loopback.
     pub iface: String,
     /// Announcement period, milliseconds. Default 1000.
     pub elp_delay_ms: u64,
     /// A node silent for this many of its periods is dead. Default 5.
     pub node_ttl: u32,
+    /// How often drivers are asked again for their VDEVs when no driver file changed and no
+    /// SIGHUP came, milliseconds. Default 10 000.
+    pub rescan_interval_ms: u64,
+    /// Fraction of received ELP and VDEV datagrams to drop on purpose, to measure how
+    /// detection behaves under loss. Default 0.
+    pub inject_loss: f64,
 }
 
 impl Default for Config {
@@ -50,9 +68,13 @@ impl Default for Config {
             nodes_path: None,
             vdriver_path: "/usr/lib/gvd/vdrivers".into(),
             group: SocketAddr::from(([239, 255, 71, 71], 7171)),
+            vdev_group: None,
+            query_port: 7172,
             iface: "lo".into(),
             elp_delay_ms: 1000,
             node_ttl: 5,
+            rescan_interval_ms: 10_000,
+            inject_loss: 0.0,
         }
     }
 }
@@ -67,6 +89,15 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("bad configuration in {}", path.display()))
+    }
+
+    /// The VDEV topic's group.
+    pub fn vdev_group(&self) -> SocketAddr {
+        self.vdev_group.unwrap_or_else(|| {
+            let mut group = self.group;
+            group.set_port(self.group.port().wrapping_add(1));
+            group
+        })
     }
 
     /// The node list path.
@@ -96,6 +127,10 @@ pub struct NodeEntry {
     pub record: NodeRecord,
     /// Alive or suspect.
     pub liveness: Liveness,
+    /// Its VDEVs, as last received.
+    pub vdevs: Vec<NodeVdev>,
+    /// Whether `vdevs` match the `unique` it announces (false while an update is fetched).
+    pub vdevs_current: bool,
 }
 
 /// Writes `contents` to `path` atomically: a temporary file in the same directory, synced,
@@ -144,112 +179,519 @@ pub fn node_id(state_dir: &Path) -> Result<u64> {
     Ok(id)
 }
 
-/// Runs the daemon until `stop` is set.
-///
-/// # Errors
-///
-/// When sockets or the state directory cannot be set up.
-pub fn run(config: &Config, probe_exe: &Path, stop: &Arc<AtomicBool>) -> Result<()> {
-    let node = node_id(&config.state_dir)?;
-    let iface: InterfaceSpec = config.iface.parse().unwrap_or_default();
-    let multicast = MulticastConfig::new(config.group).on(iface.clone());
-    let address = resolve_interface(&iface, config.group.is_ipv6())?.addr;
-    let delay = Duration::from_millis(config.elp_delay_ms.max(10));
-    let directories = search_path(&config.vdriver_path);
-
-    let mut options = PublisherOptions::new(ELP_TOPIC, multicast.clone());
-    // Publisher ids are 32 bits: the low half of the node id (collisions are 1 in 4 billion
-    // per pair of nodes).
-    options.session.publisher = node as u32;
-    options.session.heartbeat_interval = delay;
-    let publisher = Publisher::start(options, NodeTable::default())?;
-    let mut snapshot = SnapshotterOptions::new(multicast.clone());
-    snapshot.snapshot.rate = SnapshotRate::LeavesPerSecond(100);
-    snapshot.snapshot.cycle_pause = delay;
-    let snapshotter = Snapshotter::start(&publisher, snapshot)?;
-    let subscriber = Subscriber::<NodeTable>::join(SubscriberOptions::new(ELP_TOPIC, multicast))?;
-    tracing::info!(node = format!("{node:016x}"), group = %config.group, "gvd started");
-
-    let mut tracker = LivenessTracker::new(config.node_ttl);
-    let mut inventory = scan(&directories, probe_exe);
-    let mut files = driver_files(&directories);
-    let mut last_rescan = Instant::now();
-    let mut next_announce = Instant::now();
-    let mut written: Option<NodesFile> = None;
-    while !stop.load(Ordering::Relaxed) {
-        let now = Instant::now();
-        // Drivers appearing or disappearing change the inventory without a restart; VDEVs that
-        // change inside a driver are picked up by the periodic rescan.
-        let current = driver_files(&directories);
-        if current != files || now.duration_since(last_rescan) >= delay * 10 {
-            files = current;
-            let fresh = scan(&directories, probe_exe);
-            if fresh.unique != inventory.unique {
-                tracing::info!(unique = %fresh.unique, "VDEVs changed");
-            }
-            inventory = fresh;
-            last_rescan = now;
-        }
-        if now >= next_announce {
-            let record = record(node, config, &address.to_string(), &inventory);
-            publisher.publish(MapDelta::Put(node, record))?;
-            next_announce = now + delay;
-        }
-        for event in subscriber.events().try_iter() {
-            match event {
-                SubscriberEvent::Applied {
-                    key,
-                    seq,
-                    publisher,
-                } => {
-                    tracing::trace!(node = format!("{key:016x}"), seq, publisher, "heard");
-                    tracker.heard(key, now);
-                }
-                SubscriberEvent::PublisherRestarted { publisher, .. } => {
-                    tracing::info!(publisher, "node restarted")
-                }
-                _ => {}
-            }
-        }
-        let list = subscriber.read(|session| {
-            let records: Vec<NodeRecord> = session
-                .streams()
-                .flat_map(|s| s.state.leaves().map(|(_, r)| r.clone()).collect::<Vec<_>>())
-                .collect();
-            tracker.classify(records.iter(), now)
-        });
-        let file = NodesFile {
-            version: 1,
-            local_node: node,
-            nodes: list
-                .into_values()
-                .map(|(record, liveness)| NodeEntry { record, liveness })
-                .collect(),
-        };
-        if written.as_ref() != Some(&file) {
-            let json = serde_json::to_vec_pretty(&file)?;
-            match write_atomically(&config.nodes_path(), &json) {
-                Ok(()) => written = Some(file),
-                Err(error) => {
-                    tracing::error!(%error, path = %config.nodes_path().display(), "cannot write the node list")
-                }
-            }
-        }
-        std::thread::sleep(delay / 4);
-    }
-    // Say goodbye so that peers drop this node now rather than after the TTL.
-    let _ = publisher.publish(MapDelta::Remove(node));
-    publisher.flush();
-    snapshotter.shutdown();
-    publisher.shutdown();
-    Ok(())
+/// Counters of a running daemon.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct DaemonStats {
+    /// How the node list changed.
+    pub transitions: TransitionCounts,
+    /// QUERYs sent to peers.
+    pub queries_sent: u64,
+    /// QUERYs received and answered with a snapshot cycle.
+    pub queries_answered: u64,
+    /// Datagrams on the query port that were not valid QUERYs for this node.
+    pub queries_rejected: u64,
+    /// Inventory scans.
+    pub rescans: u64,
 }
 
-fn record(node: u64, config: &Config, address: &str, inventory: &Inventory) -> NodeRecord {
+/// One GrapeVine topic gvd both publishes and follows.
+struct Topic<S: ReplicatedState> {
+    publisher: Publisher<S>,
+    snapshotter: Snapshotter,
+    subscriber: Subscriber<S>,
+}
+
+impl<S: ReplicatedState> Topic<S> {
+    /// Starts by publishing `first` as the session's first delta, before the snapshotter
+    /// starts: peers that hear `seq` 1 of a session know they missed nothing and list the
+    /// node at once, and the first snapshot cycle already carries it.
+    fn start(
+        topic: u32,
+        multicast: &MulticastConfig,
+        first: S::Delta,
+        node: u64,
+        heartbeat: Duration,
+        cycle_pause: Duration,
+        inject_loss: f64,
+    ) -> Result<Self> {
+        // Joined first, so that this node hears its own first cycle too.
+        let mut options = SubscriberOptions::new(topic, multicast.clone());
+        options.batch = 8;
+        options.inject_loss = inject_loss;
+        let subscriber = Subscriber::join(options)
+            .with_context(|| format!("cannot join {}", multicast.group))?;
+        let mut options = PublisherOptions::new(topic, multicast.clone());
+        // Publisher ids are 32 bits: the low half of the node id (a collision is 1 in 4 billion
+        // per pair of nodes).
+        options.session.publisher = node as u32;
+        options.session.heartbeat_interval = heartbeat;
+        let publisher = Publisher::start(options, S::default())
+            .with_context(|| format!("cannot publish on {}", multicast.group))?;
+        publisher.publish(first)?;
+        publisher.flush();
+        let mut snapshot = SnapshotterOptions::new(multicast.clone());
+        snapshot.snapshot.rate = SnapshotRate::LeavesPerSecond(1000);
+        snapshot.snapshot.cycle_pause = cycle_pause;
+        let snapshotter = Snapshotter::start(&publisher, snapshot)?;
+        Ok(Self {
+            publisher,
+            snapshotter,
+            subscriber,
+        })
+    }
+
+    /// Nobody reads the events (the state is read directly); drain them so none pile up.
+    fn drain_events(&self) {
+        for event in self.subscriber.events().try_iter() {
+            if let SubscriberEvent::PublisherRestarted { publisher, .. } = event {
+                tracing::debug!(publisher, "node restarted");
+            }
+        }
+    }
+
+    fn shutdown(self) {
+        self.snapshotter.shutdown();
+        self.publisher.shutdown();
+        self.subscriber.shutdown();
+    }
+}
+
+/// What this node knows of one peer, read from both topics.
+struct Peer {
+    record: NodeRecord,
+    liveness: Liveness,
+    elp_live: bool,
+    vdevs: Option<VdevList>,
+    vdevs_live: bool,
+}
+
+/// A running gvd: announces this node, follows the others, keeps the node list file and
+/// answers QUERYs. [`run`] drives it; tests and benches may drive several in one process.
+pub struct Daemon {
+    node: u64,
+    config: Config,
+    probe_exe: PathBuf,
+    address: IpAddr,
+    delay: Duration,
+    directories: Vec<PathBuf>,
+    elp: Topic<NodeTable>,
+    vdevs: Topic<VdevTable>,
+    query_socket: UdpSocket,
+    query_port: u16,
+    inventory: Inventory,
+    driver_files: Vec<PathBuf>,
+    last_rescan: Instant,
+    rescan_requested: Arc<AtomicBool>,
+    next_announce: Instant,
+    queried: HashMap<(u64, u32), Instant>,
+    transitions: Transitions,
+    written: Option<NodesFile>,
+    stats: DaemonStats,
+}
+
+impl Daemon {
+    /// Sets up sockets and topics, inventories the drivers and announces this node.
+    ///
+    /// # Errors
+    ///
+    /// When the state directory, the interface or a socket cannot be set up.
+    pub fn start(config: &Config, probe_exe: &Path) -> Result<Self> {
+        let node = node_id(&config.state_dir)?;
+        let iface: InterfaceSpec = config
+            .iface
+            .parse()
+            .map_err(|e| anyhow::anyhow!("bad interface {:?}: {e}", config.iface))?;
+        let address = resolve_interface(&iface, config.group.is_ipv6())?.addr;
+        let delay = Duration::from_millis(config.elp_delay_ms.max(10));
+        let elp_group = MulticastConfig::new(config.group).on(iface.clone());
+        let vdev_group = MulticastConfig::new(config.vdev_group()).on(iface);
+        // ELP: announced every period, and a cycle every period so that late joiners need no
+        // query. VDEVs: published on change; peers ask for them with QUERY, so the cycle is
+        // only a backstop.
+        let query_socket = UdpSocket::bind(SocketAddr::new(address, config.query_port))
+            .with_context(|| {
+                format!("cannot bind the query port {address}:{}", config.query_port)
+            })?;
+        let query_port = query_socket.local_addr()?.port();
+        let directories = search_path(&config.vdriver_path);
+        let inventory = scan(&directories, probe_exe);
+        let record = record(node, config, address, query_port, &inventory);
+        let elp = Topic::start(
+            ELP_TOPIC,
+            &elp_group,
+            MapDelta::Put(node, record),
+            node,
+            delay * 2,
+            delay,
+            config.inject_loss,
+        )?;
+        let vdevs = Topic::start(
+            VDEV_TOPIC,
+            &vdev_group,
+            MapDelta::Put(node, vdev_list(&inventory)),
+            node,
+            delay * 2,
+            delay * 10,
+            config.inject_loss,
+        )?;
+        let now = Instant::now();
+        let daemon = Self {
+            node,
+            config: config.clone(),
+            probe_exe: probe_exe.to_path_buf(),
+            address,
+            delay,
+            driver_files: driver_files(&directories),
+            directories,
+            elp,
+            vdevs,
+            query_socket,
+            query_port,
+            inventory,
+            last_rescan: now,
+            rescan_requested: Arc::new(AtomicBool::new(false)),
+            next_announce: now + delay,
+            queried: HashMap::new(),
+            transitions: Transitions::default(),
+            written: None,
+            stats: DaemonStats::default(),
+        };
+        tracing::info!(
+            node = format!("{node:016x}"),
+            group = %config.group,
+            query_port,
+            unique = %daemon.inventory.unique,
+            "gvd started"
+        );
+        Ok(daemon)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        self.node
+    }
+
+    /// Set it (from a signal handler, say) to have the drivers rescanned at the next step.
+    pub fn rescan_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.rescan_requested)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> DaemonStats {
+        self.stats
+    }
+
+    /// The node list as last computed.
+    pub fn node_list(&self) -> Option<&NodesFile> {
+        self.written.as_ref()
+    }
+
+    /// Bytes and datagrams this node has sent on its two topics (deltas, heartbeats and
+    /// snapshots), for traffic figures.
+    pub fn sent(&self) -> (u64, u64) {
+        let mut datagrams = 0;
+        let mut bytes = 0;
+        for (publisher, snapshots) in [
+            (self.elp.publisher.stats(), self.elp.snapshotter.stats()),
+            (self.vdevs.publisher.stats(), self.vdevs.snapshotter.stats()),
+        ] {
+            datagrams += publisher.datagrams + snapshots.datagrams;
+            bytes += publisher.bytes + snapshots.bytes;
+        }
+        (datagrams, bytes)
+    }
+
+    /// One round: rescan if due, announce if due, answer queries until `until`, refresh the
+    /// node list, ask peers for what is missing, and rewrite the file if it changed.
+    ///
+    /// # Errors
+    ///
+    /// When publishing fails (the publisher was shut down).
+    pub fn step(&mut self, until: Instant) -> Result<()> {
+        let now = Instant::now();
+        self.rescan_if_due(now)?;
+        if now >= self.next_announce {
+            self.elp
+                .publisher
+                .publish(MapDelta::Put(self.node, self.record()))?;
+            self.next_announce = now + self.delay;
+        }
+        self.answer_queries(until);
+        let now = Instant::now();
+        self.elp.drain_events();
+        self.vdevs.drain_events();
+        let peers = self.peers(now);
+        let joined_before = self.transitions.counts().joined;
+        self.transitions.update(
+            &peers
+                .iter()
+                .map(|(node, peer)| (*node, peer.liveness))
+                .collect(),
+        );
+        self.stats.transitions = self.transitions.counts();
+        if self.stats.transitions.joined > joined_before {
+            // A newcomer knows nobody yet and cannot ask. It gets this node's leaves now, in
+            // one multicast answer that serves every other newcomer too: a delta (which gives
+            // its subscriber the current seq: snapshots before that are not trusted), then a
+            // cycle read after it. Cycles are rate-bounded, so a crowd of joins costs little.
+            self.elp
+                .publisher
+                .publish(MapDelta::Put(self.node, self.record()))?;
+            self.next_announce = now + self.delay;
+            self.publish_vdevs()?;
+            self.elp.publisher.flush();
+            self.vdevs.publisher.flush();
+            self.elp.snapshotter.request_cycle();
+            self.vdevs.snapshotter.request_cycle();
+        }
+        self.ask_for_missing(&peers, now);
+        let file = NodesFile {
+            version: NODES_FILE_VERSION,
+            local_node: self.node,
+            nodes: peers
+                .into_values()
+                .filter(|p| p.liveness != Liveness::Dead)
+                .map(|p| NodeEntry {
+                    vdevs_current: p
+                        .vdevs
+                        .as_ref()
+                        .is_some_and(|v| v.unique == p.record.unique),
+                    vdevs: p.vdevs.map(|v| v.vdevs).unwrap_or_default(),
+                    record: p.record,
+                    liveness: p.liveness,
+                })
+                .collect(),
+        };
+        if self.written.as_ref() != Some(&file) {
+            let json = serde_json::to_vec_pretty(&file)?;
+            let path = self.config.nodes_path();
+            match write_atomically(&path, &json) {
+                Ok(()) => self.written = Some(file),
+                Err(error) => {
+                    // Kept for the next round: a full disk is retried, not fatal.
+                    tracing::error!(%error, path = %path.display(), "cannot write the node list");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Says goodbye (so that peers drop this node now rather than after the TTL) and stops.
+    pub fn shutdown(self) {
+        let _ = self.elp.publisher.publish(MapDelta::Remove(self.node));
+        self.elp.publisher.flush();
+        self.elp.shutdown();
+        self.vdevs.shutdown();
+    }
+
+    fn rescan_if_due(&mut self, now: Instant) -> Result<()> {
+        // Driver files appearing or disappearing, or SIGHUP, rescan at once; VDEVs that change
+        // inside a driver are picked up by the periodic rescan.
+        let files = driver_files(&self.directories);
+        let asked = self.rescan_requested.swap(false, Ordering::Relaxed);
+        let interval = Duration::from_millis(self.config.rescan_interval_ms.max(100));
+        if !asked && files == self.driver_files && now < self.last_rescan + interval {
+            return Ok(());
+        }
+        self.driver_files = files;
+        self.last_rescan = now;
+        self.stats.rescans += 1;
+        let fresh = scan(&self.directories, &self.probe_exe);
+        if fresh.unique != self.inventory.unique {
+            tracing::info!(unique = %fresh.unique, "VDEVs changed");
+            self.inventory = fresh;
+            self.publish_vdevs()?;
+            // Announce the new `unique` now: it is what tells peers to refresh.
+            self.next_announce = now;
+        } else {
+            self.inventory = fresh;
+        }
+        Ok(())
+    }
+
+    fn publish_vdevs(&self) -> Result<()> {
+        let list = vdev_list(&self.inventory);
+        self.vdevs
+            .publisher
+            .publish(MapDelta::Put(self.node, list))?;
+        Ok(())
+    }
+
+    fn record(&self) -> NodeRecord {
+        record(
+            self.node,
+            &self.config,
+            self.address,
+            self.query_port,
+            &self.inventory,
+        )
+    }
+
+    /// Serves the query port until `until`.
+    fn answer_queries(&mut self, until: Instant) {
+        let mut buffer = [0u8; 64];
+        loop {
+            let wait = until.saturating_duration_since(Instant::now());
+            if wait.is_zero() {
+                return;
+            }
+            // A zero timeout means "block forever" to the socket: wait at least a millisecond.
+            let _ = self
+                .query_socket
+                .set_read_timeout(Some(wait.max(Duration::from_millis(1))));
+            let (len, from) = match self.query_socket.recv_from(&mut buffer) {
+                Ok(received) => received,
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "query port receive failed");
+                    std::thread::sleep(wait.min(Duration::from_millis(10)));
+                    continue;
+                }
+            };
+            match Query::decode(&buffer[..len]) {
+                Ok(query) if query.to == self.node => {
+                    let snapshotter = match query.topic {
+                        ELP_TOPIC => &self.elp.snapshotter,
+                        VDEV_TOPIC => &self.vdevs.snapshotter,
+                        _ => {
+                            self.stats.queries_rejected += 1;
+                            continue;
+                        }
+                    };
+                    tracing::debug!(%from, topic = query.topic, "QUERY answered");
+                    snapshotter.request_cycle();
+                    self.stats.queries_answered += 1;
+                }
+                Ok(_) => self.stats.queries_rejected += 1,
+                Err(error) => {
+                    self.stats.queries_rejected += 1;
+                    tracing::debug!(%from, %error, "not a QUERY");
+                }
+            }
+        }
+    }
+
+    /// Every node with a record on the ELP topic, with its liveness and VDEVs.
+    fn peers(&self, now: Instant) -> BTreeMap<u64, Peer> {
+        let ttl = self.config.node_ttl;
+        let mut peers: BTreeMap<u64, Peer> = self.elp.subscriber.read(|session| {
+            session
+                .streams()
+                .flat_map(|stream| {
+                    let silent = now.saturating_duration_since(stream.last_heard);
+                    let elp_live = stream.status == StreamStatus::Live;
+                    stream
+                        .state
+                        .leaves()
+                        .map(|(node, record)| {
+                            let period = Duration::from_millis(record.elp_delay_ms.max(1));
+                            let peer = Peer {
+                                record: record.clone(),
+                                liveness: liveness(silent, period, ttl),
+                                elp_live,
+                                vdevs: None,
+                                vdevs_live: false,
+                            };
+                            (*node, peer)
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        });
+        self.vdevs.subscriber.read(|session| {
+            for stream in session.streams() {
+                for (node, list) in stream.state.leaves() {
+                    if let Some(peer) = peers.get_mut(node) {
+                        peer.vdevs = Some(list.clone());
+                        peer.vdevs_live = stream.status == StreamStatus::Live;
+                    }
+                }
+            }
+        });
+        peers
+    }
+
+    /// Sends a QUERY for each topic a live peer has something this node lacks on: a VDEV list
+    /// older than its `unique`, or a stream being rebuilt. At most one per peer and topic per
+    /// half period.
+    fn ask_for_missing(&mut self, peers: &BTreeMap<u64, Peer>, now: Instant) {
+        for (node, peer) in peers {
+            if peer.liveness == Liveness::Dead {
+                continue;
+            }
+            let vdevs_missing = !peer.vdevs_live
+                || peer
+                    .vdevs
+                    .as_ref()
+                    .is_none_or(|v| v.unique != peer.record.unique);
+            for (topic, wanted) in [(ELP_TOPIC, !peer.elp_live), (VDEV_TOPIC, vdevs_missing)] {
+                if !wanted {
+                    continue;
+                }
+                let last = self.queried.get(&(*node, topic));
+                if last.is_some_and(|t| now < *t + self.delay / 2) {
+                    continue;
+                }
+                self.queried.insert((*node, topic), now);
+                if *node == self.node {
+                    // Its own leaf missed (loss on the loop back): no need for the network.
+                    match topic {
+                        ELP_TOPIC => self.elp.snapshotter.request_cycle(),
+                        _ => self.vdevs.snapshotter.request_cycle(),
+                    }
+                    continue;
+                }
+                let Some(address) = peer
+                    .record
+                    .addresses
+                    .iter()
+                    .find_map(|a| a.parse::<IpAddr>().ok())
+                else {
+                    continue;
+                };
+                let query = Query {
+                    topic,
+                    to: *node,
+                    from: self.node,
+                };
+                let target = SocketAddr::new(address, peer.record.query_port);
+                match self.query_socket.send_to(&query.encode(), target) {
+                    Ok(_) => self.stats.queries_sent += 1,
+                    Err(error) => tracing::debug!(%error, %target, "QUERY not sent"),
+                }
+            }
+        }
+        self.queried.retain(|(node, _), _| peers.contains_key(node));
+    }
+}
+
+fn record(
+    node: u64,
+    config: &Config,
+    address: IpAddr,
+    query_port: u16,
+    inventory: &Inventory,
+) -> NodeRecord {
     NodeRecord {
         node_id: node,
         name: config.name.clone(),
         addresses: vec![address.to_string()],
+        query_port,
+        kos_port: 0,
+        unique: inventory.unique.clone(),
+        elp_delay_ms: config.elp_delay_ms,
+    }
+}
+
+fn vdev_list(inventory: &Inventory) -> VdevList {
+    VdevList {
         unique: inventory.unique.clone(),
         vdevs: inventory
             .drivers
@@ -261,6 +703,29 @@ fn record(node: u64, config: &Config, address: &str, inventory: &Inventory) -> N
                 })
             })
             .collect(),
-        elp_delay_ms: config.elp_delay_ms,
     }
+}
+
+/// Runs the daemon until `stop` is set; `rescan` set (by SIGHUP) rescans the drivers.
+///
+/// # Errors
+///
+/// When sockets or the state directory cannot be set up.
+pub fn run(
+    config: &Config,
+    probe_exe: &Path,
+    stop: &Arc<AtomicBool>,
+    rescan: &Arc<AtomicBool>,
+) -> Result<()> {
+    let mut daemon = Daemon::start(config, probe_exe)?;
+    let step = Duration::from_millis(config.elp_delay_ms.max(10)) / 4;
+    while !stop.load(Ordering::Relaxed) {
+        if rescan.swap(false, Ordering::Relaxed) {
+            tracing::info!("rescanning the drivers (SIGHUP)");
+            daemon.rescan_flag().store(true, Ordering::Relaxed);
+        }
+        daemon.step(Instant::now() + step)?;
+    }
+    daemon.shutdown();
+    Ok(())
 }

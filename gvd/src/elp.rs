@@ -1,9 +1,10 @@
-//! Echolocation: every node publishes its record on the ELP topic every `elp_delay`; nodes
-//! not heard for a while become suspect, then dead. The records are a replicated state like
-//! any other (one leaf per node), so late joiners rebuild the list from the snapshot cycle.
+//! Echolocation: every node publishes a small record about itself on the ELP topic every
+//! `elp_delay`, and its VDEV list on the VDEV topic when it changes. Both are replicated states
+//! like any other (one leaf per node), so late joiners rebuild them from the snapshot cycles.
+//! A node is alive, then suspect, then dead as its announcements stop arriving.
 
-use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use grapevine_core::state::KeyedMap;
 use serde::{Deserialize, Serialize};
@@ -13,7 +14,11 @@ use crate::vdriver::Vdev;
 /// The topic of echolocation packets.
 pub const ELP_TOPIC: u32 = 0x0045_4c50;
 
-/// What a node announces about itself.
+/// The topic of VDEV lists.
+pub const VDEV_TOPIC: u32 = 0x5644_4556;
+
+/// What a node announces about itself every period. Kept small: the VDEVs travel on their
+/// own topic, and `unique` tells peers when to fetch them.
 #[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
 pub struct NodeRecord {
     /// Stable node id (persisted in the state directory).
@@ -22,10 +27,12 @@ pub struct NodeRecord {
     pub name: String,
     /// Unicast addresses peers can reach it on (those of the configured interface).
     pub addresses: Vec<String>,
+    /// UDP port of its QUERY socket (snapshot requests).
+    pub query_port: u16,
+    /// TCP port of its KOS listener; 0 when it serves none.
+    pub kos_port: u16,
     /// Digest of its VDEVs.
     pub unique: String,
-    /// Its VDEVs, by driver.
-    pub vdevs: Vec<NodeVdev>,
     /// How often it announces itself, in milliseconds.
     pub elp_delay_ms: u64,
 }
@@ -40,8 +47,20 @@ pub struct NodeVdev {
     pub vdev: Vdev,
 }
 
+/// A node's VDEVs as published on the VDEV topic.
+#[derive(Clone, Debug, Default, Deserialize, Eq, PartialEq, Serialize)]
+pub struct VdevList {
+    /// The `unique` these VDEVs hash to.
+    pub unique: String,
+    /// The VDEVs, by driver then name.
+    pub vdevs: Vec<NodeVdev>,
+}
+
 /// The ELP topic's state: one record per node.
 pub type NodeTable = KeyedMap<u64, NodeRecord>;
+
+/// The VDEV topic's state: one list per node.
+pub type VdevTable = KeyedMap<u64, VdevList>;
 
 /// Where a node stands.
 #[derive(Clone, Copy, Debug, Deserialize, Eq, PartialEq, Serialize)]
@@ -51,55 +70,80 @@ pub enum Liveness {
     Alive,
     /// Missed announcements, not yet given up: loss must not make nodes flap.
     Suspect,
+    /// Silent for `node_ttl` periods: left out of the node list.
+    Dead,
 }
 
-/// Tracks when each node was last heard and decides who is alive, suspect or dead.
-#[derive(Debug)]
-pub struct LivenessTracker {
-    last_heard: HashMap<u64, Instant>,
-    node_ttl: u32,
+/// The liveness of a node silent for `silent`, announcing every `period`, given up after
+/// `node_ttl` periods (at least 2). Two periods of grace before suspicion: with 10 % loss a
+/// node misses two announcements in a row 1 % of the time, and all of `node_ttl` (5) only
+/// 0.001 % of the time.
+pub fn liveness(silent: Duration, period: Duration, node_ttl: u32) -> Liveness {
+    if silent <= period * 2 {
+        Liveness::Alive
+    } else if silent <= period * node_ttl.max(2) {
+        Liveness::Suspect
+    } else {
+        Liveness::Dead
+    }
 }
 
-impl LivenessTracker {
-    /// A node not heard for `node_ttl` of its own announcement periods is dead.
-    pub fn new(node_ttl: u32) -> Self {
-        Self {
-            last_heard: HashMap::new(),
-            node_ttl: node_ttl.max(2),
+/// How the node list changed, as counted by [`Transitions`].
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, Serialize)]
+pub struct TransitionCounts {
+    /// Nodes that appeared.
+    pub joined: u64,
+    /// Alive nodes that became suspect.
+    pub suspected: u64,
+    /// Suspect nodes heard again.
+    pub cleared: u64,
+    /// Nodes declared dead after their TTL.
+    pub died: u64,
+    /// Nodes that said goodbye (their record was removed).
+    pub left: u64,
+}
+
+/// Remembers the last classification and counts (and logs) the changes.
+#[derive(Debug, Default)]
+pub struct Transitions {
+    previous: BTreeMap<u64, Liveness>,
+    counts: TransitionCounts,
+}
+
+impl Transitions {
+    /// Records the new classification of every node whose record is known.
+    pub fn update(&mut self, current: &BTreeMap<u64, Liveness>) {
+        for (node, now) in current {
+            let before = self.previous.get(node).copied();
+            match (before, *now) {
+                (None | Some(Liveness::Dead), Liveness::Alive | Liveness::Suspect) => {
+                    self.counts.joined += 1;
+                    tracing::info!(node = format!("{node:016x}"), "node joined");
+                }
+                (Some(Liveness::Alive), Liveness::Suspect) => {
+                    self.counts.suspected += 1;
+                    tracing::info!(node = format!("{node:016x}"), "node suspect");
+                }
+                (Some(Liveness::Suspect), Liveness::Alive) => self.counts.cleared += 1,
+                (Some(Liveness::Alive | Liveness::Suspect), Liveness::Dead) => {
+                    self.counts.died += 1;
+                    tracing::warn!(node = format!("{node:016x}"), "node dead");
+                }
+                _ => {}
+            }
         }
+        for (node, before) in &self.previous {
+            if *before != Liveness::Dead && !current.contains_key(node) {
+                self.counts.left += 1;
+                tracing::info!(node = format!("{node:016x}"), "node left");
+            }
+        }
+        self.previous.clone_from(current);
     }
 
-    /// `node` announced itself at `now`.
-    pub fn heard(&mut self, node: u64, now: Instant) {
-        self.last_heard.insert(node, now);
-    }
-
-    /// `node` said goodbye.
-    pub fn forget(&mut self, node: u64) {
-        self.last_heard.remove(&node);
-    }
-
-    /// The live nodes among `records`, with their liveness; dead ones are left out.
-    pub fn classify<'a>(
-        &self,
-        records: impl Iterator<Item = &'a NodeRecord>,
-        now: Instant,
-    ) -> BTreeMap<u64, (NodeRecord, Liveness)> {
-        records
-            .filter_map(|record| {
-                let heard = self.last_heard.get(&record.node_id)?;
-                let period = Duration::from_millis(record.elp_delay_ms.max(1));
-                let silent = now.saturating_duration_since(*heard);
-                let liveness = if silent <= period * 2 {
-                    Liveness::Alive
-                } else if silent <= period * self.node_ttl {
-                    Liveness::Suspect
-                } else {
-                    return None;
-                };
-                Some((record.node_id, (record.clone(), liveness)))
-            })
-            .collect()
+    /// The changes so far.
+    pub fn counts(&self) -> TransitionCounts {
+        self.counts
     }
 }
 
@@ -107,47 +151,42 @@ impl LivenessTracker {
 mod tests {
     use super::*;
 
-    fn record(id: u64) -> NodeRecord {
-        NodeRecord {
-            node_id: id,
-            name: format!("n{id}"),
-            addresses: vec![],
-            unique: String::new(),
-            vdevs: vec![],
-            elp_delay_ms: 100,
-        }
+    #[test]
+    fn alive_then_suspect_then_dead() {
+        let period = Duration::from_millis(100);
+        let at = Duration::from_millis;
+        assert_eq!(liveness(at(150), period, 5), Liveness::Alive);
+        assert_eq!(liveness(at(200), period, 5), Liveness::Alive);
+        assert_eq!(liveness(at(300), period, 5), Liveness::Suspect);
+        assert_eq!(liveness(at(500), period, 5), Liveness::Suspect);
+        assert_eq!(liveness(at(501), period, 5), Liveness::Dead);
+        assert_eq!(
+            liveness(at(201), period, 0),
+            Liveness::Dead,
+            "a TTL below 2 counts as 2"
+        );
     }
 
     #[test]
-    fn alive_then_suspect_then_dead() {
-        let start = Instant::now();
-        let mut tracker = LivenessTracker::new(5);
-        let records = [record(1), record(2)];
-        tracker.heard(1, start);
-        let at = |ms| start + Duration::from_millis(ms);
-        let list = tracker.classify(records.iter(), at(150));
-        assert_eq!(list.get(&1).map(|e| e.1), Some(Liveness::Alive));
-        assert!(!list.contains_key(&2), "never heard: not listed");
+    fn transitions_are_counted_once() {
+        let mut transitions = Transitions::default();
+        let list = |entries: &[(u64, Liveness)]| entries.iter().copied().collect();
+        transitions.update(&list(&[(1, Liveness::Alive), (2, Liveness::Alive)]));
+        transitions.update(&list(&[(1, Liveness::Suspect), (2, Liveness::Alive)]));
+        transitions.update(&list(&[(1, Liveness::Suspect), (2, Liveness::Alive)]));
+        transitions.update(&list(&[(1, Liveness::Alive), (2, Liveness::Alive)]));
+        transitions.update(&list(&[(1, Liveness::Dead)]));
+        transitions.update(&list(&[(1, Liveness::Dead)]));
+        transitions.update(&list(&[(1, Liveness::Alive)]));
         assert_eq!(
-            tracker
-                .classify(records.iter(), at(300))
-                .get(&1)
-                .map(|e| e.1),
-            Some(Liveness::Suspect)
+            transitions.counts(),
+            TransitionCounts {
+                joined: 3,
+                suspected: 1,
+                cleared: 1,
+                died: 1,
+                left: 1,
+            }
         );
-        assert!(
-            tracker.classify(records.iter(), at(501)).is_empty(),
-            "dead after the TTL"
-        );
-        tracker.heard(1, at(600));
-        assert_eq!(
-            tracker
-                .classify(records.iter(), at(650))
-                .get(&1)
-                .map(|e| e.1),
-            Some(Liveness::Alive)
-        );
-        tracker.forget(1);
-        assert!(tracker.classify(records.iter(), at(650)).is_empty());
     }
 }

@@ -15,4 +15,5 @@
 pub mod daemon;
 pub mod elp;
 pub mod inventory;
+pub mod query;
 pub mod vdriver;

@@ -4,13 +4,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use gvd::daemon::{self, Config};
 use gvd::inventory::{probe_here, scan, search_path};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 /// The GrapeVine daemon.
 #[derive(Debug, Parser)]
@@ -63,6 +64,18 @@ struct RunArgs {
     /// Multicast group of the ELP topic.
     #[arg(long, env = "GVD_GROUP")]
     group: Option<SocketAddr>,
+    /// Multicast group of the VDEV topic (default: the ELP group's address, next port).
+    #[arg(long, env = "GVD_VDEV_GROUP")]
+    vdev_group: Option<SocketAddr>,
+    /// UDP port for QUERYs from peers (0 picks a free one).
+    #[arg(long, env = "GVD_QUERY_PORT")]
+    query_port: Option<u16>,
+    /// Ask drivers for their VDEVs this often (ms) even without file changes or SIGHUP.
+    #[arg(long, env = "GVD_RESCAN_INTERVAL_MS")]
+    rescan_interval_ms: Option<u64>,
+    /// Drop this fraction of received ELP/VDEV datagrams (for loss experiments).
+    #[arg(long, env = "GVD_INJECT_LOSS", hide = true)]
+    inject_loss: Option<f64>,
     /// Interface to announce on (loopback unless set).
     #[arg(long, env = "GVD_IFACE")]
     iface: Option<String>,
@@ -94,6 +107,18 @@ impl RunArgs {
         }
         if let Some(v) = self.group {
             config.group = v;
+        }
+        if let Some(v) = self.vdev_group {
+            config.vdev_group = Some(v);
+        }
+        if let Some(v) = self.query_port {
+            config.query_port = v;
+        }
+        if let Some(v) = self.rescan_interval_ms {
+            config.rescan_interval_ms = v;
+        }
+        if let Some(v) = self.inject_loss {
+            config.inject_loss = v;
         }
         if let Some(v) = &self.iface {
             config.iface = v.clone();
@@ -130,11 +155,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Run(args) => {
             let config = args.config()?;
             let stop = Arc::new(AtomicBool::new(false));
-            {
-                let stop = Arc::clone(&stop);
-                ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))?;
+            let rescan = Arc::new(AtomicBool::new(false));
+            for signal in [SIGINT, SIGTERM] {
+                signal_hook::flag::register(signal, Arc::clone(&stop))?;
             }
-            daemon::run(&config, &std::env::current_exe()?, &stop)
+            signal_hook::flag::register(SIGHUP, Arc::clone(&rescan))?;
+            daemon::run(&config, &std::env::current_exe()?, &stop, &rescan)
         }
         Command::Inventory { vdriver_path, json } => {
             let exe = std::env::current_exe()?;

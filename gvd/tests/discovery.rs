@@ -39,6 +39,8 @@ impl Cluster {
                     .args(["run", "--name", &format!("node{i}"), "--group", group])
                     .args(["--elp-delay-ms", &ELP_DELAY_MS.to_string()])
                     .args(["--node-ttl", &NODE_TTL.to_string()])
+                    // Only SIGHUP or a driver file change may rescan during the test.
+                    .args(["--query-port", "0", "--rescan-interval-ms", "600000"])
                     .arg("--state-dir")
                     .arg(&state)
                     .arg("--vdriver-path")
@@ -97,9 +99,9 @@ fn names(list: &NodesFile) -> Vec<String> {
     names
 }
 
-fn terminate(child: &Child) {
+fn signal(child: &Child, signal: &str) {
     let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([signal, &child.id().to_string()])
         .status();
 }
 
@@ -141,12 +143,7 @@ fn nodes_find_each_other_and_notice_departures() {
     assert_eq!(vdevs.as_array().unwrap().len(), 2, "{vdevs}");
     assert!(gvctl(&["status"]).contains("3 nodes known"));
     for node in &list.nodes {
-        let vdevs: Vec<&str> = node
-            .record
-            .vdevs
-            .iter()
-            .map(|v| v.vdev.name.as_str())
-            .collect();
+        let vdevs: Vec<&str> = node.vdevs.iter().map(|v| v.vdev.name.as_str()).collect();
         assert_eq!(vdevs, vec!["counter0", "echo0"], "{}", node.record.name);
         assert_eq!(node.record.addresses, vec!["127.0.0.1".to_string()]);
     }
@@ -154,17 +151,42 @@ fn nodes_find_each_other_and_notice_departures() {
     // A new driver file: the owner's `unique` changes and peers see the new VDEV, no restart.
     let before = list.nodes[0].record.unique.clone();
     std::fs::copy(built("gv_dir_devices"), drivers.join("dir-devices.so")).unwrap();
-    cluster.wait(1, Duration::from_secs(5), |l| {
+    let has_vdev = |l: &NodesFile, name: &str| {
         l.nodes.len() == 3
-            && l.nodes.iter().all(|n| {
-                n.record.unique != before && n.record.vdevs.iter().any(|v| v.vdev.name == "disk0")
-            })
+            && l.nodes
+                .iter()
+                .all(|n| n.vdevs_current && n.vdevs.iter().any(|v| v.vdev.name == name))
+    };
+    let took = cluster.wait(1, Duration::from_secs(5), |l| {
+        has_vdev(l, "disk0") && l.nodes.iter().all(|n| n.record.unique != before)
     });
+    eprintln!("a new driver's VDEVs reached a peer after {took:?}");
 
-    // Garbage on the ELP group changes nothing.
+    // A VDEV that appears inside a driver is picked up on SIGHUP (the periodic rescan is
+    // ten minutes away).
+    std::fs::write(drivers.join("devices").join("disk1"), b"more").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !has_vdev(&cluster.list(1).unwrap(), "disk1"),
+        "no rescan without SIGHUP"
+    );
+    for node in &cluster.nodes {
+        signal(&node.child, "-HUP");
+    }
+    let took = cluster.wait(1, Duration::from_secs(5), |l| has_vdev(l, "disk1"));
+    eprintln!("SIGHUP rescan reached a peer after {took:?}");
+
+    // Garbage on the ELP group and on a query port changes nothing.
     let raw = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    for bytes in [&b"GV\x01\x00garbage"[..], &[0u8; 1000][..], b""] {
+    let query_port = cluster.list(0).unwrap().nodes[0].record.query_port;
+    for bytes in [
+        &b"GV\x01\x00garbage"[..],
+        &[0u8; 1000][..],
+        b"",
+        b"GVQY\x01",
+    ] {
         raw.send_to(bytes, "239.255.79.10:47910").unwrap();
+        raw.send_to(bytes, ("127.0.0.1", query_port)).unwrap();
     }
 
     // Killed without a goodbye: gone within the TTL (plus one period and some scheduling).
@@ -178,7 +200,7 @@ fn nodes_find_each_other_and_notice_departures() {
     );
 
     // Stopped cleanly: says goodbye, dropped within a couple of periods.
-    terminate(&cluster.nodes[1].child);
+    signal(&cluster.nodes[1].child, "-TERM");
     let took = cluster.wait(0, Duration::from_millis(ELP_DELAY_MS * 3), |l| {
         names(l) == vec!["node0"]
     });

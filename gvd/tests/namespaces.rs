@@ -112,6 +112,7 @@ impl Lab {
                 "--node-ttl",
                 &NODE_TTL.to_string(),
             ])
+            .args(["--query-port", "7172"])
             .arg("--state-dir")
             .arg(self.dir.join(format!("h{i}")))
             .arg("--vdriver-path")
@@ -134,7 +135,12 @@ impl Lab {
                 let mut names: Vec<String> =
                     list.nodes.iter().map(|n| n.record.name.clone()).collect();
                 names.sort();
-                if names == want {
+                // Listed with their VDEVs (two each: the echo driver), fetched after `unique`.
+                let vdevs = list
+                    .nodes
+                    .iter()
+                    .all(|n| n.vdevs_current && n.vdevs.len() == 2);
+                if names == want && vdevs {
                     return started.elapsed();
                 }
             }
@@ -222,7 +228,7 @@ fn three_hosts_discover_each_other_and_a_dead_one_leaves() {
             node.record.addresses,
             vec![format!("10.231.0.{}", index + 1)]
         );
-        assert_eq!(node.record.vdevs.len(), 2, "each other's VDEVs: {node:?}");
+        assert_eq!(node.vdevs.len(), 2, "each other's VDEVs: {node:?}");
     }
 
     let _ = lab.children[2].kill();

@@ -76,7 +76,7 @@ fn run(cli: Cli) -> Result<()> {
                     r.name,
                     format!("{:?}", node.liveness).to_lowercase(),
                     r.unique,
-                    r.vdevs.len(),
+                    node.vdevs.len(),
                     r.addresses.join(",")
                 );
             }
@@ -98,7 +98,7 @@ fn run(cli: Cli) -> Result<()> {
                 let rows: Vec<_> = selected
                     .iter()
                     .flat_map(|n| {
-                        n.record.vdevs.iter().map(|v| {
+                        n.vdevs.iter().map(|v| {
                             serde_json::json!({
                                 "node": n.record.name,
                                 "node_id": n.record.node_id,
@@ -118,7 +118,7 @@ fn run(cli: Cli) -> Result<()> {
                 "NODE", "DRIVER", "VDEV", "KIND"
             );
             for n in selected {
-                for v in &n.record.vdevs {
+                for v in &n.vdevs {
                     println!(
                         "{:<20} {:<16} {:<20} {:<8} {}",
                         n.record.name, v.driver, v.vdev.name, v.vdev.kind, v.vdev.attributes
@@ -149,7 +149,7 @@ fn run(cli: Cli) -> Result<()> {
                     n.record.node_id,
                     n.record.name,
                     n.record.unique,
-                    n.record.vdevs.len()
+                    n.vdevs.len()
                 ),
                 None => println!(
                     "node {:016x}: not yet heard its own announcement",
