@@ -9,8 +9,11 @@
 //! - [`vdriver`]: the C ABI of docs/VDRIVER.md, loading a library and calling it (used inside
 //!   the probe and agent processes, never by the daemon itself).
 //! - [`inventory`]: scanning directories, probing each driver in a child process, `unique`.
-//! - [`elp`]: the node records of echolocation and the alive / suspect / dead detector.
-//! - [`daemon`]: configuration, the node id, the announcement loop and the node list file.
+//! - [`elp`]: the node records and VDEV lists of echolocation and the alive / suspect / dead
+//!   detector.
+//! - [`query`]: QUERY, the request for a snapshot cycle now.
+//! - [`daemon`]: configuration, the node id, the [`daemon::Daemon`] that announces, follows,
+//!   answers QUERYs and keeps the node list file.
 
 pub mod daemon;
 pub mod elp;
