@@ -21,10 +21,10 @@ use crate::elp::{
     VdevTable, ELP_TOPIC, VDEV_TOPIC,
 };
 use crate::inventory::{driver_files, scan, search_path, Inventory};
+use crate::kos_server::{inventory_path, KosListener, KosSettings};
 use crate::query::Query;
 
-/// The schema version of the node list file.
-pub const NODES_FILE_VERSION: u32 = 2;
+pub use grapevine_kos::nodes::{NodeEntry, NodesFile, NODES_FILE_VERSION};
 
 /// gvd's settings. Read from a TOML file, then overridden by environment and flags.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -50,6 +50,15 @@ pub struct Config {
     pub elp_delay_ms: u64,
     /// A node silent for this many of its periods is dead. Default 5.
     pub node_ttl: u32,
+    /// TCP port of the KOS listener, on the interface's address; 0 picks a free one (it is
+    /// announced in the ELP record). Default 7173.
+    pub kos_port: u16,
+    /// Most KOS connections (agent processes) at once. Default 64.
+    pub max_agents: usize,
+    /// Longest a driver call may run before its agent gives up and ends, ms. Default 30 000.
+    pub call_timeout_ms: u64,
+    /// Largest KOS request frame, bytes. Default 16 MiB.
+    pub max_frame: usize,
     /// How often drivers are asked again for their VDEVs when no driver file changed and no
     /// SIGHUP came, milliseconds. Default 10 000.
     pub rescan_interval_ms: u64,
@@ -70,6 +79,10 @@ impl Default for Config {
             group: SocketAddr::from(([239, 255, 71, 71], 7171)),
             vdev_group: None,
             query_port: 7172,
+            kos_port: 7173,
+            max_agents: 64,
+            call_timeout_ms: 30_000,
+            max_frame: grapevine_kos::proto::DEFAULT_MAX_FRAME,
             iface: "lo".into(),
             elp_delay_ms: 1000,
             node_ttl: 5,
@@ -106,31 +119,6 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.state_dir.join("nodes.json"))
     }
-}
-
-/// The node list file (`GV_NODES_PATH`): what local readers (KOS clients) see.
-#[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
-pub struct NodesFile {
-    /// Schema version of this file.
-    pub version: u32,
-    /// The node that wrote it.
-    pub local_node: u64,
-    /// Every node alive or suspect, by node id.
-    pub nodes: Vec<NodeEntry>,
-}
-
-/// One node of the node list.
-#[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
-pub struct NodeEntry {
-    /// Its record, as it announced it.
-    #[serde(flatten)]
-    pub record: NodeRecord,
-    /// Alive or suspect.
-    pub liveness: Liveness,
-    /// Its VDEVs, as last received.
-    pub vdevs: Vec<NodeVdev>,
-    /// Whether `vdevs` match the `unique` it announces (false while an update is fetched).
-    pub vdevs_current: bool,
 }
 
 /// Writes `contents` to `path` atomically: a temporary file in the same directory, synced,
@@ -278,6 +266,7 @@ pub struct Daemon {
     vdevs: Topic<VdevTable>,
     query_socket: UdpSocket,
     query_port: u16,
+    kos: KosListener,
     inventory: Inventory,
     driver_files: Vec<PathBuf>,
     last_rescan: Instant,
@@ -315,7 +304,18 @@ impl Daemon {
         let query_port = query_socket.local_addr()?.port();
         let directories = search_path(&config.vdriver_path);
         let inventory = scan(&directories, probe_exe);
-        let record = record(node, config, address, query_port, &inventory);
+        write_inventory(&config.state_dir, &inventory);
+        let kos = KosListener::start(KosSettings {
+            address: SocketAddr::new(address, config.kos_port),
+            max_agents: config.max_agents,
+            call_timeout: Duration::from_millis(config.call_timeout_ms),
+            max_frame: config.max_frame,
+            node_id: node,
+            inventory_path: inventory_path(&config.state_dir),
+            exe: probe_exe.to_path_buf(),
+        })?;
+        let kos_port = kos.address().port();
+        let record = record(node, config, address, (query_port, kos_port), &inventory);
         let elp = Topic::start(
             ELP_TOPIC,
             &elp_group,
@@ -347,6 +347,7 @@ impl Daemon {
             vdevs,
             query_socket,
             query_port,
+            kos,
             inventory,
             last_rescan: now,
             rescan_requested: Arc::new(AtomicBool::new(false)),
@@ -417,6 +418,8 @@ impl Daemon {
             self.next_announce = now + self.delay;
         }
         self.answer_queries(until);
+        // Reaps agents that ended, so none lingers as a zombie.
+        self.kos.agents();
         let now = Instant::now();
         self.elp.drain_events();
         self.vdevs.drain_events();
@@ -482,6 +485,12 @@ impl Daemon {
         self.elp.publisher.flush();
         self.elp.shutdown();
         self.vdevs.shutdown();
+        self.kos.shutdown();
+    }
+
+    /// The KOS listener (its address, agents and counters).
+    pub fn kos(&self) -> &KosListener {
+        &self.kos
     }
 
     fn rescan_if_due(&mut self, now: Instant) -> Result<()> {
@@ -497,6 +506,7 @@ impl Daemon {
         self.last_rescan = now;
         self.stats.rescans += 1;
         let fresh = scan(&self.directories, &self.probe_exe);
+        write_inventory(&self.config.state_dir, &fresh);
         if fresh.unique != self.inventory.unique {
             tracing::info!(unique = %fresh.unique, "VDEVs changed");
             self.inventory = fresh;
@@ -522,7 +532,7 @@ impl Daemon {
             self.node,
             &self.config,
             self.address,
-            self.query_port,
+            (self.query_port, self.kos.address().port()),
             &self.inventory,
         )
     }
@@ -544,7 +554,9 @@ impl Daemon {
                 Err(error)
                     if matches!(
                         error.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
                     ) =>
                 {
                     continue
@@ -676,7 +688,7 @@ fn record(
     node: u64,
     config: &Config,
     address: IpAddr,
-    query_port: u16,
+    (query_port, kos_port): (u16, u16),
     inventory: &Inventory,
 ) -> NodeRecord {
     NodeRecord {
@@ -684,9 +696,21 @@ fn record(
         name: config.name.clone(),
         addresses: vec![address.to_string()],
         query_port,
-        kos_port: 0,
+        kos_port,
         unique: inventory.unique.clone(),
         elp_delay_ms: config.elp_delay_ms,
+    }
+}
+
+/// Agents read the inventory from this file to find the driver of a VDEV; a failed write
+/// leaves them the previous one.
+fn write_inventory(state_dir: &Path, inventory: &Inventory) {
+    let path = inventory_path(state_dir);
+    let written = serde_json::to_vec(inventory)
+        .map_err(std::io::Error::other)
+        .and_then(|json| write_atomically(&path, &json));
+    if let Err(error) = written {
+        tracing::error!(%error, path = %path.display(), "cannot write the inventory for agents");
     }
 }
 

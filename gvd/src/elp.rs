@@ -9,43 +9,13 @@ use std::time::Duration;
 use grapevine_core::state::KeyedMap;
 use serde::{Deserialize, Serialize};
 
-use crate::vdriver::Vdev;
+pub use grapevine_kos::nodes::{Liveness, NodeRecord, NodeVdev};
 
 /// The topic of echolocation packets.
 pub const ELP_TOPIC: u32 = 0x0045_4c50;
 
 /// The topic of VDEV lists.
 pub const VDEV_TOPIC: u32 = 0x5644_4556;
-
-/// What a node announces about itself every period. Kept small: the VDEVs travel on their
-/// own topic, and `unique` tells peers when to fetch them.
-#[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
-pub struct NodeRecord {
-    /// Stable node id (persisted in the state directory).
-    pub node_id: u64,
-    /// Human name.
-    pub name: String,
-    /// Unicast addresses peers can reach it on (those of the configured interface).
-    pub addresses: Vec<String>,
-    /// UDP port of its QUERY socket (snapshot requests).
-    pub query_port: u16,
-    /// TCP port of its KOS listener; 0 when it serves none.
-    pub kos_port: u16,
-    /// Digest of its VDEVs.
-    pub unique: String,
-    /// How often it announces itself, in milliseconds.
-    pub elp_delay_ms: u64,
-}
-
-/// One VDEV of a node.
-#[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
-pub struct NodeVdev {
-    /// The driver exposing it.
-    pub driver: String,
-    /// The device. (Nested, not flattened: records travel as postcard, which needs fixed
-    /// shapes.)
-    pub vdev: Vdev,
-}
 
 /// A node's VDEVs as published on the VDEV topic.
 #[derive(Clone, Debug, Default, Deserialize, Eq, PartialEq, Serialize)]
@@ -61,18 +31,6 @@ pub type NodeTable = KeyedMap<u64, NodeRecord>;
 
 /// The VDEV topic's state: one list per node.
 pub type VdevTable = KeyedMap<u64, VdevList>;
-
-/// Where a node stands.
-#[derive(Clone, Copy, Debug, Deserialize, Eq, PartialEq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Liveness {
-    /// Heard within two announcement periods.
-    Alive,
-    /// Missed announcements, not yet given up: loss must not make nodes flap.
-    Suspect,
-    /// Silent for `node_ttl` periods: left out of the node list.
-    Dead,
-}
 
 /// The liveness of a node silent for `silent`, announcing every `period`, given up after
 /// `node_ttl` periods (at least 2). Two periods of grace before suspicion: with 10 % loss a

@@ -15,8 +15,10 @@
 //! - [`daemon`]: configuration, the node id, the [`daemon::Daemon`] that announces, follows,
 //!   answers QUERYs and keeps the node list file.
 
+pub mod agent;
 pub mod daemon;
 pub mod elp;
 pub mod inventory;
+pub mod kos_server;
 pub mod query;
 pub mod vdriver;

@@ -2,6 +2,7 @@
 //! KOS agents and GrapeVineFS are the next steps (see README).
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -33,6 +34,25 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Serve one KOS connection on standard input (started by gvd for each connection).
+    #[command(hide = true)]
+    Agent {
+        /// The node serving, in hex.
+        #[arg(long)]
+        node_id: String,
+        /// gvd's inventory file.
+        #[arg(long)]
+        inventory: PathBuf,
+        /// Longest a driver call may run, ms.
+        #[arg(long, default_value_t = 30_000)]
+        call_timeout_ms: u64,
+        /// Largest request frame.
+        #[arg(long, default_value_t = grapevine_kos::proto::DEFAULT_MAX_FRAME)]
+        max_frame: usize,
+        /// The client's address, for logs.
+        #[arg(long, default_value = "?")]
+        peer: String,
     },
     /// Load one driver in this process and print its inventory as JSON (used by gvd itself, in
     /// a child process, so that a bad driver cannot take the daemon down).
@@ -73,6 +93,15 @@ struct RunArgs {
     /// Ask drivers for their VDEVs this often (ms) even without file changes or SIGHUP.
     #[arg(long, env = "GVD_RESCAN_INTERVAL_MS")]
     rescan_interval_ms: Option<u64>,
+    /// TCP port for KOS connections (0 picks a free one).
+    #[arg(long, env = "GVD_KOS_PORT")]
+    kos_port: Option<u16>,
+    /// Most KOS connections (agent processes) at once.
+    #[arg(long, env = "GVD_MAX_AGENTS")]
+    max_agents: Option<usize>,
+    /// Longest a driver call may run before its agent gives up, ms.
+    #[arg(long, env = "GVD_CALL_TIMEOUT_MS")]
+    call_timeout_ms: Option<u64>,
     /// Drop this fraction of received ELP/VDEV datagrams (for loss experiments).
     #[arg(long, env = "GVD_INJECT_LOSS", hide = true)]
     inject_loss: Option<f64>,
@@ -113,6 +142,15 @@ impl RunArgs {
         }
         if let Some(v) = self.query_port {
             config.query_port = v;
+        }
+        if let Some(v) = self.kos_port {
+            config.kos_port = v;
+        }
+        if let Some(v) = self.max_agents {
+            config.max_agents = v;
+        }
+        if let Some(v) = self.call_timeout_ms {
+            config.call_timeout_ms = v;
         }
         if let Some(v) = self.rescan_interval_ms {
             config.rescan_interval_ms = v;
@@ -180,6 +218,28 @@ fn run(cli: Cli) -> Result<()> {
                 println!("skipped {}: {}", skipped.path.display(), skipped.reason);
             }
             Ok(())
+        }
+        Command::Agent {
+            node_id,
+            inventory,
+            call_timeout_ms,
+            max_frame,
+            peer,
+        } => {
+            let node_id = u64::from_str_radix(&node_id, 16)?;
+            let socket = std::io::stdin().as_fd().try_clone_to_owned()?;
+            let stream = std::net::TcpStream::from(socket);
+            gvd::agent::exit_with_parent();
+            let mut session = gvd::agent::AgentSession::new(node_id, std::process::id());
+            let mut devices = gvd::agent::DriverDevices::new(inventory);
+            let limits = gvd::agent::AgentLimits {
+                max_frame,
+                call_timeout: std::time::Duration::from_millis(call_timeout_ms),
+            };
+            let ended = gvd::agent::serve(stream, &mut session, &mut devices, &limits)?;
+            tracing::info!(%peer, ?ended, "agent ends");
+            // A call that timed out is still running on its thread: leave without waiting.
+            std::process::exit(0);
         }
         Command::ProbeDriver { path } => {
             let found = probe_here(&path)?;

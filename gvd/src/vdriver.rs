@@ -7,24 +7,13 @@
 use std::ffi::{c_char, CStr, CString};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 /// The ABI version this build speaks.
 pub const ABI_VERSION: u32 = 1;
 
 /// Most VDEVs one driver may expose.
 const MAX_VDEVS: u32 = 65_536;
 
-/// A virtual device exposed by a driver.
-#[derive(Clone, Debug, Deserialize, Eq, Hash, Ord, PartialEq, PartialOrd, Serialize)]
-pub struct Vdev {
-    /// Name, unique within its driver.
-    pub name: String,
-    /// Kind: "block", "char", "echo", ...
-    pub kind: String,
-    /// Attributes, a JSON object as text.
-    pub attributes: String,
-}
+pub use grapevine_kos::nodes::Vdev;
 
 /// Why a driver could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -112,7 +112,7 @@ impl Lab {
                 "--node-ttl",
                 &NODE_TTL.to_string(),
             ])
-            .args(["--query-port", "7172"])
+            .args(["--query-port", "7172", "--kos-port", "7173"])
             .arg("--state-dir")
             .arg(self.dir.join(format!("h{i}")))
             .arg("--vdriver-path")
@@ -230,6 +230,20 @@ fn three_hosts_discover_each_other_and_a_dead_one_leaves() {
         );
         assert_eq!(node.vdevs.len(), 2, "each other's VDEVs: {node:?}");
     }
+
+    // A KOS on host0 calls a VDEV of host1 across the bridge (gvctl uses the KOS library).
+    let output = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("h0"), env!("CARGO_BIN_EXE_gvctl")])
+        .args(["call", "host1", "echo0", "reverse", "namespaces"])
+        .env("GV_NODES_PATH", lab.nodes_path(0))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "secapseman");
 
     let _ = lab.children[2].kill();
     let _ = lab.children[2].wait();

@@ -2,7 +2,9 @@
 //! with its arguments and `reverse` with them reversed; `counter0` answers `next` with a
 //! counter that increases on every call. `GV_ECHO_FAULT` makes it misbehave on purpose for
 //! gvd's tests: `abi` reports another ABI version, `error` fails to list, `panic` panics while
-//! listing, `abort` aborts the process.
+//! listing, `abort` aborts the process. `echo0` also has functions that misbehave when called,
+//! for the KOS tests, not listed in its attributes: `panic` (caught at the boundary: error
+//! -1), `abort` (ends the process) and `sleep` (ASCII milliseconds, at most a minute).
 #![allow(unsafe_code)]
 
 use std::ffi::{c_char, CStr};
@@ -101,6 +103,16 @@ pub unsafe extern "C" fn gv_vdriver_call(
         let answer: Vec<u8> = match (vdev, function) {
             (b"echo0", b"echo") => args.to_vec(),
             (b"echo0", b"reverse") => args.iter().rev().copied().collect(),
+            (b"echo0", b"panic") => panic!("gv-echo: asked to panic"),
+            (b"echo0", b"abort") => std::process::abort(),
+            (b"echo0", b"sleep") => {
+                let ms: u64 = std::str::from_utf8(args)
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok())
+                    .unwrap_or(0);
+                std::thread::sleep(std::time::Duration::from_millis(ms.min(60_000)));
+                args.to_vec()
+            }
             (b"counter0", b"next") => (COUNTER.fetch_add(1, Ordering::Relaxed) + 1)
                 .to_string()
                 .into_bytes(),

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use grapevine_kos::client::ConnectOptions;
+use grapevine_kos::Kos;
 use gvd::daemon::NodesFile;
 
 /// Inspect the GrapeVine network as the local gvd sees it.
@@ -37,6 +39,23 @@ enum Command {
     },
     /// This node and a count of the others.
     Status,
+    /// Call FUNCTION of VDEV on NODE through a KOS connection, and print the answer.
+    Call {
+        /// A node name or hex id.
+        node: String,
+        /// The VDEV.
+        vdev: String,
+        /// The function.
+        function: String,
+        /// Arguments, joined with spaces and sent as bytes.
+        args: Vec<String>,
+        /// Print the answer in hex (default: as text when it is UTF-8).
+        #[arg(long)]
+        hex: bool,
+        /// How long the call may take, ms.
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,7 +68,63 @@ fn main() -> ExitCode {
     }
 }
 
+fn call(
+    cli: &Cli,
+    node: &str,
+    vdev: &str,
+    function: &str,
+    args: &[String],
+    hex: bool,
+    timeout_ms: u64,
+) -> Result<()> {
+    let mut options = ConnectOptions::default();
+    options.client = format!("gvctl[{}]", std::process::id());
+    options.reply_timeout = std::time::Duration::from_millis(timeout_ms);
+    let mut kos = Kos::new(&cli.nodes_path, options);
+    let list = kos.nodes()?;
+    if list.node(node).is_none() {
+        bail!("no node {node} in {}", cli.nodes_path.display());
+    }
+    let opened = kos.open(Some(node), vdev)?;
+    let started = std::time::Instant::now();
+    let answer = kos.call(&opened, function, args.join(" ").as_bytes())?;
+    let took = started.elapsed();
+    let text = if hex {
+        None
+    } else {
+        std::str::from_utf8(&answer).ok()
+    };
+    let hex_text: String = answer.iter().map(|b| format!("{b:02x}")).collect();
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "node": opened.location.node,
+                "vdev": vdev,
+                "function": function,
+                "text": text,
+                "hex": hex_text,
+                "micros": took.as_micros() as u64,
+            })
+        );
+    } else {
+        println!("{}", text.map_or(hex_text, str::to_string));
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
+    if let Command::Call {
+        node,
+        vdev,
+        function,
+        args,
+        hex,
+        timeout_ms,
+    } = &cli.command
+    {
+        return call(&cli, node, vdev, function, args, *hex, *timeout_ms);
+    }
     let text = std::fs::read(&cli.nodes_path).with_context(|| {
         format!(
             "cannot read {} (is gvd running? set GV_NODES_PATH or --nodes-path)",
@@ -126,6 +201,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::Call { .. } => unreachable!("handled above"),
         Command::Status => {
             let local = list
                 .nodes

@@ -1,0 +1,186 @@
+//! The node list file gvd keeps for local clients (`GV_NODES_PATH`, docs/GVD.md), and the
+//! records it is made of. gvd writes it; a KOS reads it to find where a VDEV lives.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::KosError;
+
+/// The schema version of the node list file.
+pub const NODES_FILE_VERSION: u32 = 2;
+
+/// A virtual device exposed by a driver.
+#[derive(Clone, Debug, Deserialize, Eq, Hash, Ord, PartialEq, PartialOrd, Serialize)]
+pub struct Vdev {
+    /// Name, unique within its driver.
+    pub name: String,
+    /// Kind: "block", "char", "echo", ...
+    pub kind: String,
+    /// Attributes, a JSON object as text.
+    pub attributes: String,
+}
+
+/// What a node announces about itself every period (its ELP record).
+#[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
+pub struct NodeRecord {
+    /// Stable node id (persisted in the state directory).
+    pub node_id: u64,
+    /// Human name.
+    pub name: String,
+    /// Unicast addresses peers can reach it on (those of the configured interface).
+    pub addresses: Vec<String>,
+    /// UDP port of its QUERY socket (snapshot requests).
+    pub query_port: u16,
+    /// TCP port of its KOS listener; 0 when it serves none.
+    pub kos_port: u16,
+    /// Digest of its VDEVs.
+    pub unique: String,
+    /// How often it announces itself, in milliseconds.
+    pub elp_delay_ms: u64,
+}
+
+impl NodeRecord {
+    /// Where a KOS connects to reach this node's VDEVs.
+    pub fn kos_address(&self) -> Option<SocketAddr> {
+        if self.kos_port == 0 {
+            return None;
+        }
+        let ip = self
+            .addresses
+            .iter()
+            .find_map(|a| a.parse::<IpAddr>().ok())?;
+        Some(SocketAddr::new(ip, self.kos_port))
+    }
+}
+
+/// One VDEV of a node.
+#[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
+pub struct NodeVdev {
+    /// The driver exposing it.
+    pub driver: String,
+    /// The device. (Nested, not flattened: records travel as postcard, which needs fixed
+    /// shapes.)
+    pub vdev: Vdev,
+}
+
+/// Where a node stands.
+#[derive(Clone, Copy, Debug, Deserialize, Eq, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Liveness {
+    /// Heard within two announcement periods.
+    Alive,
+    /// Missed announcements, not yet given up: loss must not make nodes flap.
+    Suspect,
+    /// Silent for `node_ttl` periods: left out of the node list.
+    Dead,
+}
+
+/// The node list file.
+#[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
+pub struct NodesFile {
+    /// Schema version of this file.
+    pub version: u32,
+    /// The node that wrote it.
+    pub local_node: u64,
+    /// Every node alive or suspect, by node id.
+    pub nodes: Vec<NodeEntry>,
+}
+
+/// One node of the node list.
+#[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
+pub struct NodeEntry {
+    /// Its record, as it announced it.
+    #[serde(flatten)]
+    pub record: NodeRecord,
+    /// Alive or suspect.
+    pub liveness: Liveness,
+    /// Its VDEVs, as last received.
+    pub vdevs: Vec<NodeVdev>,
+    /// Whether `vdevs` match the `unique` it announces (false while an update is fetched).
+    pub vdevs_current: bool,
+}
+
+/// A VDEV and the node that exposes it.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct VdevLocation {
+    /// The node's id.
+    pub node_id: u64,
+    /// The node's name.
+    pub node: String,
+    /// Where to connect.
+    pub address: SocketAddr,
+    /// The driver exposing it.
+    pub driver: String,
+    /// The device.
+    pub vdev: Vdev,
+}
+
+impl NodesFile {
+    /// Reads and checks a node list file.
+    ///
+    /// # Errors
+    ///
+    /// [`KosError::NodeList`] when the file is missing, unreadable, or of another schema.
+    pub fn read(path: &Path) -> Result<Self, KosError> {
+        let bad = |reason: String| KosError::NodeList {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read(path)
+            .map_err(|e| bad(format!("{e} (is gvd running? set GV_NODES_PATH)")))?;
+        let list: Self = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+        if list.version != NODES_FILE_VERSION {
+            return Err(bad(format!(
+                "schema version {}, this KOS reads {NODES_FILE_VERSION}",
+                list.version
+            )));
+        }
+        Ok(list)
+    }
+
+    /// The node called `name` or whose hex id is `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeEntry> {
+        self.nodes
+            .iter()
+            .find(|n| n.record.name == name || format!("{:016x}", n.record.node_id) == name)
+    }
+
+    /// Every place a VDEV called `vdev` can be reached, on `node` only if given (a name or a
+    /// hex id). Nodes without a KOS listener are left out.
+    ///
+    /// ```
+    /// use grapevine_kos::nodes::NodesFile;
+    /// let list: NodesFile = serde_json::from_str(r#"{"version":2,"local_node":1,"nodes":[
+    ///   {"node_id":1,"name":"a","addresses":["127.0.0.1"],"query_port":7172,"kos_port":7173,
+    ///    "unique":"x","elp_delay_ms":1000,"liveness":"alive","vdevs_current":true,
+    ///    "vdevs":[{"driver":"echo","vdev":{"name":"echo0","kind":"echo","attributes":"{}"}}]}]}"#)?;
+    /// let found = list.locate(None, "echo0");
+    /// assert_eq!(found[0].address.to_string(), "127.0.0.1:7173");
+    /// # Ok::<(), serde_json::Error>(())
+    /// ```
+    pub fn locate(&self, node: Option<&str>, vdev: &str) -> Vec<VdevLocation> {
+        self.nodes
+            .iter()
+            .filter(|n| {
+                node.is_none_or(|want| {
+                    n.record.name == want || format!("{:016x}", n.record.node_id) == want
+                })
+            })
+            .filter_map(|n| Some((n, n.record.kos_address()?)))
+            .flat_map(|(n, address)| {
+                n.vdevs
+                    .iter()
+                    .filter(|v| v.vdev.name == vdev)
+                    .map(move |v| VdevLocation {
+                        node_id: n.record.node_id,
+                        node: n.record.name.clone(),
+                        address,
+                        driver: v.driver.clone(),
+                        vdev: v.vdev.clone(),
+                    })
+            })
+            .collect()
+    }
+}
