@@ -42,7 +42,7 @@ pub struct Config {
     pub group: SocketAddr,
     /// Multicast group of the VDEV topic. Default: the ELP group's address, next port.
     pub vdev_group: Option<SocketAddr>,
-    /// UDP port for QUERYs (snapshot requests from peers); 0 picks a free one. Default 7172.
+    /// UDP port for QUERYs (snapshot requests from peers); 0 picks a free one. Default 7173.
     pub query_port: u16,
     /// Interface to announce on (name or address). Default loopback.
     pub iface: String,
@@ -51,7 +51,7 @@ pub struct Config {
     /// A node silent for this many of its periods is dead. Default 5.
     pub node_ttl: u32,
     /// TCP port of the KOS listener, on the interface's address; 0 picks a free one (it is
-    /// announced in the ELP record). Default 7173.
+    /// announced in the ELP record). Default 7174.
     pub kos_port: u16,
     /// Most KOS connections (agent processes) at once. Default 64.
     pub max_agents: usize,
@@ -78,8 +78,8 @@ impl Default for Config {
             vdriver_path: "/usr/lib/gvd/vdrivers".into(),
             group: SocketAddr::from(([239, 255, 71, 71], 7171)),
             vdev_group: None,
-            query_port: 7172,
-            kos_port: 7173,
+            query_port: 7173,
+            kos_port: 7174,
             max_agents: 64,
             call_timeout_ms: 30_000,
             max_frame: grapevine_kos::proto::DEFAULT_MAX_FRAME,

@@ -112,7 +112,7 @@ impl Lab {
                 "--node-ttl",
                 &NODE_TTL.to_string(),
             ])
-            .args(["--query-port", "7172", "--kos-port", "7173"])
+            .args(["--query-port", "7173", "--kos-port", "7174"])
             .arg("--state-dir")
             .arg(self.dir.join(format!("h{i}")))
             .arg("--vdriver-path")

@@ -138,7 +138,7 @@ fn closed_or(error: std::io::Error) -> KosError {
 ///
 /// ```no_run
 /// use grapevine_kos::client::{Connection, ConnectOptions};
-/// let mut connection = Connection::connect("127.0.0.1:7173".parse()?, &ConnectOptions::default())?;
+/// let mut connection = Connection::connect("127.0.0.1:7174".parse()?, &ConnectOptions::default())?;
 /// let echo = connection.open("echo0", None)?;
 /// assert_eq!(connection.call(echo, "reverse", b"abc")?, b"cba");
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -272,7 +272,7 @@ impl Connection {
 /// ```no_run
 /// # async fn demo() -> Result<(), grapevine_kos::KosError> {
 /// use grapevine_kos::client::{AsyncConnection, ConnectOptions};
-/// let address = "127.0.0.1:7173".parse().unwrap();
+/// let address = "127.0.0.1:7174".parse().unwrap();
 /// let mut connection = AsyncConnection::connect(address, &ConnectOptions::default()).await?;
 /// let echo = connection.open("echo0", None).await?;
 /// assert_eq!(connection.call(echo, "echo", b"hi").await?, b"hi");

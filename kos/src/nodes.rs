@@ -153,11 +153,11 @@ impl NodesFile {
     /// ```
     /// use grapevine_kos::nodes::NodesFile;
     /// let list: NodesFile = serde_json::from_str(r#"{"version":2,"local_node":1,"nodes":[
-    ///   {"node_id":1,"name":"a","addresses":["127.0.0.1"],"query_port":7172,"kos_port":7173,
+    ///   {"node_id":1,"name":"a","addresses":["127.0.0.1"],"query_port":7173,"kos_port":7174,
     ///    "unique":"x","elp_delay_ms":1000,"liveness":"alive","vdevs_current":true,
     ///    "vdevs":[{"driver":"echo","vdev":{"name":"echo0","kind":"echo","attributes":"{}"}}]}]}"#)?;
     /// let found = list.locate(None, "echo0");
-    /// assert_eq!(found[0].address.to_string(), "127.0.0.1:7173");
+    /// assert_eq!(found[0].address.to_string(), "127.0.0.1:7174");
     /// # Ok::<(), serde_json::Error>(())
     /// ```
     pub fn locate(&self, node: Option<&str>, vdev: &str) -> Vec<VdevLocation> {
