@@ -7,18 +7,19 @@
 //!
 //! [`AgentSession`] is the protocol logic without I/O; [`serve`] runs it on a socket.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::select;
 use grapevine_kos::proto::{
     decode, encode_frame, frame_len, ErrorKind, ProtoError, Reply, Request, FRAME_HEADER_LEN,
     PROTOCOL_VERSION,
 };
+use parking_lot::Mutex;
 
 use crate::inventory::Inventory;
 use crate::vdriver::{Driver, DriverError, Vdev};
@@ -93,26 +94,41 @@ impl AgentSession {
         }
     }
 
+    /// Whether CONN went through.
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
     /// Handles one frame body.
     pub fn handle(&mut self, body: &[u8], devices: &mut dyn Devices) -> Action {
-        let request =
-            match decode::<Request>(body) {
-                Ok(request) => request,
-                Err(e) if !self.connected => {
-                    return Action::ReplyAndClose(error(
-                        None,
-                        ErrorKind::NotConnected,
-                        format!("expected CONN first: {e}"),
-                    ))
-                }
-                Err(e) => return Action::Reply(error(
+        self.handle_request(decode::<Request>(body), devices)
+    }
+
+    /// Handles one request, already decoded (or not decodable).
+    pub fn handle_request(
+        &mut self,
+        request: Result<Request, ProtoError>,
+        devices: &mut dyn Devices,
+    ) -> Action {
+        let request = match request {
+            Ok(request) => request,
+            Err(e) if !self.connected => {
+                return Action::ReplyAndClose(error(
+                    None,
+                    ErrorKind::NotConnected,
+                    format!("expected CONN first: {e}"),
+                ))
+            }
+            Err(e) => {
+                return Action::Reply(error(
                     None,
                     ErrorKind::UnknownMessage,
                     format!(
                         "unknown or malformed message ({e}); protocol version {PROTOCOL_VERSION}"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         match request {
             Request::Conn { version, client } => {
                 if self.connected {
@@ -308,196 +324,183 @@ pub enum Ended {
     CallTimedOut,
 }
 
-enum Incoming {
-    Frame(Vec<u8>),
-    TooLarge(ProtoError),
-    Closed,
+/// The socket's writing half, shared by the threads that answer.
+struct Writer {
+    stream: Mutex<(TcpStream, Vec<u8>)>,
 }
 
-fn reader(mut stream: TcpStream, max_frame: usize, out: crossbeam_channel::Sender<Incoming>) {
-    loop {
-        let mut header = [0u8; FRAME_HEADER_LEN];
-        if stream.read_exact(&mut header).is_err() {
-            let _ = out.send(Incoming::Closed);
-            return;
-        }
-        let len = match frame_len(header, max_frame) {
-            Ok(len) => len,
-            Err(e) => {
-                let _ = out.send(Incoming::TooLarge(e));
-                return;
-            }
-        };
-        let mut body = vec![0u8; len];
-        if stream.read_exact(&mut body).is_err() {
-            let _ = out.send(Incoming::Closed);
-            return;
-        }
-        if out.send(Incoming::Frame(body)).is_err() {
-            return;
-        }
+impl Writer {
+    /// Ends the connection both ways, which also wakes the thread reading it.
+    fn shut(&self) {
+        let _ = self.stream.lock().0.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn send(&self, reply: &Reply) -> bool {
+        let mut guard = self.stream.lock();
+        let (stream, buffer) = &mut *guard;
+        buffer.clear();
+        encode_frame(reply, buffer).is_ok() && stream.write_all(buffer).is_ok()
     }
 }
 
-type CallJob = (u64, Arc<Driver>, String, String, Vec<u8>);
-type CallDone = (u64, Result<Vec<u8>, DriverError>);
-
 /// Serves a KOS connection until it ends.
+///
+/// This thread reads requests and answers pings itself; every other request goes, in order,
+/// to one worker thread that owns the session and the drivers and writes its own replies (one
+/// thread hop per call). A watchdog ends the connection when a call outlives the timeout.
 ///
 /// # Errors
 ///
 /// When the socket cannot be cloned or a thread started.
 pub fn serve(
     stream: TcpStream,
-    session: &mut AgentSession,
-    devices: &mut DriverDevices,
+    session: AgentSession,
+    devices: DriverDevices,
     limits: &AgentLimits,
 ) -> std::io::Result<Ended> {
     stream.set_nodelay(true)?;
-    let (frames_in, frames) = crossbeam_channel::bounded::<Incoming>(64);
+    let writer = Arc::new(Writer {
+        stream: Mutex::new((stream.try_clone()?, Vec::new())),
+    });
+    let (requests, queue) = crossbeam_channel::unbounded::<Result<Request, ProtoError>>();
+    let (ended_out, ended) = crossbeam_channel::bounded::<Ended>(2);
+    // When the running call started (0: none), in milliseconds since `epoch`.
+    let epoch = Instant::now();
+    let call_started = Arc::new(AtomicU64::new(0));
+    let connected = Arc::new(AtomicBool::new(false));
     {
-        let stream = stream.try_clone()?;
-        let max_frame = limits.max_frame;
+        let writer = Arc::clone(&writer);
+        let call_started = Arc::clone(&call_started);
+        let connected = Arc::clone(&connected);
+        let ended_out = ended_out.clone();
         std::thread::Builder::new()
-            .name("kos-reader".into())
-            .spawn(move || reader(stream, max_frame, frames_in))?;
+            .name("kos-worker".into())
+            .spawn(move || {
+                let outcome = work(
+                    &queue,
+                    session,
+                    devices,
+                    &writer,
+                    (&call_started, epoch),
+                    &connected,
+                );
+                let _ = ended_out.send(outcome);
+                writer.shut();
+            })?;
     }
-    // Driver calls run on their own thread so that pings are answered and timeouts noticed
-    // while one runs.
-    let (jobs, job_queue) = crossbeam_channel::bounded::<CallJob>(1);
-    let (results_out, results) = crossbeam_channel::bounded::<CallDone>(1);
-    std::thread::Builder::new()
-        .name("kos-driver".into())
-        .spawn(move || {
-            for (id, driver, vdev, function, args) in job_queue {
-                let outcome = driver.call(&vdev, &function, &args);
-                if results_out.send((id, outcome)).is_err() {
+    {
+        let writer = Arc::clone(&writer);
+        let timeout = limits.call_timeout;
+        std::thread::Builder::new()
+            .name("kos-watchdog".into())
+            .spawn(move || loop {
+                std::thread::sleep(
+                    (timeout / 10).clamp(Duration::from_millis(5), Duration::from_millis(100)),
+                );
+                let started = call_started.load(Ordering::Acquire);
+                if started == 0 {
+                    continue;
+                }
+                let running = epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(started - 1));
+                if running >= timeout {
+                    writer.send(&error(
+                        None,
+                        ErrorKind::Timeout,
+                        format!("a driver call did not return within {timeout:?}; the agent ends"),
+                    ));
+                    let _ = ended_out.send(Ended::CallTimedOut);
+                    writer.shut();
                     return;
                 }
-            }
-        })?;
-    let mut out = stream;
-    let mut buffer = Vec::new();
-    let mut send = |reply: &Reply| -> bool {
-        buffer.clear();
-        encode_frame(reply, &mut buffer).is_ok() && out.write_all(&buffer).is_ok()
-    };
-    let mut waiting: VecDeque<Vec<u8>> = VecDeque::new();
-    let mut running: Option<(u64, Instant)> = None;
+            })?;
+    }
+    let mut reader = stream;
     loop {
-        // Requests wait behind a running call, so replies keep the order of requests (pings
-        // excepted: they are answered at once).
-        if running.is_none() {
-            if let Some(body) = waiting.pop_front() {
-                match handle(session, devices, &body, &jobs, &mut send) {
-                    Step::Continue => {}
-                    Step::Started(id) => running = Some((id, Instant::now() + limits.call_timeout)),
-                    Step::End(ended) => return Ok(ended),
-                }
-                continue;
-            }
+        if let Ok(outcome) = ended.try_recv() {
+            return Ok(outcome);
         }
-        let timeout = running.map_or(Duration::from_secs(3600), |(_, deadline)| {
-            deadline.saturating_duration_since(Instant::now())
-        });
-        select! {
-            recv(frames) -> incoming => match incoming {
-                Ok(Incoming::Frame(body)) => {
-                    let is_ping = matches!(decode::<Request>(&body), Ok(Request::Ping { .. }));
-                    if running.is_some() && !is_ping {
-                        waiting.push_back(body);
-                    } else {
-                        waiting.push_front(body);
-                        if running.is_some() {
-                            // A ping while a call runs: answer it now.
-                            if let Some(body) = waiting.pop_front() {
-                                if let Step::End(ended) = handle(session, devices, &body, &jobs, &mut send) {
-                                    return Ok(ended);
-                                }
-                            }
-                        }
-                    }
-                }
-                Ok(Incoming::TooLarge(e)) => {
-                    let max = u32::try_from(limits.max_frame).unwrap_or(u32::MAX);
-                    send(&error(None, ErrorKind::FrameTooLarge { max }, e.to_string()));
-                    return Ok(Ended::Refused);
-                }
-                Ok(Incoming::Closed) | Err(_) => return Ok(Ended::Disconnected),
-            },
-            recv(results) -> done => {
-                let Ok((id, outcome)) = done else { return Ok(Ended::Disconnected) };
-                running = None;
-                if !send(&session.call_done(id, outcome)) {
+        let mut header = [0u8; FRAME_HEADER_LEN];
+        if reader.read_exact(&mut header).is_err() {
+            return Ok(ended.try_recv().unwrap_or(Ended::Disconnected));
+        }
+        let len = match frame_len(header, limits.max_frame) {
+            Ok(len) => len,
+            Err(e) => {
+                let max = u32::try_from(limits.max_frame).unwrap_or(u32::MAX);
+                writer.send(&error(
+                    None,
+                    ErrorKind::FrameTooLarge { max },
+                    e.to_string(),
+                ));
+                return Ok(Ended::Refused);
+            }
+        };
+        let mut body = vec![0u8; len];
+        if reader.read_exact(&mut body).is_err() {
+            return Ok(ended.try_recv().unwrap_or(Ended::Disconnected));
+        }
+        match decode::<Request>(&body) {
+            // Answered at once, even while a call runs (only once connected).
+            // Before CONN has gone through the worker, pings go there too (and are refused).
+            Ok(Request::Ping { id }) if connected.load(Ordering::Acquire) => {
+                if !writer.send(&Reply::Pong { id }) {
                     return Ok(Ended::Disconnected);
                 }
-            },
-            default(timeout) => {
-                if let Some((id, deadline)) = running {
-                    if Instant::now() >= deadline {
-                        send(&error(
-                            Some(id),
-                            ErrorKind::Timeout,
-                            format!("the driver call did not return within {:?}; the agent ends", limits.call_timeout),
-                        ));
-                        return Ok(Ended::CallTimedOut);
-                    }
+            }
+            request => {
+                if requests.send(request).is_err() {
+                    return Ok(ended.recv().unwrap_or(Ended::Disconnected));
                 }
-            },
+            }
         }
     }
 }
 
-enum Step {
-    Continue,
-    Started(u64),
-    End(Ended),
-}
-
-fn handle(
-    session: &mut AgentSession,
-    devices: &mut DriverDevices,
-    body: &[u8],
-    jobs: &crossbeam_channel::Sender<CallJob>,
-    send: &mut impl FnMut(&Reply) -> bool,
-) -> Step {
-    match session.handle(body, devices) {
-        Action::Reply(reply) => {
-            if send(&reply) {
-                Step::Continue
-            } else {
-                Step::End(Ended::Disconnected)
+fn work(
+    queue: &crossbeam_channel::Receiver<Result<Request, ProtoError>>,
+    mut session: AgentSession,
+    mut devices: DriverDevices,
+    writer: &Writer,
+    (call_started, epoch): (&AtomicU64, Instant),
+    connected: &AtomicBool,
+) -> Ended {
+    for request in queue {
+        let action = session.handle_request(request, &mut devices);
+        connected.store(session.is_connected(), Ordering::Release);
+        let reply = match action {
+            Action::Reply(reply) => reply,
+            Action::ReplyAndClose(reply) => {
+                writer.send(&reply);
+                return Ended::Refused;
             }
-        }
-        Action::ReplyAndClose(reply) => {
-            send(&reply);
-            Step::End(Ended::Refused)
-        }
-        Action::Call {
-            id,
-            driver,
-            vdev,
-            function,
-            args,
-        } => {
-            let Some(loaded) = devices.driver(&driver) else {
-                let reply = error(
+            Action::Call {
+                id,
+                driver,
+                vdev,
+                function,
+                args,
+            } => match devices.driver(&driver) {
+                Some(loaded) => {
+                    let now = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+                    call_started.store(now + 1, Ordering::Release);
+                    let outcome = loaded.call(&vdev, &function, &args);
+                    call_started.store(0, Ordering::Release);
+                    session.call_done(id, outcome)
+                }
+                None => error(
                     Some(id),
                     ErrorKind::Internal,
                     format!("driver {driver} not loaded"),
-                );
-                return if send(&reply) {
-                    Step::Continue
-                } else {
-                    Step::End(Ended::Disconnected)
-                };
-            };
-            if jobs.send((id, loaded, vdev, function, args)).is_err() {
-                return Step::End(Ended::Disconnected);
-            }
-            Step::Started(id)
+                ),
+            },
+        };
+        if !writer.send(&reply) {
+            return Ended::Disconnected;
         }
     }
+    Ended::Disconnected
 }
 
 /// Ends the process when gvd (its parent) is gone: an agent outliving its daemon would be an

@@ -230,13 +230,13 @@ fn run(cli: Cli) -> Result<()> {
             let socket = std::io::stdin().as_fd().try_clone_to_owned()?;
             let stream = std::net::TcpStream::from(socket);
             gvd::agent::exit_with_parent();
-            let mut session = gvd::agent::AgentSession::new(node_id, std::process::id());
-            let mut devices = gvd::agent::DriverDevices::new(inventory);
+            let session = gvd::agent::AgentSession::new(node_id, std::process::id());
+            let devices = gvd::agent::DriverDevices::new(inventory);
             let limits = gvd::agent::AgentLimits {
                 max_frame,
                 call_timeout: std::time::Duration::from_millis(call_timeout_ms),
             };
-            let ended = gvd::agent::serve(stream, &mut session, &mut devices, &limits)?;
+            let ended = gvd::agent::serve(stream, session, devices, &limits)?;
             tracing::info!(%peer, ?ended, "agent ends");
             // A call that timed out is still running on its thread: leave without waiting.
             std::process::exit(0);

@@ -40,7 +40,14 @@ impl Cluster {
                     .args(["--elp-delay-ms", &ELP_DELAY_MS.to_string()])
                     .args(["--node-ttl", &NODE_TTL.to_string()])
                     // Only SIGHUP or a driver file change may rescan during the test.
-                    .args(["--query-port", "0", "--kos-port", "0", "--rescan-interval-ms", "600000"])
+                    .args([
+                        "--query-port",
+                        "0",
+                        "--kos-port",
+                        "0",
+                        "--rescan-interval-ms",
+                        "600000",
+                    ])
                     .arg("--state-dir")
                     .arg(&state)
                     .arg("--vdriver-path")
@@ -257,7 +264,7 @@ fn gvctl_says_when_there_is_no_node_list() {
 
 #[test]
 fn the_example_configuration_parses() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../gvd.example.toml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../gvd.example.toml");
     let config = gvd::daemon::Config::from_file(&path).unwrap();
     assert_eq!(config.query_port, 7173);
     assert_eq!(config.kos_port, 7174);

@@ -1,4 +1,6 @@
 //! Helpers shared by gvd's integration tests.
+// Each test crate uses a part of these helpers.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 
