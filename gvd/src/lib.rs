@@ -1,8 +1,9 @@
 //! gvd, the GrapeVine daemon. This version inventories VDRIVERs (it finds driver libraries in
 //! `VDRIVER_PATH`, checks each one in a child process, lists the virtual devices they expose
 //! and computes `unique`) and runs echolocation: every node announces its record on the ELP
-//! topic and keeps the list of live nodes in a file for local readers. KOS agents and
-//! GrapeVineFS build on this.
+//! topic and keeps the list of live nodes in a file for local readers. It serves KOS clients
+//! (crate `grapevine-kos`) through one agent process per connection. GrapeVineFS builds on
+//! this.
 //!
 //! # Layout
 //!
@@ -12,6 +13,8 @@
 //! - [`elp`]: the node records and VDEV lists of echolocation and the alive / suspect / dead
 //!   detector.
 //! - [`query`]: QUERY, the request for a snapshot cycle now.
+//! - [`kos_server`]: the KOS listener, which starts an agent process per connection.
+//! - [`agent`]: the agent: the CONN protocol's server side, on the drivers it loads.
 //! - [`daemon`]: configuration, the node id, the [`daemon::Daemon`] that announces, follows,
 //!   answers QUERYs and keeps the node list file.
 
