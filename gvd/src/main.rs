@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the daemon: announce this node, track the others, keep the node list file.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Find the VDRIVERs in VDRIVER_PATH, check each, and print the VDEVs and `unique`.
     Inventory {
         /// Colon-separated directories of driver libraries.
