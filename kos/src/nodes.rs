@@ -35,6 +35,10 @@ pub struct NodeRecord {
     pub query_port: u16,
     /// TCP port of its KOS listener; 0 when it serves none.
     pub kos_port: u16,
+    /// TCP port of its zone replication server; 0 when it holds no zone.
+    pub repl_port: u16,
+    /// The replication zones it knows of (those it holds, with their state).
+    pub zones: Vec<ZoneStatus>,
     /// Digest of its VDEVs.
     pub unique: String,
     /// How often it announces itself, in milliseconds.
@@ -53,6 +57,27 @@ impl NodeRecord {
             .find_map(|a| a.parse::<IpAddr>().ok())?;
         Some(SocketAddr::new(ip, self.kos_port))
     }
+}
+
+/// A replication zone as one node announces it.
+#[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
+pub struct ZoneStatus {
+    /// The zone's name.
+    pub name: String,
+    /// Most bytes the zone may hold.
+    pub quota_bytes: u64,
+    /// Names of the member nodes, as configured.
+    pub members: Vec<String>,
+    /// This node's version of the zone: it grows with every change it made or received.
+    pub version: u64,
+    /// Bytes the zone holds on this node.
+    pub used_bytes: u64,
+    /// Free bytes of the file system under the zone's directory.
+    pub free_bytes: u64,
+    /// Port of this node's NFS server for the zone (0: none).
+    pub nfs_port: u16,
+    /// Conflicts this node has kept both versions of.
+    pub conflicts: u64,
 }
 
 /// One VDEV of a node.
@@ -153,7 +178,7 @@ impl NodesFile {
     /// ```
     /// use grapevine_kos::nodes::NodesFile;
     /// let list: NodesFile = serde_json::from_str(r#"{"version":2,"local_node":1,"nodes":[
-    ///   {"node_id":1,"name":"a","addresses":["127.0.0.1"],"query_port":7173,"kos_port":7174,
+    ///   {"node_id":1,"name":"a","addresses":["127.0.0.1"],"query_port":7173,"kos_port":7174,"repl_port":0,"zones":[],
     ///    "unique":"x","elp_delay_ms":1000,"liveness":"alive","vdevs_current":true,
     ///    "vdevs":[{"driver":"echo","vdev":{"name":"echo0","kind":"echo","attributes":"{}"}}]}]}"#)?;
     /// let found = list.locate(None, "echo0");

@@ -1,0 +1,8 @@
+//! GrapeVineFS: replication zones. A zone is a directory tree that lives on several member
+//! nodes, each serving it over NFSv3 ([`nfs`]) and pulling what the others changed
+//! ([`repl`]). Each member keeps an index of the zone ([`store`]): stable file ids, per-file
+//! version vectors ([`version`]) that tell a later change from a concurrent one, and tombstones
+//! so that deletions replicate.
+
+pub mod store;
+pub mod version;

@@ -1,0 +1,801 @@
+//! The local replica of a zone: the zone's directory, and an index of every path with its
+//! stable file id, version vector and tombstone, kept in gvd's state directory.
+//!
+//! Changes are found by comparing what is on disk with the index (size and modification
+//! time): the NFS front asks for a check of the paths it touched (debounced for writes, since
+//! NFSv3 has no close), and a periodic scan catches anything else. Each local change bumps the
+//! file's version vector for this node and the zone's version, which peers see in the ELP.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::version::{Relation, VersionVector};
+
+/// The id of a zone's root directory.
+pub const ROOT_ID: u64 = 1;
+
+/// What a path is.
+#[derive(Clone, Copy, Debug, Deserialize, Eq, PartialEq, Serialize)]
+pub enum Kind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+}
+
+/// What the index knows of one path.
+#[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
+pub struct Entry {
+    /// Stable file id (NFS file handles are built from it).
+    pub id: u64,
+    /// File or directory.
+    pub kind: Kind,
+    /// Changes seen, per node.
+    pub vv: VersionVector,
+    /// Deleted (a tombstone, kept so that the deletion replicates and nothing resurrects).
+    pub deleted: bool,
+    /// The zone version at which this node last changed or received it.
+    pub changed_at: u64,
+    /// Size in bytes, as last seen.
+    pub size: u64,
+    /// Modification time in nanoseconds, as last seen (to notice changes).
+    pub mtime_ns: i128,
+    /// The node that made the newest change, and when (ms since the epoch): picks the winner
+    /// of a conflict the same way on every member.
+    pub writer: u64,
+    /// See `writer`.
+    pub written_ms: u64,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+struct Index {
+    next_id: u64,
+    version: u64,
+    entries: BTreeMap<String, Entry>,
+    /// The version of each peer this node has pulled everything up to.
+    seen: BTreeMap<u64, u64>,
+    conflicts: u64,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// File system error.
+    #[error("{path}: {source}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// What.
+        source: std::io::Error,
+    },
+    /// The index file is unreadable.
+    #[error("index {path} is unreadable: {reason}")]
+    Index {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
+    i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
+}
+
+/// What to do with a peer's version of a path.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum Decision {
+    /// Ours has it already.
+    Skip,
+    /// Theirs follows ours: take it.
+    Take,
+    /// Concurrent changes, ours wins: keep ours, store theirs as a conflict copy.
+    KeepOursCopyTheirs,
+    /// Concurrent changes, theirs wins: move ours to a conflict copy, take theirs.
+    TakeTheirsCopyOurs,
+    /// Concurrent, and one side deleted it: the surviving content wins, no copy needed.
+    MergeOnly,
+}
+
+/// Decides between our entry (if any) and a peer's. Every member decides the same way for the
+/// same pair, so all converge: a later write wins (then the higher node id), the other is kept
+/// as a conflict copy; content wins over a deletion.
+pub fn decide(ours: Option<&Entry>, theirs: &Entry) -> Decision {
+    let Some(ours) = ours else {
+        return Decision::Take;
+    };
+    match ours.vv.relation(&theirs.vv) {
+        Relation::Equal | Relation::After => Decision::Skip,
+        Relation::Before => Decision::Take,
+        Relation::Concurrent => match (ours.deleted, theirs.deleted) {
+            (true, true) => Decision::MergeOnly,
+            (true, false) => Decision::Take,
+            (false, true) => Decision::MergeOnly,
+            (false, false) => {
+                if ours.kind == Kind::Dir && theirs.kind == Kind::Dir {
+                    Decision::MergeOnly
+                } else if (theirs.written_ms, theirs.writer) > (ours.written_ms, ours.writer) {
+                    Decision::TakeTheirsCopyOurs
+                } else {
+                    Decision::KeepOursCopyTheirs
+                }
+            }
+        },
+    }
+}
+
+/// The name of the conflict copy of `path` for the version written by `writer` at
+/// `written_ms`: `dir/name.conflict-<writer>-<ms>.ext`.
+pub fn conflict_path(path: &str, writer: u64, written_ms: u64) -> String {
+    let (dir, name) = path.rsplit_once('/').map_or(("", path), |(d, n)| (d, n));
+    let (stem, ext) = match name.rsplit_once('.') {
+        Some((stem, ext)) if !stem.is_empty() => (stem, Some(ext)),
+        _ => (name, None),
+    };
+    let copy = match ext {
+        Some(ext) => format!("{stem}.conflict-{writer:016x}-{written_ms}.{ext}"),
+        None => format!("{stem}.conflict-{writer:016x}-{written_ms}"),
+    };
+    if dir.is_empty() {
+        copy
+    } else {
+        format!("{dir}/{copy}")
+    }
+}
+
+/// The local replica of one zone.
+#[derive(Debug)]
+pub struct ZoneStore {
+    node: u64,
+    root: PathBuf,
+    index_path: PathBuf,
+    tmp_dir: PathBuf,
+    index: Index,
+    by_id: HashMap<u64, String>,
+    /// Paths written through NFS, checked once they have been quiet for the debounce.
+    pending_checks: HashMap<String, Instant>,
+    /// Paths a pull is about to replace: local writes to them must wait.
+    pub(crate) incoming: BTreeSet<String>,
+}
+
+impl ZoneStore {
+    /// Opens (or creates) the replica whose data lives in `root` and whose index and temporary
+    /// files live in `meta`, for node `node`; scans the directory for changes made while gvd
+    /// was down.
+    ///
+    /// # Errors
+    ///
+    /// When the directories cannot be created or the index cannot be read.
+    pub fn open(node: u64, root: &Path, meta: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(root).map_err(io(root))?;
+        let tmp_dir = meta.join("incoming");
+        std::fs::create_dir_all(&tmp_dir).map_err(io(&tmp_dir))?;
+        let index_path = meta.join("index.bin");
+        let index = match std::fs::read(&index_path) {
+            Ok(bytes) => postcard::from_bytes(&bytes).map_err(|e| StoreError::Index {
+                path: index_path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Index {
+                next_id: ROOT_ID + 1,
+                ..Index::default()
+            },
+            Err(e) => return Err(io(&index_path)(e)),
+        };
+        let by_id = index
+            .entries
+            .iter()
+            .map(|(path, entry)| (entry.id, path.clone()))
+            .collect();
+        let mut store = Self {
+            node,
+            root: root.to_path_buf(),
+            index_path,
+            tmp_dir,
+            index,
+            by_id,
+            pending_checks: HashMap::new(),
+            incoming: BTreeSet::new(),
+        };
+        store.scan()?;
+        Ok(store)
+    }
+
+    /// The zone's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// This node's version of the zone.
+    pub fn version(&self) -> u64 {
+        self.index.version
+    }
+
+    /// Conflicts kept so far.
+    pub fn conflicts(&self) -> u64 {
+        self.index.conflicts
+    }
+
+    /// Bytes held (live files).
+    pub fn used_bytes(&self) -> u64 {
+        self.index
+            .entries
+            .values()
+            .filter(|e| !e.deleted && e.kind == Kind::File)
+            .map(|e| e.size)
+            .sum()
+    }
+
+    /// The peer version this node has everything up to.
+    pub fn seen(&self, peer: u64) -> u64 {
+        self.index.seen.get(&peer).copied().unwrap_or(0)
+    }
+
+    /// The entry of `path`.
+    pub fn entry(&self, path: &str) -> Option<&Entry> {
+        self.index.entries.get(path)
+    }
+
+    /// The path of file id `id` (live or not).
+    pub fn path_of(&self, id: u64) -> Option<&str> {
+        if id == ROOT_ID {
+            return Some("");
+        }
+        self.by_id.get(&id).map(String::as_str)
+    }
+
+    /// The on-disk location of a zone path.
+    pub fn disk_path(&self, path: &str) -> PathBuf {
+        if path.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(path)
+        }
+    }
+
+    /// Whether a pull is about to replace `path` (writes must be retried later).
+    pub fn is_incoming(&self, path: &str) -> bool {
+        self.incoming.contains(path)
+    }
+
+    /// The id of `path`, assigning one if it has none (a file that exists on disk but was not
+    /// indexed yet).
+    pub fn id_for(&mut self, path: &str) -> u64 {
+        if path.is_empty() {
+            return ROOT_ID;
+        }
+        if let Some(entry) = self.index.entries.get(path) {
+            return entry.id;
+        }
+        let id = self.index.next_id;
+        self.index.next_id += 1;
+        // A placeholder with no changes: the next check records it as this node's.
+        self.index.entries.insert(
+            path.to_string(),
+            Entry {
+                id,
+                kind: Kind::File,
+                vv: VersionVector::default(),
+                deleted: true,
+                changed_at: 0,
+                size: 0,
+                mtime_ns: i128::MIN,
+                writer: self.node,
+                written_ms: 0,
+            },
+        );
+        self.by_id.insert(id, path.to_string());
+        id
+    }
+
+    /// Live children of directory `dir`, by id.
+    pub fn children(&self, dir: &str) -> Vec<(u64, String)> {
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        let mut children: Vec<(u64, String)> = self
+            .index
+            .entries
+            .range(prefix.clone()..)
+            .take_while(|(path, _)| path.starts_with(&prefix))
+            .filter(|(path, entry)| !entry.deleted && !path[prefix.len()..].contains('/'))
+            .map(|(path, entry)| (entry.id, path[prefix.len()..].to_string()))
+            .collect();
+        children.sort_unstable();
+        children
+    }
+
+    /// Notes a write to `path`; it is checked once quiet for the debounce.
+    pub fn note_write(&mut self, path: &str, now: Instant) {
+        self.pending_checks.insert(path.to_string(), now);
+    }
+
+    /// Checks the paths whose last write is at least `debounce` old; returns whether anything
+    /// changed.
+    ///
+    /// # Errors
+    ///
+    /// When the index cannot be saved.
+    pub fn settle(&mut self, now: Instant, debounce: Duration) -> Result<bool, StoreError> {
+        let due: Vec<String> = self
+            .pending_checks
+            .iter()
+            .filter(|(_, at)| now.saturating_duration_since(**at) >= debounce)
+            .map(|(path, _)| path.clone())
+            .collect();
+        let mut changed = false;
+        for path in due {
+            self.pending_checks.remove(&path);
+            changed |= self.check(&path);
+        }
+        if changed {
+            self.save()?;
+        }
+        Ok(changed)
+    }
+
+    /// Compares `path` on disk with the index and records a change if they differ (created,
+    /// modified or deleted); returns whether it did.
+    pub fn check(&mut self, path: &str) -> bool {
+        if path.is_empty() || self.incoming.contains(path) {
+            return false;
+        }
+        let on_disk = std::fs::symlink_metadata(self.disk_path(path)).ok();
+        let node = self.node;
+        let id = self.id_for(path);
+        let Some(entry) = self.index.entries.get_mut(path) else {
+            return false;
+        };
+        let changed = match &on_disk {
+            None => {
+                if entry.deleted {
+                    false
+                } else {
+                    entry.deleted = true;
+                    entry.size = 0;
+                    true
+                }
+            }
+            Some(meta) => {
+                let kind = if meta.is_dir() { Kind::Dir } else { Kind::File };
+                let size = if meta.is_dir() { 0 } else { meta.len() };
+                let mtime = mtime_ns(meta);
+                let differs = entry.deleted
+                    || entry.kind != kind
+                    || (kind == Kind::File && (entry.size != size || entry.mtime_ns != mtime));
+                entry.kind = kind;
+                entry.size = size;
+                entry.mtime_ns = mtime;
+                entry.deleted = false;
+                differs
+            }
+        };
+        if changed {
+            self.index.version += 1;
+            entry.vv.bump(node);
+            entry.changed_at = self.index.version;
+            entry.writer = node;
+            entry.written_ms = now_ms();
+            tracing::debug!(path, id, version = self.index.version, deleted = entry.deleted, "local change");
+        }
+        changed
+    }
+
+    /// Checks every indexed path and every file under the directory; returns how many changed.
+    ///
+    /// # Errors
+    ///
+    /// When the directory cannot be walked or the index saved.
+    pub fn scan(&mut self) -> Result<usize, StoreError> {
+        let mut paths: BTreeSet<String> = self
+            .index
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.deleted)
+            .map(|(p, _)| p.clone())
+            .collect();
+        let mut stack = vec![String::new()];
+        while let Some(dir) = stack.pop() {
+            let disk = self.disk_path(&dir);
+            let Ok(entries) = std::fs::read_dir(&disk) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                let path = if dir.is_empty() {
+                    name
+                } else {
+                    format!("{dir}/{name}")
+                };
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(path.clone());
+                }
+                paths.insert(path);
+            }
+        }
+        let mut changed = 0;
+        for path in paths {
+            if self.check(&path) {
+                changed += 1;
+            }
+        }
+        if changed > 0 {
+            self.save()?;
+        }
+        Ok(changed)
+    }
+
+    /// Entries changed after zone version `since`, for a peer's pull.
+    pub fn changes_since(&self, since: u64) -> Vec<(String, Entry)> {
+        let mut changes: Vec<(String, Entry)> = self
+            .index
+            .entries
+            .iter()
+            .filter(|(_, e)| e.changed_at > since)
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect();
+        // Directories first, shallow before deep, so parents exist when children arrive.
+        changes.sort_by_key(|(p, e)| (e.kind != Kind::Dir, p.matches('/').count(), p.clone()));
+        changes
+    }
+
+    /// Records that everything of `peer` up to `version` is here.
+    ///
+    /// # Errors
+    ///
+    /// When the index cannot be saved.
+    pub fn set_seen(&mut self, peer: u64, version: u64) -> Result<(), StoreError> {
+        let seen = self.index.seen.entry(peer).or_insert(0);
+        *seen = (*seen).max(version);
+        self.save()
+    }
+
+    /// A temporary file for incoming data.
+    pub fn temp_file(&self) -> PathBuf {
+        self.tmp_dir.join(format!("{}.part", self.index.next_id ^ now_ms()))
+    }
+
+    /// Applies a peer's version of `path` whose content (for a live file) was fetched into
+    /// `fetched`, as `decision` says (see [`decide`]).
+    ///
+    /// # Errors
+    ///
+    /// File system errors; the index is then left as it was for that path.
+    pub fn apply(
+        &mut self,
+        path: &str,
+        theirs: &Entry,
+        decision: &Decision,
+        fetched: Option<&Path>,
+    ) -> Result<(), StoreError> {
+        let disk = self.disk_path(path);
+        match decision {
+            Decision::Skip => return Ok(()),
+            Decision::MergeOnly => {
+                self.id_for(path);
+                if let Some(entry) = self.index.entries.get_mut(path) {
+                    entry.vv.merge(&theirs.vv);
+                    self.index.version += 1;
+                    entry.changed_at = self.index.version;
+                }
+                return self.save();
+            }
+            Decision::KeepOursCopyTheirs => {
+                let copy = conflict_path(path, theirs.writer, theirs.written_ms);
+                let mut their_copy = theirs.clone();
+                their_copy.deleted = false;
+                self.install(&copy, &their_copy, fetched)?;
+                self.index.conflicts += 1;
+                tracing::warn!(path, copy, "conflict: concurrent changes, kept both (ours wins)");
+                self.id_for(path);
+                if let Some(entry) = self.index.entries.get_mut(path) {
+                    entry.vv.merge(&theirs.vv);
+                    self.index.version += 1;
+                    entry.changed_at = self.index.version;
+                }
+                return self.save();
+            }
+            Decision::TakeTheirsCopyOurs => {
+                let ours = self.index.entries.get(path).cloned();
+                if let Some(ours) = ours {
+                    let copy = conflict_path(path, ours.writer, ours.written_ms);
+                    let copy_disk = self.disk_path(&copy);
+                    std::fs::rename(&disk, &copy_disk).map_err(io(&copy_disk))?;
+                    let meta = std::fs::metadata(&copy_disk).map_err(io(&copy_disk))?;
+                    let id = self.id_for(&copy);
+                    self.index.version += 1;
+                    let version = self.index.version;
+                    self.index.entries.insert(
+                        copy.clone(),
+                        Entry {
+                            id,
+                            changed_at: version,
+                            size: meta.len(),
+                            mtime_ns: mtime_ns(&meta),
+                            ..ours
+                        },
+                    );
+                    self.index.conflicts += 1;
+                    tracing::warn!(path, copy, "conflict: concurrent changes, kept both (theirs wins)");
+                }
+                let mut merged = theirs.clone();
+                if let Some(ours) = self.index.entries.get(path) {
+                    merged.vv.merge(&ours.vv);
+                }
+                self.install(path, &merged, fetched)?;
+            }
+            Decision::Take => {
+                self.install(path, theirs, fetched)?;
+            }
+        }
+        self.save()
+    }
+
+    /// Puts a peer's version in place: the fetched file renamed over the path, a directory
+    /// created, or the path removed for a tombstone; then indexes it as received.
+    fn install(&mut self, path: &str, theirs: &Entry, fetched: Option<&Path>) -> Result<(), StoreError> {
+        let disk = self.disk_path(path);
+        if let Some(parent) = disk.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        let (size, mtime) = if theirs.deleted {
+            let removed = match std::fs::symlink_metadata(&disk) {
+                Ok(meta) if meta.is_dir() => std::fs::remove_dir(&disk),
+                Ok(_) => std::fs::remove_file(&disk),
+                Err(_) => Ok(()),
+            };
+            if let Err(e) = removed {
+                // A directory that still holds files stays until they are gone too.
+                tracing::debug!(path, error = %e, "not removed");
+            }
+            (0, i128::MIN)
+        } else if theirs.kind == Kind::Dir {
+            std::fs::create_dir_all(&disk).map_err(io(&disk))?;
+            (0, 0)
+        } else {
+            let Some(fetched) = fetched else {
+                return Ok(());
+            };
+            std::fs::rename(fetched, &disk).map_err(io(&disk))?;
+            sync_dir(disk.parent().unwrap_or(&self.root));
+            let meta = std::fs::metadata(&disk).map_err(io(&disk))?;
+            (meta.len(), mtime_ns(&meta))
+        };
+        let id = self.id_for(path);
+        self.index.version += 1;
+        let version = self.index.version;
+        self.index.entries.insert(
+            path.to_string(),
+            Entry {
+                id,
+                changed_at: version,
+                size,
+                mtime_ns: mtime,
+                ..theirs.clone()
+            },
+        );
+        Ok(())
+    }
+
+    /// Moves the index entry of `from` (and of everything under it) to `to`, after the rename
+    /// on disk, so that file ids survive renames; records both paths as changed.
+    pub fn renamed(&mut self, from: &str, to: &str) {
+        let moved: Vec<String> = self
+            .index
+            .entries
+            .keys()
+            .filter(|p| *p == from || p.starts_with(&format!("{from}/")))
+            .cloned()
+            .collect();
+        for old in moved {
+            let new = format!("{to}{}", &old[from.len()..]);
+            let Some(entry) = self.index.entries.get(&old).cloned() else {
+                continue;
+            };
+            if entry.deleted {
+                continue;
+            }
+            // The old path becomes a tombstone (a fresh id, so handles follow the file).
+            let tomb_id = self.index.next_id;
+            self.index.next_id += 1;
+            let mut tomb = entry.clone();
+            tomb.id = tomb_id;
+            self.by_id.insert(tomb_id, old.clone());
+            self.index.entries.insert(old.clone(), tomb);
+            // The new path takes the file's id; whatever it replaced becomes a tombstone.
+            if let Some(replaced) = self.index.entries.get(&new) {
+                self.by_id.remove(&replaced.id);
+            }
+            let mut moved_entry = entry;
+            moved_entry.vv = self
+                .index
+                .entries
+                .get(&new)
+                .map(|e| e.vv.clone())
+                .unwrap_or_default();
+            moved_entry.deleted = true;
+            moved_entry.mtime_ns = i128::MIN;
+            self.by_id.insert(moved_entry.id, new.clone());
+            self.index.entries.insert(new.clone(), moved_entry);
+            self.check(&old);
+            self.check(&new);
+        }
+    }
+
+    /// Writes the index atomically.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be written (full disk): the previous one stays.
+    pub fn save(&self) -> Result<(), StoreError> {
+        let bytes = postcard::to_stdvec(&self.index).map_err(|e| StoreError::Index {
+            path: self.index_path.clone(),
+            reason: e.to_string(),
+        })?;
+        let tmp = self.index_path.with_extension("tmp");
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &self.index_path)
+        };
+        write().map_err(io(&self.index_path))
+    }
+}
+
+/// Makes a rename durable.
+pub(crate) fn sync_dir(dir: &Path) {
+    if let Ok(dir) = std::fs::File::open(dir) {
+        let _ = dir.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("gvfs-store-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn entry(vv: &[(u64, u64)], writer: u64, written_ms: u64, deleted: bool) -> Entry {
+        Entry {
+            id: 9,
+            kind: Kind::File,
+            vv: VersionVector(vv.iter().copied().collect()),
+            deleted,
+            changed_at: 1,
+            size: 1,
+            mtime_ns: 0,
+            writer,
+            written_ms,
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let base = entry(&[(1, 1)], 1, 10, false);
+        let newer = entry(&[(1, 1), (2, 1)], 2, 20, false);
+        let rival = entry(&[(1, 2)], 1, 30, false);
+        assert_eq!(decide(None, &base), Decision::Take);
+        assert_eq!(decide(Some(&base), &base), Decision::Skip);
+        assert_eq!(decide(Some(&newer), &base), Decision::Skip);
+        assert_eq!(decide(Some(&base), &newer), Decision::Take);
+        // Concurrent: the later write wins on both sides.
+        assert_eq!(decide(Some(&newer), &rival), Decision::TakeTheirsCopyOurs);
+        assert_eq!(decide(Some(&rival), &newer), Decision::KeepOursCopyTheirs);
+        // Content beats a concurrent deletion.
+        let deleted = entry(&[(1, 2)], 1, 40, true);
+        assert_eq!(decide(Some(&newer), &deleted), Decision::MergeOnly);
+        assert_eq!(decide(Some(&deleted), &newer), Decision::Take);
+    }
+
+    #[test]
+    fn conflict_names_keep_the_extension() {
+        assert_eq!(
+            conflict_path("a/b/report.txt", 0xab, 5),
+            "a/b/report.conflict-00000000000000ab-5.txt"
+        );
+        assert_eq!(conflict_path("README", 1, 2), "README.conflict-0000000000000001-2");
+        assert_eq!(conflict_path(".hidden", 1, 2), ".hidden.conflict-0000000000000001-2");
+    }
+
+    #[test]
+    fn local_changes_bump_versions_and_survive_reopening() {
+        let dir = scratch("local");
+        let (root, meta) = (dir.join("data"), dir.join("meta"));
+        let mut store = ZoneStore::open(7, &root, &meta).unwrap();
+        assert_eq!(store.version(), 0);
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::write(root.join("d/f"), b"hello").unwrap();
+        assert_eq!(store.scan().unwrap(), 2);
+        let id = store.entry("d/f").unwrap().id;
+        assert_eq!(store.version(), 2);
+        assert_eq!(store.scan().unwrap(), 0, "nothing new");
+        std::fs::write(root.join("d/f"), b"hello, world").unwrap();
+        assert!(store.check("d/f"));
+        assert_eq!(store.entry("d/f").unwrap().vv.0.get(&7), Some(&2));
+        std::fs::remove_file(root.join("d/f")).unwrap();
+        assert!(store.check("d/f"));
+        assert!(store.entry("d/f").unwrap().deleted);
+        store.save().unwrap();
+        let reopened = ZoneStore::open(7, &root, &meta).unwrap();
+        assert_eq!(reopened.entry("d/f").unwrap().id, id, "ids are stable");
+        assert_eq!(reopened.version(), store.version());
+        assert_eq!(reopened.changes_since(0)[0].0, "d", "directories first");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn two_replicas_converge_after_a_conflict() {
+        let dir = scratch("conflict");
+        let mut a = ZoneStore::open(1, &dir.join("a"), &dir.join("ma")).unwrap();
+        let mut b = ZoneStore::open(2, &dir.join("b"), &dir.join("mb")).unwrap();
+        std::fs::write(dir.join("a/f.txt"), b"from a").unwrap();
+        a.scan().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        std::fs::write(dir.join("b/f.txt"), b"from b, later").unwrap();
+        b.scan().unwrap();
+        // Each pulls the other's changes, fetching content from the other's directory.
+        let exchange = |to: &mut ZoneStore, from: &ZoneStore| {
+            for (path, theirs) in from.changes_since(to.seen(from.node)) {
+                let decision = decide(to.entry(&path), &theirs);
+                let fetched = (!theirs.deleted && theirs.kind == Kind::File).then(|| {
+                    let tmp = to.temp_file();
+                    std::fs::copy(from.disk_path(&path), &tmp).unwrap();
+                    tmp
+                });
+                to.apply(&path, &theirs, &decision, fetched.as_deref()).unwrap();
+            }
+            to.set_seen(from.node, from.version()).unwrap();
+        };
+        exchange(&mut a, &b);
+        exchange(&mut b, &a);
+        exchange(&mut a, &b);
+        for (store, dir) in [(&a, dir.join("a")), (&b, dir.join("b"))] {
+            assert_eq!(std::fs::read(dir.join("f.txt")).unwrap(), b"from b, later");
+            let copies: Vec<_> = std::fs::read_dir(&dir)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains(".conflict-"))
+                .collect();
+            assert_eq!(copies.len(), 1, "{copies:?}");
+            assert_eq!(std::fs::read(dir.join(&copies[0])).unwrap(), b"from a");
+            assert_eq!(store.entry("f.txt").unwrap().vv.0.len(), 2, "merged");
+        }
+        // Detected (and announced) once, by whoever pulled the concurrent change first.
+        assert_eq!(a.conflicts() + b.conflicts(), 1);
+        assert_eq!(a.changes_since(a.version() - 1).len(), 1);
+        let (va, vb) = (a.version(), b.version());
+        exchange(&mut b, &a);
+        exchange(&mut a, &b);
+        assert_eq!(a.changes_since(va).len() + b.changes_since(vb).len(), 0, "quiet once converged");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
