@@ -23,6 +23,8 @@ use crate::elp::{
 use crate::inventory::{driver_files, scan, search_path, Inventory};
 use crate::kos_server::{inventory_path, KosListener, KosSettings};
 use crate::query::Query;
+use grapevine_fs::service::{ZoneConfig, Zones, ZonesSettings};
+use grapevine_kos::nodes::ZoneStatus;
 
 pub use grapevine_kos::nodes::{NodeEntry, NodesFile, NODES_FILE_VERSION};
 
@@ -59,6 +61,14 @@ pub struct Config {
     pub call_timeout_ms: u64,
     /// Largest KOS request frame, bytes. Default 16 MiB.
     pub max_frame: usize,
+    /// TCP port of the zone replication server; 0 picks a free one. Default 7175.
+    pub repl_port: u16,
+    /// Replication zones (`[[zones]]`); this node serves those that list it as a member.
+    pub zones: Vec<ZoneConfig>,
+    /// How long a file written over NFS must be quiet before it replicates, ms. Default 200.
+    pub zone_debounce_ms: u64,
+    /// How often zone directories are scanned for changes made outside NFS, ms. Default 5000.
+    pub zone_scan_interval_ms: u64,
     /// How often drivers are asked again for their VDEVs when no driver file changed and no
     /// SIGHUP came, milliseconds. Default 10 000.
     pub rescan_interval_ms: u64,
@@ -83,6 +93,10 @@ impl Default for Config {
             max_agents: 64,
             call_timeout_ms: 30_000,
             max_frame: grapevine_kos::proto::DEFAULT_MAX_FRAME,
+            repl_port: 7175,
+            zones: Vec::new(),
+            zone_debounce_ms: 200,
+            zone_scan_interval_ms: 5_000,
             iface: "lo".into(),
             elp_delay_ms: 1000,
             node_ttl: 5,
@@ -267,6 +281,8 @@ pub struct Daemon {
     query_socket: UdpSocket,
     query_port: u16,
     kos: KosListener,
+    zones: Zones,
+    announced_zones: Vec<(String, u64)>,
     inventory: Inventory,
     driver_files: Vec<PathBuf>,
     last_rescan: Instant,
@@ -315,7 +331,23 @@ impl Daemon {
             exe: probe_exe.to_path_buf(),
         })?;
         let kos_port = kos.address().port();
-        let record = record(node, config, address, (query_port, kos_port), &inventory);
+        let zones = Zones::start(&ZonesSettings {
+            node,
+            node_name: config.name.clone(),
+            zones: config.zones.clone(),
+            meta_dir: config.state_dir.join("zones"),
+            address,
+            repl_port: config.repl_port,
+            debounce: Duration::from_millis(config.zone_debounce_ms),
+            scan_interval: Duration::from_millis(config.zone_scan_interval_ms.max(100)),
+            peer_timeout: Duration::from_secs(5),
+        })?;
+        let ports = Ports {
+            query: query_port,
+            kos: kos_port,
+            repl: zones.repl_port(),
+        };
+        let record = record(node, config, address, ports, zones.statuses(), &inventory);
         let elp = Topic::start(
             ELP_TOPIC,
             &elp_group,
@@ -348,6 +380,8 @@ impl Daemon {
             query_socket,
             query_port,
             kos,
+            zones,
+            announced_zones: Vec::new(),
             inventory,
             last_rescan: now,
             rescan_requested: Arc::new(AtomicBool::new(false)),
@@ -411,6 +445,17 @@ impl Daemon {
     pub fn step(&mut self, until: Instant) -> Result<()> {
         let now = Instant::now();
         self.rescan_if_due(now)?;
+        // A zone that changed is announced at once: its version is what makes members pull.
+        let zone_versions: Vec<(String, u64)> = self
+            .zones
+            .statuses()
+            .into_iter()
+            .map(|z| (z.name, z.version))
+            .collect();
+        if zone_versions != self.announced_zones {
+            self.announced_zones = zone_versions;
+            self.next_announce = now;
+        }
         if now >= self.next_announce {
             self.elp
                 .publisher
@@ -448,6 +493,7 @@ impl Daemon {
             self.vdevs.snapshotter.request_cycle();
         }
         self.ask_for_missing(&peers, now);
+        self.offer_zones(&peers);
         let file = NodesFile {
             version: NODES_FILE_VERSION,
             local_node: self.node,
@@ -486,6 +532,7 @@ impl Daemon {
         self.elp.shutdown();
         self.vdevs.shutdown();
         self.kos.shutdown();
+        self.zones.shutdown();
     }
 
     /// The KOS listener (its address, agents and counters).
@@ -528,11 +575,17 @@ impl Daemon {
     }
 
     fn record(&self) -> NodeRecord {
+        let ports = Ports {
+            query: self.query_port,
+            kos: self.kos.address().port(),
+            repl: self.zones.repl_port(),
+        };
         record(
             self.node,
             &self.config,
             self.address,
-            (self.query_port, self.kos.address().port()),
+            ports,
+            self.zones.statuses(),
             &self.inventory,
         )
     }
@@ -633,6 +686,28 @@ impl Daemon {
     /// Sends a QUERY for each topic a live peer has something this node lacks on: a VDEV list
     /// older than its `unique`, or a stream being rebuilt. At most one per peer and topic per
     /// half period.
+    /// Members announcing a zone version newer than what was pulled from them get pulled.
+    fn offer_zones(&self, peers: &BTreeMap<u64, Peer>) {
+        for (node, peer) in peers {
+            if *node == self.node || peer.liveness != Liveness::Alive || peer.record.repl_port == 0
+            {
+                continue;
+            }
+            let Some(ip) = peer
+                .record
+                .addresses
+                .iter()
+                .find_map(|a| a.parse::<IpAddr>().ok())
+            else {
+                continue;
+            };
+            for zone in &peer.record.zones {
+                let address = SocketAddr::new(ip, peer.record.repl_port);
+                self.zones.offer(&zone.name, *node, address, zone.version);
+            }
+        }
+    }
+
     fn ask_for_missing(&mut self, peers: &BTreeMap<u64, Peer>, now: Instant) {
         for (node, peer) in peers {
             if peer.liveness == Liveness::Dead {
@@ -684,19 +759,29 @@ impl Daemon {
     }
 }
 
+/// The ports a node announces.
+struct Ports {
+    query: u16,
+    kos: u16,
+    repl: u16,
+}
+
 fn record(
     node: u64,
     config: &Config,
     address: IpAddr,
-    (query_port, kos_port): (u16, u16),
+    ports: Ports,
+    zones: Vec<ZoneStatus>,
     inventory: &Inventory,
 ) -> NodeRecord {
     NodeRecord {
         node_id: node,
         name: config.name.clone(),
         addresses: vec![address.to_string()],
-        query_port,
-        kos_port,
+        query_port: ports.query,
+        kos_port: ports.kos,
+        repl_port: ports.repl,
+        zones,
         unique: inventory.unique.clone(),
         elp_delay_ms: config.elp_delay_ms,
     }

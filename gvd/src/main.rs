@@ -102,6 +102,9 @@ struct RunArgs {
     /// Longest a driver call may run before its agent gives up, ms.
     #[arg(long, env = "GVD_CALL_TIMEOUT_MS")]
     call_timeout_ms: Option<u64>,
+    /// TCP port of the zone replication server (0 picks a free one).
+    #[arg(long, env = "GVD_REPL_PORT")]
+    repl_port: Option<u16>,
     /// Drop this fraction of received ELP/VDEV datagrams (for loss experiments).
     #[arg(long, env = "GVD_INJECT_LOSS", hide = true)]
     inject_loss: Option<f64>,
@@ -151,6 +154,9 @@ impl RunArgs {
         }
         if let Some(v) = self.call_timeout_ms {
             config.call_timeout_ms = v;
+        }
+        if let Some(v) = self.repl_port {
+            config.repl_port = v;
         }
         if let Some(v) = self.rescan_interval_ms {
             config.rescan_interval_ms = v;

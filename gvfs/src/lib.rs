@@ -4,5 +4,8 @@
 //! version vectors ([`version`]) that tell a later change from a concurrent one, and tombstones
 //! so that deletions replicate.
 
+pub mod nfs;
+pub mod repl;
+pub mod service;
 pub mod store;
 pub mod version;

@@ -397,7 +397,13 @@ impl ZoneStore {
             entry.changed_at = self.index.version;
             entry.writer = node;
             entry.written_ms = now_ms();
-            tracing::debug!(path, id, version = self.index.version, deleted = entry.deleted, "local change");
+            tracing::debug!(
+                path,
+                id,
+                version = self.index.version,
+                deleted = entry.deleted,
+                "local change"
+            );
         }
         changed
     }
@@ -475,7 +481,8 @@ impl ZoneStore {
 
     /// A temporary file for incoming data.
     pub fn temp_file(&self) -> PathBuf {
-        self.tmp_dir.join(format!("{}.part", self.index.next_id ^ now_ms()))
+        self.tmp_dir
+            .join(format!("{}.part", self.index.next_id ^ now_ms()))
     }
 
     /// Applies a peer's version of `path` whose content (for a live file) was fetched into
@@ -509,7 +516,11 @@ impl ZoneStore {
                 their_copy.deleted = false;
                 self.install(&copy, &their_copy, fetched)?;
                 self.index.conflicts += 1;
-                tracing::warn!(path, copy, "conflict: concurrent changes, kept both (ours wins)");
+                tracing::warn!(
+                    path,
+                    copy,
+                    "conflict: concurrent changes, kept both (ours wins)"
+                );
                 self.id_for(path);
                 if let Some(entry) = self.index.entries.get_mut(path) {
                     entry.vv.merge(&theirs.vv);
@@ -539,7 +550,11 @@ impl ZoneStore {
                         },
                     );
                     self.index.conflicts += 1;
-                    tracing::warn!(path, copy, "conflict: concurrent changes, kept both (theirs wins)");
+                    tracing::warn!(
+                        path,
+                        copy,
+                        "conflict: concurrent changes, kept both (theirs wins)"
+                    );
                 }
                 let mut merged = theirs.clone();
                 if let Some(ours) = self.index.entries.get(path) {
@@ -556,7 +571,12 @@ impl ZoneStore {
 
     /// Puts a peer's version in place: the fetched file renamed over the path, a directory
     /// created, or the path removed for a tombstone; then indexes it as received.
-    fn install(&mut self, path: &str, theirs: &Entry, fetched: Option<&Path>) -> Result<(), StoreError> {
+    fn install(
+        &mut self,
+        path: &str,
+        theirs: &Entry,
+        fetched: Option<&Path>,
+    ) -> Result<(), StoreError> {
         let disk = self.disk_path(path);
         if let Some(parent) = disk.parent() {
             std::fs::create_dir_all(parent).map_err(io(parent))?;
@@ -721,8 +741,14 @@ mod tests {
             conflict_path("a/b/report.txt", 0xab, 5),
             "a/b/report.conflict-00000000000000ab-5.txt"
         );
-        assert_eq!(conflict_path("README", 1, 2), "README.conflict-0000000000000001-2");
-        assert_eq!(conflict_path(".hidden", 1, 2), ".hidden.conflict-0000000000000001-2");
+        assert_eq!(
+            conflict_path("README", 1, 2),
+            "README.conflict-0000000000000001-2"
+        );
+        assert_eq!(
+            conflict_path(".hidden", 1, 2),
+            ".hidden.conflict-0000000000000001-2"
+        );
     }
 
     #[test]
@@ -770,7 +796,8 @@ mod tests {
                     std::fs::copy(from.disk_path(&path), &tmp).unwrap();
                     tmp
                 });
-                to.apply(&path, &theirs, &decision, fetched.as_deref()).unwrap();
+                to.apply(&path, &theirs, &decision, fetched.as_deref())
+                    .unwrap();
             }
             to.set_seen(from.node, from.version()).unwrap();
         };
@@ -795,7 +822,11 @@ mod tests {
         let (va, vb) = (a.version(), b.version());
         exchange(&mut b, &a);
         exchange(&mut a, &b);
-        assert_eq!(a.changes_since(va).len() + b.changes_since(vb).len(), 0, "quiet once converged");
+        assert_eq!(
+            a.changes_since(va).len() + b.changes_since(vb).len(),
+            0,
+            "quiet once converged"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

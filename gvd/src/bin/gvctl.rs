@@ -39,6 +39,8 @@ enum Command {
     },
     /// This node and a count of the others.
     Status,
+    /// The replication zones, with each member's version and usage.
+    Zones,
     /// Call FUNCTION of VDEV on NODE through a KOS connection, and print the answer.
     Call {
         /// A node name or hex id.
@@ -111,6 +113,34 @@ fn call(
         println!("{}", text.map_or(hex_text, str::to_string));
     }
     Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < units.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
+}
+
+/// The libnfs URL of a member's export of a zone.
+fn nfs_url(
+    node: &grapevine_kos::nodes::NodeEntry,
+    zone: &grapevine_kos::nodes::ZoneStatus,
+) -> String {
+    let address = node.record.addresses.first().map_or("?", String::as_str);
+    format!(
+        "nfs://{address}/{}/?nfsport={port}&mountport={port}",
+        zone.name,
+        port = zone.nfs_port
+    )
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -202,6 +232,50 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Call { .. } => unreachable!("handled above"),
+        Command::Zones => {
+            let rows: Vec<_> = list
+                .nodes
+                .iter()
+                .flat_map(|n| n.record.zones.iter().map(move |z| (n, z)))
+                .collect();
+            if cli.json {
+                let rows: Vec<_> = rows
+                    .iter()
+                    .map(|(n, z)| {
+                        let mut value = serde_json::to_value(z).unwrap_or_default();
+                        value["node"] = n.record.name.clone().into();
+                        value["nfs"] = nfs_url(n, z).into();
+                        value
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string(&rows)?);
+                return Ok(());
+            }
+            println!(
+                "{:<16} {:>10} {:<12} {:>8} {:>10} {:>10} {:>9}  NFS",
+                "ZONE", "QUOTA", "MEMBER", "VERSION", "USED", "FREE", "CONFLICTS"
+            );
+            let mut rows = rows;
+            rows.sort_by(|a, b| (&a.1.name, &a.0.record.name).cmp(&(&b.1.name, &b.0.record.name)));
+            for (n, z) in rows {
+                let warn = if z.free_bytes < z.quota_bytes {
+                    " (quota over free space)"
+                } else {
+                    ""
+                };
+                println!(
+                    "{:<16} {:>10} {:<12} {:>8} {:>10} {:>10} {:>9}  {}{warn}",
+                    z.name,
+                    human(z.quota_bytes),
+                    n.record.name,
+                    z.version,
+                    human(z.used_bytes),
+                    human(z.free_bytes),
+                    z.conflicts,
+                    nfs_url(n, z),
+                );
+            }
+        }
         Command::Status => {
             let local = list
                 .nodes

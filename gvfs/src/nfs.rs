@@ -1,0 +1,370 @@
+//! The NFSv3 front of a zone ([`nfsserve`]): every operation goes to the zone's directory and
+//! tells the [`ZoneStore`] what it touched. WRITEs are synced before they are answered (the
+//! server answers them `FILE_SYNC`), file handles carry stable ids (valid across restarts), the
+//! quota is enforced (`NFS3ERR_DQUOT`), and paths a pull is about to replace answer
+//! `NFS3ERR_JUKEBOX` ("try again").
+
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use nfsserve::fs_util::{metadata_to_fattr3, path_setattr};
+use nfsserve::nfs::{fattr3, fileid3, filename3, nfs_fh3, nfspath3, nfsstat3, sattr3, set_size3};
+use nfsserve::vfs::{DirEntry, NFSFileSystem, ReadDirResult, VFSCapabilities};
+use parking_lot::Mutex;
+
+use crate::store::{ZoneStore, ROOT_ID};
+
+/// A zone served over NFS.
+pub struct ZoneFs {
+    store: Arc<Mutex<ZoneStore>>,
+    quota_bytes: u64,
+    /// First half of every file handle: tells this zone's handles from others'.
+    tag: u64,
+}
+
+impl ZoneFs {
+    /// Serves `store`, holding at most `quota_bytes`; `tag` identifies the zone in handles.
+    pub fn new(store: Arc<Mutex<ZoneStore>>, quota_bytes: u64, tag: u64) -> Self {
+        Self {
+            store,
+            quota_bytes,
+            tag,
+        }
+    }
+
+    fn path(&self, id: fileid3) -> Result<String, nfsstat3> {
+        self.store
+            .lock()
+            .path_of(id)
+            .map(str::to_string)
+            .ok_or(nfsstat3::NFS3ERR_STALE)
+    }
+
+    fn child(&self, dirid: fileid3, name: &filename3) -> Result<String, nfsstat3> {
+        let dir = self.path(dirid)?;
+        let name = std::str::from_utf8(&name.0).map_err(|_| nfsstat3::NFS3ERR_INVAL)?;
+        if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+            return Err(nfsstat3::NFS3ERR_INVAL);
+        }
+        Ok(if dir.is_empty() {
+            name.to_string()
+        } else {
+            format!("{dir}/{name}")
+        })
+    }
+
+    fn attr(&self, id: fileid3, path: &str) -> Result<fattr3, nfsstat3> {
+        let disk = self.store.lock().disk_path(path);
+        let meta = std::fs::symlink_metadata(disk).map_err(status)?;
+        Ok(metadata_to_fattr3(id, &meta))
+    }
+
+    fn writable(&self, path: &str) -> Result<(), nfsstat3> {
+        if self.store.lock().is_incoming(path) {
+            return Err(nfsstat3::NFS3ERR_JUKEBOX);
+        }
+        Ok(())
+    }
+
+    /// Refuses growth beyond the quota.
+    fn room_for(&self, path: &str, new_len: u64) -> Result<(), nfsstat3> {
+        let store = self.store.lock();
+        let current = std::fs::metadata(store.disk_path(path)).map_or(0, |m| m.len());
+        let growth = new_len.saturating_sub(current);
+        if growth > 0 && store.used_bytes().saturating_add(growth) > self.quota_bytes {
+            return Err(nfsstat3::NFS3ERR_DQUOT);
+        }
+        Ok(())
+    }
+
+    fn changed_now(&self, path: &str) {
+        let mut store = self.store.lock();
+        if store.check(path) {
+            if let Err(error) = store.save() {
+                tracing::error!(%error, "cannot save the zone index");
+            }
+        }
+    }
+}
+
+fn status(error: std::io::Error) -> nfsstat3 {
+    use std::io::ErrorKind;
+    match error.kind() {
+        ErrorKind::NotFound => nfsstat3::NFS3ERR_NOENT,
+        ErrorKind::PermissionDenied => nfsstat3::NFS3ERR_ACCES,
+        ErrorKind::AlreadyExists => nfsstat3::NFS3ERR_EXIST,
+        ErrorKind::DirectoryNotEmpty => nfsstat3::NFS3ERR_NOTEMPTY,
+        ErrorKind::NotADirectory => nfsstat3::NFS3ERR_NOTDIR,
+        ErrorKind::IsADirectory => nfsstat3::NFS3ERR_ISDIR,
+        ErrorKind::StorageFull => nfsstat3::NFS3ERR_NOSPC,
+        ErrorKind::QuotaExceeded => nfsstat3::NFS3ERR_DQUOT,
+        _ => nfsstat3::NFS3ERR_IO,
+    }
+}
+
+#[async_trait]
+impl NFSFileSystem for ZoneFs {
+    fn capabilities(&self) -> VFSCapabilities {
+        VFSCapabilities::ReadWrite
+    }
+
+    fn root_dir(&self) -> fileid3 {
+        ROOT_ID
+    }
+
+    async fn lookup(&self, dirid: fileid3, filename: &filename3) -> Result<fileid3, nfsstat3> {
+        match filename.0.as_slice() {
+            b"." => return Ok(dirid),
+            b".." => {
+                let dir = self.path(dirid)?;
+                let parent = dir.rsplit_once('/').map_or("", |(p, _)| p);
+                return Ok(self.store.lock().id_for(parent));
+            }
+            _ => {}
+        }
+        let path = self.child(dirid, filename)?;
+        let mut store = self.store.lock();
+        if std::fs::symlink_metadata(store.disk_path(&path)).is_err() {
+            return Err(nfsstat3::NFS3ERR_NOENT);
+        }
+        Ok(store.id_for(&path))
+    }
+
+    async fn getattr(&self, id: fileid3) -> Result<fattr3, nfsstat3> {
+        let path = self.path(id)?;
+        self.attr(id, &path)
+    }
+
+    async fn setattr(&self, id: fileid3, setattr: sattr3) -> Result<fattr3, nfsstat3> {
+        let path = self.path(id)?;
+        self.writable(&path)?;
+        if let set_size3::size(size) = setattr.size {
+            self.room_for(&path, size)?;
+        }
+        let disk = self.store.lock().disk_path(&path);
+        path_setattr(&disk, &setattr).await?;
+        if let set_size3::size(_) = setattr.size {
+            if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&disk) {
+                let _ = file.sync_all();
+            }
+            self.store.lock().note_write(&path, Instant::now());
+        }
+        self.attr(id, &path)
+    }
+
+    async fn read(
+        &self,
+        id: fileid3,
+        offset: u64,
+        count: u32,
+    ) -> Result<(Vec<u8>, bool), nfsstat3> {
+        let path = self.path(id)?;
+        let disk = self.store.lock().disk_path(&path);
+        let mut file = std::fs::File::open(disk).map_err(status)?;
+        let len = file.metadata().map_err(status)?.len();
+        file.seek(SeekFrom::Start(offset)).map_err(status)?;
+        let mut data = Vec::with_capacity(count.min(1 << 20) as usize);
+        file.take(u64::from(count))
+            .read_to_end(&mut data)
+            .map_err(status)?;
+        let eof = offset.saturating_add(data.len() as u64) >= len;
+        Ok((data, eof))
+    }
+
+    async fn write(&self, id: fileid3, offset: u64, data: &[u8]) -> Result<fattr3, nfsstat3> {
+        let path = self.path(id)?;
+        self.writable(&path)?;
+        self.room_for(&path, offset.saturating_add(data.len() as u64))?;
+        let disk = self.store.lock().disk_path(&path);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .map_err(status)?;
+        file.write_all_at(data, offset).map_err(status)?;
+        // Answered FILE_SYNC: the data must be on disk before the reply.
+        file.sync_data().map_err(status)?;
+        self.store.lock().note_write(&path, Instant::now());
+        self.attr(id, &path)
+    }
+
+    async fn create(
+        &self,
+        dirid: fileid3,
+        filename: &filename3,
+        attr: sattr3,
+    ) -> Result<(fileid3, fattr3), nfsstat3> {
+        let path = self.child(dirid, filename)?;
+        self.writable(&path)?;
+        let disk = self.store.lock().disk_path(&path);
+        let file = std::fs::File::create(&disk).map_err(status)?;
+        file.sync_all().map_err(status)?;
+        path_setattr(&disk, &attr).await?;
+        crate::store::sync_dir(disk.parent().unwrap_or(&disk));
+        self.changed_now(&path);
+        let id = self.store.lock().id_for(&path);
+        Ok((id, self.attr(id, &path)?))
+    }
+
+    async fn create_exclusive(
+        &self,
+        dirid: fileid3,
+        filename: &filename3,
+    ) -> Result<fileid3, nfsstat3> {
+        let path = self.child(dirid, filename)?;
+        self.writable(&path)?;
+        let disk = self.store.lock().disk_path(&path);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&disk)
+            .map_err(status)?
+            .sync_all()
+            .map_err(status)?;
+        crate::store::sync_dir(disk.parent().unwrap_or(&disk));
+        self.changed_now(&path);
+        Ok(self.store.lock().id_for(&path))
+    }
+
+    async fn mkdir(
+        &self,
+        dirid: fileid3,
+        dirname: &filename3,
+    ) -> Result<(fileid3, fattr3), nfsstat3> {
+        let path = self.child(dirid, dirname)?;
+        self.writable(&path)?;
+        let disk = self.store.lock().disk_path(&path);
+        std::fs::create_dir(&disk).map_err(status)?;
+        self.changed_now(&path);
+        let id = self.store.lock().id_for(&path);
+        Ok((id, self.attr(id, &path)?))
+    }
+
+    async fn remove(&self, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3> {
+        let path = self.child(dirid, filename)?;
+        self.writable(&path)?;
+        let disk = self.store.lock().disk_path(&path);
+        let meta = std::fs::symlink_metadata(&disk).map_err(status)?;
+        if meta.is_dir() {
+            std::fs::remove_dir(&disk).map_err(status)?;
+        } else {
+            std::fs::remove_file(&disk).map_err(status)?;
+        }
+        crate::store::sync_dir(disk.parent().unwrap_or(&disk));
+        self.changed_now(&path);
+        Ok(())
+    }
+
+    async fn rename(
+        &self,
+        from_dirid: fileid3,
+        from_filename: &filename3,
+        to_dirid: fileid3,
+        to_filename: &filename3,
+    ) -> Result<(), nfsstat3> {
+        let from = self.child(from_dirid, from_filename)?;
+        let to = self.child(to_dirid, to_filename)?;
+        self.writable(&from)?;
+        self.writable(&to)?;
+        let mut store = self.store.lock();
+        let (from_disk, to_disk) = (store.disk_path(&from), store.disk_path(&to));
+        std::fs::rename(&from_disk, &to_disk).map_err(status)?;
+        crate::store::sync_dir(to_disk.parent().unwrap_or(&to_disk));
+        store.renamed(&from, &to);
+        if let Err(error) = store.save() {
+            tracing::error!(%error, "cannot save the zone index");
+        }
+        Ok(())
+    }
+
+    async fn readdir(
+        &self,
+        dirid: fileid3,
+        start_after: fileid3,
+        max_entries: usize,
+    ) -> Result<ReadDirResult, nfsstat3> {
+        let dir = self.path(dirid)?;
+        let children = self.store.lock().children(&dir);
+        let mut entries = Vec::new();
+        let mut remaining = children
+            .iter()
+            .skip_while(|(id, _)| start_after != 0 && *id <= start_after)
+            .peekable();
+        while entries.len() < max_entries {
+            let Some((id, name)) = remaining.next() else {
+                break;
+            };
+            let path = if dir.is_empty() {
+                name.clone()
+            } else {
+                format!("{dir}/{name}")
+            };
+            // Gone from disk since it was indexed: skip it.
+            let Ok(attr) = self.attr(*id, &path) else {
+                continue;
+            };
+            entries.push(DirEntry {
+                fileid: *id,
+                name: name.as_bytes().into(),
+                attr,
+            });
+        }
+        Ok(ReadDirResult {
+            entries,
+            end: remaining.peek().is_none(),
+        })
+    }
+
+    async fn symlink(
+        &self,
+        _: fileid3,
+        _: &filename3,
+        _: &nfspath3,
+        _: &sattr3,
+    ) -> Result<(fileid3, fattr3), nfsstat3> {
+        Err(nfsstat3::NFS3ERR_NOTSUPP)
+    }
+
+    async fn readlink(&self, _: fileid3) -> Result<nfspath3, nfsstat3> {
+        Err(nfsstat3::NFS3ERR_NOTSUPP)
+    }
+
+    fn id_to_fh(&self, id: fileid3) -> nfs_fh3 {
+        let mut data = Vec::with_capacity(16);
+        data.extend_from_slice(&self.tag.to_le_bytes());
+        data.extend_from_slice(&id.to_le_bytes());
+        nfs_fh3 { data }
+    }
+
+    fn fh_to_id(&self, fh: &nfs_fh3) -> Result<fileid3, nfsstat3> {
+        let (tag, id) = match fh.data.as_slice() {
+            [t @ .., _, _, _, _, _, _, _, _] if t.len() == 8 => {
+                let tag = u64::from_le_bytes(
+                    fh.data[..8]
+                        .try_into()
+                        .map_err(|_| nfsstat3::NFS3ERR_BADHANDLE)?,
+                );
+                let id = u64::from_le_bytes(
+                    fh.data[8..]
+                        .try_into()
+                        .map_err(|_| nfsstat3::NFS3ERR_BADHANDLE)?,
+                );
+                (tag, id)
+            }
+            _ => return Err(nfsstat3::NFS3ERR_BADHANDLE),
+        };
+        if tag != self.tag {
+            return Err(nfsstat3::NFS3ERR_STALE);
+        }
+        if self.store.lock().path_of(id).is_none() {
+            return Err(nfsstat3::NFS3ERR_STALE);
+        }
+        Ok(id)
+    }
+
+    fn serverid(&self) -> [u8; 8] {
+        self.tag.to_le_bytes()
+    }
+}

@@ -1,0 +1,428 @@
+//! Replication between the members of a zone: a peer that announces a higher zone version
+//! is asked for what changed since the version last pulled from it (have/want), and the
+//! wanted files are fetched in chunks with several requests in flight. Only once everything is
+//! applied does this node record the peer's version as seen; each applied change bumps this
+//! node's own zone version, so members that only see this one catch up from it in turn.
+//!
+//! Frames are those of the KOS protocol (4-byte length, postcard body).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use grapevine_kos::proto::{decode, encode_frame, frame_len, FRAME_HEADER_LEN};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{decide, Decision, Entry, Kind, ZoneStore};
+
+/// Bytes per data request.
+pub const CHUNK: u32 = 1 << 20;
+/// Data requests in flight per file.
+pub const WINDOW: usize = 8;
+/// Largest request frame the server reads.
+const MAX_REQUEST: usize = 64 << 10;
+/// Largest reply frame the client reads (a long change list).
+const MAX_REPLY: usize = 256 << 20;
+
+/// What a puller asks.
+#[derive(Debug, Deserialize, Serialize)]
+pub enum ReplRequest {
+    /// Everything changed after `since` (the "have": what I have of yours).
+    Changes {
+        /// The zone.
+        zone: String,
+        /// The server's version the client has everything up to.
+        since: u64,
+    },
+    /// A piece of a file (the "request").
+    Fetch {
+        /// The zone.
+        zone: String,
+        /// The path.
+        path: String,
+        /// Where.
+        offset: u64,
+        /// How much.
+        len: u32,
+    },
+}
+
+/// What the server answers.
+#[derive(Debug, Deserialize, Serialize)]
+pub enum ReplReply {
+    /// The changes, and the version they bring the client to.
+    Changes {
+        /// The server's zone version when listing.
+        version: u64,
+        /// Changed paths, directories first.
+        entries: Vec<(String, Entry)>,
+    },
+    /// File data (the "data").
+    Data {
+        /// The bytes.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// The request failed.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// Why a pull failed; nothing was recorded as seen, so the next one starts over.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PullError {
+    /// The peer could not be reached or stopped answering (slow peers time out).
+    #[error("peer {peer}: {source}")]
+    Io {
+        /// The peer.
+        peer: SocketAddr,
+        /// What happened.
+        source: std::io::Error,
+    },
+    /// The peer answered something unusable.
+    #[error("peer {peer}: {reason}")]
+    Protocol {
+        /// The peer.
+        peer: SocketAddr,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The local replica could not take the change.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// What a pull brought.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub struct PullOutcome {
+    /// Paths applied (taken, merged or kept as conflict copies).
+    pub applied: usize,
+    /// Bytes fetched.
+    pub bytes: u64,
+    /// The peer version now seen.
+    pub version: u64,
+}
+
+fn send<T: Serialize>(
+    stream: &mut TcpStream,
+    message: &T,
+    buffer: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    buffer.clear();
+    encode_frame(message, buffer).map_err(std::io::Error::other)?;
+    stream.write_all(buffer)
+}
+
+fn receive<T: serde::de::DeserializeOwned>(
+    stream: &mut TcpStream,
+    max: usize,
+) -> std::io::Result<T> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    stream.read_exact(&mut header)?;
+    let len = frame_len(header, max).map_err(std::io::Error::other)?;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body)?;
+    decode(&body).map_err(std::io::Error::other)
+}
+
+/// The zones a node holds, by name.
+pub type ZoneMap = Arc<HashMap<String, Arc<Mutex<ZoneStore>>>>;
+
+/// Serves the zones' changes and data to pulling peers, a thread per connection.
+pub struct ReplServer {
+    address: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ReplServer {
+    /// Listens on `address`.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be bound.
+    pub fn start(address: SocketAddr, zones: ZoneMap) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(address)?;
+        let address = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("gvfs-repl".into())
+                .spawn(move || {
+                    for stream in listener.incoming() {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let Ok(stream) = stream else { continue };
+                        let zones = Arc::clone(&zones);
+                        let _ = std::thread::Builder::new()
+                            .name("gvfs-repl-peer".into())
+                            .spawn(move || serve_peer(stream, &zones));
+                    }
+                })?
+        };
+        Ok(Self {
+            address,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Where it listens.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+}
+
+impl Drop for ReplServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect_timeout(&self.address, Duration::from_millis(200));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve_peer(mut stream: TcpStream, zones: &ZoneMap) {
+    let _ = stream.set_nodelay(true);
+    // A peer that goes quiet is dropped.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut buffer = Vec::new();
+    while let Ok(request) = receive::<ReplRequest>(&mut stream, MAX_REQUEST) {
+        let reply = answer(request, zones);
+        if send(&mut stream, &reply, &mut buffer).is_err() {
+            return;
+        }
+    }
+}
+
+fn answer(request: ReplRequest, zones: &ZoneMap) -> ReplReply {
+    let zone_of = |name: &str| zones.get(name).cloned();
+    match request {
+        ReplRequest::Changes { zone, since } => match zone_of(&zone) {
+            Some(store) => {
+                let store = store.lock();
+                ReplReply::Changes {
+                    version: store.version(),
+                    entries: store.changes_since(since),
+                }
+            }
+            None => ReplReply::Error {
+                message: format!("no zone {zone} here"),
+            },
+        },
+        ReplRequest::Fetch {
+            zone,
+            path,
+            offset,
+            len,
+        } => {
+            let Some(store) = zone_of(&zone) else {
+                return ReplReply::Error {
+                    message: format!("no zone {zone} here"),
+                };
+            };
+            let disk = store.lock().disk_path(&path);
+            let read = || -> std::io::Result<Vec<u8>> {
+                let file = std::fs::File::open(&disk)?;
+                let mut bytes = vec![0u8; len.min(CHUNK) as usize];
+                let mut filled = 0;
+                while filled < bytes.len() {
+                    let n = file.read_at(&mut bytes[filled..], offset + filled as u64)?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                bytes.truncate(filled);
+                Ok(bytes)
+            };
+            match read() {
+                Ok(bytes) => ReplReply::Data { bytes },
+                Err(e) => ReplReply::Error {
+                    message: format!("{path}: {e}"),
+                },
+            }
+        }
+    }
+}
+
+/// Pulls from the peer at `peer` (node `peer_node`) everything of `zone` this replica lacks.
+///
+/// # Errors
+///
+/// [`PullError`]; nothing is recorded as seen then, and paths already applied stay applied.
+pub fn pull(
+    store: &Arc<Mutex<ZoneStore>>,
+    zone: &str,
+    peer: SocketAddr,
+    peer_node: u64,
+    timeout: Duration,
+) -> Result<PullOutcome, PullError> {
+    let io = |source| PullError::Io { peer, source };
+    let mut stream = TcpStream::connect_timeout(&peer, timeout).map_err(io)?;
+    stream.set_nodelay(true).map_err(io)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    let mut buffer = Vec::new();
+    let since = store.lock().seen(peer_node);
+    send(
+        &mut stream,
+        &ReplRequest::Changes {
+            zone: zone.into(),
+            since,
+        },
+        &mut buffer,
+    )
+    .map_err(io)?;
+    let (version, entries) = match receive::<ReplReply>(&mut stream, MAX_REPLY).map_err(io)? {
+        ReplReply::Changes { version, entries } => (version, entries),
+        ReplReply::Error { message } => {
+            return Err(PullError::Protocol {
+                peer,
+                reason: message,
+            })
+        }
+        ReplReply::Data { .. } => {
+            return Err(PullError::Protocol {
+                peer,
+                reason: "data instead of changes".into(),
+            })
+        }
+    };
+    // The "want": what is newer there; writes to those paths wait until they are in.
+    let plan: Vec<(String, Entry, Decision)> = {
+        let mut store = store.lock();
+        let plan: Vec<_> = entries
+            .into_iter()
+            .filter_map(|(path, theirs)| {
+                let decision = decide(store.entry(&path), &theirs);
+                (decision != Decision::Skip).then_some((path, theirs, decision))
+            })
+            .collect();
+        store.incoming = plan.iter().map(|(p, _, _)| p.clone()).collect();
+        plan
+    };
+    let result = apply_plan(store, zone, &mut stream, &mut buffer, peer, plan);
+    store.lock().incoming.clear();
+    let (applied, bytes) = result?;
+    store.lock().set_seen(peer_node, version)?;
+    if applied > 0 {
+        tracing::info!(zone, %peer, applied, bytes, version, "pulled");
+    }
+    Ok(PullOutcome {
+        applied,
+        bytes,
+        version,
+    })
+}
+
+fn apply_plan(
+    store: &Arc<Mutex<ZoneStore>>,
+    zone: &str,
+    stream: &mut TcpStream,
+    buffer: &mut Vec<u8>,
+    peer: SocketAddr,
+    plan: Vec<(String, Entry, Decision)>,
+) -> Result<(usize, u64), PullError> {
+    let mut applied = 0;
+    let mut bytes = 0;
+    for (path, theirs, decision) in plan {
+        let needs_content =
+            !theirs.deleted && theirs.kind == Kind::File && decision != Decision::MergeOnly;
+        let fetched = if needs_content {
+            let tmp = store.lock().temp_file();
+            match fetch(stream, buffer, zone, &path, theirs.size, &tmp, peer) {
+                Ok(()) => {
+                    bytes += theirs.size;
+                    Some(tmp)
+                }
+                Err(error) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(error);
+                }
+            }
+        } else {
+            None
+        };
+        let outcome = store
+            .lock()
+            .apply(&path, &theirs, &decision, fetched.as_deref());
+        if let Some(tmp) = &fetched {
+            let _ = std::fs::remove_file(tmp);
+        }
+        outcome?;
+        store.lock().incoming.remove(&path);
+        applied += 1;
+    }
+    Ok((applied, bytes))
+}
+
+/// Fetches `size` bytes of `path` into `into`, up to [`WINDOW`] chunk requests in flight.
+fn fetch(
+    stream: &mut TcpStream,
+    buffer: &mut Vec<u8>,
+    zone: &str,
+    path: &str,
+    size: u64,
+    into: &PathBuf,
+    peer: SocketAddr,
+) -> Result<(), PullError> {
+    let io = |source| PullError::Io { peer, source };
+    let file = std::fs::File::create(into).map_err(io)?;
+    let chunks = size.div_ceil(u64::from(CHUNK));
+    let mut requested = 0u64;
+    let mut received = 0u64;
+    while received < chunks {
+        while requested < chunks && requested - received < WINDOW as u64 {
+            let request = ReplRequest::Fetch {
+                zone: zone.into(),
+                path: path.into(),
+                offset: requested * u64::from(CHUNK),
+                len: CHUNK,
+            };
+            send(stream, &request, buffer).map_err(io)?;
+            requested += 1;
+        }
+        let offset = received * u64::from(CHUNK);
+        match receive::<ReplReply>(stream, MAX_REPLY).map_err(io)? {
+            ReplReply::Data { bytes } => {
+                let expected = (size - offset).min(u64::from(CHUNK));
+                if bytes.len() as u64 != expected {
+                    // Changed there since it was listed: the next pull gets the new version.
+                    return Err(PullError::Protocol {
+                        peer,
+                        reason: format!("{path} changed while being fetched"),
+                    });
+                }
+                file.write_all_at(&bytes, offset).map_err(io)?;
+            }
+            ReplReply::Error { message } => {
+                return Err(PullError::Protocol {
+                    peer,
+                    reason: message,
+                })
+            }
+            ReplReply::Changes { .. } => {
+                return Err(PullError::Protocol {
+                    peer,
+                    reason: "changes instead of data".into(),
+                })
+            }
+        }
+        received += 1;
+    }
+    file.sync_all().map_err(io)?;
+    Ok(())
+}

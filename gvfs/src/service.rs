@@ -1,0 +1,316 @@
+//! The zones a node holds, running: their stores, NFS servers, change checks and pulls.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use grapevine_kos::nodes::ZoneStatus;
+use nfsserve::tcp::{NFSTcp, NFSTcpListener};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::nfs::ZoneFs;
+use crate::repl::{pull, ReplServer, ZoneMap};
+use crate::store::ZoneStore;
+
+/// A zone as configured (gvd's `[[zones]]`).
+#[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneConfig {
+    /// Its name (also the NFS export name).
+    pub name: String,
+    /// Most bytes it may hold.
+    pub quota_bytes: u64,
+    /// The member nodes, by name.
+    pub members: Vec<String>,
+    /// The local directory holding it on this node (a ZFS dataset's mount point in
+    /// production; any directory works).
+    pub path: PathBuf,
+    /// This node's NFS port for it; 0 picks a free one (announced in the ELP).
+    #[serde(default)]
+    pub nfs_port: u16,
+}
+
+/// Settings of [`Zones`].
+#[derive(Clone, Debug)]
+pub struct ZonesSettings {
+    /// This node's id.
+    pub node: u64,
+    /// This node's name (membership is by name).
+    pub node_name: String,
+    /// Every zone configured; those naming this node as a member are served.
+    pub zones: Vec<ZoneConfig>,
+    /// Where indexes and incoming files go (`<state_dir>/zones`).
+    pub meta_dir: PathBuf,
+    /// The address to serve NFS and replication on.
+    pub address: IpAddr,
+    /// The replication port; 0 picks a free one.
+    pub repl_port: u16,
+    /// How long a file must be quiet after an NFS write before it counts as changed (NFSv3
+    /// has no close).
+    pub debounce: Duration,
+    /// How often the zone directories are scanned for changes made outside NFS.
+    pub scan_interval: Duration,
+    /// How long a peer may take to answer before a pull gives up on it.
+    pub peer_timeout: Duration,
+}
+
+/// A pull to make: from `peer_node` at `address`, which announced `version`.
+#[derive(Clone, Debug)]
+struct Offer {
+    peer_node: u64,
+    address: SocketAddr,
+    version: u64,
+}
+
+struct Zone {
+    config: ZoneConfig,
+    store: Arc<Mutex<ZoneStore>>,
+    nfs_port: u16,
+    offers: Sender<Offer>,
+    pulling: Arc<Mutex<HashMap<u64, u64>>>,
+}
+
+/// The zones this node holds.
+pub struct Zones {
+    zones: Vec<Zone>,
+    repl: ReplServer,
+    runtime: tokio::runtime::Runtime,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Why the zones could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ZonesError {
+    /// A zone's store.
+    #[error("zone {zone}: {source}")]
+    Store {
+        /// The zone.
+        zone: String,
+        /// What failed.
+        source: crate::store::StoreError,
+    },
+    /// Sockets or threads.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being set up.
+        what: String,
+        /// What failed.
+        source: std::io::Error,
+    },
+}
+
+/// Free bytes of the file system holding `path`.
+// The statvfs field types differ between platforms (u64 on 64-bit Linux).
+#[allow(clippy::useless_conversion)]
+pub fn free_bytes(path: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(path).map_or(0, |s| {
+        u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size()))
+    })
+}
+
+/// A tag for a zone's NFS file handles: stable across restarts, distinct between zones.
+fn zone_tag(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl Zones {
+    /// Opens and serves every zone this node is a member of.
+    ///
+    /// # Errors
+    ///
+    /// [`ZonesError`] when a store, a server or a thread cannot start.
+    pub fn start(settings: &ZonesSettings) -> Result<Self, ZonesError> {
+        let io = |what: &str| {
+            let what = what.to_string();
+            move |source| ZonesError::Io { what, source }
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("gvfs-nfs")
+            .enable_all()
+            .build()
+            .map_err(io("NFS runtime"))?;
+        let mut zones = Vec::new();
+        let mut stores = HashMap::new();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for config in settings
+            .zones
+            .iter()
+            .filter(|z| z.members.contains(&settings.node_name))
+        {
+            let store = ZoneStore::open(
+                settings.node,
+                &config.path,
+                &settings.meta_dir.join(&config.name),
+            )
+            .map_err(|source| ZonesError::Store {
+                zone: config.name.clone(),
+                source,
+            })?;
+            let free = free_bytes(&config.path);
+            if free < config.quota_bytes {
+                tracing::warn!(
+                    zone = config.name,
+                    quota = config.quota_bytes,
+                    free,
+                    "the zone's quota is larger than the free space under its directory (over-committed)"
+                );
+            }
+            let store = Arc::new(Mutex::new(store));
+            let fs = ZoneFs::new(
+                Arc::clone(&store),
+                config.quota_bytes,
+                zone_tag(&config.name),
+            );
+            let bind = SocketAddr::new(settings.address, config.nfs_port).to_string();
+            let nfs_port = runtime
+                .block_on(async {
+                    let mut listener = NFSTcpListener::bind(&bind, fs).await?;
+                    listener.with_export_name(&config.name);
+                    let port = listener.get_listen_port();
+                    tokio::spawn(async move {
+                        if let Err(error) = listener.handle_forever().await {
+                            tracing::error!(%error, "NFS server stopped");
+                        }
+                    });
+                    Ok::<u16, std::io::Error>(port)
+                })
+                .map_err(io(&format!(
+                    "NFS server for zone {} on {bind}",
+                    config.name
+                )))?;
+            tracing::info!(zone = config.name, nfs_port, path = %config.path.display(), "zone served");
+            let (offers, queue) = crossbeam_channel::unbounded();
+            let pulling = Arc::new(Mutex::new(HashMap::new()));
+            spawn_worker(
+                config.name.clone(),
+                Arc::clone(&store),
+                (queue, Arc::clone(&pulling)),
+                settings.clone(),
+                Arc::clone(&stop),
+            )
+            .map_err(io("zone worker"))?;
+            stores.insert(config.name.clone(), Arc::clone(&store));
+            zones.push(Zone {
+                config: config.clone(),
+                store,
+                nfs_port,
+                offers,
+                pulling,
+            });
+        }
+        let map: ZoneMap = Arc::new(stores);
+        let repl = ReplServer::start(SocketAddr::new(settings.address, settings.repl_port), map)
+            .map_err(io("replication server"))?;
+        Ok(Self {
+            zones,
+            repl,
+            runtime,
+            stop,
+        })
+    }
+
+    /// The replication port.
+    pub fn repl_port(&self) -> u16 {
+        self.repl.address().port()
+    }
+
+    /// What this node announces about its zones.
+    pub fn statuses(&self) -> Vec<ZoneStatus> {
+        self.zones
+            .iter()
+            .map(|zone| {
+                let store = zone.store.lock();
+                ZoneStatus {
+                    name: zone.config.name.clone(),
+                    quota_bytes: zone.config.quota_bytes,
+                    members: zone.config.members.clone(),
+                    version: store.version(),
+                    used_bytes: store.used_bytes(),
+                    free_bytes: free_bytes(store.root()),
+                    nfs_port: zone.nfs_port,
+                    conflicts: store.conflicts(),
+                }
+            })
+            .collect()
+    }
+
+    /// A peer announced `version` of `zone`: pull from it if that is newer than what was
+    /// pulled from it so far (and no pull of it is already queued).
+    pub fn offer(&self, zone: &str, peer_node: u64, address: SocketAddr, version: u64) {
+        let Some(zone) = self.zones.iter().find(|z| z.config.name == zone) else {
+            return;
+        };
+        if version <= zone.store.lock().seen(peer_node) {
+            return;
+        }
+        let mut pulling = zone.pulling.lock();
+        if pulling.get(&peer_node).is_some_and(|v| *v >= version) {
+            return;
+        }
+        pulling.insert(peer_node, version);
+        let _ = zone.offers.send(Offer {
+            peer_node,
+            address,
+            version,
+        });
+    }
+
+    /// Stops serving.
+    pub fn shutdown(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(self.repl);
+        self.runtime.shutdown_timeout(Duration::from_millis(500));
+    }
+}
+
+/// The zone's background work: settle debounced writes, scan now and then, and pull.
+fn spawn_worker(
+    zone: String,
+    store: Arc<Mutex<ZoneStore>>,
+    (offers, pulling): (Receiver<Offer>, Arc<Mutex<HashMap<u64, u64>>>),
+    settings: ZonesSettings,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(format!("gvfs-{zone}"))
+        .spawn(move || {
+            let tick = (settings.debounce / 4).max(Duration::from_millis(10));
+            let mut last_scan = Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(offer) = offers.recv_timeout(tick) {
+                    // Newest offer per peer only.
+                    let mut latest: HashMap<u64, Offer> = HashMap::new();
+                    for offer in std::iter::once(offer).chain(offers.try_iter()) {
+                        latest.insert(offer.peer_node, offer);
+                    }
+                    for offer in latest.into_values() {
+                        match pull(&store, &zone, offer.address, offer.peer_node, settings.peer_timeout) {
+                            Ok(outcome) => tracing::debug!(zone, peer = %offer.address, ?outcome, wanted = offer.version, "pull done"),
+                            Err(error) => tracing::warn!(zone, %error, "pull failed; retried at the next announcement"),
+                        }
+                        // Offers of this peer are taken again (a failed pull is retried).
+                        pulling.lock().remove(&offer.peer_node);
+                    }
+                }
+                let now = Instant::now();
+                if let Err(error) = store.lock().settle(now, settings.debounce) {
+                    tracing::error!(zone, %error, "cannot record changes");
+                }
+                if now.duration_since(last_scan) >= settings.scan_interval {
+                    last_scan = now;
+                    if let Err(error) = store.lock().scan() {
+                        tracing::error!(zone, %error, "cannot scan the zone directory");
+                    }
+                }
+            }
+        })
+        .map(drop)
+}
