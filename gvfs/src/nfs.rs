@@ -150,7 +150,8 @@ impl NFSFileSystem for ZoneFs {
             if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&disk) {
                 let _ = file.sync_all();
             }
-            self.store.lock().note_write(&path, Instant::now());
+            let size = std::fs::metadata(&disk).map_or(0, |m| m.len());
+            self.store.lock().note_write(&path, size, Instant::now());
         }
         self.attr(id, &path)
     }
@@ -186,7 +187,8 @@ impl NFSFileSystem for ZoneFs {
         file.write_all_at(data, offset).map_err(status)?;
         // Answered FILE_SYNC: the data must be on disk before the reply.
         file.sync_data().map_err(status)?;
-        self.store.lock().note_write(&path, Instant::now());
+        let size = file.metadata().map_or(0, |m| m.len());
+        self.store.lock().note_write(&path, size, Instant::now());
         self.attr(id, &path)
     }
 

@@ -307,6 +307,11 @@ pub fn pull(
         let plan: Vec<_> = entries
             .into_iter()
             .filter_map(|(path, theirs)| {
+                // A local change not recorded yet (a write still settling, or made outside
+                // NFS) is recorded first, so that it is weighed rather than overwritten.
+                if store.check(&path) {
+                    tracing::debug!(path, "local change recorded before a pull");
+                }
                 let decision = decide(store.entry(&path), &theirs);
                 (decision != Decision::Skip).then_some((path, theirs, decision))
             })

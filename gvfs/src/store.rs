@@ -171,8 +171,9 @@ pub struct ZoneStore {
     tmp_dir: PathBuf,
     index: Index,
     by_id: HashMap<u64, String>,
-    /// Paths written through NFS, checked once they have been quiet for the debounce.
-    pending_checks: HashMap<String, Instant>,
+    /// Paths written through NFS, checked once they have been quiet for the debounce, with
+    /// their size now (counted against the quota before the check).
+    pending_checks: HashMap<String, (Instant, u64)>,
     /// Paths a pull is about to replace: local writes to them must wait.
     pub(crate) incoming: BTreeSet<String>,
 }
@@ -235,14 +236,23 @@ impl ZoneStore {
         self.index.conflicts
     }
 
-    /// Bytes held (live files).
+    /// Bytes held (live files, including writes not yet settled).
     pub fn used_bytes(&self) -> u64 {
-        self.index
+        let indexed: u64 = self
+            .index
             .entries
-            .values()
-            .filter(|e| !e.deleted && e.kind == Kind::File)
-            .map(|e| e.size)
-            .sum()
+            .iter()
+            .filter(|(path, e)| {
+                !e.deleted && e.kind == Kind::File && !self.pending_checks.contains_key(*path)
+            })
+            .map(|(_, e)| e.size)
+            .sum();
+        indexed
+            + self
+                .pending_checks
+                .values()
+                .map(|(_, size)| size)
+                .sum::<u64>()
     }
 
     /// The peer version this node has everything up to.
@@ -326,9 +336,10 @@ impl ZoneStore {
         children
     }
 
-    /// Notes a write to `path`; it is checked once quiet for the debounce.
-    pub fn note_write(&mut self, path: &str, now: Instant) {
-        self.pending_checks.insert(path.to_string(), now);
+    /// Notes a write to `path`, which is now `size` bytes long; it is checked once quiet for
+    /// the debounce.
+    pub fn note_write(&mut self, path: &str, size: u64, now: Instant) {
+        self.pending_checks.insert(path.to_string(), (now, size));
     }
 
     /// Checks the paths whose last write is at least `debounce` old; returns whether anything
@@ -341,7 +352,7 @@ impl ZoneStore {
         let due: Vec<String> = self
             .pending_checks
             .iter()
-            .filter(|(_, at)| now.saturating_duration_since(**at) >= debounce)
+            .filter(|(_, (at, _))| now.saturating_duration_since(*at) >= debounce)
             .map(|(path, _)| path.clone())
             .collect();
         let mut changed = false;

@@ -1,0 +1,198 @@
+//! GrapeVineFS with three gvd processes on loopback and a real NFS client (libnfs-utils):
+//! replication, quota, conflicts, catching up after downtime, deletions.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::Gvd;
+use grapevine_kos::nodes::NodesFile;
+
+const WAIT: Duration = Duration::from_secs(20);
+const GROUP: &str = "239.255.79.44:47944";
+
+fn have_nfs_tools() -> bool {
+    ["nfs-cp", "nfs-cat"]
+        .iter()
+        .all(|tool| Command::new(tool).arg("--help").output().is_ok())
+}
+
+fn config(dir: &Path, name: &str) -> PathBuf {
+    let file = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &file,
+        format!(
+            "repl_port = 0\nzone_debounce_ms = 100\nzone_scan_interval_ms = 300\n\
+             [[zones]]\nname = \"z\"\nquota_bytes = 8000000\nmembers = [\"a\", \"b\", \"c\"]\n\
+             path = \"{}\"\n",
+            dir.join(format!("{name}-data")).display()
+        ),
+    )
+    .unwrap();
+    file
+}
+
+fn start(dir: &Path, name: &str) -> Gvd {
+    let config = config(dir, name);
+    Gvd::start(dir, name, GROUP, &["--config", config.to_str().unwrap()])
+}
+
+fn nfs_port(node: &Gvd, name: &str) -> u16 {
+    let list = NodesFile::read(&node.nodes_path()).unwrap();
+    list.node(name).unwrap().record.zones[0].nfs_port
+}
+
+fn url(port: u16, file: &str) -> String {
+    format!("nfs://127.0.0.1/z/{file}?nfsport={port}&mountport={port}&auto-traverse-mounts=0")
+}
+
+fn wait_for(what: &str, check: impl Fn() -> bool) -> Duration {
+    let started = Instant::now();
+    while started.elapsed() < WAIT {
+        if check() {
+            return started.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{what}: not within {WAIT:?}");
+}
+
+fn conflict_copies(dir: &Path) -> Vec<String> {
+    let mut copies: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".conflict-"))
+        .collect();
+    copies.sort();
+    copies
+}
+
+#[test]
+fn a_zone_replicates_between_three_nodes() {
+    if !have_nfs_tools() {
+        eprintln!("SKIPPED a_zone_replicates_between_three_nodes: needs nfs-cp and nfs-cat (Debian libnfs-utils)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("gvd-zones-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = |name: &str| dir.join(format!("{name}-data"));
+    let a = start(&dir, "a");
+    let mut b = start(&dir, "b");
+    let mut c = start(&dir, "c");
+    a.wait_list(WAIT, |l| {
+        l.nodes.len() == 3 && l.nodes.iter().all(|n| n.record.zones.len() == 1)
+    });
+
+    // Written through A's NFS server, read back through C's.
+    let original: Vec<u8> = (0..1_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let source = dir.join("hello.bin");
+    std::fs::write(&source, &original).unwrap();
+    let status = Command::new("nfs-cp")
+        .arg(&source)
+        .arg(url(nfs_port(&a, "a"), "hello.bin"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "nfs-cp to A");
+    let took = wait_for("hello.bin on C", || {
+        std::fs::read(data("c").join("hello.bin")).is_ok_and(|d| d == original)
+    });
+    eprintln!("1 MB written on A was on C after {took:?}");
+    let read = Command::new("nfs-cat")
+        .arg(url(nfs_port(&a, "c"), "hello.bin"))
+        .output()
+        .unwrap();
+    assert!(read.status.success());
+    assert_eq!(read.stdout, original, "identical bytes through C's server");
+
+    // Over the quota: refused.
+    let big = dir.join("big.bin");
+    std::fs::write(&big, vec![1u8; 9_000_000]).unwrap();
+    let over = Command::new("nfs-cp")
+        .arg(&big)
+        .arg(url(nfs_port(&a, "a"), "big.bin"))
+        .output()
+        .unwrap();
+    assert!(!over.status.success(), "a write past the quota fails");
+
+    // Concurrent changes on A and B: both versions kept, on every member.
+    std::fs::write(data("a").join("notes.txt"), b"from a").unwrap();
+    std::fs::write(data("b").join("notes.txt"), b"from b").unwrap();
+    wait_for("a conflict copy on every member", || {
+        ["a", "b", "c"]
+            .iter()
+            .all(|n| conflict_copies(&data(n)).len() == 1)
+    });
+    wait_for("the same winner and copy everywhere", || {
+        let contents: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|n| {
+                let copy = conflict_copies(&data(n));
+                (
+                    std::fs::read(data(n).join("notes.txt")).ok(),
+                    copy.clone(),
+                    copy.first()
+                        .and_then(|c| std::fs::read(data(n).join(c)).ok()),
+                )
+            })
+            .collect();
+        contents.windows(2).all(|w| w[0] == w[1])
+    });
+    let copy = conflict_copies(&data("a")).remove(0);
+    let mut both = vec![
+        std::fs::read(data("a").join("notes.txt")).unwrap(),
+        std::fs::read(data("a").join(&copy)).unwrap(),
+    ];
+    both.sort();
+    assert_eq!(both, vec![b"from a".to_vec(), b"from b".to_vec()]);
+
+    // C is down while A takes a write; it catches up when it returns.
+    Command::new("kill")
+        .args(["-TERM", &c.child.id().to_string()])
+        .status()
+        .unwrap();
+    let _ = c.child.wait();
+    let away = dir.join("away.bin");
+    std::fs::write(&away, b"written while C was down").unwrap();
+    assert!(Command::new("nfs-cp")
+        .arg(&away)
+        .arg(url(nfs_port(&a, "a"), "away.bin"))
+        .status()
+        .unwrap()
+        .success());
+    drop(c);
+    c = start(&dir, "c");
+    let took = wait_for("C caught up", || {
+        std::fs::read(data("c").join("away.bin")).is_ok_and(|d| d == b"written while C was down")
+    });
+    eprintln!("C caught up {took:?} after its restart");
+
+    // A deletion replicates, and a member that restarts does not bring the file back.
+    std::fs::remove_file(data("a").join("hello.bin")).unwrap();
+    wait_for("hello.bin deleted everywhere", || {
+        ["a", "b", "c"]
+            .iter()
+            .all(|n| !data(n).join("hello.bin").exists())
+    });
+    Command::new("kill")
+        .args(["-TERM", &b.child.id().to_string()])
+        .status()
+        .unwrap();
+    let _ = b.child.wait();
+    drop(b);
+    b = start(&dir, "b");
+    b.wait_list(WAIT, |l| l.nodes.len() == 3);
+    std::thread::sleep(Duration::from_secs(1));
+    for n in ["a", "b", "c"] {
+        assert!(!data(n).join("hello.bin").exists(), "resurrected on {n}");
+    }
+    drop((a, b, c));
+    let _ = std::fs::remove_dir_all(&dir);
+}
