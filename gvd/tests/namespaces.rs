@@ -286,7 +286,11 @@ fn three_hosts_discover_each_other_and_a_dead_one_leaves() {
             .arg(url(0))
             .output()
             .unwrap();
-        assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
+        assert!(
+            copied.status.success(),
+            "{}",
+            String::from_utf8_lossy(&copied.stderr)
+        );
         let started = Instant::now();
         let replicated = loop {
             let read = Command::new("ip")
@@ -301,7 +305,10 @@ fn three_hosts_discover_each_other_and_a_dead_one_leaves() {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        assert!(replicated, "the file written on host0 is readable, identical, on host2");
+        assert!(
+            replicated,
+            "the file written on host0 is readable, identical, on host2"
+        );
         eprintln!("host0 -> host2 through NFS after {:?}", started.elapsed());
     } else {
         eprintln!("GrapeVineFS part skipped: needs nfs-cp (Debian libnfs-utils)");
