@@ -269,4 +269,6 @@ fn the_example_configuration_parses() {
     assert_eq!(config.query_port, 7173);
     assert_eq!(config.kos_port, 7174);
     assert_eq!(config.vdev_group().port(), 7172);
+    assert_eq!(config.zones.len(), 1);
+    assert_eq!(config.zones[0].members.len(), 3);
 }
