@@ -1,10 +1,12 @@
 //! gvd's decoders of network input never panic: QUERY datagrams, the ELP records and VDEV
-//! lists that arrive as leaf payloads, KOS frames, and the agent's handling of any frame
+//! lists that arrive as leaf payloads, KOS frames, zone replication messages, and the agent's
+//! handling of any frame
 //! (against fake devices). What the QUERY decoder accepts encodes back to the same bytes.
 #![no_main]
 
 use grapevine_core::codec;
 use grapevine_kos::proto::{decode, frame_len, ErrorKind, Reply, Request, DEFAULT_MAX_FRAME};
+use grapevine_fs::repl::{ReplReply, ReplRequest};
 use gvd::agent::{Action, AgentSession, Devices};
 use gvd::elp::{NodeRecord, VdevList};
 use gvd::query::Query;
@@ -38,6 +40,8 @@ fuzz_target!(|data: &[u8]| {
     let _ = codec::decode::<(u64, VdevList)>(data);
     let _ = decode::<Reply>(data);
     let _ = decode::<Request>(data);
+    let _ = decode::<ReplRequest>(data);
+    let _ = decode::<ReplReply>(data);
     if let Some(header) = data.get(..4) {
         let _ = frame_len([header[0], header[1], header[2], header[3]], DEFAULT_MAX_FRAME);
     }

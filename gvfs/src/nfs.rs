@@ -370,3 +370,83 @@ impl NFSFileSystem for ZoneFs {
         self.tag.to_le_bytes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run<T>(future: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(future)
+    }
+
+    fn open(dir: &std::path::Path) -> Arc<Mutex<ZoneStore>> {
+        Arc::new(Mutex::new(
+            ZoneStore::open(3, &dir.join("data"), &dir.join("meta")).unwrap(),
+        ))
+    }
+
+    #[test]
+    fn handles_survive_a_restart_and_bad_ones_are_refused() {
+        let dir = std::env::temp_dir().join(format!("gvfs-nfs-fh-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let fs = ZoneFs::new(open(&dir), 1 << 20, 77);
+        let (id, _) = run(fs.create(ROOT_ID, &b"f".as_slice().into(), sattr3::default())).unwrap();
+        let handle = fs.id_to_fh(id);
+        drop(fs);
+        let fs = ZoneFs::new(open(&dir), 1 << 20, 77);
+        assert!(
+            matches!(fs.fh_to_id(&handle), Ok(x) if x == id),
+            "same id after reopening"
+        );
+        assert!(matches!(run(fs.lookup(ROOT_ID, &b"f".as_slice().into())), Ok(x) if x == id));
+        let other_zone = ZoneFs::new(open(&dir), 1 << 20, 78);
+        assert!(matches!(
+            other_zone.fh_to_id(&handle),
+            Err(nfsstat3::NFS3ERR_STALE)
+        ));
+        assert!(matches!(
+            fs.fh_to_id(&nfs_fh3 {
+                data: vec![1, 2, 3]
+            }),
+            Err(nfsstat3::NFS3ERR_BADHANDLE)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn quota_and_incoming_paths_are_enforced() {
+        let dir = std::env::temp_dir().join(format!("gvfs-nfs-quota-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = open(&dir);
+        let fs = ZoneFs::new(Arc::clone(&store), 1000, 1);
+        let (id, _) = run(fs.create(ROOT_ID, &b"f".as_slice().into(), sattr3::default())).unwrap();
+        assert!(run(fs.write(id, 0, &[1; 600])).is_ok());
+        assert!(
+            run(fs.write(id, 0, &[2; 600])).is_ok(),
+            "overwriting does not grow"
+        );
+        let (other, _) =
+            run(fs.create(ROOT_ID, &b"g".as_slice().into(), sattr3::default())).unwrap();
+        assert!(
+            matches!(
+                run(fs.write(other, 0, &[3; 500])),
+                Err(nfsstat3::NFS3ERR_DQUOT)
+            ),
+            "600 + 500 > 1000, though the first write has not settled"
+        );
+        assert!(run(fs.write(other, 0, &[3; 400])).is_ok());
+        store.lock().incoming.insert("f".into());
+        assert!(matches!(
+            run(fs.write(id, 0, &[4; 1])),
+            Err(nfsstat3::NFS3ERR_JUKEBOX)
+        ));
+        assert!(matches!(
+            run(fs.remove(ROOT_ID, &b"f".as_slice().into())),
+            Err(nfsstat3::NFS3ERR_JUKEBOX)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
