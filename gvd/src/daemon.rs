@@ -23,6 +23,7 @@ use crate::elp::{
 use crate::inventory::{driver_files, scan, search_path, Inventory};
 use crate::kos_server::{inventory_path, KosListener, KosSettings};
 use crate::query::Query;
+use grapevine_fs::remote::Member;
 use grapevine_fs::service::{ZoneConfig, Zones, ZonesSettings};
 use grapevine_kos::nodes::ZoneStatus;
 
@@ -688,6 +689,14 @@ impl Daemon {
     /// half period.
     /// Members announcing a zone version newer than what was pulled from them get pulled.
     fn offer_zones(&self, peers: &BTreeMap<u64, Peer>) {
+        // Every zone served without being held gets its list, empty when no member is alive.
+        let mut members: BTreeMap<String, Vec<Member>> = self
+            .zones
+            .statuses()
+            .into_iter()
+            .filter(|z| !z.member)
+            .map(|z| (z.name, Vec::new()))
+            .collect();
         for (node, peer) in peers {
             if *node == self.node || peer.liveness != Liveness::Alive || peer.record.repl_port == 0
             {
@@ -701,10 +710,17 @@ impl Daemon {
             else {
                 continue;
             };
-            for zone in &peer.record.zones {
+            for zone in peer.record.zones.iter().filter(|z| z.member) {
                 let address = SocketAddr::new(ip, peer.record.repl_port);
                 self.zones.offer(&zone.name, *node, address, zone.version);
+                members.entry(zone.name.clone()).or_default().push(Member {
+                    node: *node,
+                    address,
+                });
             }
+        }
+        for (zone, members) in members {
+            self.zones.set_members(&zone, members);
         }
     }
 

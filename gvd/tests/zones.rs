@@ -153,6 +153,46 @@ fn a_zone_replicates_between_three_nodes() {
     both.sort();
     assert_eq!(both, vec![b"from a".to_vec(), b"from b".to_vec()]);
 
+    // D does not hold the zone but serves it, forwarding to a member.
+    let d = start(&dir, "d");
+    d.wait_list(WAIT, |l| l.nodes.len() == 4);
+    let d_port = {
+        let list = NodesFile::read(&d.nodes_path()).unwrap();
+        let zone = &list.node("d").unwrap().record.zones[0];
+        assert!(!zone.member);
+        zone.nfs_port
+    };
+    let via_d = dir.join("via-d.txt");
+    std::fs::write(
+        &via_d,
+        b"written through a node that does not hold the zone",
+    )
+    .unwrap();
+    wait_for("D forwards", || {
+        Command::new("nfs-cp")
+            .arg(&via_d)
+            .arg(url(d_port, "via-d.txt"))
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    wait_for("via-d.txt on every member", || {
+        ["a", "b", "c"].iter().all(|n| {
+            std::fs::read(data(n).join("via-d.txt"))
+                .is_ok_and(|d| d == b"written through a node that does not hold the zone")
+        })
+    });
+    let read = Command::new("nfs-cat")
+        .arg(url(d_port, "notes.txt"))
+        .output()
+        .unwrap();
+    assert!(read.status.success());
+    assert_eq!(
+        read.stdout,
+        std::fs::read(data("a").join("notes.txt")).unwrap()
+    );
+    assert!(!dir.join("d-data").exists(), "D holds nothing");
+    drop(d);
+
     // C is down while A takes a write; it catches up when it returns.
     Command::new("kill")
         .args(["-TERM", &c.child.id().to_string()])

@@ -41,6 +41,13 @@ pub enum ReplRequest {
         /// The server's version the client has everything up to.
         since: u64,
     },
+    /// A file system operation, from a node serving a zone it does not hold.
+    Fs {
+        /// The zone.
+        zone: String,
+        /// The operation.
+        op: crate::remote::FsOp,
+    },
     /// A piece of a file (the "request").
     Fetch {
         /// The zone.
@@ -70,6 +77,8 @@ pub enum ReplReply {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
+    /// The outcome of a file system operation.
+    Fs(crate::remote::FsResult),
     /// The request failed.
     Error {
         /// Why.
@@ -135,8 +144,16 @@ fn receive<T: serde::de::DeserializeOwned>(
     decode(&body).map_err(std::io::Error::other)
 }
 
+/// A zone a node holds, as the replication server sees it.
+pub struct ServedZone {
+    /// Its replica.
+    pub store: Arc<Mutex<ZoneStore>>,
+    /// Its file system, for operations forwarded by non-members.
+    pub fs: crate::nfs::ZoneFs,
+}
+
 /// The zones a node holds, by name.
-pub type ZoneMap = Arc<HashMap<String, Arc<Mutex<ZoneStore>>>>;
+pub type ZoneMap = Arc<HashMap<String, ServedZone>>;
 
 /// Serves the zones' changes and data to pulling peers, a thread per connection.
 pub struct ReplServer {
@@ -151,7 +168,11 @@ impl ReplServer {
     /// # Errors
     ///
     /// When it cannot be bound.
-    pub fn start(address: SocketAddr, zones: ZoneMap) -> std::io::Result<Self> {
+    pub fn start(
+        address: SocketAddr,
+        zones: ZoneMap,
+        runtime: tokio::runtime::Handle,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(address)?;
         let address = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -166,9 +187,10 @@ impl ReplServer {
                         }
                         let Ok(stream) = stream else { continue };
                         let zones = Arc::clone(&zones);
+                        let runtime = runtime.clone();
                         let _ = std::thread::Builder::new()
                             .name("gvfs-repl-peer".into())
-                            .spawn(move || serve_peer(stream, &zones));
+                            .spawn(move || serve_peer(stream, &zones, &runtime));
                     }
                 })?
         };
@@ -195,22 +217,28 @@ impl Drop for ReplServer {
     }
 }
 
-fn serve_peer(mut stream: TcpStream, zones: &ZoneMap) {
+fn serve_peer(mut stream: TcpStream, zones: &ZoneMap, runtime: &tokio::runtime::Handle) {
     let _ = stream.set_nodelay(true);
     // A peer that goes quiet is dropped.
     let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
     let mut buffer = Vec::new();
     while let Ok(request) = receive::<ReplRequest>(&mut stream, MAX_REQUEST) {
-        let reply = answer(request, zones);
+        let reply = answer(request, zones, runtime);
         if send(&mut stream, &reply, &mut buffer).is_err() {
             return;
         }
     }
 }
 
-fn answer(request: ReplRequest, zones: &ZoneMap) -> ReplReply {
-    let zone_of = |name: &str| zones.get(name).cloned();
+fn answer(request: ReplRequest, zones: &ZoneMap, runtime: &tokio::runtime::Handle) -> ReplReply {
+    let zone_of = |name: &str| zones.get(name).map(|z| Arc::clone(&z.store));
     match request {
+        ReplRequest::Fs { zone, op } => match zones.get(&zone) {
+            Some(served) => ReplReply::Fs(runtime.block_on(crate::remote::execute(&served.fs, op))),
+            None => ReplReply::Error {
+                message: format!("no zone {zone} here"),
+            },
+        },
         ReplRequest::Changes { zone, since } => match zone_of(&zone) {
             Some(store) => {
                 let store = store.lock();
@@ -294,10 +322,10 @@ pub fn pull(
                 reason: message,
             })
         }
-        ReplReply::Data { .. } => {
+        ReplReply::Data { .. } | ReplReply::Fs(_) => {
             return Err(PullError::Protocol {
                 peer,
-                reason: "data instead of changes".into(),
+                reason: "an answer to another request".into(),
             })
         }
     };
@@ -419,10 +447,10 @@ fn fetch(
                     reason: message,
                 })
             }
-            ReplReply::Changes { .. } => {
+            ReplReply::Changes { .. } | ReplReply::Fs(_) => {
                 return Err(PullError::Protocol {
                     peer,
-                    reason: "changes instead of data".into(),
+                    reason: "an answer to another request".into(),
                 })
             }
         }

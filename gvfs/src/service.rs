@@ -13,7 +13,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::nfs::ZoneFs;
-use crate::repl::{pull, ReplServer, ZoneMap};
+use crate::remote::{Member, ProxyFs};
+use crate::repl::{pull, ReplServer, ServedZone, ZoneMap};
 use crate::store::ZoneStore;
 
 /// A zone as configured (gvd's `[[zones]]`).
@@ -74,9 +75,17 @@ struct Zone {
     pulling: Arc<Mutex<HashMap<u64, u64>>>,
 }
 
-/// The zones this node holds.
+/// A zone this node does not hold but serves, by forwarding to a member.
+struct Proxy {
+    config: ZoneConfig,
+    nfs_port: u16,
+    members: Arc<Mutex<Vec<Member>>>,
+}
+
+/// The zones this node holds, and those it serves for others.
 pub struct Zones {
     zones: Vec<Zone>,
+    proxies: Vec<Proxy>,
     repl: ReplServer,
     runtime: tokio::runtime::Runtime,
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -113,6 +122,29 @@ pub fn free_bytes(path: &Path) -> u64 {
     })
 }
 
+/// Starts an NFS server for `fs`, exported as `/<zone>`; returns its port.
+fn serve_nfs<F>(
+    runtime: &tokio::runtime::Runtime,
+    bind: &str,
+    zone: &str,
+    fs: F,
+) -> std::io::Result<u16>
+where
+    F: nfsserve::vfs::NFSFileSystem + Send + Sync + 'static,
+{
+    runtime.block_on(async {
+        let mut listener = NFSTcpListener::bind(bind, fs).await?;
+        listener.with_export_name(zone);
+        let port = listener.get_listen_port();
+        tokio::spawn(async move {
+            if let Err(error) = listener.handle_forever().await {
+                tracing::error!(%error, "NFS server stopped");
+            }
+        });
+        Ok(port)
+    })
+}
+
 /// A tag for a zone's NFS file handles: stable across restarts, distinct between zones.
 fn zone_tag(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
@@ -121,7 +153,8 @@ fn zone_tag(name: &str) -> u64 {
 }
 
 impl Zones {
-    /// Opens and serves every zone this node is a member of.
+    /// Opens and serves every zone this node is a member of, and serves the other configured
+    /// zones by forwarding to their members.
     ///
     /// # Errors
     ///
@@ -197,7 +230,17 @@ impl Zones {
                 Arc::clone(&stop),
             )
             .map_err(io("zone worker"))?;
-            stores.insert(config.name.clone(), Arc::clone(&store));
+            stores.insert(
+                config.name.clone(),
+                ServedZone {
+                    store: Arc::clone(&store),
+                    fs: ZoneFs::new(
+                        Arc::clone(&store),
+                        config.quota_bytes,
+                        zone_tag(&config.name),
+                    ),
+                },
+            );
             zones.push(Zone {
                 config: config.clone(),
                 store,
@@ -206,11 +249,45 @@ impl Zones {
                 pulling,
             });
         }
+        let mut proxies = Vec::new();
+        for config in settings
+            .zones
+            .iter()
+            .filter(|z| !z.members.contains(&settings.node_name))
+        {
+            let members = Arc::new(Mutex::new(Vec::new()));
+            let fs = ProxyFs::new(
+                &config.name,
+                zone_tag(&config.name),
+                Arc::clone(&members),
+                settings.peer_timeout,
+            );
+            let bind = SocketAddr::new(settings.address, config.nfs_port).to_string();
+            let nfs_port = serve_nfs(&runtime, &bind, &config.name, fs).map_err(io(&format!(
+                "NFS server for zone {} on {bind}",
+                config.name
+            )))?;
+            tracing::info!(
+                zone = config.name,
+                nfs_port,
+                "zone served for its members (this node does not hold it)"
+            );
+            proxies.push(Proxy {
+                config: config.clone(),
+                nfs_port,
+                members,
+            });
+        }
         let map: ZoneMap = Arc::new(stores);
-        let repl = ReplServer::start(SocketAddr::new(settings.address, settings.repl_port), map)
-            .map_err(io("replication server"))?;
+        let repl = ReplServer::start(
+            SocketAddr::new(settings.address, settings.repl_port),
+            map,
+            runtime.handle().clone(),
+        )
+        .map_err(io("replication server"))?;
         Ok(Self {
             zones,
+            proxies,
             repl,
             runtime,
             stop,
@@ -230,6 +307,7 @@ impl Zones {
                 let store = zone.store.lock();
                 ZoneStatus {
                     name: zone.config.name.clone(),
+                    member: true,
                     quota_bytes: zone.config.quota_bytes,
                     members: zone.config.members.clone(),
                     version: store.version(),
@@ -239,7 +317,25 @@ impl Zones {
                     conflicts: store.conflicts(),
                 }
             })
+            .chain(self.proxies.iter().map(|proxy| ZoneStatus {
+                name: proxy.config.name.clone(),
+                member: false,
+                quota_bytes: proxy.config.quota_bytes,
+                members: proxy.config.members.clone(),
+                version: 0,
+                used_bytes: 0,
+                free_bytes: 0,
+                nfs_port: proxy.nfs_port,
+                conflicts: 0,
+            }))
             .collect()
+    }
+
+    /// The members currently reachable for a zone this node serves without holding it.
+    pub fn set_members(&self, zone: &str, members: Vec<Member>) {
+        if let Some(proxy) = self.proxies.iter().find(|p| p.config.name == zone) {
+            *proxy.members.lock() = members;
+        }
     }
 
     /// A peer announced `version` of `zone`: pull from it if that is newer than what was

@@ -64,6 +64,8 @@ impl NodeRecord {
 pub struct ZoneStatus {
     /// The zone's name.
     pub name: String,
+    /// Whether this node holds the zone (false: it serves it by forwarding to a member).
+    pub member: bool,
     /// Most bytes the zone may hold.
     pub quota_bytes: u64,
     /// Names of the member nodes, as configured.
