@@ -438,7 +438,7 @@ mod tests {
             "600 + 500 > 1000, though the first write has not settled"
         );
         assert!(run(fs.write(other, 0, &[3; 400])).is_ok());
-        store.lock().incoming.insert("f".into());
+        store.lock().hold("f");
         assert!(matches!(
             run(fs.write(id, 0, &[4; 1])),
             Err(nfsstat3::NFS3ERR_JUKEBOX)

@@ -344,11 +344,19 @@ pub fn pull(
                 (decision != Decision::Skip).then_some((path, theirs, decision))
             })
             .collect();
-        store.incoming = plan.iter().map(|(p, _, _)| p.clone()).collect();
+        for (path, _, _) in &plan {
+            store.hold(path);
+        }
         plan
     };
+    let held: Vec<String> = plan.iter().map(|(p, _, _)| p.clone()).collect();
     let result = apply_plan(store, zone, &mut stream, &mut buffer, peer, plan);
-    store.lock().incoming.clear();
+    {
+        let mut store = store.lock();
+        for path in &held {
+            store.release(path);
+        }
+    }
     let (applied, bytes) = result?;
     store.lock().set_seen(peer_node, version)?;
     if applied > 0 {
@@ -389,14 +397,22 @@ fn apply_plan(
         } else {
             None
         };
-        let outcome = store
-            .lock()
-            .apply(&path, &theirs, &decision, fetched.as_deref());
+        let outcome = {
+            let mut store = store.lock();
+            // Decided again: a concurrent pull from another member may have brought this path
+            // meanwhile; the fetched content is still this peer's version.
+            let now = decide(store.entry(&path), &theirs);
+            let content_ready = fetched.is_some() || !needs_content;
+            if content_ready || matches!(now, Decision::Skip | Decision::MergeOnly) {
+                store.apply(&path, &theirs, &now, fetched.as_deref())
+            } else {
+                Ok(())
+            }
+        };
         if let Some(tmp) = &fetched {
             let _ = std::fs::remove_file(tmp);
         }
         outcome?;
-        store.lock().incoming.remove(&path);
         applied += 1;
     }
     Ok((applied, bytes))

@@ -387,13 +387,26 @@ fn spawn_worker(
                     for offer in std::iter::once(offer).chain(offers.try_iter()) {
                         latest.insert(offer.peer_node, offer);
                     }
+                    // From several members at once: one thread per peer (at most one pull per
+                    // peer runs, see `offer`).
                     for offer in latest.into_values() {
-                        match pull(&store, &zone, offer.address, offer.peer_node, settings.peer_timeout) {
-                            Ok(outcome) => tracing::debug!(zone, peer = %offer.address, ?outcome, wanted = offer.version, "pull done"),
-                            Err(error) => tracing::warn!(zone, %error, "pull failed; retried at the next announcement"),
+                        let job = (Arc::clone(&store), zone.clone(), Arc::clone(&pulling));
+                        let timeout = settings.peer_timeout;
+                        let spawned = std::thread::Builder::new()
+                            .name(format!("gvfs-pull-{zone}"))
+                            .spawn(move || {
+                                let (store, zone, pulling) = job;
+                                match pull(&store, &zone, offer.address, offer.peer_node, timeout) {
+                                    Ok(outcome) => tracing::debug!(zone, peer = %offer.address, ?outcome, wanted = offer.version, "pull done"),
+                                    Err(error) => tracing::warn!(zone, %error, "pull failed; retried at the next announcement"),
+                                }
+                                // Offers of this peer are taken again (a failed pull is retried).
+                                pulling.lock().remove(&offer.peer_node);
+                            });
+                        if let Err(error) = spawned {
+                            tracing::error!(zone, %error, "cannot start a pull");
+                            pulling.lock().remove(&offer.peer_node);
                         }
-                        // Offers of this peer are taken again (a failed pull is retried).
-                        pulling.lock().remove(&offer.peer_node);
                     }
                 }
                 let now = Instant::now();

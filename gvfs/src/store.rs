@@ -174,8 +174,9 @@ pub struct ZoneStore {
     /// Paths written through NFS, checked once they have been quiet for the debounce, with
     /// their size now (counted against the quota before the check).
     pending_checks: HashMap<String, (Instant, u64)>,
-    /// Paths a pull is about to replace: local writes to them must wait.
-    pub(crate) incoming: BTreeSet<String>,
+    /// Paths pulls are about to replace (with how many pulls): local writes to them wait.
+    incoming: HashMap<String, usize>,
+    temp_counter: u64,
 }
 
 impl ZoneStore {
@@ -215,7 +216,8 @@ impl ZoneStore {
             index,
             by_id,
             pending_checks: HashMap::new(),
-            incoming: BTreeSet::new(),
+            incoming: HashMap::new(),
+            temp_counter: 0,
         };
         store.scan()?;
         Ok(store)
@@ -284,7 +286,22 @@ impl ZoneStore {
 
     /// Whether a pull is about to replace `path` (writes must be retried later).
     pub fn is_incoming(&self, path: &str) -> bool {
-        self.incoming.contains(path)
+        self.incoming.contains_key(path)
+    }
+
+    /// A pull is about to replace `path`.
+    pub fn hold(&mut self, path: &str) {
+        *self.incoming.entry(path.to_string()).or_insert(0) += 1;
+    }
+
+    /// A pull is done with `path`.
+    pub fn release(&mut self, path: &str) {
+        if let Some(count) = self.incoming.get_mut(path) {
+            *count -= 1;
+            if *count == 0 {
+                self.incoming.remove(path);
+            }
+        }
     }
 
     /// The id of `path`, assigning one if it has none (a file that exists on disk but was not
@@ -369,7 +386,7 @@ impl ZoneStore {
     /// Compares `path` on disk with the index and records a change if they differ (created,
     /// modified or deleted); returns whether it did.
     pub fn check(&mut self, path: &str) -> bool {
-        if path.is_empty() || self.incoming.contains(path) {
+        if path.is_empty() || self.incoming.contains_key(path) {
             return false;
         }
         let on_disk = std::fs::symlink_metadata(self.disk_path(path)).ok();
@@ -491,9 +508,10 @@ impl ZoneStore {
     }
 
     /// A temporary file for incoming data.
-    pub fn temp_file(&self) -> PathBuf {
+    pub fn temp_file(&mut self) -> PathBuf {
+        self.temp_counter += 1;
         self.tmp_dir
-            .join(format!("{}.part", self.index.next_id ^ now_ms()))
+            .join(format!("{}-{}.part", std::process::id(), self.temp_counter))
     }
 
     /// Applies a peer's version of `path` whose content (for a live file) was fetched into
