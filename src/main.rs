@@ -1,6 +1,7 @@
 //! `grapevine`: run a replication demo, a publisher or a subscriber from the command line.
 
 mod bench;
+mod tools;
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -38,6 +39,12 @@ enum Command {
     Sub(SubArgs),
     /// Check that multicast flows on the group and interface.
     Selftest(NetArgs),
+    /// Watch groups: per topic and publisher, rates, sequence, gaps, losses, snapshot cycles.
+    Spy(tools::SpyArgs),
+    /// Record every datagram of some groups, with receive times, into a file.
+    Record(tools::RecordArgs),
+    /// Play recordings back onto groups, or rebuild a topic's state from them offline.
+    Replay(tools::ReplayArgs),
     /// Measure GrapeVine against raw UDP multicast in the same run (use a release build).
     Bench {
         #[command(subcommand)]
@@ -125,6 +132,9 @@ struct PubArgs {
     /// Publisher id (several publishers may share a topic).
     #[arg(long, default_value_t = 0)]
     publisher_id: u32,
+    /// Serve the counters for Prometheus on this address (e.g. 127.0.0.1:9464).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -140,6 +150,9 @@ struct SubArgs {
     /// Print one JSON object per second instead of text.
     #[arg(long)]
     json: bool,
+    /// Serve the counters for Prometheus on this address (e.g. 127.0.0.1:9465).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -165,6 +178,9 @@ fn main() -> ExitCode {
         Command::Pub(args) => publish(&args).map(|()| true),
         Command::Sub(args) => subscribe(&args).map(|()| true),
         Command::Selftest(args) => selftest(&args).map(|()| true),
+        Command::Spy(args) => tools::spy(&args).map(|()| true),
+        Command::Record(args) => tools::record(&args).map(|()| true),
+        Command::Replay(args) => tools::replay(&args).map(|()| true),
         Command::Bench { command } => bench::run(&command).map(|()| true),
     };
     match result {
@@ -373,6 +389,15 @@ fn publish(args: &PubArgs) -> Result<()> {
         args.net.iface,
         args.rate
     );
+    let metrics = Arc::new(parking_lot::Mutex::new(String::new()));
+    if let Some(address) = args.metrics {
+        let metrics = Arc::clone(&metrics);
+        tools::serve_metrics(address, move || metrics.lock().clone())?;
+    }
+    let labels = format!(
+        "topic=\"{}\",publisher=\"{}\"",
+        args.net.topic, args.publisher_id
+    );
     let mut market = MarketGenerator::new(args.instruments, 20, publisher.session_id());
     let mut mirror = OrderBook::default();
     let started = Instant::now();
@@ -397,6 +422,52 @@ fn publish(args: &PubArgs) -> Result<()> {
         if Instant::now() >= next_report {
             next_report += Duration::from_secs(1);
             let stats = publisher.stats();
+            let snapshots = snapshotter.stats();
+            *metrics.lock() = tools::prometheus(
+                &labels,
+                &[
+                    (
+                        "grapevine_publisher_deltas_total",
+                        "Deltas published.",
+                        stats.deltas,
+                    ),
+                    (
+                        "grapevine_publisher_datagrams_total",
+                        "Datagrams sent.",
+                        stats.datagrams,
+                    ),
+                    (
+                        "grapevine_publisher_bytes_total",
+                        "Bytes sent.",
+                        stats.bytes,
+                    ),
+                    (
+                        "grapevine_publisher_heartbeats_total",
+                        "Heartbeats sent.",
+                        stats.heartbeats,
+                    ),
+                    (
+                        "grapevine_snapshot_cycles_total",
+                        "Snapshot cycles completed.",
+                        snapshots.cycles,
+                    ),
+                    (
+                        "grapevine_snapshot_leaves_total",
+                        "Snapshot leaves sent.",
+                        snapshots.leaves,
+                    ),
+                    (
+                        "grapevine_snapshot_bytes_total",
+                        "Snapshot bytes sent.",
+                        snapshots.bytes,
+                    ),
+                    (
+                        "grapevine_state_leaves",
+                        "Leaves in the published state.",
+                        mirror.len() as u64,
+                    ),
+                ],
+            );
             println!(
                 "[{:5.1}s] published {} ({} datagrams), {} levels, snapshot cycles {}",
                 started.elapsed().as_secs_f64(),
@@ -424,10 +495,87 @@ fn subscribe(args: &SubArgs) -> Result<()> {
     let started = Instant::now();
     let stop_at = args.seconds.map(|s| started + Duration::from_secs_f64(s));
     let tty = std::io::stdout().is_terminal();
+    let metrics = Arc::new(parking_lot::Mutex::new(String::new()));
+    if let Some(address) = args.metrics {
+        let metrics = Arc::clone(&metrics);
+        tools::serve_metrics(address, move || metrics.lock().clone())?;
+    }
+    let labels = format!("topic=\"{}\"", args.net.topic);
     while stop_at.is_none_or(|t| Instant::now() < t) && !interrupted() {
         std::thread::sleep(Duration::from_secs(1));
         let stats = subscriber.stats();
         let p = stats.protocol;
+        let live = subscriber.read(|s| {
+            s.streams()
+                .filter(|v| v.status == StreamStatus::Live)
+                .count()
+        });
+        *metrics.lock() = tools::prometheus(
+            &labels,
+            &[
+                (
+                    "grapevine_subscriber_datagrams_total",
+                    "Datagrams received.",
+                    p.datagrams,
+                ),
+                (
+                    "grapevine_subscriber_malformed_total",
+                    "Malformed datagrams.",
+                    p.malformed,
+                ),
+                (
+                    "grapevine_subscriber_deltas_applied_total",
+                    "Deltas applied.",
+                    p.deltas_applied,
+                ),
+                (
+                    "grapevine_subscriber_duplicates_total",
+                    "Duplicate deltas.",
+                    p.duplicates,
+                ),
+                ("grapevine_subscriber_gaps_total", "Sequence gaps.", p.gaps),
+                (
+                    "grapevine_subscriber_messages_lost_total",
+                    "Deltas lost.",
+                    p.messages_lost,
+                ),
+                (
+                    "grapevine_subscriber_recoveries_total",
+                    "Recoveries from snapshots.",
+                    p.recoveries,
+                ),
+                (
+                    "grapevine_subscriber_restarts_total",
+                    "Publisher restarts seen.",
+                    p.restarts,
+                ),
+                (
+                    "grapevine_subscriber_snapshot_messages_total",
+                    "Snapshot messages received.",
+                    p.snapshot_messages,
+                ),
+                (
+                    "grapevine_subscriber_kernel_drops_total",
+                    "Datagrams the kernel dropped (receive buffer full).",
+                    stats.kernel_drops,
+                ),
+                (
+                    "grapevine_subscriber_truncated_total",
+                    "Datagrams larger than the buffer.",
+                    stats.truncated,
+                ),
+                (
+                    "grapevine_subscriber_events_dropped_total",
+                    "Events the application did not read.",
+                    stats.events_dropped,
+                ),
+                (
+                    "grapevine_subscriber_live_streams",
+                    "Publisher streams that are live.",
+                    live as u64,
+                ),
+            ],
+        );
         let lines = subscriber.read(|s| {
             let mut lines = Vec::new();
             for view in s.streams() {

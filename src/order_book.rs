@@ -87,6 +87,29 @@ impl OrderBook {
         self.levels.range(low..=high).map(|(k, l)| (k.price, *l))
     }
 
+    /// Top of book of the first instruments, on one line.
+    pub fn summary(&self) -> String {
+        let instruments = self.instruments();
+        let mut parts: Vec<String> = instruments
+            .iter()
+            .take(4)
+            .map(|i| {
+                let price = |p: Option<(i64, Level)>| {
+                    p.map_or_else(|| "-".to_string(), |(p, _)| p.to_string())
+                };
+                format!(
+                    "#{i} {} x {}",
+                    price(self.best_bid(*i)),
+                    price(self.best_ask(*i))
+                )
+            })
+            .collect();
+        if instruments.len() > 4 {
+            parts.push(format!("and {} more", instruments.len() - 4));
+        }
+        format!("{} instruments: {}", instruments.len(), parts.join(", "))
+    }
+
     /// Instruments with at least one level.
     pub fn instruments(&self) -> Vec<u16> {
         let mut out: Vec<u16> = self.levels.keys().map(|k| k.instrument).collect();

@@ -11,6 +11,8 @@
 //!   `Instant`s and return bytes and events: deterministic, testable with a fake clock.
 //! - [`net`]: multicast sockets built with `socket2` (explicit interface, loopback by default),
 //!   batched `recvmmsg`/`sendmmsg` I/O, a start-up self-test and a tokio wrapper.
+//! - [`spy`]: per-stream traffic statistics for monitoring tools; [`recording`]: the file
+//!   format of recorded traffic.
 //! - `sim` (feature `testing`): a seeded, simulated lossy network driving the state machines.
 //!
 //! The wire format is specified in `docs/PROTOCOL.md`.
@@ -18,8 +20,10 @@
 pub mod codec;
 pub mod net;
 pub mod proto;
+pub mod recording;
 #[cfg(any(test, feature = "testing"))]
 pub mod sim;
+pub mod spy;
 pub mod state;
 pub mod wire;
 

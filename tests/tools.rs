@@ -1,0 +1,252 @@
+//! The operator tools: record then replay reproduces the publisher's state, a damaged recording
+//! replays up to the damage, spy sees topics, rates and a gap, and pub serves its counters.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use grapevine::core::recording::{RecordReader, RecordWriter};
+use grapevine::core::wire::{Datagram, Message};
+
+fn grapevine(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_grapevine"));
+    command.args(args);
+    command
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("grapevine-tools-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Records `group` while a publisher sends 3000 updates on it; returns the publisher's final
+/// digest.
+fn record_a_publisher(group: &str, file: &Path) -> String {
+    let recorder = grapevine(&[
+        "record",
+        file.to_str().unwrap(),
+        "--group",
+        group,
+        "--seconds",
+        "3",
+    ])
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let publisher = grapevine(&[
+        "pub",
+        "--group",
+        group,
+        "--rate",
+        "3000",
+        "--updates",
+        "3000",
+        "--seconds",
+        "2",
+    ])
+    .output()
+    .unwrap();
+    assert!(publisher.status.success());
+    let mut recorder = recorder;
+    assert!(recorder.wait().unwrap().success());
+    let stdout = String::from_utf8_lossy(&publisher.stdout);
+    stdout
+        .lines()
+        .last()
+        .and_then(|l| l.split("digest ").nth(1))
+        .expect("the publisher prints its digest")
+        .trim()
+        .to_string()
+}
+
+fn replayed_digests(output: &Output) -> Vec<String> {
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON state");
+    json["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn record_then_replay_reproduces_the_state() {
+    let dir = scratch("replay");
+    let file = dir.join("feed.gvrec");
+    let digest = record_a_publisher("239.255.73.20:47320", &file);
+    let replay = grapevine(&["replay", file.to_str().unwrap(), "--to-state", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert_eq!(replayed_digests(&replay), vec![digest.clone()]);
+
+    // Cut in the middle of a record: replays up to the damage and says where.
+    let bytes = std::fs::read(&file).unwrap();
+    let cut = dir.join("cut.gvrec");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3 + 5]).unwrap();
+    let replay = grapevine(&["replay", cut.to_str().unwrap(), "--to-state", "--json"])
+        .output()
+        .unwrap();
+    assert!(replay.status.success());
+    let stderr = String::from_utf8_lossy(&replay.stderr);
+    assert!(
+        stderr.contains("damaged at byte") && stderr.contains("truncated"),
+        "{stderr}"
+    );
+    assert_eq!(
+        replayed_digests(&replay).len(),
+        1,
+        "the part before the damage is replayed"
+    );
+    let garbage = dir.join("garbage.gvrec");
+    std::fs::write(&garbage, b"hello").unwrap();
+    let replay = grapevine(&["replay", garbage.to_str().unwrap(), "--to-state"])
+        .output()
+        .unwrap();
+    assert_eq!(replay.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&replay.stderr).contains("not a recording"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn spy_sees_topics_rates_and_an_injected_gap() {
+    let dir = scratch("spy");
+    let file = dir.join("feed.gvrec");
+    record_a_publisher("239.255.73.21:47321", &file);
+    // The same recording without one datagram of deltas: a gap.
+    let records: Vec<_> = RecordReader::new(std::fs::File::open(&file).unwrap())
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let mut dropped = false;
+    let mut writer = RecordWriter::new(Vec::new()).unwrap();
+    for (i, record) in records.iter().enumerate() {
+        let has_delta = Datagram::parse(&record.payload)
+            .is_ok_and(|d| d.messages().any(|m| matches!(m, Message::Delta { .. })));
+        if !dropped && has_delta && i > records.len() / 3 {
+            dropped = true;
+            continue;
+        }
+        writer.write(record).unwrap();
+    }
+    assert!(dropped);
+    let gapped = dir.join("gapped.gvrec");
+    std::fs::write(&gapped, writer.finish().unwrap()).unwrap();
+
+    let group = "239.255.73.22:47322";
+    let spy = grapevine(&[
+        "spy",
+        "--group",
+        group,
+        "--seconds",
+        "3",
+        "--interval",
+        "0.5",
+        "--json",
+    ])
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let spy = Running(spy);
+    std::thread::sleep(Duration::from_millis(300));
+    let replay = grapevine(&[
+        "replay",
+        gapped.to_str().unwrap(),
+        "--group",
+        group,
+        "--speed",
+        "2",
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    let mut spy = spy;
+    let mut stdout = String::new();
+    spy.0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last = lines.last().expect("spy reported");
+    assert_eq!(last["topic"], 1);
+    assert_eq!(last["gaps"], 1, "{last}");
+    assert!(last["lost"].as_u64().unwrap() >= 1);
+    assert_eq!(last["last_seq"], 3000);
+    assert!(last["cycles"].as_u64().unwrap() > 0, "snapshot cycles seen");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["messages_per_second"].as_f64().unwrap() > 100.0),
+        "a rate while it played"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn pub_serves_its_counters_for_prometheus() {
+    let publisher = grapevine(&[
+        "pub",
+        "--group",
+        "239.255.73.23:47323",
+        "--rate",
+        "1000",
+        "--seconds",
+        "4",
+        "--metrics",
+        "127.0.0.1:47324",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let _publisher = Running(publisher);
+    let mut body = String::new();
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(100));
+        let Ok(mut stream) = std::net::TcpStream::connect("127.0.0.1:47324") else {
+            continue;
+        };
+        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        body.clear();
+        stream.read_to_string(&mut body).unwrap();
+        if body.contains("grapevine_publisher_deltas_total{") {
+            break;
+        }
+    }
+    assert!(
+        body.contains("# TYPE grapevine_publisher_deltas_total counter"),
+        "{body}"
+    );
+    assert!(
+        body.contains("grapevine_snapshot_cycles_total{topic=\"1\",publisher=\"0\"}"),
+        "{body}"
+    );
+}
