@@ -54,19 +54,21 @@ pub struct StreamStats {
 impl StreamStats {
     fn sequence(&mut self, seq: u64) {
         if self.next_seq == 0 {
-            self.next_seq = seq + 1;
+            self.next_seq = seq.saturating_add(1);
         } else if seq >= self.next_seq {
             if seq > self.next_seq {
                 self.gaps += 1;
                 self.lost += seq - self.next_seq;
-                for missing in self.next_seq..seq.min(self.next_seq + MISSING_KEPT as u64) {
+                for missing in
+                    self.next_seq..seq.min(self.next_seq.saturating_add(MISSING_KEPT as u64))
+                {
                     self.missing.insert(missing);
                 }
                 while self.missing.len() > MISSING_KEPT {
                     self.missing.pop_first();
                 }
             }
-            self.next_seq = seq + 1;
+            self.next_seq = seq.saturating_add(1);
         } else if self.missing.remove(&seq) {
             self.lost -= 1;
         }
@@ -78,10 +80,11 @@ impl StreamStats {
         if self.next_seq != 0 && last_seq >= self.next_seq {
             self.sequence(last_seq);
             // `last_seq` itself was not received, only announced.
-            self.missing.insert(last_seq);
-            self.lost += 1;
+            if self.missing.insert(last_seq) {
+                self.lost += 1;
+            }
         } else if self.next_seq == 0 {
-            self.next_seq = last_seq + 1;
+            self.next_seq = last_seq.saturating_add(1);
         }
         self.last_seq = self.last_seq.max(last_seq);
     }
@@ -147,7 +150,7 @@ impl Spy {
                 }
                 Message::Leaf { position, .. } => {
                     stream.leaves += 1;
-                    stream.cycle = Some((position.cycle, position.index + 1));
+                    stream.cycle = Some((position.cycle, position.index.saturating_add(1)));
                 }
                 Message::CycleEnd { position } => {
                     stream.cycles += 1;

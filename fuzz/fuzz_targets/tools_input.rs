@@ -1,0 +1,29 @@
+//! The operator tools' inputs never panic: any bytes as a recording (reading stops at the
+//! damage with an offset inside the input), and any datagrams through the spy.
+#![no_main]
+
+use std::time::{Duration, Instant};
+
+use grapevine_core::recording::RecordReader;
+use grapevine_core::spy::Spy;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(reader) = RecordReader::new(data) {
+        for record in reader {
+            match record {
+                Ok(record) => assert!(record.payload.len() <= data.len()),
+                Err(damage) => assert!(damage.offset <= data.len() as u64),
+            }
+        }
+    }
+    // The input as datagrams: split on a marker byte, so one input holds several.
+    let mut spy = Spy::default();
+    let start = Instant::now();
+    for (i, datagram) in data.split(|b| *b == 0xA5).enumerate() {
+        spy.handle(start + Duration::from_millis(i as u64), datagram);
+    }
+    for (_, stream) in spy.streams() {
+        assert!(stream.deltas + stream.heartbeats + stream.leaves + stream.fragments <= data.len() as u64);
+    }
+});
