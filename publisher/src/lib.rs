@@ -41,6 +41,9 @@ use parking_lot::{Condvar, Mutex};
 pub struct PublisherOptions {
     /// Group and interface to send on.
     pub multicast: MulticastConfig,
+    /// A second group (or interface) that gets every datagram too: the B feed of an A/B pair.
+    /// Subscribers joined to both only see a gap when a datagram is lost on both. Default none.
+    pub secondary: Option<MulticastConfig>,
     /// Protocol settings (topic, publisher id, datagram size, flush delay, heartbeat).
     pub session: PublisherConfig,
 }
@@ -50,6 +53,7 @@ impl PublisherOptions {
     pub fn new(topic: u32, multicast: MulticastConfig) -> Self {
         Self {
             multicast,
+            secondary: None,
             session: PublisherConfig::new(topic),
         }
     }
@@ -79,6 +83,7 @@ pub struct Shared<S: ReplicatedState> {
     session: Mutex<PublisherSession<S>>,
     wake: Condvar,
     socket: MulticastSocket,
+    secondary: Option<MulticastSocket>,
     stopping: AtomicBool,
     send_errors: AtomicU64,
 }
@@ -98,9 +103,11 @@ impl<S: ReplicatedState> Shared<S> {
         if datagrams.is_empty() {
             return;
         }
-        if let Err(error) = self.socket.send_batch(datagrams) {
-            self.send_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%error, group = %self.socket.group(), "send failed");
+        for socket in std::iter::once(&self.socket).chain(&self.secondary) {
+            if let Err(error) = socket.send_batch(datagrams) {
+                self.send_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, group = %socket.group(), "send failed");
+            }
         }
     }
 }
@@ -120,6 +127,11 @@ impl<S: ReplicatedState> Publisher<S> {
     /// [`PublisherError::Net`] when the socket cannot be set up.
     pub fn start(options: PublisherOptions, initial: S) -> Result<Self, PublisherError> {
         let socket = MulticastSocket::sender(&options.multicast)?;
+        let secondary = options
+            .secondary
+            .as_ref()
+            .map(MulticastSocket::sender)
+            .transpose()?;
         let now = Instant::now();
         let session_id = new_session_id(unix_millis(), rand::random());
         let session = PublisherSession::new(options.session.clone(), session_id, initial, now);
@@ -135,6 +147,7 @@ impl<S: ReplicatedState> Publisher<S> {
             session: Mutex::new(session),
             wake: Condvar::new(),
             socket,
+            secondary,
             stopping: AtomicBool::new(false),
             send_errors: AtomicU64::new(0),
         });

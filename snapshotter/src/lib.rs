@@ -48,6 +48,8 @@ use parking_lot::Mutex;
 pub struct SnapshotterOptions {
     /// Where snapshots go: the live group or a recovery group.
     pub multicast: MulticastConfig,
+    /// A second group that gets every snapshot datagram too (the B feed). Default none.
+    pub secondary: Option<MulticastConfig>,
     /// Rate, pause between cycles, datagram size.
     pub snapshot: SnapshotConfig,
 }
@@ -57,6 +59,7 @@ impl SnapshotterOptions {
     pub fn new(multicast: MulticastConfig) -> Self {
         Self {
             multicast,
+            secondary: None,
             snapshot: SnapshotConfig::default(),
         }
     }
@@ -97,7 +100,10 @@ impl Snapshotter {
         publisher: &Publisher<S>,
         options: SnapshotterOptions,
     ) -> Result<Self, SnapshotterError> {
-        let socket = MulticastSocket::sender(&options.multicast)?;
+        let mut sockets = vec![MulticastSocket::sender(&options.multicast)?];
+        if let Some(secondary) = &options.secondary {
+            sockets.push(MulticastSocket::sender(secondary)?);
+        }
         let shared = publisher.shared();
         let stats = Arc::new(Mutex::new(SnapshotStats::default()));
         // Requests beyond what the thread has yet to see add nothing: a full queue drops them.
@@ -110,7 +116,7 @@ impl Snapshotter {
                     let mut cycle = SnapshotSession::new(options.snapshot);
                     run(
                         &shared,
-                        &socket,
+                        &sockets,
                         &mut cycle,
                         &stats,
                         |wait, cycle| match received.recv_timeout(wait) {
@@ -172,7 +178,7 @@ impl Drop for Snapshotter {
 /// to `cycle`) and returns true when asked to stop.
 fn run<S: ReplicatedState>(
     shared: &SharedSession<S>,
-    socket: &MulticastSocket,
+    sockets: &[MulticastSocket],
     cycle: &mut SnapshotSession<S::Key>,
     stats: &Mutex<SnapshotStats>,
     wait: impl Fn(Duration, &mut SnapshotSession<S::Key>) -> bool,
@@ -183,8 +189,10 @@ fn run<S: ReplicatedState>(
         shared.with_session(|session| cycle.handle_timeout(now, session));
         ready.extend(std::iter::from_fn(|| cycle.poll_transmit()));
         if !ready.is_empty() {
-            if let Err(error) = socket.send_batch(&ready) {
-                tracing::warn!(%error, group = %socket.group(), "snapshot send failed");
+            for socket in sockets {
+                if let Err(error) = socket.send_batch(&ready) {
+                    tracing::warn!(%error, group = %socket.group(), "snapshot send failed");
+                }
             }
             ready.clear();
         }

@@ -49,6 +49,11 @@ impl<S: ReplicatedState> InlineSubscriber<S> {
     ///
     /// [`SubscribeError::Net`] when the socket cannot be set up.
     pub fn join(options: SubscriberOptions) -> Result<Self, SubscribeError> {
+        if options.secondary.is_some() {
+            return Err(SubscribeError::Unsupported(
+                "A/B feeds need the threaded Subscriber (one receive thread per feed)",
+            ));
+        }
         let live = MulticastSocket::receiver(&options.multicast)?;
         Ok(Self {
             session: SubscriberSession::new(options.session.clone()),

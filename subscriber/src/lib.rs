@@ -58,6 +58,13 @@ pub struct SubscriberOptions {
     pub multicast: MulticastConfig,
     /// A separate group the snapshotter sends on, joined only while recovering.
     pub recovery: Option<MulticastConfig>,
+    /// The B feed of an A/B pair: a second group carrying the same datagrams. Both are read;
+    /// the first copy of each `seq` is used, so only a loss on both is a gap (give
+    /// `session.reorder_window` the largest delay expected between the two feeds). Threaded
+    /// [`Subscriber`] only. Default none.
+    pub secondary: Option<MulticastConfig>,
+    /// Like `inject_loss`, for the B feed. Default 0.
+    pub inject_loss_secondary: f64,
     /// Protocol settings (topic, reorder window, limits).
     pub session: SubscriberConfig,
     /// Datagrams received per syscall. Default 32.
@@ -81,6 +88,8 @@ impl SubscriberOptions {
         Self {
             multicast,
             recovery: None,
+            secondary: None,
+            inject_loss_secondary: 0.0,
             session: SubscriberConfig::new(topic),
             batch: 32,
             max_datagram: 65_536,
@@ -101,6 +110,9 @@ pub enum SubscribeError {
     /// A thread could not be started.
     #[error("cannot start the receive thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The options ask for something this kind of subscriber does not do.
+    #[error("not supported here: {0}")]
+    Unsupported(&'static str),
 }
 
 /// Counters of the subscriber: the protocol's plus the transport's.
@@ -231,7 +243,24 @@ impl<S: ReplicatedState> Subscriber<S> {
             threads.push(
                 std::thread::Builder::new()
                     .name("gv-subscriber".into())
-                    .spawn(move || receive_loop(&shared, &live, &options, &sink, true))
+                    .spawn(move || {
+                        receive_loop(&shared, &live, &options, &sink, (true, options.inject_loss))
+                    })
+                    .map_err(SubscribeError::Thread)?,
+            );
+        }
+        if let Some(secondary) = &options.secondary {
+            let socket = MulticastSocket::receiver(secondary)?;
+            let shared = Arc::clone(&shared);
+            let sink = Arc::clone(&sink);
+            let options = options.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("gv-subscriber-b".into())
+                    .spawn(move || {
+                        let loss = options.inject_loss_secondary;
+                        receive_loop(&shared, &socket, &options, &sink, (false, loss))
+                    })
                     .map_err(SubscribeError::Thread)?,
             );
         }
@@ -347,14 +376,14 @@ fn receive_loop<S: ReplicatedState>(
     socket: &MulticastSocket,
     options: &SubscriberOptions,
     sink: &EventSink<S::Key>,
-    run_timers: bool,
+    (run_timers, inject_loss): (bool, f64),
 ) {
     let mut batch = RecvBatch::new(options.batch, options.max_datagram);
     let mut events = Vec::new();
     let mut reported_drops = 0u32;
     let mut warned_drops = 0u32;
     let mut last_warning = Instant::now();
-    let mut loss = LossInjector::new(options.inject_loss);
+    let mut loss = LossInjector::new(inject_loss);
     while !shared.stop.load(Ordering::Relaxed) {
         let wait = {
             let session = shared.session.lock();

@@ -140,6 +140,54 @@ fn a_requested_cycle_does_not_wait_for_the_pause() {
     assert_eq!(snapshots.stats().cycles, 2);
 }
 
+fn start_ab(a: &MulticastConfig, b: &MulticastConfig) -> (Publisher<Counters>, Snapshotter) {
+    let mut options = PublisherOptions::new(TOPIC, a.clone());
+    options.secondary = Some(b.clone());
+    options.session.heartbeat_interval = Duration::from_millis(20);
+    let publisher = Publisher::start(options, Counters::default()).unwrap();
+    let mut snapshots = SnapshotterOptions::new(a.clone());
+    snapshots.secondary = Some(b.clone());
+    let snapshotter = Snapshotter::start(&publisher, snapshots).unwrap();
+    (publisher, snapshotter)
+}
+
+fn subscribe_ab(
+    a: &MulticastConfig,
+    b: &MulticastConfig,
+    loss_a: f64,
+    loss_b: f64,
+) -> Subscriber<Counters> {
+    let mut options = SubscriberOptions::new(TOPIC, a.clone());
+    options.secondary = Some(b.clone());
+    options.inject_loss = loss_a;
+    options.inject_loss_secondary = loss_b;
+    // The B copy may come a scheduling slice after the next A datagram on a busy machine.
+    options.session.reorder_window = Duration::from_millis(50);
+    Subscriber::join(options).unwrap()
+}
+
+#[test]
+fn a_loss_on_one_feed_of_an_ab_pair_is_no_gap() {
+    let (a, b) = (group(12), group(13));
+    let subscriber = subscribe_ab(&a, &b, 0.3, 0.0);
+    let (publisher, _snapshots) = start_ab(&a, &b);
+    publish_counts(&publisher, 3_000);
+    wait_converged(&subscriber, &publisher, 0);
+    let stats = subscriber.stats().protocol;
+    assert_eq!(stats.gaps, 0, "{stats:?}");
+    assert!(stats.duplicates > 0, "both feeds delivered: {stats:?}");
+}
+
+#[test]
+fn a_loss_on_both_feeds_recovers() {
+    let (a, b) = (group(14), group(15));
+    let subscriber = subscribe_ab(&a, &b, 0.3, 0.3);
+    let (publisher, _snapshots) = start_ab(&a, &b);
+    publish_counts(&publisher, 3_000);
+    wait_converged(&subscriber, &publisher, 0);
+    assert!(subscriber.stats().protocol.gaps > 0);
+}
+
 #[test]
 fn publisher_restart_is_detected_and_rebuilt() {
     let live = group(3);
