@@ -66,9 +66,22 @@ struct NetArgs {
     /// Topic id.
     #[arg(long, env = "GRAPEVINE_TOPIC", default_value_t = 1)]
     topic: u32,
+    /// Sign (pub) or require (sub) authenticated datagrams with the keys in this file: lines
+    /// `<id>:<64 hex digits>`; the last key signs, all verify. See docs/PROTOCOL.md.
+    #[arg(long, env = "GRAPEVINE_KEY_FILE")]
+    key_file: Option<std::path::PathBuf>,
 }
 
 impl NetArgs {
+    /// The keyring of `--key-file`, read once; the keys themselves are never printed.
+    fn keyring(&self) -> Result<Option<Arc<grapevine::core::auth::Keyring>>> {
+        self.key_file
+            .as_deref()
+            .map(|path| grapevine::core::auth::Keyring::from_file(path).map(Arc::new))
+            .transpose()
+            .context("--key-file")
+    }
+
     fn live(&self) -> MulticastConfig {
         MulticastConfig::new(self.group).on(self.iface.clone())
     }
@@ -200,18 +213,26 @@ fn interrupted() -> bool {
     STOP.get().is_some_and(|flag| flag.load(Ordering::Relaxed))
 }
 
-fn snapshot_config(rate: u32) -> SnapshotConfig {
+fn snapshot_config(rate: u32, net: &NetArgs) -> Result<SnapshotConfig> {
     let mut config = SnapshotConfig::default();
     config.rate = SnapshotRate::LeavesPerSecond(rate.max(1));
-    config
+    config.keyring = net.keyring()?;
+    Ok(config)
 }
 
-fn subscriber_options(net: &NetArgs, loss: f64) -> SubscriberOptions {
+fn publisher_options(net: &NetArgs) -> Result<PublisherOptions> {
+    let mut options = PublisherOptions::new(net.topic, net.live());
+    options.session.keyring = net.keyring()?;
+    Ok(options)
+}
+
+fn subscriber_options(net: &NetArgs, loss: f64) -> Result<SubscriberOptions> {
     let mut options = SubscriberOptions::new(net.topic, net.live());
     options.recovery = net.recovery();
     options.inject_loss = loss;
     options.session.emit_applied = false;
-    options
+    options.session.keyring = net.keyring()?;
+    Ok(options)
 }
 
 fn demo(args: &DemoArgs) -> Result<bool> {
@@ -223,16 +244,16 @@ fn demo(args: &DemoArgs) -> Result<bool> {
     }
     self_test(&args.net.live(), Duration::from_secs(2)).context("multicast self-test")?;
     let subscribers = (0..args.subscribers)
-        .map(|_| Subscriber::<OrderBook>::join(subscriber_options(&args.net, args.loss)))
-        .collect::<Result<Vec<_>, _>>()
+        .map(|_| {
+            subscriber_options(&args.net, args.loss)
+                .and_then(|o| Ok(Subscriber::<OrderBook>::join(o)?))
+        })
+        .collect::<Result<Vec<_>>>()
         .context("starting subscribers")?;
-    let publisher = Publisher::start(
-        PublisherOptions::new(args.net.topic, args.net.live()),
-        OrderBook::default(),
-    )
-    .context("starting the publisher")?;
+    let publisher = Publisher::start(publisher_options(&args.net)?, OrderBook::default())
+        .context("starting the publisher")?;
     let mut snapshot_options = SnapshotterOptions::new(args.net.snapshots());
-    snapshot_options.snapshot = snapshot_config(args.snapshot_rate);
+    snapshot_options.snapshot = snapshot_config(args.snapshot_rate, &args.net)?;
     let snapshotter =
         Snapshotter::start(&publisher, snapshot_options).context("starting the snapshotter")?;
     println!(
@@ -374,11 +395,11 @@ fn report(started: Instant, published: u64, subscribers: &[Subscriber<OrderBook>
 }
 
 fn publish(args: &PubArgs) -> Result<()> {
-    let mut options = PublisherOptions::new(args.net.topic, args.net.live());
+    let mut options = publisher_options(&args.net)?;
     options.session.publisher = args.publisher_id;
     let publisher = Publisher::start(options, OrderBook::default())?;
     let mut snapshot_options = SnapshotterOptions::new(args.net.snapshots());
-    snapshot_options.snapshot = snapshot_config(args.snapshot_rate);
+    snapshot_options.snapshot = snapshot_config(args.snapshot_rate, &args.net)?;
     let snapshotter = Snapshotter::start(&publisher, snapshot_options)?;
     println!(
         "publishing topic {} as publisher {} session {:#x} on {} ({}), {} updates/s",
@@ -491,7 +512,7 @@ fn publish(args: &PubArgs) -> Result<()> {
 }
 
 fn subscribe(args: &SubArgs) -> Result<()> {
-    let subscriber = Subscriber::<OrderBook>::join(subscriber_options(&args.net, args.loss))?;
+    let subscriber = Subscriber::<OrderBook>::join(subscriber_options(&args.net, args.loss)?)?;
     let started = Instant::now();
     let stop_at = args.seconds.map(|s| started + Duration::from_secs_f64(s));
     let tty = std::io::stdout().is_terminal();

@@ -11,12 +11,14 @@
 //!   `Instant`s and return bytes and events: deterministic, testable with a fake clock.
 //! - [`net`]: multicast sockets built with `socket2` (explicit interface, loopback by default),
 //!   batched `recvmmsg`/`sendmmsg` I/O, a start-up self-test and a tokio wrapper.
+//! - [`auth`]: keyed tags on datagrams, replay windows, key rotation.
 //! - [`spy`]: per-stream traffic statistics for monitoring tools; [`recording`]: the file
 //!   format of recorded traffic.
 //! - `sim` (feature `testing`): a seeded, simulated lossy network driving the state machines.
 //!
 //! The wire format is specified in `docs/PROTOCOL.md`.
 
+pub mod auth;
 pub mod codec;
 pub mod net;
 pub mod proto;

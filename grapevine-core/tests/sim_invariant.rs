@@ -147,6 +147,17 @@ fn run(scenario: &Scenario) -> Result<(), String> {
     config.snapshot.rate = SnapshotRate::LeavesPerSecond(scenario.snapshot_rate);
     config.snapshot.max_datagram = scenario.max_datagram;
     config.publisher.max_datagram = scenario.max_datagram;
+    // Half the runs sign and verify every datagram: authentication (and its replay window,
+    // which now meets the duplicates) must not change what converges.
+    if scenario.seed % 2 == 1 {
+        let keyring = std::sync::Arc::new(grapevine_core::auth::Keyring::single(
+            1,
+            [scenario.seed as u8; 32],
+        ));
+        config.publisher.keyring = Some(std::sync::Arc::clone(&keyring));
+        config.snapshot.keyring = Some(std::sync::Arc::clone(&keyring));
+        config.subscriber.keyring = Some(keyring);
+    }
     let mut net = SimNet::<Counters>::new(config, scenario.subscribers);
     let mut rng = ChaCha8Rng::seed_from_u64(scenario.seed ^ 0x5eed);
     let mut history = History::default();

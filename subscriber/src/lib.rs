@@ -384,6 +384,8 @@ fn receive_loop<S: ReplicatedState>(
     let mut warned_drops = 0u32;
     let mut last_warning = Instant::now();
     let mut loss = LossInjector::new(inject_loss);
+    let mut warned_unauthenticated = 0u64;
+    let mut last_auth_warning: Option<Instant> = None;
     while !shared.stop.load(Ordering::Relaxed) {
         let wait = {
             let session = shared.session.lock();
@@ -441,6 +443,19 @@ fn receive_loop<S: ReplicatedState>(
                 session.handle_timeout(now);
             }
             let stats = session.stats();
+            // A subscriber with the wrong key (or a publisher without one) would otherwise look
+            // like silence: say so, at most every few seconds.
+            if stats.unauthenticated > warned_unauthenticated
+                && last_auth_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
+            {
+                tracing::warn!(
+                    refused = stats.unauthenticated - warned_unauthenticated,
+                    topic = options.session.topic,
+                    "datagrams failed authentication: wrong key, or a publisher without one?"
+                );
+                warned_unauthenticated = stats.unauthenticated;
+                last_auth_warning = Some(Instant::now());
+            }
             shared.processed.store(
                 stats.deltas_received.saturating_sub(stats.duplicates),
                 Ordering::Relaxed,

@@ -189,6 +189,40 @@ fn a_loss_on_both_feeds_recovers() {
 }
 
 #[test]
+fn signed_feeds_need_the_right_key() {
+    use grapevine_core::auth::Keyring;
+    use std::sync::Arc;
+    let live = group(16);
+    let key = Arc::new(Keyring::single(1, [42; 32]));
+    let mut options = PublisherOptions::new(TOPIC, live.clone());
+    options.session.keyring = Some(Arc::clone(&key));
+    options.session.heartbeat_interval = Duration::from_millis(20);
+    let publisher = Publisher::start(options, Counters::default()).unwrap();
+    let mut snapshots = SnapshotterOptions::new(live.clone());
+    snapshots.snapshot.keyring = Some(Arc::clone(&key));
+    let _snapshots = Snapshotter::start(&publisher, snapshots).unwrap();
+    let join = |keyring: Option<Arc<Keyring>>| {
+        let mut options = SubscriberOptions::new(TOPIC, live.clone());
+        options.session.keyring = keyring;
+        Subscriber::<Counters>::join(options).unwrap()
+    };
+    let right = join(Some(Arc::clone(&key)));
+    let wrong = join(Some(Arc::new(Keyring::single(1, [43; 32]))));
+    let none = join(None);
+    publish_counts(&publisher, 2_000);
+    wait_converged(&right, &publisher, 0);
+    wait_converged(&none, &publisher, 0);
+    let refused = wrong.stats().protocol;
+    assert!(refused.unauthenticated > 0, "{refused:?}");
+    assert_eq!(refused.deltas_applied, 0);
+    assert!(
+        wrong.read(|s| s.streams().count() == 0),
+        "nothing from a wrong key"
+    );
+    assert_eq!(right.stats().protocol.unauthenticated, 0);
+}
+
+#[test]
 fn publisher_restart_is_detected_and_rebuilt() {
     let live = group(3);
     let subscriber = subscribe(&live);

@@ -43,6 +43,8 @@ pub struct PublisherConfig {
     pub heartbeat_interval: Duration,
     /// Largest encoded message; larger ones are refused. Default 1 MiB.
     pub max_message_len: usize,
+    /// Sign every datagram with this keyring's signing key ([`crate::auth`]). Default none.
+    pub keyring: Option<std::sync::Arc<crate::auth::Keyring>>,
 }
 
 impl PublisherConfig {
@@ -64,6 +66,7 @@ impl Default for PublisherConfig {
             flush_delay: Duration::from_micros(200),
             heartbeat_interval: Duration::from_millis(100),
             max_message_len: 1 << 20,
+            keyring: None,
         }
     }
 }
@@ -130,6 +133,7 @@ pub struct PublisherSession<S: ReplicatedState> {
     out: VecDeque<Bytes>,
     scratch: Vec<u8>,
     stats: PublisherStats,
+    signer: Option<crate::auth::Signer>,
 }
 
 impl<S: ReplicatedState> PublisherSession<S> {
@@ -147,6 +151,10 @@ impl<S: ReplicatedState> PublisherSession<S> {
             DatagramBuilder::new(config.max_datagram, config.topic, config.publisher, session);
         Self {
             fragmenter: Fragmenter::new(config.max_message_len),
+            signer: config
+                .keyring
+                .clone()
+                .map(|keyring| crate::auth::Signer::new(keyring, 0)),
             next_heartbeat: now,
             config,
             session,
@@ -263,7 +271,11 @@ impl<S: ReplicatedState> PublisherSession<S> {
     /// The next datagram to send.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        self.out.pop_front()
+        let datagram = self.out.pop_front()?;
+        Some(match &mut self.signer {
+            Some(signer) => signer.sign(&datagram),
+            None => datagram,
+        })
     }
 
     /// Whether deltas wait in a partly filled datagram for the flush delay.

@@ -47,6 +47,8 @@ pub struct SnapshotConfig {
     /// Tokens are released in slices of this length, so a datagram carries many leaves.
     /// Default 1 ms.
     pub tick: Duration,
+    /// Sign every datagram with this keyring's signing key ([`crate::auth`]). Default none.
+    pub keyring: Option<std::sync::Arc<crate::auth::Keyring>>,
 }
 
 impl Default for SnapshotConfig {
@@ -57,6 +59,7 @@ impl Default for SnapshotConfig {
             max_datagram: DEFAULT_MAX_DATAGRAM,
             max_message_len: 1 << 20,
             tick: Duration::from_millis(1),
+            keyring: None,
         }
     }
 }
@@ -125,6 +128,7 @@ pub struct SnapshotSession<K> {
     out: VecDeque<Bytes>,
     scratch: Vec<u8>,
     stats: SnapshotStats,
+    signer: Option<crate::auth::Signer>,
 }
 
 impl<K: Clone + Ord + serde::Serialize> SnapshotSession<K> {
@@ -132,6 +136,10 @@ impl<K: Clone + Ord + serde::Serialize> SnapshotSession<K> {
     pub fn new(config: SnapshotConfig) -> Self {
         Self {
             fragmenter: Fragmenter::new(config.max_message_len),
+            signer: config
+                .keyring
+                .clone()
+                .map(|keyring| crate::auth::Signer::new(keyring, 1)),
             config,
             builder: None,
             session: None,
@@ -206,7 +214,11 @@ impl<K: Clone + Ord + serde::Serialize> SnapshotSession<K> {
     /// The next snapshot datagram to send.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        self.out.pop_front()
+        let datagram = self.out.pop_front()?;
+        Some(match &mut self.signer {
+            Some(signer) => signer.sign(&datagram),
+            None => datagram,
+        })
     }
 
     /// Counters.
@@ -229,6 +241,9 @@ impl<K: Clone + Ord + serde::Serialize> SnapshotSession<K> {
             publisher.session(),
         ));
         self.cycle = 0;
+        if let Some(signer) = &mut self.signer {
+            signer.restart();
+        }
         self.in_cycle = false;
         self.cursor = None;
         self.index = 0;

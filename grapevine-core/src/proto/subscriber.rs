@@ -62,6 +62,9 @@ pub struct SubscriberConfig {
     pub emit_applied: bool,
     /// A publisher not heard for this long is reported silent. Default 3 s.
     pub publisher_timeout: Duration,
+    /// Accept only datagrams signed with a key of this keyring, each once ([`crate::auth`]).
+    /// Default none: everything is accepted.
+    pub keyring: Option<std::sync::Arc<crate::auth::Keyring>>,
 }
 
 impl SubscriberConfig {
@@ -88,6 +91,7 @@ impl Default for SubscriberConfig {
             fragment_timeout: Duration::from_secs(1),
             emit_applied: true,
             publisher_timeout: Duration::from_secs(3),
+            keyring: None,
         }
     }
 }
@@ -177,6 +181,11 @@ pub struct SubscriberStats {
     pub datagrams: u64,
     /// Datagrams rejected by the decoder.
     pub malformed: u64,
+    /// Datagrams refused by authentication: unsigned, unknown key or bad tag (a subscriber
+    /// whose count keeps growing has the wrong key, or the publisher has none).
+    pub unauthenticated: u64,
+    /// Signed datagrams seen before (or too old): replays.
+    pub replayed: u64,
     /// Messages whose payload did not decode as the topic's types.
     pub bad_payloads: u64,
     /// Datagrams of other topics.
@@ -502,6 +511,7 @@ pub struct StreamView<'a, S: ReplicatedState> {
 /// ```
 #[derive(Debug)]
 pub struct SubscriberSession<S: ReplicatedState> {
+    verifier: Option<crate::auth::Verifier>,
     config: SubscriberConfig,
     streams: BTreeMap<u32, Stream<S>>,
     reassembler: Reassembler,
@@ -517,6 +527,7 @@ impl<S: ReplicatedState> SubscriberSession<S> {
                 config.max_reassembly_bytes,
                 config.fragment_timeout,
             ),
+            verifier: config.keyring.clone().map(crate::auth::Verifier::new),
             config,
             streams: BTreeMap::new(),
             sink: Sink {
@@ -549,6 +560,20 @@ impl<S: ReplicatedState> SubscriberSession<S> {
             return;
         }
         let (publisher, session) = (header.publisher(), header.session());
+        if let Some(verifier) = &mut self.verifier {
+            match verifier.verify(bytes, publisher, session) {
+                Ok(()) => {}
+                Err(crate::auth::AuthError::Replayed) => {
+                    self.sink.stats.replayed += 1;
+                    return;
+                }
+                Err(error) => {
+                    tracing::debug!(%error, publisher, "datagram refused");
+                    self.sink.stats.unauthenticated += 1;
+                    return;
+                }
+            }
+        }
         if !self.admit(now, publisher, session) {
             self.sink.stats.retired_session += 1;
             return;

@@ -42,5 +42,7 @@ pub const KIND_CYCLE_END: u8 = 6;
 
 /// Datagram flag: a transport self-test probe, ignored by subscribers.
 pub const FLAG_PROBE: u8 = 0x01;
+/// Datagram flag: the datagram ends with an authentication trailer (see `auth`).
+pub const FLAG_AUTH: u8 = 0x02;
 /// Every datagram flag this version defines.
-pub const KNOWN_DATAGRAM_FLAGS: u8 = FLAG_PROBE;
+pub const KNOWN_DATAGRAM_FLAGS: u8 = FLAG_PROBE | FLAG_AUTH;

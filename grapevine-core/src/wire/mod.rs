@@ -305,6 +305,19 @@ impl<'a> Datagram<'a> {
         if header.flags & !KNOWN_DATAGRAM_FLAGS != 0 || header.reserved.get() != 0 {
             return Err(DecodeError::ReservedBits(header.flags));
         }
+        // A signed datagram's trailer is checked by `auth`, not parsed as messages.
+        let body = if header.flags & FLAG_AUTH != 0 {
+            split(
+                body,
+                body.len()
+                    .checked_sub(crate::auth::AUTH_TRAILER_LEN)
+                    .ok_or(DecodeError::Truncated(bytes.len()))?,
+            )
+            .map(|(messages, _)| messages)
+            .ok_or(DecodeError::Truncated(bytes.len()))?
+        } else {
+            body
+        };
         let count = header.message_count();
         let mut rest = body;
         for index in 0..count {

@@ -1,0 +1,401 @@
+//! Authenticated datagrams: a per-topic shared key, a tag on every datagram, and replay
+//! protection.
+//!
+//! A signed datagram has [`FLAG_AUTH`](crate::wire::FLAG_AUTH) set and ends with a
+//! 26-byte trailer: the key id (1 byte), the sender (1 byte: 0 the publisher, 1 its
+//! snapshotter), a per-sender datagram counter (8 bytes, big-endian) and a 16-byte tag, the
+//! keyed BLAKE3 hash of everything before it (header with the flag set, messages, key id,
+//! sender, counter), truncated. The tag gives integrity and authenticity, not secrecy.
+//!
+//! A subscriber with a keyring drops and counts every datagram that is unsigned, signed with a
+//! key it does not have, altered, or a replay: within a publisher session each sender's
+//! counter must be new, within a sliding window of the highest seen (as IPsec does). Sessions
+//! older than the current one are already refused by the protocol.
+//!
+//! Keys rotate without downtime: a keyring holds up to two keys by id; publishers sign with
+//! the last one given, subscribers accept either. Roll out a keyring with the new key second
+//! to subscribers, then to publishers, then drop the old key.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::wire::{DATAGRAM_HEADER_LEN, FLAG_AUTH};
+
+/// Length of the trailer of a signed datagram.
+pub const AUTH_TRAILER_LEN: usize = 26;
+const TAG_LEN: usize = 16;
+/// Counters more than this far below the highest one seen are refused as replays.
+const WINDOW: u64 = 1024;
+
+/// A 256-bit key. Its `Debug` shows only the id's fingerprint, never the key.
+#[derive(Clone)]
+pub struct Key([u8; 32]);
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Key(..)")
+    }
+}
+
+/// Why a keyring could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The file could not be read.
+    #[error("cannot read the key file {path}: {reason}")]
+    File {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// An entry is not `<id>:<64 hex digits>`.
+    #[error("bad key entry {entry} (want <id>:<64 hex digits>, id 0 to 255)")]
+    Entry {
+        /// The entry, with its key digits masked.
+        entry: String,
+    },
+    /// No key, or more than two.
+    #[error("a keyring holds one or two keys, got {0}")]
+    Count(usize),
+}
+
+/// The keys of a topic: the one to sign with, and up to two to verify with.
+#[derive(Clone, Debug)]
+pub struct Keyring {
+    keys: Vec<(u8, Key)>,
+}
+
+impl Keyring {
+    /// A keyring of one key.
+    pub fn single(id: u8, key: [u8; 32]) -> Self {
+        Self {
+            keys: vec![(id, Key(key))],
+        }
+    }
+
+    /// Parses `<id>:<hex>[,<id>:<hex>]` (or the same one per line): the last key signs, all
+    /// verify.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyError`]; the message never contains key material.
+    ///
+    /// ```
+    /// use grapevine_core::auth::Keyring;
+    /// let keyring = Keyring::parse(&format!("1:{}", "ab".repeat(32)))?;
+    /// assert_eq!(keyring.signing_id(), 1);
+    /// assert_eq!(format!("{keyring:?}").contains("ab"), false);
+    /// # Ok::<(), grapevine_core::auth::KeyError>(())
+    /// ```
+    pub fn parse(text: &str) -> Result<Self, KeyError> {
+        let mut keys = Vec::new();
+        for entry in text
+            .split([',', '\n'])
+            .map(str::trim)
+            .filter(|e| !e.is_empty() && !e.starts_with('#'))
+        {
+            let masked = || KeyError::Entry {
+                entry: entry.split(':').next().unwrap_or("").to_string() + ":…",
+            };
+            let (id, hex) = entry.split_once(':').ok_or_else(masked)?;
+            let id: u8 = id.trim().parse().map_err(|_| masked())?;
+            let hex = hex.trim();
+            if hex.len() != 64 {
+                return Err(masked());
+            }
+            let mut key = [0u8; 32];
+            for (i, byte) in key.iter_mut().enumerate() {
+                let pair = hex.get(2 * i..2 * i + 2).ok_or_else(masked)?;
+                *byte = u8::from_str_radix(pair, 16).map_err(|_| masked())?;
+            }
+            keys.retain(|(existing, _)| *existing != id);
+            keys.push((id, Key(key)));
+        }
+        if keys.is_empty() || keys.len() > 2 {
+            return Err(KeyError::Count(keys.len()));
+        }
+        Ok(Self { keys })
+    }
+
+    /// Reads a key file (see [`Keyring::parse`]).
+    ///
+    /// # Errors
+    ///
+    /// [`KeyError`].
+    pub fn from_file(path: &Path) -> Result<Self, KeyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| KeyError::File {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::parse(&text)
+    }
+
+    /// The id of the key that signs.
+    pub fn signing_id(&self) -> u8 {
+        self.keys.last().map_or(0, |(id, _)| *id)
+    }
+
+    fn key(&self, id: u8) -> Option<&Key> {
+        self.keys.iter().find(|(k, _)| *k == id).map(|(_, key)| key)
+    }
+
+    fn tag(key: &Key, signed: &[u8]) -> [u8; TAG_LEN] {
+        let hash = blake3::keyed_hash(&key.0, signed);
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&hash.as_bytes()[..TAG_LEN]);
+        tag
+    }
+}
+
+/// Signs the datagrams of one sender.
+#[derive(Clone, Debug)]
+pub struct Signer {
+    keyring: std::sync::Arc<Keyring>,
+    sender: u8,
+    counter: u64,
+}
+
+impl Signer {
+    /// Signs as `sender` (0 publisher, 1 snapshotter) with the keyring's signing key.
+    pub fn new(keyring: std::sync::Arc<Keyring>, sender: u8) -> Self {
+        Self {
+            keyring,
+            sender,
+            counter: 0,
+        }
+    }
+
+    /// Starts counting again (a new publisher session).
+    pub fn restart(&mut self) {
+        self.counter = 0;
+    }
+
+    /// The signed copy of `datagram`.
+    pub fn sign(&mut self, datagram: &[u8]) -> Bytes {
+        self.counter += 1;
+        let id = self.keyring.signing_id();
+        let mut out = BytesMut::with_capacity(datagram.len() + AUTH_TRAILER_LEN);
+        out.put_slice(datagram);
+        if let Some(flags) = out.get_mut(3) {
+            *flags |= FLAG_AUTH;
+        }
+        out.put_u8(id);
+        out.put_u8(self.sender);
+        out.put_u64(self.counter);
+        let tag = self
+            .keyring
+            .key(id)
+            .map_or([0; TAG_LEN], |key| Keyring::tag(key, &out));
+        out.put_slice(&tag);
+        out.freeze()
+    }
+}
+
+/// Why a datagram was refused.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, thiserror::Error)]
+pub enum AuthError {
+    /// No tag: the sender has no key (or is not GrapeVine).
+    #[error("unsigned datagram")]
+    Unsigned,
+    /// Signed with a key id this keyring lacks.
+    #[error("signed with key {0}, which this keyring lacks")]
+    UnknownKey(u8),
+    /// The tag does not match: altered, or another key with the same id.
+    #[error("bad tag (altered datagram, or a different key)")]
+    BadTag,
+    /// Seen before, or too old.
+    #[error("replayed datagram")]
+    Replayed,
+}
+
+/// Sliding window of datagram counters seen from one sender in one session.
+#[derive(Clone, Copy, Debug, Default)]
+struct ReplayWindow {
+    highest: u64,
+    seen: u128,
+    // Bits for counters highest-127..=highest; older ones within WINDOW are only checked for
+    // being above the floor (an old datagram cannot be replayed twice... once the floor passes).
+}
+
+impl ReplayWindow {
+    /// Whether `counter` is new; records it.
+    fn admit(&mut self, counter: u64) -> bool {
+        if counter == 0 {
+            return false;
+        }
+        if counter > self.highest {
+            let shift = counter - self.highest;
+            self.seen = if shift >= 128 { 0 } else { self.seen << shift };
+            self.seen |= 1;
+            self.highest = counter;
+            return true;
+        }
+        let behind = self.highest - counter;
+        if behind >= 128 || behind >= WINDOW {
+            return false;
+        }
+        let bit = 1u128 << behind;
+        if self.seen & bit != 0 {
+            return false;
+        }
+        self.seen |= bit;
+        true
+    }
+}
+
+/// Checks the datagrams a subscriber receives.
+#[derive(Debug)]
+pub struct Verifier {
+    keyring: std::sync::Arc<Keyring>,
+    windows: HashMap<(u32, u64, u8), ReplayWindow>,
+}
+
+impl Verifier {
+    /// Checks against `keyring`.
+    pub fn new(keyring: std::sync::Arc<Keyring>) -> Self {
+        Self {
+            keyring,
+            windows: HashMap::new(),
+        }
+    }
+
+    /// Checks a whole received datagram of `publisher`'s `session`; on success its counter
+    /// is recorded.
+    ///
+    /// # Errors
+    ///
+    /// [`AuthError`]: drop the datagram.
+    pub fn verify(
+        &mut self,
+        datagram: &[u8],
+        publisher: u32,
+        session: u64,
+    ) -> Result<(), AuthError> {
+        let flags = datagram.get(3).copied().unwrap_or(0);
+        if flags & FLAG_AUTH == 0 || datagram.len() < DATAGRAM_HEADER_LEN + AUTH_TRAILER_LEN {
+            return Err(AuthError::Unsigned);
+        }
+        let (signed, tag) = datagram.split_at(datagram.len() - TAG_LEN);
+        let trailer = &signed[signed.len() - (AUTH_TRAILER_LEN - TAG_LEN)..];
+        let (id, sender) = (trailer[0], trailer[1]);
+        let mut counter = [0u8; 8];
+        counter.copy_from_slice(&trailer[2..10]);
+        let counter = u64::from_be_bytes(counter);
+        let key = self.keyring.key(id).ok_or(AuthError::UnknownKey(id))?;
+        let expected = Keyring::tag(key, signed);
+        // Constant-time comparison: the tag must not leak through timing.
+        let difference = expected
+            .iter()
+            .zip(tag)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if difference != 0 {
+            return Err(AuthError::BadTag);
+        }
+        // Bounded: sessions are few; the oldest windows go when there are too many.
+        if self.windows.len() > 4096 {
+            self.windows.clear();
+        }
+        let window = self
+            .windows
+            .entry((publisher, session, sender))
+            .or_default();
+        if !window.admit(counter) {
+            return Err(AuthError::Replayed);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::wire::{Datagram, DatagramBuilder};
+
+    fn keyring(id: u8, byte: u8) -> Arc<Keyring> {
+        Arc::new(Keyring::single(id, [byte; 32]))
+    }
+
+    fn datagram() -> Bytes {
+        let mut builder = DatagramBuilder::new(1400, 7, 3, 99);
+        assert!(builder.push_heartbeat(5));
+        builder.finish().unwrap_or_default()
+    }
+
+    #[test]
+    fn signed_datagrams_verify_and_still_parse() {
+        let mut signer = Signer::new(keyring(1, 7), 0);
+        let signed = signer.sign(&datagram());
+        assert_eq!(signed.len(), datagram().len() + AUTH_TRAILER_LEN);
+        let parsed = Datagram::parse(&signed).map(|d| d.messages().count());
+        assert_eq!(parsed, Ok(1), "the trailer is not a message");
+        let mut verifier = Verifier::new(keyring(1, 7));
+        assert_eq!(verifier.verify(&signed, 3, 99), Ok(()));
+        assert_eq!(verifier.verify(&signed, 3, 99), Err(AuthError::Replayed));
+    }
+
+    #[test]
+    fn forged_altered_and_unsigned_are_refused() {
+        let mut verifier = Verifier::new(keyring(1, 7));
+        let forged = Signer::new(keyring(1, 8), 0).sign(&datagram());
+        assert_eq!(verifier.verify(&forged, 3, 99), Err(AuthError::BadTag));
+        let other_id = Signer::new(keyring(2, 7), 0).sign(&datagram());
+        assert_eq!(
+            verifier.verify(&other_id, 3, 99),
+            Err(AuthError::UnknownKey(2))
+        );
+        assert_eq!(
+            verifier.verify(&datagram(), 3, 99),
+            Err(AuthError::Unsigned)
+        );
+        let mut altered = Signer::new(keyring(1, 7), 0).sign(&datagram()).to_vec();
+        for i in 0..altered.len() {
+            altered[i] ^= 0x01;
+            let result = verifier.verify(&altered, 3, 99);
+            assert!(result.is_err(), "byte {i} altered and accepted");
+            altered[i] ^= 0x01;
+        }
+        assert_eq!(verifier.verify(&altered, 3, 99), Ok(()));
+    }
+
+    #[test]
+    fn the_window_takes_late_datagrams_once() {
+        let mut window = ReplayWindow::default();
+        assert!(window.admit(5));
+        assert!(window.admit(3), "late but new");
+        assert!(!window.admit(3), "replayed");
+        assert!(window.admit(200));
+        assert!(!window.admit(5), "below the window");
+        assert!(!window.admit(0));
+    }
+
+    #[test]
+    fn rotation_accepts_both_keys() {
+        let both = Arc::new(
+            Keyring::parse(&format!("1:{},2:{}", "07".repeat(32), "08".repeat(32)))
+                .unwrap_or_else(|_| unreachable!()),
+        );
+        assert_eq!(both.signing_id(), 2);
+        let mut verifier = Verifier::new(Arc::clone(&both));
+        let old = Signer::new(keyring(1, 7), 0).sign(&datagram());
+        let new = Signer::new(both, 1).sign(&datagram());
+        assert_eq!(verifier.verify(&old, 3, 99), Ok(()));
+        assert_eq!(verifier.verify(&new, 3, 99), Ok(()));
+    }
+
+    #[test]
+    fn bad_key_text_does_not_leak() {
+        let secret = "zz".repeat(32);
+        let error = Keyring::parse(&format!("1:{secret}"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(!error.contains("zz"), "{error}");
+        assert!(matches!(Keyring::parse(""), Err(KeyError::Count(0))));
+    }
+}
