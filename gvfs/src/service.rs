@@ -86,7 +86,7 @@ struct Proxy {
 pub struct Zones {
     zones: Vec<Zone>,
     proxies: Vec<Proxy>,
-    repl: ReplServer,
+    repl: Option<ReplServer>,
     runtime: tokio::runtime::Runtime,
     stop: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -278,13 +278,21 @@ impl Zones {
                 members,
             });
         }
-        let map: ZoneMap = Arc::new(stores);
-        let repl = ReplServer::start(
-            SocketAddr::new(settings.address, settings.repl_port),
-            map,
-            runtime.handle().clone(),
-        )
-        .map_err(io("replication server"))?;
+        // Only members serve replication (and forwarded operations): a node holding no zone
+        // opens no port.
+        let repl = if stores.is_empty() {
+            None
+        } else {
+            let map: ZoneMap = Arc::new(stores);
+            Some(
+                ReplServer::start(
+                    SocketAddr::new(settings.address, settings.repl_port),
+                    map,
+                    runtime.handle().clone(),
+                )
+                .map_err(io("replication server"))?,
+            )
+        };
         Ok(Self {
             zones,
             proxies,
@@ -294,9 +302,9 @@ impl Zones {
         })
     }
 
-    /// The replication port.
+    /// The replication port; 0 when this node holds no zone.
     pub fn repl_port(&self) -> u16 {
-        self.repl.address().port()
+        self.repl.as_ref().map_or(0, |r| r.address().port())
     }
 
     /// What this node announces about its zones.
