@@ -32,6 +32,8 @@ pub struct StreamStats {
     pub heartbeats: u64,
     /// Fragments.
     pub fragments: u64,
+    /// Repair requests for this session (sent by subscribers).
+    pub repair_requests: u64,
     /// Highest sequence number seen (deltas and heartbeats).
     pub last_seq: u64,
     /// Jumps in the sequence.
@@ -161,6 +163,7 @@ impl Spy {
                     stream.last_cycle_end = Some(now);
                 }
                 Message::Fragment(_) => stream.fragments += 1,
+                Message::RepairRequest { .. } => stream.repair_requests += 1,
             }
         }
     }

@@ -328,3 +328,124 @@ fn with_the_right_key_everything_converges_through_snapshots() {
     assert_eq!(s.stream(0).unwrap().state, p.state());
     assert_eq!(s.stats().unauthenticated + s.stats().replayed, 0);
 }
+
+fn repairing_publisher(now: Instant, ring: usize) -> PublisherSession<Counters> {
+    let mut config = PublisherConfig::new(1);
+    config.flush_delay = Duration::ZERO;
+    config.repair_ring_bytes = ring;
+    PublisherSession::new(config, new_session_id(1, 7), Counters::default(), now)
+}
+
+fn repairing_subscriber(seed: u64) -> SubscriberSession<Counters> {
+    let mut config = SubscriberConfig::new(1);
+    config.repair = true;
+    config.repair_seed = seed;
+    SubscriberSession::new(config)
+}
+
+#[test]
+fn a_repair_fills_a_short_gap_before_it_is_declared() {
+    let now = Instant::now();
+    let mut p = repairing_publisher(now, 1 << 20);
+    let (mut a, mut b) = (repairing_subscriber(1), repairing_subscriber(2));
+    let mut datagrams = Vec::new();
+    for i in 0..10 {
+        p.publish(now, CounterDelta::Add(i % 3, 1)).unwrap();
+        datagrams.extend(drain(&mut p));
+    }
+    // Both lose the fourth datagram.
+    for (i, datagram) in datagrams.iter().enumerate() {
+        if i != 3 {
+            a.handle_datagram(now, datagram);
+            b.handle_datagram(now, datagram);
+        }
+    }
+    // Whoever's random delay ends first asks; the other sees the request and stays quiet.
+    let mut t = now;
+    let mut requests = Vec::new();
+    while requests.is_empty() && t < now + Duration::from_millis(1) {
+        t += Duration::from_micros(10);
+        for s in [&mut a, &mut b] {
+            if let Some(request) = s.poll_repair(t) {
+                requests.push(request);
+            }
+        }
+    }
+    assert_eq!(requests.len(), 1, "one request");
+    for s in [&mut a, &mut b] {
+        s.handle_datagram(t, &requests[0]);
+        assert!(s.poll_repair(t + Duration::from_millis(1)).is_none(), "suppressed or sent");
+    }
+    assert_eq!(a.stats().repairs_requested + b.stats().repairs_requested, 1);
+    assert_eq!(a.stats().repairs_suppressed + b.stats().repairs_suppressed, 1);
+    // The publisher resends from its ring; both fill the hole within the reorder window.
+    let request = grapevine_core::wire::Datagram::parse(&requests[0]).unwrap();
+    let Some(grapevine_core::wire::Message::RepairRequest { first, last }) = request.messages().next() else {
+        panic!("not a repair request");
+    };
+    assert_eq!((first, last), (4, 4));
+    assert_eq!(p.handle_repair_request(t, first, last), 1);
+    for datagram in drain(&mut p) {
+        a.handle_datagram(t, &datagram);
+        b.handle_datagram(t, &datagram);
+    }
+    for s in [&mut a, &mut b] {
+        s.handle_timeout(t + Duration::from_millis(5));
+        assert_eq!(s.stats().gaps, 0);
+        assert_eq!(status(s), StreamStatus::Live);
+        assert_eq!(s.stream(0).unwrap().state, p.state());
+    }
+}
+
+#[test]
+fn without_the_datagram_in_the_ring_the_gap_goes_to_snapshots() {
+    let now = Instant::now();
+    // A ring of one datagram: the lost one is gone by the time it is asked for.
+    let mut p = repairing_publisher(now, 60);
+    let mut s = repairing_subscriber(1);
+    let mut datagrams = Vec::new();
+    for i in 0..10 {
+        p.publish(now, CounterDelta::Add(i % 3, 1)).unwrap();
+        datagrams.extend(drain(&mut p));
+    }
+    for (i, datagram) in datagrams.iter().enumerate() {
+        if i != 3 {
+            s.handle_datagram(now, datagram);
+        }
+    }
+    let request = s.poll_repair(now + Duration::from_millis(1)).expect("asks");
+    let parsed = grapevine_core::wire::Datagram::parse(&request).unwrap();
+    let Some(grapevine_core::wire::Message::RepairRequest { first, last }) = parsed.messages().next() else {
+        panic!("not a repair request");
+    };
+    assert_eq!(p.handle_repair_request(now, first, last), 0);
+    assert_eq!(p.stats().repairs_missed, 1);
+    s.handle_timeout(now + Duration::from_millis(5));
+    assert_eq!(s.stats().gaps, 1, "declared lost, recovered by snapshots as before");
+}
+
+#[test]
+fn repair_floods_stay_within_the_rate() {
+    let now = Instant::now();
+    let mut config = PublisherConfig::new(1);
+    config.flush_delay = Duration::ZERO;
+    config.repair_ring_bytes = 1 << 20;
+    config.repair_rate = 100_000;
+    let mut p = PublisherSession::new(config, new_session_id(1, 7), Counters::default(), now);
+    for i in 0..500u32 {
+        p.publish(now, CounterDelta::Add((i % 50) as u8, 1)).unwrap();
+    }
+    drain(&mut p);
+    let mut resent_bytes = 0usize;
+    let mut t = now;
+    // 10 000 requests for everything over one simulated second.
+    for _ in 0..10_000 {
+        t += Duration::from_micros(100);
+        p.handle_repair_request(t, 1, 500);
+        resent_bytes += drain(&mut p).iter().map(|d| d.len()).sum::<usize>();
+    }
+    // The rate (100 kB/s) over that second, plus the initial burst.
+    assert!(resent_bytes <= 100_000 + 10_000, "{resent_bytes} bytes resent");
+    assert!(resent_bytes >= 50_000, "{resent_bytes}: requests are still served");
+    assert!(p.stats().repairs_refused > 0);
+}

@@ -45,6 +45,11 @@ pub struct PublisherConfig {
     pub max_message_len: usize,
     /// Sign every datagram with this keyring's signing key ([`crate::auth`]). Default none.
     pub keyring: Option<std::sync::Arc<crate::auth::Keyring>>,
+    /// Bytes of recent delta datagrams kept to answer repair requests; 0 keeps none (requests
+    /// are then ignored and subscribers recover from snapshots). Default 0.
+    pub repair_ring_bytes: usize,
+    /// Most bytes per second resent for repair requests, whoever asks. Default 4 MB/s.
+    pub repair_rate: u64,
 }
 
 impl PublisherConfig {
@@ -67,6 +72,8 @@ impl Default for PublisherConfig {
             heartbeat_interval: Duration::from_millis(100),
             max_message_len: 1 << 20,
             keyring: None,
+            repair_ring_bytes: 0,
+            repair_rate: 4_000_000,
         }
     }
 }
@@ -97,6 +104,12 @@ pub struct PublisherStats {
     pub heartbeats: u64,
     /// Deltas that needed fragmenting.
     pub fragmented: u64,
+    /// Datagrams resent for repair requests.
+    pub repaired: u64,
+    /// Repair requests cut short by the repair rate.
+    pub repairs_refused: u64,
+    /// Repair requests for deltas no longer kept.
+    pub repairs_missed: u64,
 }
 
 /// The sans-IO publisher: owns the source of truth of a topic and turns deltas into datagrams.
@@ -134,6 +147,13 @@ pub struct PublisherSession<S: ReplicatedState> {
     scratch: Vec<u8>,
     stats: PublisherStats,
     signer: Option<crate::auth::Signer>,
+    /// First and last `seq` in the datagram being built.
+    batch_first: Option<(u64, u64)>,
+    /// Recent delta datagrams: first and last `seq` they hold, and the datagram.
+    ring: VecDeque<(u64, u64, Bytes)>,
+    ring_bytes: usize,
+    repair_tokens: f64,
+    repair_refilled: Option<Instant>,
 }
 
 impl<S: ReplicatedState> PublisherSession<S> {
@@ -155,6 +175,11 @@ impl<S: ReplicatedState> PublisherSession<S> {
                 .keyring
                 .clone()
                 .map(|keyring| crate::auth::Signer::new(keyring, 0)),
+            batch_first: None,
+            ring: VecDeque::new(),
+            ring_bytes: 0,
+            repair_tokens: 0.0,
+            repair_refilled: None,
             next_heartbeat: now,
             config,
             session,
@@ -203,12 +228,20 @@ impl<S: ReplicatedState> PublisherSession<S> {
         self.last_seq = seq;
         self.stats.deltas += 1;
 
-        if !self.builder.push_delta(seq, prev, &self.scratch) {
+        let pushed = self.builder.push_delta(seq, prev, &self.scratch);
+        if pushed {
+            let range = self.batch_first.get_or_insert((seq, seq));
+            range.1 = seq;
+        } else {
             self.flush(now);
-            if !self.builder.push_delta(seq, prev, &self.scratch) {
+            if self.builder.push_delta(seq, prev, &self.scratch) {
+                self.batch_first = Some((seq, seq));
+            } else {
                 self.stats.fragmented += 1;
                 let out = &mut self.out;
                 let stats = &mut self.stats;
+                let ring_limit = self.config.repair_ring_bytes;
+                let (ring, ring_bytes) = (&mut self.ring, &mut self.ring_bytes);
                 // The size was checked above and the builder is empty after `flush`.
                 let fragmented = self.fragmenter.fragment_delta(
                     &mut self.builder,
@@ -218,10 +251,15 @@ impl<S: ReplicatedState> PublisherSession<S> {
                     |datagram| {
                         stats.datagrams += 1;
                         stats.bytes += datagram.len() as u64;
+                        if ring_limit > 0 {
+                            *ring_bytes += datagram.len();
+                            ring.push_back((seq, seq, datagram.clone()));
+                        }
                         out.push_back(datagram);
                     },
                 );
                 debug_assert!(fragmented.is_ok());
+                self.trim_ring();
                 self.next_heartbeat = now + self.config.heartbeat_interval;
                 return Ok(seq);
             }
@@ -237,12 +275,63 @@ impl<S: ReplicatedState> PublisherSession<S> {
     /// Sends what is batched now.
     pub fn flush(&mut self, now: Instant) {
         self.batch_started = None;
+        let first = self.batch_first.take();
         if let Some(datagram) = self.builder.finish() {
             self.stats.datagrams += 1;
             self.stats.bytes += datagram.len() as u64;
+            if let (Some((first, last)), true) = (first, self.config.repair_ring_bytes > 0) {
+                self.ring_bytes += datagram.len();
+                self.ring.push_back((first, last, datagram.clone()));
+                self.trim_ring();
+            }
             self.out.push_back(datagram);
             self.next_heartbeat = now + self.config.heartbeat_interval;
         }
+    }
+
+    fn trim_ring(&mut self) {
+        while self.ring_bytes > self.config.repair_ring_bytes {
+            match self.ring.pop_front() {
+                Some((_, _, datagram)) => self.ring_bytes -= datagram.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// A subscriber asks for the deltas `first..=last` again: queues the kept datagrams that
+    /// hold them, within the repair rate; returns how many. What is no longer kept is not
+    /// resent (the subscriber falls back to snapshots).
+    pub fn handle_repair_request(&mut self, now: Instant, first: u64, last: u64) -> usize {
+        let rate = self.config.repair_rate.max(1) as f64;
+        let burst = (rate / 20.0).max(self.config.max_datagram as f64 * 4.0);
+        match self.repair_refilled {
+            None => self.repair_tokens = burst,
+            Some(at) => {
+                let earned = now.saturating_duration_since(at).as_secs_f64() * rate;
+                self.repair_tokens = (self.repair_tokens + earned).min(burst);
+            }
+        }
+        self.repair_refilled = Some(now);
+        let last = last.min(first.saturating_add(crate::wire::MAX_REPAIR_RANGE - 1));
+        let mut queued = 0;
+        if self.ring.front().is_none_or(|(oldest, _, _)| first < *oldest) {
+            self.stats.repairs_missed += 1;
+        }
+        for (from, to, datagram) in &self.ring {
+            if *to < first || *from > last {
+                continue;
+            }
+            let cost = datagram.len() as f64;
+            if self.repair_tokens < cost {
+                self.stats.repairs_refused += 1;
+                break;
+            }
+            self.repair_tokens -= cost;
+            self.out.push_back(datagram.clone());
+            self.stats.repaired += 1;
+            queued += 1;
+        }
+        queued
     }
 
     /// Flushes a batch whose delay expired and sends a heartbeat when idle.

@@ -65,6 +65,15 @@ pub struct SubscriberConfig {
     /// Accept only datagrams signed with a key of this keyring, each once ([`crate::auth`]).
     /// Default none: everything is accepted.
     pub keyring: Option<std::sync::Arc<crate::auth::Keyring>>,
+    /// Ask the publisher to resend missing deltas ([`SubscriberSession::poll_repair`]) before
+    /// the reorder window declares them lost. Default false.
+    pub repair: bool,
+    /// Longest random wait before asking, so that subscribers that lost the same datagram do
+    /// not all ask: the first request seen suppresses the others. Keep it well below
+    /// `reorder_window`. Default 300 µs.
+    pub repair_delay: Duration,
+    /// Seed of that random wait (different per subscriber). Default 0.
+    pub repair_seed: u64,
 }
 
 impl SubscriberConfig {
@@ -92,6 +101,9 @@ impl Default for SubscriberConfig {
             emit_applied: true,
             publisher_timeout: Duration::from_secs(3),
             keyring: None,
+            repair: false,
+            repair_delay: Duration::from_micros(300),
+            repair_seed: 0,
         }
     }
 }
@@ -186,6 +198,10 @@ pub struct SubscriberStats {
     pub unauthenticated: u64,
     /// Signed datagrams seen before (or too old): replays.
     pub replayed: u64,
+    /// Repair requests this subscriber sent.
+    pub repairs_requested: u64,
+    /// Repair requests not sent because another subscriber asked first.
+    pub repairs_suppressed: u64,
     /// Messages whose payload did not decode as the topic's types.
     pub bad_payloads: u64,
     /// Datagrams of other topics.
@@ -309,6 +325,17 @@ struct Tracking<D> {
     highest_seen: u64,
     held: BTreeMap<u64, (u64, D)>,
     gap_deadline: Option<Instant>,
+    /// A repair to ask for: the missing range, when to ask, and whether it was asked (or
+    /// another subscriber asked).
+    repair: Option<PendingRepair>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct PendingRepair {
+    first: u64,
+    last: u64,
+    due: Instant,
+    done: bool,
 }
 
 /// The steps received so far of the snapshot cycle being watched: index → (key, read seq).
@@ -538,6 +565,44 @@ impl<S: ReplicatedState> SubscriberSession<S> {
         }
     }
 
+    /// The next repair request to send (on the repair group), if one is due: a datagram
+    /// asking the publisher to resend deltas this subscriber is missing.
+    pub fn poll_repair(&mut self, now: Instant) -> Option<bytes::Bytes> {
+        let topic = self.config.topic;
+        for stream in self.streams.values_mut() {
+            let session = stream.session;
+            let publisher = stream.publisher;
+            let Some(tracking) = stream.tracking.as_mut() else {
+                continue;
+            };
+            let Some(repair) = tracking.repair.as_mut() else {
+                continue;
+            };
+            if repair.done || now < repair.due {
+                continue;
+            }
+            repair.done = true;
+            self.sink.stats.repairs_requested += 1;
+            return wire::repair_request(topic, publisher, session, repair.first, repair.last);
+        }
+        None
+    }
+
+    fn suppress_repair(&mut self, publisher: u32, session: u64, first: u64, last: u64) {
+        let Some(stream) = self.streams.get_mut(&publisher) else {
+            return;
+        };
+        if stream.session != session {
+            return;
+        }
+        if let Some(repair) = stream.tracking.as_mut().and_then(|t| t.repair.as_mut()) {
+            if !repair.done && first <= repair.first && last >= repair.last {
+                repair.done = true;
+                self.sink.stats.repairs_suppressed += 1;
+            }
+        }
+    }
+
     /// Processes one received datagram. Malformed datagrams are counted and ignored.
     pub fn handle_datagram(&mut self, now: Instant, bytes: &[u8]) {
         self.sink.stats.datagrams += 1;
@@ -560,6 +625,18 @@ impl<S: ReplicatedState> SubscriberSession<S> {
             return;
         }
         let (publisher, session) = (header.publisher(), header.session());
+        if datagram
+            .messages()
+            .any(|m| matches!(m, Message::RepairRequest { .. }))
+        {
+            // Another subscriber's request (never data): it may make ours unnecessary.
+            for message in datagram.messages() {
+                if let Message::RepairRequest { first, last } = message {
+                    self.suppress_repair(publisher, session, first, last);
+                }
+            }
+            return;
+        }
         if let Some(verifier) = &mut self.verifier {
             match verifier.verify(bytes, publisher, session) {
                 Ok(()) => {}
@@ -628,7 +705,17 @@ impl<S: ReplicatedState> SubscriberSession<S> {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let streams = self.streams.values().filter_map(|s| {
+            let repair = s
+                .tracking
+                .as_ref()
+                .and_then(|t| t.repair)
+                .filter(|r| !r.done)
+                .map(|r| r.due);
             let gap = s.tracking.as_ref().and_then(|t| t.gap_deadline);
+            let gap = match (gap, repair) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let silence = (!s.silent).then(|| s.last_heard + self.config.publisher_timeout);
             match (gap, silence) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -791,8 +878,9 @@ impl<S: ReplicatedState> Stream<S> {
                 sink.stats.snapshot_messages += 1;
                 self.on_cycle_end(now, position, config, sink);
             }
-            // Fragments are reassembled by the session before they reach a stream.
-            Message::Fragment(_) => {}
+            // Fragments are reassembled by the session before they reach a stream; repair
+            // requests are handled by the session too.
+            Message::Fragment(_) | Message::RepairRequest { .. } => {}
         }
     }
 
@@ -849,6 +937,7 @@ impl<S: ReplicatedState> Stream<S> {
             highest_seen: missed_through,
             held: BTreeMap::new(),
             gap_deadline: None,
+            repair: None,
         });
         if missed_through > 0 {
             self.verify_after = Some(missed_through);
@@ -881,6 +970,7 @@ impl<S: ReplicatedState> Stream<S> {
             return;
         };
         tracking.gap_deadline = None;
+        tracking.repair = None;
         let through = match tracking.held.first_key_value() {
             Some((&first_held, _)) => first_held - 1,
             None => tracking.highest_seen,
@@ -935,8 +1025,31 @@ impl<S: ReplicatedState> Stream<S> {
                 if tracking.gap_deadline.is_none() {
                     tracking.gap_deadline = Some(now + config.reorder_window);
                 }
+                if config.repair {
+                    let last = tracking
+                        .held
+                        .first_key_value()
+                        .map_or(tracking.highest_seen, |(first_held, _)| first_held - 1);
+                    let first = tracking.expected;
+                    let fresh = tracking.repair.is_none_or(|r| r.first != first);
+                    if fresh {
+                        // A deterministic per-subscriber jitter (sans-IO: no RNG here).
+                        let mix = (config.repair_seed ^ u64::from(self.publisher).rotate_left(32) ^ first)
+                            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                        let span = config.repair_delay.as_nanos().max(1) as u64;
+                        tracking.repair = Some(PendingRepair {
+                            first,
+                            last,
+                            due: now + Duration::from_nanos((mix >> 11) % span),
+                            done: false,
+                        });
+                    } else if let Some(repair) = tracking.repair.as_mut() {
+                        repair.last = repair.last.max(last);
+                    }
+                }
             } else {
                 tracking.gap_deadline = None;
+                tracking.repair = None;
             }
             break;
         }

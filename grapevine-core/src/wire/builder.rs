@@ -7,7 +7,7 @@ use zerocopy::IntoBytes;
 use super::consts::*;
 use super::{
     CycleEndFields, CyclePosition, DatagramHeader, DeltaFields, FragmentFields, HeartbeatFields,
-    LeafFields, MessageHeader,
+    LeafFields, MessageHeader, RepairFields,
 };
 
 /// Packs messages into datagrams of at most `max_len` bytes.
@@ -119,6 +119,14 @@ impl DatagramBuilder {
             last_seq: U64::new(last_seq),
         };
         self.push(KIND_HEARTBEAT, fields.as_bytes(), &[])
+    }
+
+    fn push_repair(&mut self, first: u64, last: u64) -> bool {
+        let fields = RepairFields {
+            first: U64::new(first),
+            last: U64::new(last),
+        };
+        self.push(KIND_REPAIR_REQUEST, fields.as_bytes(), &[])
     }
 
     fn push_fragment(&mut self, fields: &FragmentFields, chunk: &[u8]) -> bool {
@@ -282,4 +290,12 @@ impl Fragmenter {
         let fields = leaf_fields(position, as_of_seq);
         self.fragment(builder, KIND_LEAF, fields.as_bytes(), payload, emit)
     }
+}
+
+/// A repair request datagram: asks `publisher`'s `session` on `topic` to resend the deltas
+/// `first..=last` (at most [`MAX_REPAIR_RANGE`] of them; a longer range is cut to that).
+pub fn repair_request(topic: u32, publisher: u32, session: u64, first: u64, last: u64) -> Option<Bytes> {
+    let last = last.min(first.saturating_add(MAX_REPAIR_RANGE - 1));
+    let mut builder = DatagramBuilder::new(MIN_DATAGRAM, topic, publisher, session);
+    builder.push_repair(first, last).then(|| builder.finish()).flatten()
 }

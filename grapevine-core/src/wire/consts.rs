@@ -39,6 +39,12 @@ pub const KIND_HEARTBEAT: u8 = 4;
 pub const KIND_FRAGMENT: u8 = 5;
 /// Message kind: the end of a snapshot cycle (no key after the last leaf sent).
 pub const KIND_CYCLE_END: u8 = 6;
+/// Message kind: a subscriber asks a publisher session to resend deltas `first..=last`.
+pub const KIND_REPAIR_REQUEST: u8 = 7;
+/// Fixed fields of a repair request body (first, last).
+pub const REPAIR_FIELDS_LEN: usize = 16;
+/// Most sequence numbers one repair request may name.
+pub const MAX_REPAIR_RANGE: u64 = 4096;
 
 /// Datagram flag: a transport self-test probe, ignored by subscribers.
 pub const FLAG_PROBE: u8 = 0x01;

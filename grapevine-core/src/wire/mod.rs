@@ -15,7 +15,7 @@ pub mod consts;
 use zerocopy::byteorder::network_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-pub use builder::{DatagramBuilder, Fragmenter, MessageTooLarge};
+pub use builder::{repair_request, DatagramBuilder, Fragmenter, MessageTooLarge};
 pub use consts::*;
 
 /// The header that starts every datagram.
@@ -131,6 +131,15 @@ struct HeartbeatFields {
     last_seq: U64,
 }
 
+/// Fields of a repair request body.
+#[derive(Clone, Copy, Debug, FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned)]
+#[repr(C)]
+struct RepairFields {
+    first: U64,
+    last: U64,
+}
+const _: () = assert!(size_of::<RepairFields>() == REPAIR_FIELDS_LEN);
+
 #[derive(Clone, Copy, Debug, FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned)]
 #[repr(C)]
 struct FragmentFields {
@@ -191,6 +200,14 @@ pub enum Message<'a> {
     },
     /// A piece of a message too large for one datagram.
     Fragment(Fragment<'a>),
+    /// A subscriber asks the session named in the datagram header to resend the deltas
+    /// `first..=last` (sent on the repair group, never by a publisher).
+    RepairRequest {
+        /// First missing `seq`.
+        first: u64,
+        /// Last missing `seq`.
+        last: u64,
+    },
 }
 
 /// One fragment of a message larger than a datagram.
@@ -394,8 +411,8 @@ pub fn decode_reassembled(bytes: &[u8]) -> Result<Message<'_>, DecodeError> {
             "reassembled message shorter than 2 bytes",
         ));
     };
-    if *kind == KIND_FRAGMENT {
-        return Err(DecodeError::Inconsistent("fragment inside a fragment"));
+    if *kind == KIND_FRAGMENT || *kind == KIND_REPAIR_REQUEST {
+        return Err(DecodeError::Inconsistent("fragment or request inside a fragment"));
     }
     decode_message(*kind, *flags, body)
 }
@@ -443,6 +460,14 @@ fn decode_message(kind: u8, flags: u8, body: &[u8]) -> Result<Message<'_>, Decod
                     read_seq: fields.read_seq.get(),
                 },
             })
+        }
+        KIND_REPAIR_REQUEST => {
+            let fields = exact::<RepairFields>(kind, body)?;
+            let (first, last) = (fields.first.get(), fields.last.get());
+            if first == 0 || last < first || last - first >= MAX_REPAIR_RANGE {
+                return Err(DecodeError::Inconsistent("repair range"));
+            }
+            Ok(Message::RepairRequest { first, last })
         }
         KIND_HEARTBEAT => {
             let fields = exact::<HeartbeatFields>(kind, body)?;
