@@ -374,13 +374,21 @@ fn a_repair_fills_a_short_gap_before_it_is_declared() {
     assert_eq!(requests.len(), 1, "one request");
     for s in [&mut a, &mut b] {
         s.handle_datagram(t, &requests[0]);
-        assert!(s.poll_repair(t + Duration::from_millis(1)).is_none(), "suppressed or sent");
+        assert!(
+            s.poll_repair(t + Duration::from_millis(1)).is_none(),
+            "suppressed or sent"
+        );
     }
     assert_eq!(a.stats().repairs_requested + b.stats().repairs_requested, 1);
-    assert_eq!(a.stats().repairs_suppressed + b.stats().repairs_suppressed, 1);
+    assert_eq!(
+        a.stats().repairs_suppressed + b.stats().repairs_suppressed,
+        1
+    );
     // The publisher resends from its ring; both fill the hole within the reorder window.
     let request = grapevine_core::wire::Datagram::parse(&requests[0]).unwrap();
-    let Some(grapevine_core::wire::Message::RepairRequest { first, last }) = request.messages().next() else {
+    let Some(grapevine_core::wire::Message::RepairRequest { first, last }) =
+        request.messages().next()
+    else {
         panic!("not a repair request");
     };
     assert_eq!((first, last), (4, 4));
@@ -415,13 +423,19 @@ fn without_the_datagram_in_the_ring_the_gap_goes_to_snapshots() {
     }
     let request = s.poll_repair(now + Duration::from_millis(1)).expect("asks");
     let parsed = grapevine_core::wire::Datagram::parse(&request).unwrap();
-    let Some(grapevine_core::wire::Message::RepairRequest { first, last }) = parsed.messages().next() else {
+    let Some(grapevine_core::wire::Message::RepairRequest { first, last }) =
+        parsed.messages().next()
+    else {
         panic!("not a repair request");
     };
     assert_eq!(p.handle_repair_request(now, first, last), 0);
     assert_eq!(p.stats().repairs_missed, 1);
     s.handle_timeout(now + Duration::from_millis(5));
-    assert_eq!(s.stats().gaps, 1, "declared lost, recovered by snapshots as before");
+    assert_eq!(
+        s.stats().gaps,
+        1,
+        "declared lost, recovered by snapshots as before"
+    );
 }
 
 #[test]
@@ -433,7 +447,8 @@ fn repair_floods_stay_within_the_rate() {
     config.repair_rate = 100_000;
     let mut p = PublisherSession::new(config, new_session_id(1, 7), Counters::default(), now);
     for i in 0..500u32 {
-        p.publish(now, CounterDelta::Add((i % 50) as u8, 1)).unwrap();
+        p.publish(now, CounterDelta::Add((i % 50) as u8, 1))
+            .unwrap();
     }
     drain(&mut p);
     let mut resent_bytes = 0usize;
@@ -445,7 +460,13 @@ fn repair_floods_stay_within_the_rate() {
         resent_bytes += drain(&mut p).iter().map(|d| d.len()).sum::<usize>();
     }
     // The rate (100 kB/s) over that second, plus the initial burst.
-    assert!(resent_bytes <= 100_000 + 10_000, "{resent_bytes} bytes resent");
-    assert!(resent_bytes >= 50_000, "{resent_bytes}: requests are still served");
+    assert!(
+        resent_bytes <= 100_000 + 10_000,
+        "{resent_bytes} bytes resent"
+    );
+    assert!(
+        resent_bytes >= 50_000,
+        "{resent_bytes}: requests are still served"
+    );
     assert!(p.stats().repairs_refused > 0);
 }

@@ -44,6 +44,10 @@ pub struct PublisherOptions {
     /// A second group (or interface) that gets every datagram too: the B feed of an A/B pair.
     /// Subscribers joined to both only see a gap when a datagram is lost on both. Default none.
     pub secondary: Option<MulticastConfig>,
+    /// The repair group: subscribers ask there for deltas they missed, and the publisher
+    /// resends them from a ring of recent datagrams (`session.repair_ring_bytes`, 4 MiB when
+    /// left at 0) at most at `session.repair_rate`. Default none.
+    pub repair: Option<MulticastConfig>,
     /// Protocol settings (topic, publisher id, datagram size, flush delay, heartbeat).
     pub session: PublisherConfig,
 }
@@ -54,6 +58,7 @@ impl PublisherOptions {
         Self {
             multicast,
             secondary: None,
+            repair: None,
             session: PublisherConfig::new(topic),
         }
     }
@@ -117,6 +122,7 @@ impl<S: ReplicatedState> Shared<S> {
 pub struct Publisher<S: ReplicatedState> {
     shared: SharedSession<S>,
     flusher: Option<JoinHandle<()>>,
+    repairer: Option<JoinHandle<()>>,
 }
 
 impl<S: ReplicatedState> Publisher<S> {
@@ -125,7 +131,15 @@ impl<S: ReplicatedState> Publisher<S> {
     /// # Errors
     ///
     /// [`PublisherError::Net`] when the socket cannot be set up.
-    pub fn start(options: PublisherOptions, initial: S) -> Result<Self, PublisherError> {
+    pub fn start(mut options: PublisherOptions, initial: S) -> Result<Self, PublisherError> {
+        if options.repair.is_some() && options.session.repair_ring_bytes == 0 {
+            options.session.repair_ring_bytes = 4 << 20;
+        }
+        let repair_socket = options
+            .repair
+            .as_ref()
+            .map(MulticastSocket::receiver)
+            .transpose()?;
         let socket = MulticastSocket::sender(&options.multicast)?;
         let secondary = options
             .secondary
@@ -165,9 +179,29 @@ impl<S: ReplicatedState> Publisher<S> {
                     })
                 })?
         };
+        let repairer = match repair_socket {
+            None => None,
+            Some(socket) => {
+                let shared = Arc::clone(&shared);
+                Some(
+                    std::thread::Builder::new()
+                        .name("gv-repair".into())
+                        .spawn(move || repair_loop(&shared, &socket))
+                        .map_err(|e| {
+                            PublisherError::Net(NetError::Io {
+                                op: "spawning the repair thread",
+                                group: options.multicast.group,
+                                interface: "-".into(),
+                                source: e,
+                            })
+                        })?,
+                )
+            }
+        };
         Ok(Self {
             shared,
             flusher: Some(flusher),
+            repairer,
         })
     }
 
@@ -266,6 +300,9 @@ impl<S: ReplicatedState> Publisher<S> {
         if let Some(flusher) = self.flusher.take() {
             let _ = flusher.join();
         }
+        if let Some(repairer) = self.repairer.take() {
+            let _ = repairer.join();
+        }
     }
 }
 
@@ -299,6 +336,43 @@ fn flush_loop<S: ReplicatedState>(shared: &Shared<S>) {
         if deadline > now {
             let _ = shared.wake.wait_until(&mut session, deadline);
         }
+    }
+}
+
+/// Answers repair requests for this session from the repair group.
+fn repair_loop<S: ReplicatedState>(shared: &Shared<S>, socket: &MulticastSocket) {
+    let mut batch = grapevine_core::net::RecvBatch::new(16, 2048);
+    let mut ready = Vec::new();
+    while !shared.is_stopping() {
+        let Ok(received) = socket.recv_batch(&mut batch, Duration::from_millis(50)) else {
+            continue;
+        };
+        {
+            let mut session = shared.session.lock();
+            let ours = (
+                session.config().topic,
+                session.config().publisher,
+                session.session(),
+            );
+            let now = Instant::now();
+            for bytes in batch.datagrams().take(received) {
+                let Ok(datagram) = grapevine_core::wire::Datagram::parse(bytes) else {
+                    continue;
+                };
+                let header = datagram.header();
+                if (header.topic(), header.publisher(), header.session()) != ours {
+                    continue;
+                }
+                for message in datagram.messages() {
+                    if let grapevine_core::wire::Message::RepairRequest { first, last } = message {
+                        session.handle_repair_request(now, first, last);
+                    }
+                }
+            }
+            ready.extend(std::iter::from_fn(|| session.poll_transmit()));
+        }
+        shared.send(&ready);
+        ready.clear();
     }
 }
 

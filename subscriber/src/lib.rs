@@ -65,6 +65,10 @@ pub struct SubscriberOptions {
     pub secondary: Option<MulticastConfig>,
     /// Like `inject_loss`, for the B feed. Default 0.
     pub inject_loss_secondary: f64,
+    /// The repair group (the publisher's `repair`): missing deltas are asked for there before
+    /// the reorder window declares them lost, and other subscribers' requests are watched so
+    /// that one request serves all. Default none.
+    pub repair: Option<MulticastConfig>,
     /// Protocol settings (topic, reorder window, limits).
     pub session: SubscriberConfig,
     /// Datagrams received per syscall. Default 32.
@@ -90,6 +94,7 @@ impl SubscriberOptions {
             recovery: None,
             secondary: None,
             inject_loss_secondary: 0.0,
+            repair: None,
             session: SubscriberConfig::new(topic),
             batch: 32,
             max_datagram: 65_536,
@@ -146,6 +151,8 @@ struct Shared<S: ReplicatedState> {
     /// Deltas applied or found already reflected, for cheap progress polling.
     processed: AtomicU64,
     recv_buffer: usize,
+    /// Where repair requests go, when repair is on.
+    repair_sender: Option<MulticastSocket>,
 }
 
 enum EventSink<K> {
@@ -209,11 +216,25 @@ impl<S: ReplicatedState> Subscriber<S> {
     }
 
     fn start(
-        options: SubscriberOptions,
+        mut options: SubscriberOptions,
         sink: EventSink<S::Key>,
         events: Receiver<SubscriberEvent<S::Key>>,
     ) -> Result<Self, SubscribeError> {
         let live = MulticastSocket::receiver(&options.multicast)?;
+        let repair_sender = match &options.repair {
+            Some(repair) => {
+                options.session.repair = true;
+                // Randomly seeded by std (each subscriber waits a different time before asking).
+                options.session.repair_seed = {
+                    use std::hash::{BuildHasher, Hasher};
+                    std::collections::hash_map::RandomState::new()
+                        .build_hasher()
+                        .finish()
+                };
+                Some(MulticastSocket::sender(repair)?)
+            }
+            None => None,
+        };
         let recv_buffer = live.recv_buffer_size();
         if recv_buffer < options.multicast.recv_buffer {
             tracing::warn!(
@@ -233,6 +254,7 @@ impl<S: ReplicatedState> Subscriber<S> {
             drop_next: AtomicU64::new(0),
             processed: AtomicU64::new(0),
             recv_buffer,
+            repair_sender,
         });
         let sink = Arc::new(sink);
         let mut threads = Vec::new();
@@ -246,6 +268,19 @@ impl<S: ReplicatedState> Subscriber<S> {
                     .spawn(move || {
                         receive_loop(&shared, &live, &options, &sink, (true, options.inject_loss))
                     })
+                    .map_err(SubscribeError::Thread)?,
+            );
+        }
+        if let Some(repair) = &options.repair {
+            // Other subscribers' requests, so that ours are suppressed when theirs cover them.
+            let socket = MulticastSocket::receiver(repair)?;
+            let shared = Arc::clone(&shared);
+            let sink = Arc::clone(&sink);
+            let options = options.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("gv-repair-watch".into())
+                    .spawn(move || receive_loop(&shared, &socket, &options, &sink, (false, 0.0)))
                     .map_err(SubscribeError::Thread)?,
             );
         }
@@ -441,6 +476,15 @@ fn receive_loop<S: ReplicatedState>(
             }
             if run_timers && session.poll_timeout().is_some_and(|t| t <= now) {
                 session.handle_timeout(now);
+            }
+            if run_timers {
+                if let Some(sender) = &shared.repair_sender {
+                    while let Some(request) = session.poll_repair(now) {
+                        if let Err(error) = sender.send(&request) {
+                            tracing::debug!(%error, "repair request not sent");
+                        }
+                    }
+                }
             }
             let stats = session.stats();
             // A subscriber with the wrong key (or a publisher without one) would otherwise look

@@ -222,6 +222,90 @@ fn signed_feeds_need_the_right_key() {
     assert_eq!(right.stats().protocol.unauthenticated, 0);
 }
 
+fn repair_pair(
+    live: &MulticastConfig,
+    repair: &MulticastConfig,
+    ring: usize,
+) -> (Publisher<Counters>, Snapshotter, Subscriber<Counters>) {
+    let mut options = SubscriberOptions::new(TOPIC, live.clone());
+    options.repair = Some(repair.clone());
+    // Room for the request's round trip on a busy machine.
+    options.session.reorder_window = Duration::from_millis(30);
+    let subscriber = Subscriber::join(options).unwrap();
+    let mut options = PublisherOptions::new(TOPIC, live.clone());
+    options.repair = Some(repair.clone());
+    options.session.repair_ring_bytes = ring;
+    options.session.heartbeat_interval = Duration::from_millis(20);
+    let publisher = Publisher::start(options, Counters::default()).unwrap();
+    let snapshots = start_snapshotter(&publisher, live);
+    (publisher, snapshots, subscriber)
+}
+
+#[test]
+fn a_lost_datagram_is_repaired_without_a_gap() {
+    let (live, repair) = (group(17), group(18));
+    let (publisher, _snapshots, subscriber) = repair_pair(&live, &repair, 1 << 20);
+    publish_counts(&publisher, 500);
+    wait_converged(&subscriber, &publisher, 0);
+    for _ in 0..5 {
+        subscriber.inject_drop(3);
+        publish_counts(&publisher, 200);
+        wait_converged(&subscriber, &publisher, 0);
+    }
+    let stats = subscriber.stats().protocol;
+    assert!(stats.repairs_requested >= 1, "{stats:?}");
+    assert!(publisher.stats().repaired >= 1);
+    assert_eq!(stats.gaps, 0, "every hole filled in time: {stats:?}");
+}
+
+#[test]
+fn an_unanswerable_repair_falls_back_to_snapshots() {
+    let (live, repair) = (group(19), group(20));
+    // A ring too small to hold anything useful.
+    let (publisher, _snapshots, subscriber) = repair_pair(&live, &repair, 1);
+    publish_counts(&publisher, 500);
+    wait_converged(&subscriber, &publisher, 0);
+    subscriber.inject_drop(20);
+    publish_counts(&publisher, 2_000);
+    wait_converged(&subscriber, &publisher, 0);
+    let stats = subscriber.stats().protocol;
+    assert!(stats.gaps >= 1 && stats.recoveries >= 1, "{stats:?}");
+}
+
+#[test]
+fn a_flood_of_repair_requests_stays_within_the_repair_rate() {
+    let (live, repair) = (group(21), group(22));
+    let mut options = PublisherOptions::new(TOPIC, live.clone());
+    options.repair = Some(repair.clone());
+    options.session.repair_rate = 200_000;
+    let publisher = Publisher::start(options, Counters::default()).unwrap();
+    publish_counts(&publisher, 5_000);
+    let raw = UdpSocket::bind("127.0.0.1:0").unwrap();
+    raw.set_multicast_loop_v4(true).unwrap();
+    let request =
+        grapevine_core::wire::repair_request(TOPIC, 0, publisher.session_id(), 1, 4_096).unwrap();
+    let started = Instant::now();
+    let before = publisher.stats().repaired_bytes;
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(1) {
+        for _ in 0..100 {
+            let _ = raw.send_to(&request, repair.group);
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let resent = publisher.stats().repaired_bytes - before;
+    let elapsed = started.elapsed().as_secs_f64();
+    let bound = 200_000.0 * elapsed + 10_000.0 + 1_400.0 * 4.0;
+    assert!(sent > 10_000, "a flood: {sent} requests");
+    assert!(resent > 0, "requests are answered");
+    assert!(
+        (resent as f64) <= bound,
+        "{resent} bytes resent in {elapsed:.2} s, bound {bound:.0}"
+    );
+}
+
 #[test]
 fn publisher_restart_is_detected_and_rebuilt() {
     let live = group(3);

@@ -106,6 +106,8 @@ pub struct PublisherStats {
     pub fragmented: u64,
     /// Datagrams resent for repair requests.
     pub repaired: u64,
+    /// Bytes resent for repair requests.
+    pub repaired_bytes: u64,
     /// Repair requests cut short by the repair rate.
     pub repairs_refused: u64,
     /// Repair requests for deltas no longer kept.
@@ -314,7 +316,11 @@ impl<S: ReplicatedState> PublisherSession<S> {
         self.repair_refilled = Some(now);
         let last = last.min(first.saturating_add(crate::wire::MAX_REPAIR_RANGE - 1));
         let mut queued = 0;
-        if self.ring.front().is_none_or(|(oldest, _, _)| first < *oldest) {
+        if self
+            .ring
+            .front()
+            .is_none_or(|(oldest, _, _)| first < *oldest)
+        {
             self.stats.repairs_missed += 1;
         }
         for (from, to, datagram) in &self.ring {
@@ -329,6 +335,7 @@ impl<S: ReplicatedState> PublisherSession<S> {
             self.repair_tokens -= cost;
             self.out.push_back(datagram.clone());
             self.stats.repaired += 1;
+            self.stats.repaired_bytes += datagram.len() as u64;
             queued += 1;
         }
         queued

@@ -1034,7 +1034,9 @@ impl<S: ReplicatedState> Stream<S> {
                     let fresh = tracking.repair.is_none_or(|r| r.first != first);
                     if fresh {
                         // A deterministic per-subscriber jitter (sans-IO: no RNG here).
-                        let mix = (config.repair_seed ^ u64::from(self.publisher).rotate_left(32) ^ first)
+                        let mix = (config.repair_seed
+                            ^ u64::from(self.publisher).rotate_left(32)
+                            ^ first)
                             .wrapping_mul(0x9e37_79b9_7f4a_7c15);
                         let span = config.repair_delay.as_nanos().max(1) as u64;
                         tracking.repair = Some(PendingRepair {

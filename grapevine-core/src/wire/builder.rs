@@ -294,8 +294,17 @@ impl Fragmenter {
 
 /// A repair request datagram: asks `publisher`'s `session` on `topic` to resend the deltas
 /// `first..=last` (at most [`MAX_REPAIR_RANGE`] of them; a longer range is cut to that).
-pub fn repair_request(topic: u32, publisher: u32, session: u64, first: u64, last: u64) -> Option<Bytes> {
+pub fn repair_request(
+    topic: u32,
+    publisher: u32,
+    session: u64,
+    first: u64,
+    last: u64,
+) -> Option<Bytes> {
     let last = last.min(first.saturating_add(MAX_REPAIR_RANGE - 1));
     let mut builder = DatagramBuilder::new(MIN_DATAGRAM, topic, publisher, session);
-    builder.push_repair(first, last).then(|| builder.finish()).flatten()
+    builder
+        .push_repair(first, last)
+        .then(|| builder.finish())
+        .flatten()
 }

@@ -412,7 +412,9 @@ pub fn decode_reassembled(bytes: &[u8]) -> Result<Message<'_>, DecodeError> {
         ));
     };
     if *kind == KIND_FRAGMENT || *kind == KIND_REPAIR_REQUEST {
-        return Err(DecodeError::Inconsistent("fragment or request inside a fragment"));
+        return Err(DecodeError::Inconsistent(
+            "fragment or request inside a fragment",
+        ));
     }
     decode_message(*kind, *flags, body)
 }
