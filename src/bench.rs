@@ -77,6 +77,10 @@ pub(crate) struct RecoveryArgs {
     /// Group and port (loopback).
     #[arg(long, default_value = "239.255.77.2:47701")]
     group: SocketAddr,
+    /// Turn on repair by request (a repair group on the next port): the lost datagram is
+    /// asked for and resent instead of waiting for the snapshot cycle.
+    #[arg(long)]
+    repair: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -358,13 +362,23 @@ fn recovery(args: &RecoveryArgs) -> Result<()> {
     let group = MulticastConfig::new(args.group);
     let payload = payload_bytes(args.payload.max(4));
     let initial: PayloadMap = (0..args.leaves).map(|k| (k, payload.clone())).collect();
-    let publisher = Publisher::start(PublisherOptions::new(1, group.clone()), initial)?;
+    let mut repair_group = args.group;
+    repair_group.set_port(args.group.port().wrapping_add(1));
+    let repair_group = args.repair.then(|| MulticastConfig::new(repair_group));
+    let mut publisher_options = PublisherOptions::new(1, group.clone());
+    publisher_options.repair = repair_group.clone();
+    let publisher = Publisher::start(publisher_options, initial)?;
     let mut snapshot = SnapshotterOptions::new(group.clone());
     snapshot.snapshot.rate = SnapshotRate::LeavesPerSecond(args.snapshot_rate);
     let cycle_pause = snapshot.snapshot.cycle_pause;
     let snapshotter = Snapshotter::start(&publisher, snapshot)?;
     let mut options = SubscriberOptions::new(1, group);
     options.session.emit_applied = false;
+    if repair_group.is_some() {
+        // Room for the request, the resend and the scheduling of three threads on two cores.
+        options.session.reorder_window = Duration::from_millis(10);
+    }
+    options.repair = repair_group;
     let subscriber = Subscriber::<PayloadMap>::join(options)?;
     if !subscriber.wait_live(Duration::from_secs(120)) {
         bail!("the subscriber never caught up: {:?}", subscriber.stats());
@@ -386,6 +400,7 @@ fn recovery(args: &RecoveryArgs) -> Result<()> {
             .wrapping_add(1_442_695_040_888_963_407);
         std::thread::sleep(cycle.mul_f64((phase >> 11) as f64 / (1u64 << 53) as f64));
         let gaps_before = subscriber.stats().protocol.gaps;
+        let repairs_before = subscriber.stats().protocol.repairs_requested;
         subscriber.inject_drop(1);
         // Values that differ from everything before, so convergence really means the new state.
         let marked = |tag: u32| {
@@ -407,14 +422,18 @@ fn recovery(args: &RecoveryArgs) -> Result<()> {
         ))?;
         publisher.flush();
         let want = publisher.read(digest);
-        while !converged(want) {
+        // Cheap checks first: the digest of the whole state is computed under the subscriber's
+        // lock, and computing it too often would itself delay the subscriber.
+        while !(subscriber.is_live() && converged(want)) {
             if t0.elapsed() > Duration::from_secs(60) {
                 bail!("no recovery within 60 s: {:?}", subscriber.stats());
             }
-            std::thread::sleep(Duration::from_micros(200));
+            std::thread::sleep(Duration::from_micros(500));
         }
-        // The dropped datagram may have been a snapshot one: only rounds with a gap count.
-        if subscriber.stats().protocol.gaps > gaps_before {
+        // The dropped datagram may have been a snapshot one: only rounds with a gap (or, with
+        // repair, a request) count.
+        let protocol = subscriber.stats().protocol;
+        if protocol.gaps > gaps_before || protocol.repairs_requested > repairs_before {
             times.push(t0.elapsed());
         }
     }
@@ -430,6 +449,7 @@ fn recovery(args: &RecoveryArgs) -> Result<()> {
             "{}",
             json!({
                 "bench": "recovery",
+                "repair": args.repair,
                 "leaves": args.leaves,
                 "payload": args.payload,
                 "snapshot_rate_leaves": args.snapshot_rate,
@@ -445,7 +465,8 @@ fn recovery(args: &RecoveryArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "recovery after a forced gap: {} leaves of {} B, snapshots at {} leaves/s (cycle {:.1} ms with its pause), {} rounds",
+        "recovery after a forced gap{}: {} leaves of {} B, snapshots at {} leaves/s (cycle {:.1} ms with its pause), {} rounds",
+        if args.repair { ", with repair by request" } else { "" },
         args.leaves,
         args.payload,
         args.snapshot_rate,

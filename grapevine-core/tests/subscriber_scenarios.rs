@@ -470,3 +470,37 @@ fn repair_floods_stay_within_the_rate() {
     );
     assert!(p.stats().repairs_refused > 0);
 }
+
+#[test]
+fn a_late_joiner_repairs_too() {
+    let now = Instant::now();
+    let initial: Counters = Counters((0..50u8).map(|k| (k, 1)).collect());
+    let mut config = PublisherConfig::new(1);
+    config.flush_delay = Duration::ZERO;
+    config.repair_ring_bytes = 1 << 20;
+    let mut p = PublisherSession::new(config, new_session_id(1, 7), initial, now);
+    let mut snapshot = SnapshotSession::new(SnapshotConfig::default());
+    let mut s = repairing_subscriber(5);
+    let mut t = now;
+    for _ in 0..5 {
+        t += Duration::from_millis(1);
+        p.handle_timeout(t);
+        for d in drain(&mut p) {
+            s.handle_datagram(t, &d);
+        }
+        snapshot.handle_timeout(t, &p);
+        while let Some(d) = snapshot.poll_transmit() {
+            s.handle_datagram(t, &d);
+        }
+    }
+    assert_eq!(status(&s), StreamStatus::Live);
+    p.publish(t, CounterDelta::Add(1, 1)).unwrap();
+    let lost = drain(&mut p);
+    p.publish(t, CounterDelta::Add(2, 1)).unwrap();
+    for d in drain(&mut p) {
+        s.handle_datagram(t, &d);
+    }
+    assert_eq!(lost.len(), 1);
+    let request = s.poll_repair(t + Duration::from_millis(1));
+    assert!(request.is_some(), "{:?}", s.stats());
+}

@@ -230,7 +230,7 @@ fn repair_pair(
     let mut options = SubscriberOptions::new(TOPIC, live.clone());
     options.repair = Some(repair.clone());
     // Room for the request's round trip on a busy machine.
-    options.session.reorder_window = Duration::from_millis(30);
+    options.session.reorder_window = Duration::from_millis(2);
     let subscriber = Subscriber::join(options).unwrap();
     let mut options = PublisherOptions::new(TOPIC, live.clone());
     options.repair = Some(repair.clone());

@@ -583,6 +583,12 @@ impl<S: ReplicatedState> SubscriberSession<S> {
             }
             repair.done = true;
             self.sink.stats.repairs_requested += 1;
+            tracing::debug!(
+                publisher,
+                first = repair.first,
+                last = repair.last,
+                "repair requested"
+            );
             return wire::repair_request(topic, publisher, session, repair.first, repair.last);
         }
         None
@@ -1039,6 +1045,12 @@ impl<S: ReplicatedState> Stream<S> {
                             ^ first)
                             .wrapping_mul(0x9e37_79b9_7f4a_7c15);
                         let span = config.repair_delay.as_nanos().max(1) as u64;
+                        tracing::debug!(
+                            publisher = self.publisher,
+                            first,
+                            last,
+                            "repair scheduled"
+                        );
                         tracking.repair = Some(PendingRepair {
                             first,
                             last,
