@@ -73,6 +73,9 @@ pub struct Config {
     /// How often drivers are asked again for their VDEVs when no driver file changed and no
     /// SIGHUP came, milliseconds. Default 10 000.
     pub rescan_interval_ms: u64,
+    /// The network's key file (`<id>:<64 hex digits>` lines): ELP and VDEV datagrams are signed
+    /// with it and unsigned or forged ones ignored. Default none.
+    pub key_file: Option<PathBuf>,
     /// Fraction of received ELP and VDEV datagrams to drop on purpose, to measure how
     /// detection behaves under loss. Default 0.
     pub inject_loss: f64,
@@ -102,6 +105,7 @@ impl Default for Config {
             elp_delay_ms: 1000,
             node_ttl: 5,
             rescan_interval_ms: 10_000,
+            key_file: None,
             inject_loss: 0.0,
         }
     }
@@ -204,6 +208,14 @@ struct Topic<S: ReplicatedState> {
     subscriber: Subscriber<S>,
 }
 
+/// How a topic of gvd runs.
+struct TopicSettings {
+    heartbeat: Duration,
+    cycle_pause: Duration,
+    inject_loss: f64,
+    keyring: Option<Arc<grapevine_core::auth::Keyring>>,
+}
+
 impl<S: ReplicatedState> Topic<S> {
     /// Starts by publishing `first` as the session's first delta, before the snapshotter
     /// starts: peers that hear `seq` 1 of a session know they missed nothing and list the
@@ -213,28 +225,29 @@ impl<S: ReplicatedState> Topic<S> {
         multicast: &MulticastConfig,
         first: S::Delta,
         node: u64,
-        heartbeat: Duration,
-        cycle_pause: Duration,
-        inject_loss: f64,
+        settings: &TopicSettings,
     ) -> Result<Self> {
         // Joined first, so that this node hears its own first cycle too.
         let mut options = SubscriberOptions::new(topic, multicast.clone());
         options.batch = 8;
-        options.inject_loss = inject_loss;
+        options.inject_loss = settings.inject_loss;
+        options.session.keyring = settings.keyring.clone();
         let subscriber = Subscriber::join(options)
             .with_context(|| format!("cannot join {}", multicast.group))?;
         let mut options = PublisherOptions::new(topic, multicast.clone());
         // Publisher ids are 32 bits: the low half of the node id (a collision is 1 in 4 billion
         // per pair of nodes).
         options.session.publisher = node as u32;
-        options.session.heartbeat_interval = heartbeat;
+        options.session.heartbeat_interval = settings.heartbeat;
+        options.session.keyring = settings.keyring.clone();
         let publisher = Publisher::start(options, S::default())
             .with_context(|| format!("cannot publish on {}", multicast.group))?;
         publisher.publish(first)?;
         publisher.flush();
         let mut snapshot = SnapshotterOptions::new(multicast.clone());
         snapshot.snapshot.rate = SnapshotRate::LeavesPerSecond(1000);
-        snapshot.snapshot.cycle_pause = cycle_pause;
+        snapshot.snapshot.cycle_pause = settings.cycle_pause;
+        snapshot.snapshot.keyring = settings.keyring.clone();
         let snapshotter = Snapshotter::start(&publisher, snapshot)?;
         Ok(Self {
             publisher,
@@ -349,23 +362,35 @@ impl Daemon {
             repl: zones.repl_port(),
         };
         let record = record(node, config, address, ports, zones.statuses(), &inventory);
+        let keyring = config
+            .key_file
+            .as_deref()
+            .map(|path| grapevine_core::auth::Keyring::from_file(path).map(Arc::new))
+            .transpose()
+            .context("key_file")?;
         let elp = Topic::start(
             ELP_TOPIC,
             &elp_group,
             MapDelta::Put(node, record),
             node,
-            delay * 2,
-            delay,
-            config.inject_loss,
+            &TopicSettings {
+                heartbeat: delay * 2,
+                cycle_pause: delay,
+                inject_loss: config.inject_loss,
+                keyring: keyring.clone(),
+            },
         )?;
         let vdevs = Topic::start(
             VDEV_TOPIC,
             &vdev_group,
             MapDelta::Put(node, vdev_list(&inventory)),
             node,
-            delay * 2,
-            delay * 10,
-            config.inject_loss,
+            &TopicSettings {
+                heartbeat: delay * 2,
+                cycle_pause: delay * 10,
+                inject_loss: config.inject_loss,
+                keyring,
+            },
         )?;
         let now = Instant::now();
         let daemon = Self {

@@ -102,6 +102,9 @@ struct RunArgs {
     /// Longest a driver call may run before its agent gives up, ms.
     #[arg(long, env = "GVD_CALL_TIMEOUT_MS")]
     call_timeout_ms: Option<u64>,
+    /// The network's key file: ELP and VDEV datagrams are signed and verified with it.
+    #[arg(long, env = "GVD_KEY_FILE")]
+    key_file: Option<PathBuf>,
     /// TCP port of the zone replication server (0 picks a free one).
     #[arg(long, env = "GVD_REPL_PORT")]
     repl_port: Option<u16>,
@@ -154,6 +157,9 @@ impl RunArgs {
         }
         if let Some(v) = self.call_timeout_ms {
             config.call_timeout_ms = v;
+        }
+        if let Some(v) = &self.key_file {
+            config.key_file = Some(v.clone());
         }
         if let Some(v) = self.repl_port {
             config.repl_port = v;

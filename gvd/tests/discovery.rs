@@ -272,3 +272,36 @@ fn the_example_configuration_parses() {
     assert_eq!(config.zones.len(), 1);
     assert_eq!(config.zones[0].members.len(), 3);
 }
+
+#[test]
+fn nodes_with_another_key_are_not_listed() {
+    let dir = std::env::temp_dir().join(format!("gvd-keys-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = |name: &str, byte: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("1:{}\n", byte.repeat(32))).unwrap();
+        path
+    };
+    let (ours, theirs) = (key("ours.key", "11"), key("theirs.key", "22"));
+    let group = "239.255.79.15:47915";
+    let flag = |path: &PathBuf| vec!["--key-file".to_string(), path.display().to_string()];
+    let start = |name: &str, key: &PathBuf| {
+        let args = flag(key);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        common::Gvd::start(&dir, name, group, &args)
+    };
+    let a = start("a", &ours);
+    let b = start("b", &ours);
+    let intruder = start("x", &theirs);
+    a.wait_list(Duration::from_secs(10), |l| names(l) == vec!["a", "b"]);
+    b.wait_list(Duration::from_secs(10), |l| names(l) == vec!["a", "b"]);
+    intruder.wait_list(Duration::from_secs(10), |l| names(l) == vec!["x"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        names(&gvd::daemon::NodesFile::read(&a.nodes_path()).unwrap()),
+        vec!["a", "b"]
+    );
+    drop((a, b, intruder));
+    let _ = std::fs::remove_dir_all(&dir);
+}
