@@ -299,7 +299,7 @@ fn nodes_with_another_key_are_not_listed() {
     intruder.wait_list(Duration::from_secs(10), |l| names(l) == vec!["x"]);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        names(&gvd::daemon::NodesFile::read(&a.nodes_path()).unwrap()),
+        names(&NodesFile::read(&a.nodes_path()).unwrap()),
         vec!["a", "b"]
     );
     drop((a, b, intruder));
