@@ -1,7 +1,7 @@
 //! Authenticated datagrams: a per-topic shared key, a tag on every datagram, and replay
 //! protection.
 //!
-//! A signed datagram has [`FLAG_AUTH`](crate::wire::FLAG_AUTH) set and ends with a
+//! A signed datagram has [`FLAG_AUTH`] set and ends with a
 //! 26-byte trailer: the key id (1 byte), the sender (1 byte: 0 the publisher, 1 its
 //! snapshotter), a per-sender datagram counter (8 bytes, big-endian) and a 16-byte tag, the
 //! keyed BLAKE3 hash of everything before it (header with the flag set, messages, key id,
