@@ -4,7 +4,8 @@
 //! [`Snapshotter`](snapshotter::Snapshotter) cycles its leaves; a
 //! [`Subscriber`](subscriber::Subscriber) keeps a copy, and rebuilds from the cycle after a gap,
 //! a late start or a publisher restart. This facade re-exports the crates and carries the
-//! order-book model shared by the examples and the `grapevine` binary.
+//! order-book model shared by the examples and the `grapevine` binary, and the stream
+//! [`repeater`] that relays topics between networks.
 //!
 //! ```no_run
 //! use grapevine::core::net::MulticastConfig;
@@ -23,6 +24,7 @@
 //! ```
 
 pub mod order_book;
+pub mod repeater;
 
 pub use grapevine_core as core;
 pub use grapevine_publisher as publisher;

@@ -45,6 +45,8 @@ enum Command {
     Record(tools::RecordArgs),
     /// Play recordings back onto groups, or rebuild a topic's state from them offline.
     Replay(tools::ReplayArgs),
+    /// Relay topics between the local group and repeaters on other networks (unicast UDP).
+    Repeat(tools::RepeatArgs),
     /// Measure GrapeVine against raw UDP multicast in the same run (use a release build).
     Bench {
         #[command(subcommand)]
@@ -194,6 +196,7 @@ fn main() -> ExitCode {
         Command::Spy(args) => tools::spy(&args).map(|()| true),
         Command::Record(args) => tools::record(&args).map(|()| true),
         Command::Replay(args) => tools::replay(&args).map(|()| true),
+        Command::Repeat(args) => tools::repeat(&args).map(|()| true),
         Command::Bench { command } => bench::run(&command).map(|()| true),
     };
     match result {
