@@ -95,6 +95,27 @@ impl Lab {
         Ok(())
     }
 
+    /// Two hosts joined by one IPv4 veth pair; each has multicast only on its own loopback, so
+    /// they are two networks that multicast does not cross.
+    fn setup_two_networks(&self) -> Result<(), String> {
+        for i in 0..2 {
+            run(&["ip", "netns", "add", &self.ns(&format!("h{i}"))])?;
+        }
+        let (h0, h1) = (self.ns("h0"), self.ns("h1"));
+        let (v0, v1) = (self.veth('v', 0), self.veth('v', 1));
+        run(&[
+            "ip", "link", "add", &v0, "netns", &h0, "type", "veth", "peer", "name", &v1, "netns",
+            &h1,
+        ])?;
+        for (host, link, addr) in [(&h0, &v0, "10.233.0.1/24"), (&h1, &v1, "10.233.0.2/24")] {
+            run(&["ip", "-n", host, "addr", "add", addr, "dev", link])?;
+            run(&["ip", "-n", host, "link", "set", link, "up"])?;
+            run(&["ip", "-n", host, "link", "set", "lo", "up"])?;
+            run(&["ip", "-n", host, "route", "add", "224.0.0.0/4", "dev", "lo"])?;
+        }
+        Ok(())
+    }
+
     fn spawn(&mut self, host: usize, args: &[&str]) -> usize {
         let ns = self.ns(&format!("h{host}"));
         let child = Command::new("ip")
@@ -357,5 +378,77 @@ fn ipv6_group_between_two_hosts() {
     assert!(
         status["applied"].as_u64().unwrap() > 0,
         "deltas flowed over IPv6: {status}"
+    );
+}
+
+#[test]
+fn two_networks_joined_by_repeaters() {
+    if let Err(why) = can_run() {
+        eprintln!("SKIPPED two_networks_joined_by_repeaters: {why} (needs root, ip, nft)");
+        return;
+    }
+    let mut lab = Lab {
+        prefix: format!("gr{}", std::process::id() % 100_000),
+        children: Vec::new(),
+    };
+    if let Err(why) = lab.setup_two_networks() {
+        eprintln!("SKIPPED two_networks_joined_by_repeaters: cannot create namespaces: {why}");
+        return;
+    }
+    let group = "239.255.73.50:47350";
+    let repeat = |listen: &str, peer: &str| {
+        vec![
+            "repeat".to_string(),
+            "--group".into(),
+            group.into(),
+            "--listen".into(),
+            listen.into(),
+            "--peer".into(),
+            peer.into(),
+            "--seconds".into(),
+            "9".into(),
+        ]
+    };
+    fn args(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let near = repeat("10.233.0.1:47351", "10.233.0.2:47351");
+    let far = repeat("10.233.0.2:47351", "10.233.0.1:47351");
+    lab.spawn(0, &args(&near));
+    lab.spawn(1, &args(&far));
+    let subscriber = lab.spawn(1, &["sub", "--group", group, "--json", "--seconds", "8"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let publisher = lab.spawn(
+        0,
+        &[
+            "pub",
+            "--group",
+            group,
+            "--rate",
+            "2000",
+            "--updates",
+            "8000",
+            "--seconds",
+            "7",
+        ],
+    );
+    // Cut the link between the networks for a second while updates flow, then restore it.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (h0, v0) = (lab.ns("h0"), lab.veth('v', 0));
+    run(&["ip", "-n", &h0, "link", "set", &v0, "down"]).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    run(&["ip", "-n", &h0, "link", "set", &v0, "up"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = last_status(&lab.finish(subscriber, deadline));
+    let want = published_digest(&lab.finish(publisher, deadline));
+    assert_eq!(status["status"], "live", "{status}");
+    assert_eq!(
+        status["digest"],
+        want.as_str(),
+        "the far network converged: {status}"
+    );
+    assert!(
+        status["gaps"].as_u64().unwrap() >= 1,
+        "the cut was a gap: {status}"
     );
 }
