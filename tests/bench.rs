@@ -71,3 +71,35 @@ fn recovery_reports_time_to_live() {
     // 500 leaves at 100 000 leaves/s: a 5 ms walk plus a 10 ms pause per cycle.
     assert!(median > 0.0 && median < 5_000.0, "{report}");
 }
+
+#[test]
+fn repeater_and_auth_report_their_costs() {
+    let report = bench(&[
+        "repeater",
+        "--seconds",
+        "0.3",
+        "--group",
+        "239.255.78.5:47850",
+    ]);
+    assert!(
+        report["repeated_p50_us"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert!(
+        report["repeated"]["messages_per_second"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    let report = bench(&[
+        "throughput",
+        "--auth",
+        "--seconds",
+        "0.3",
+        "--group",
+        "239.255.78.9:47890",
+    ]);
+    assert!(report["auth_ratio"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(
+        report["grapevine_signed"]["loss"].as_f64().unwrap() < 0.05,
+        "{report}"
+    );
+}
