@@ -76,6 +76,15 @@ pub struct Config {
     /// The network's key file (`<id>:<64 hex digits>` lines): ELP and VDEV datagrams are signed
     /// with it and unsigned or forged ones ignored. Default none.
     pub key_file: Option<PathBuf>,
+    /// DHT bootstrap nodes (`host:port`): when given, this node announces itself on the DHT
+    /// under `network` and lists the nodes of the same network found there. Default none.
+    pub dht_bootstrap: Vec<String>,
+    /// Address the DHT node binds to. Default 0.0.0.0.
+    pub dht_bind: std::net::Ipv4Addr,
+    /// The network name looked up on the DHT. Default "grapevine".
+    pub network: String,
+    /// How often to announce and look up on the DHT, ms. Default 30 000.
+    pub dht_interval_ms: u64,
     /// Fraction of received ELP and VDEV datagrams to drop on purpose, to measure how
     /// detection behaves under loss. Default 0.
     pub inject_loss: f64,
@@ -106,6 +115,10 @@ impl Default for Config {
             node_ttl: 5,
             rescan_interval_ms: 10_000,
             key_file: None,
+            dht_bootstrap: Vec::new(),
+            dht_bind: std::net::Ipv4Addr::UNSPECIFIED,
+            network: "grapevine".into(),
+            dht_interval_ms: 30_000,
             inject_loss: 0.0,
         }
     }
@@ -295,6 +308,7 @@ pub struct Daemon {
     query_socket: UdpSocket,
     query_port: u16,
     kos: KosListener,
+    dht: Option<crate::dht::DhtDiscovery>,
     zones: Zones,
     announced_zones: Vec<(String, u64)>,
     inventory: Inventory,
@@ -345,6 +359,17 @@ impl Daemon {
             exe: probe_exe.to_path_buf(),
         })?;
         let kos_port = kos.address().port();
+        let dht = if config.dht_bootstrap.is_empty() {
+            None
+        } else {
+            Some(crate::dht::DhtDiscovery::start(crate::dht::DhtSettings {
+                bootstrap: config.dht_bootstrap.clone(),
+                bind: config.dht_bind,
+                network: config.network.clone(),
+                port: kos_port,
+                interval: Duration::from_millis(config.dht_interval_ms.max(100)),
+            })?)
+        };
         let zones = Zones::start(&ZonesSettings {
             node,
             node_name: config.name.clone(),
@@ -406,6 +431,7 @@ impl Daemon {
             query_socket,
             query_port,
             kos,
+            dht,
             zones,
             announced_zones: Vec::new(),
             inventory,
@@ -536,6 +562,11 @@ impl Daemon {
                     liveness: p.liveness,
                 })
                 .collect(),
+            remote_peers: self
+                .dht
+                .as_ref()
+                .map(|d| d.peers().iter().map(ToString::to_string).collect())
+                .unwrap_or_default(),
         };
         if self.written.as_ref() != Some(&file) {
             let json = serde_json::to_vec_pretty(&file)?;

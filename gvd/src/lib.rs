@@ -14,12 +14,14 @@
 //!   detector.
 //! - [`query`]: QUERY, the request for a snapshot cycle now.
 //! - [`kos_server`]: the KOS listener, which starts an agent process per connection.
+//! - [`dht`]: finding nodes on other networks through a BEP-5 DHT (`mainline`).
 //! - [`agent`]: the agent: the CONN protocol's server side, on the drivers it loads.
 //! - [`daemon`]: configuration, the node id, the [`daemon::Daemon`] that announces, follows,
 //!   answers QUERYs and keeps the node list file.
 
 pub mod agent;
 pub mod daemon;
+pub mod dht;
 pub mod elp;
 pub mod inventory;
 pub mod kos_server;

@@ -105,6 +105,17 @@ struct RunArgs {
     /// The network's key file: ELP and VDEV datagrams are signed and verified with it.
     #[arg(long, env = "GVD_KEY_FILE")]
     key_file: Option<PathBuf>,
+    /// A DHT bootstrap node (repeat for several): announce and find nodes of `--network` on
+    /// other networks.
+    #[arg(
+        long = "dht-bootstrap",
+        env = "GVD_DHT_BOOTSTRAP",
+        value_delimiter = ','
+    )]
+    dht_bootstrap: Vec<String>,
+    /// The network name looked up on the DHT.
+    #[arg(long, env = "GVD_NETWORK")]
+    network: Option<String>,
     /// TCP port of the zone replication server (0 picks a free one).
     #[arg(long, env = "GVD_REPL_PORT")]
     repl_port: Option<u16>,
@@ -160,6 +171,12 @@ impl RunArgs {
         }
         if let Some(v) = &self.key_file {
             config.key_file = Some(v.clone());
+        }
+        if !self.dht_bootstrap.is_empty() {
+            config.dht_bootstrap = self.dht_bootstrap.clone();
+        }
+        if let Some(v) = &self.network {
+            config.network = v.clone();
         }
         if let Some(v) = self.repl_port {
             config.repl_port = v;

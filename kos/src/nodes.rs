@@ -113,6 +113,10 @@ pub struct NodesFile {
     pub local_node: u64,
     /// Every node alive or suspect, by node id.
     pub nodes: Vec<NodeEntry>,
+    /// gvd nodes of the same network name found on other networks through the DHT
+    /// (`address:kos_port`); empty without a DHT.
+    #[serde(default)]
+    pub remote_peers: Vec<String>,
 }
 
 /// One node of the node list.

@@ -1,0 +1,80 @@
+//! Two gvd on different groups (no multicast between them) find each other through a private
+//! DHT on loopback; a node of another network name is not found. Never the public DHT: the
+//! bootstrap nodes are a testnet in this process, bound to 127.0.0.1.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::Gvd;
+use gvd::daemon::NodesFile;
+
+#[test]
+fn nodes_on_two_networks_find_each_other_through_the_dht() {
+    let testnet = mainline::Testnet::builder(5)
+        .bind_address(std::net::Ipv4Addr::LOCALHOST)
+        .build()
+        .unwrap();
+    assert!(
+        testnet
+            .bootstrap
+            .iter()
+            .all(|b| b.starts_with("127.0.0.1:")),
+        "{:?}",
+        testnet.bootstrap
+    );
+    let dir = std::env::temp_dir().join(format!("gvd-dht-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let bootstrap = testnet.bootstrap.join(",");
+    let start = |name: &str, group: &str, network: &str| {
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(&config, "dht_bind = \"127.0.0.1\"\ndht_interval_ms = 300\n").unwrap();
+        Gvd::start(
+            &dir,
+            name,
+            group,
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "--dht-bootstrap",
+                &bootstrap,
+                "--network",
+                network,
+            ],
+        )
+    };
+    let a = start("a", "239.255.79.50:47950", "office");
+    let b = start("b", "239.255.79.52:47952", "office");
+    let x = start("x", "239.255.79.54:47954", "elsewhere");
+    let kos_port = |node: &Gvd, name: &str| {
+        node.wait_list(Duration::from_secs(10), |l| l.node(name).is_some());
+        let list = NodesFile::read(&node.nodes_path()).unwrap();
+        list.node(name).unwrap().record.kos_port
+    };
+    let (a_port, b_port, x_port) = (kos_port(&a, "a"), kos_port(&b, "b"), kos_port(&x, "x"));
+    let has = |list: &NodesFile, port: u16| {
+        list.remote_peers
+            .iter()
+            .any(|p| p.ends_with(&format!(":{port}")))
+    };
+    a.wait_list(Duration::from_secs(20), |l| has(l, b_port));
+    b.wait_list(Duration::from_secs(20), |l| has(l, a_port));
+    // Several lookups later, still only the same network.
+    std::thread::sleep(Duration::from_secs(1));
+    let a_list = NodesFile::read(&a.nodes_path()).unwrap();
+    assert!(
+        !has(&a_list, x_port),
+        "another network name is not found: {:?}",
+        a_list.remote_peers
+    );
+    assert_eq!(
+        a_list.nodes.len(),
+        1,
+        "no multicast between the groups: only itself"
+    );
+    drop((a, b, x));
+    let _ = std::fs::remove_dir_all(&dir);
+}
