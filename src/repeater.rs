@@ -251,6 +251,7 @@ pub struct Repeater {
     threads: Vec<JoinHandle<()>>,
     counters: Arc<Counters>,
     peers_heard: Arc<Mutex<HashMap<SocketAddr, Instant>>>,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
     listen: SocketAddr,
 }
 
@@ -280,6 +281,7 @@ impl Repeater {
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
         let peers_heard: Arc<Mutex<HashMap<SocketAddr, Instant>>> = Arc::default();
+        let shared_peers = Arc::new(Mutex::new(options.peers.clone()));
         let mut threads = Vec::new();
         // Local group → peers.
         {
@@ -289,7 +291,7 @@ impl Repeater {
                 Arc::clone(&counters),
                 Arc::clone(&unicast),
             );
-            let peers = options.peers.clone();
+            let peers = Arc::clone(&shared_peers);
             threads.push(
                 std::thread::Builder::new()
                     .name("gv-repeat-out".into())
@@ -305,7 +307,7 @@ impl Repeater {
                                 let verdict = relay.lock().from_local(now, bytes);
                                 match verdict {
                                     Verdict::Relay => {
-                                        for peer in &peers {
+                                        for peer in peers.lock().iter() {
                                             let _ = unicast.send_to(bytes, peer);
                                         }
                                         counters.relayed_out.fetch_add(1, Ordering::Relaxed);
@@ -330,7 +332,7 @@ impl Repeater {
                 Arc::clone(&unicast),
                 Arc::clone(&peers_heard),
             );
-            let peers = options.peers.clone();
+            let peers = Arc::clone(&shared_peers);
             threads.push(
                 std::thread::Builder::new()
                     .name("gv-repeat-in".into())
@@ -341,7 +343,7 @@ impl Repeater {
                                 continue;
                             };
                             // Only configured peers may inject into the local group.
-                            if !peers.iter().any(|p| p.ip() == from.ip()) {
+                            if !peers.lock().iter().any(|p| p.ip() == from.ip()) {
                                 counters.refused.fetch_add(1, Ordering::Relaxed);
                                 continue;
                             }
@@ -377,7 +379,7 @@ impl Repeater {
                 Arc::clone(&unicast),
                 Arc::clone(&peers_heard),
             );
-            let peers = options.peers.clone();
+            let peers = Arc::clone(&shared_peers);
             threads.push(
                 std::thread::Builder::new()
                     .name("gv-repeat-keepalive".into())
@@ -386,7 +388,8 @@ impl Repeater {
                         let mut up: HashMap<SocketAddr, bool> = HashMap::new();
                         while !stop.load(Ordering::Relaxed) {
                             let now = Instant::now();
-                            for peer in &peers {
+                            let current = peers.lock().clone();
+                            for peer in &current {
                                 let alive = heard
                                     .lock()
                                     .iter()
@@ -423,8 +426,19 @@ impl Repeater {
             threads,
             counters,
             peers_heard,
+            peers: shared_peers,
             listen,
         })
+    }
+
+    /// Replaces the remote repeaters (peers found later, through a DHT say).
+    pub fn set_peers(&self, peers: Vec<SocketAddr>) {
+        *self.peers.lock() = peers;
+    }
+
+    /// The remote repeaters now.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().clone()
     }
 
     /// The unicast address it receives on.

@@ -29,6 +29,30 @@ use grapevine_kos::nodes::ZoneStatus;
 
 pub use grapevine_kos::nodes::{NodeEntry, NodesFile, NODES_FILE_VERSION};
 
+/// The repeater role of a gvd (docs/GVD.md): relays topics of a local group to repeaters on
+/// other networks.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepeaterConfig {
+    /// The local group relayed.
+    pub group: SocketAddr,
+    /// Its interface. Default loopback.
+    #[serde(default = "loopback")]
+    pub iface: String,
+    /// Unicast address to receive from remote repeaters on.
+    pub listen: SocketAddr,
+    /// Remote repeaters known in advance (those found through the DHT are added).
+    #[serde(default)]
+    pub peers: Vec<SocketAddr>,
+    /// Topics relayed; all when empty.
+    #[serde(default)]
+    pub topics: Vec<u32>,
+}
+
+fn loopback() -> String {
+    "lo".into()
+}
+
 /// gvd's settings. Read from a TOML file, then overridden by environment and flags.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -76,6 +100,8 @@ pub struct Config {
     /// The network's key file (`<id>:<64 hex digits>` lines): ELP and VDEV datagrams are signed
     /// with it and unsigned or forged ones ignored. Default none.
     pub key_file: Option<PathBuf>,
+    /// The repeater role (`[repeater]`). Default none.
+    pub repeater: Option<RepeaterConfig>,
     /// DHT bootstrap nodes (`host:port`): when given, this node announces itself on the DHT
     /// under `network` and lists the nodes of the same network found there. Default none.
     pub dht_bootstrap: Vec<String>,
@@ -115,6 +141,7 @@ impl Default for Config {
             node_ttl: 5,
             rescan_interval_ms: 10_000,
             key_file: None,
+            repeater: None,
             dht_bootstrap: Vec::new(),
             dht_bind: std::net::Ipv4Addr::UNSPECIFIED,
             network: "grapevine".into(),
@@ -309,6 +336,10 @@ pub struct Daemon {
     query_port: u16,
     kos: KosListener,
     dht: Option<crate::dht::DhtDiscovery>,
+    repeater: Option<(
+        grapevine::repeater::Repeater,
+        Option<crate::dht::DhtDiscovery>,
+    )>,
     zones: Zones,
     announced_zones: Vec<(String, u64)>,
     inventory: Inventory,
@@ -370,6 +401,44 @@ impl Daemon {
                 interval: Duration::from_millis(config.dht_interval_ms.max(100)),
             })?)
         };
+        let keyring = config
+            .key_file
+            .as_deref()
+            .map(|path| grapevine_core::auth::Keyring::from_file(path).map(Arc::new))
+            .transpose()
+            .context("key_file")?;
+        let repeater = match &config.repeater {
+            None => None,
+            Some(settings) => {
+                let iface: InterfaceSpec = settings.iface.parse().map_err(|e| {
+                    anyhow::anyhow!("bad repeater interface {:?}: {e}", settings.iface)
+                })?;
+                let mut options = grapevine::repeater::RepeaterOptions::new(
+                    MulticastConfig::new(settings.group).on(iface),
+                    settings.listen,
+                    settings.peers.clone(),
+                );
+                options.topics = (!settings.topics.is_empty()).then(|| settings.topics.clone());
+                options.keyring = keyring.clone();
+                let repeater = grapevine::repeater::Repeater::start(options)
+                    .context("cannot start the repeater")?;
+                // Repeaters of the same network find each other on the DHT under their own
+                // name.
+                let finder = if config.dht_bootstrap.is_empty() {
+                    None
+                } else {
+                    Some(crate::dht::DhtDiscovery::start(crate::dht::DhtSettings {
+                        bootstrap: config.dht_bootstrap.clone(),
+                        bind: config.dht_bind,
+                        network: format!("{}#repeater", config.network),
+                        port: repeater.listen_address().port(),
+                        interval: Duration::from_millis(config.dht_interval_ms.max(100)),
+                    })?)
+                };
+                tracing::info!(listen = %repeater.listen_address(), "repeater started");
+                Some((repeater, finder))
+            }
+        };
         let zones = Zones::start(&ZonesSettings {
             node,
             node_name: config.name.clone(),
@@ -387,12 +456,6 @@ impl Daemon {
             repl: zones.repl_port(),
         };
         let record = record(node, config, address, ports, zones.statuses(), &inventory);
-        let keyring = config
-            .key_file
-            .as_deref()
-            .map(|path| grapevine_core::auth::Keyring::from_file(path).map(Arc::new))
-            .transpose()
-            .context("key_file")?;
         let elp = Topic::start(
             ELP_TOPIC,
             &elp_group,
@@ -432,6 +495,7 @@ impl Daemon {
             query_port,
             kos,
             dht,
+            repeater,
             zones,
             announced_zones: Vec::new(),
             inventory,
@@ -546,6 +610,18 @@ impl Daemon {
         }
         self.ask_for_missing(&peers, now);
         self.offer_zones(&peers);
+        if let (Some((repeater, Some(finder))), Some(settings)) =
+            (&self.repeater, &self.config.repeater)
+        {
+            let mut wanted: Vec<SocketAddr> = settings.peers.clone();
+            wanted.extend(finder.peers());
+            wanted.sort();
+            wanted.dedup();
+            if repeater.peers() != wanted {
+                tracing::info!(peers = wanted.len(), "repeater peers");
+                repeater.set_peers(wanted);
+            }
+        }
         let file = NodesFile {
             version: NODES_FILE_VERSION,
             local_node: self.node,

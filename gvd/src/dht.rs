@@ -28,7 +28,8 @@ pub struct DhtSettings {
     pub bootstrap: Vec<String>,
     /// Address to bind the DHT node to.
     pub bind: Ipv4Addr,
-    /// The network name: nodes of the same name find each other.
+    /// The network name: nodes of the same name find each other (a role can be appended,
+    /// `office#repeater`, to find only the nodes announcing that role).
     pub network: String,
     /// The port to announce (this node's KOS port).
     pub port: u16,

@@ -78,3 +78,77 @@ fn nodes_on_two_networks_find_each_other_through_the_dht() {
     drop((a, b, x));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn repeaters_found_through_the_dht_carry_a_stream() {
+    use grapevine::core::net::MulticastConfig;
+    use grapevine::core::state::{digest, KeyedMap, MapDelta};
+    use grapevine::core::StreamStatus;
+    use grapevine::publisher::{Publisher, PublisherOptions};
+    use grapevine::snapshotter::{Snapshotter, SnapshotterOptions};
+    use grapevine::subscriber::{Subscriber, SubscriberOptions};
+
+    let testnet = mainline::Testnet::builder(5)
+        .bind_address(std::net::Ipv4Addr::LOCALHOST)
+        .build()
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("gvd-dht-rep-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let bootstrap = testnet.bootstrap.join(",");
+    let start = |name: &str, group: &str, relayed: &str| {
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "dht_bind = \"127.0.0.1\"\ndht_interval_ms = 300\nnetwork = \"office\"\n\
+                 [repeater]\ngroup = \"{relayed}\"\nlisten = \"127.0.0.1:0\"\n"
+            ),
+        )
+        .unwrap();
+        Gvd::start(
+            &dir,
+            name,
+            group,
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "--dht-bootstrap",
+                &bootstrap,
+            ],
+        )
+    };
+    let near_group = "239.255.79.60:47960";
+    let far_group = "239.255.79.61:47961";
+    let _a = start("a", "239.255.79.56:47956", near_group);
+    let _b = start("b", "239.255.79.58:47958", far_group);
+    type Map = KeyedMap<u32, u64>;
+    let near = MulticastConfig::new(near_group.parse().unwrap());
+    let far = MulticastConfig::new(far_group.parse().unwrap());
+    let subscriber = Subscriber::<Map>::join(SubscriberOptions::new(5, far)).unwrap();
+    let publisher =
+        Publisher::start(PublisherOptions::new(5, near.clone()), Map::default()).unwrap();
+    let _snapshots = Snapshotter::start(&publisher, SnapshotterOptions::new(near)).unwrap();
+    for i in 0..500u32 {
+        publisher
+            .publish(MapDelta::Put(i % 40, u64::from(i)))
+            .unwrap();
+    }
+    publisher.flush();
+    let started = std::time::Instant::now();
+    let mut converged = false;
+    while started.elapsed() < Duration::from_secs(30) && !converged {
+        let want = publisher.read(digest);
+        converged = subscriber.read(|s| {
+            s.stream(0)
+                .is_some_and(|v| v.status == StreamStatus::Live && digest(v.state) == want)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        converged,
+        "the far group got the stream through repeaters found on the DHT"
+    );
+    eprintln!("converged {:?} after publishing", started.elapsed());
+    let _ = std::fs::remove_dir_all(&dir);
+}
