@@ -27,8 +27,8 @@ use crate::wire::{DATAGRAM_HEADER_LEN, FLAG_AUTH};
 /// Length of the trailer of a signed datagram.
 pub const AUTH_TRAILER_LEN: usize = 26;
 const TAG_LEN: usize = 16;
-/// Counters more than this far below the highest one seen are refused as replays.
-const WINDOW: u64 = 1024;
+/// Counters this far or more below the highest one seen are refused as replays.
+const WINDOW: u64 = 4096;
 
 /// A 256-bit key. Its `Debug` shows only the id's fingerprint, never the key.
 #[derive(Clone)]
@@ -212,37 +212,57 @@ pub enum AuthError {
     Replayed,
 }
 
-/// Sliding window of datagram counters seen from one sender in one session.
-#[derive(Clone, Copy, Debug, Default)]
+/// Sliding window of datagram counters seen from one sender in one session: the last
+/// [`WINDOW`] counters as a bitmap. Wide, because a publisher sends batches of hundreds of
+/// datagrams from two threads, and a batch may leave after a later heartbeat.
+#[derive(Clone, Debug)]
 struct ReplayWindow {
     highest: u64,
-    seen: u128,
-    // Bits for counters highest-127..=highest; older ones within WINDOW are only checked for
-    // being above the floor (an old datagram cannot be replayed twice... once the floor passes).
+    seen: Box<[u64; (WINDOW / 64) as usize]>,
+}
+
+impl Default for ReplayWindow {
+    fn default() -> Self {
+        Self {
+            highest: 0,
+            seen: Box::new([0; (WINDOW / 64) as usize]),
+        }
+    }
 }
 
 impl ReplayWindow {
+    fn bit(counter: u64) -> (usize, u64) {
+        let index = counter % WINDOW;
+        ((index / 64) as usize, 1u64 << (index % 64))
+    }
+
     /// Whether `counter` is new; records it.
     fn admit(&mut self, counter: u64) -> bool {
         if counter == 0 {
             return false;
         }
         if counter > self.highest {
-            let shift = counter - self.highest;
-            self.seen = if shift >= 128 { 0 } else { self.seen << shift };
-            self.seen |= 1;
+            if counter - self.highest >= WINDOW {
+                self.seen.fill(0);
+            } else {
+                for skipped in self.highest + 1..counter {
+                    let (word, mask) = Self::bit(skipped);
+                    self.seen[word] &= !mask;
+                }
+            }
             self.highest = counter;
+            let (word, mask) = Self::bit(counter);
+            self.seen[word] |= mask;
             return true;
         }
-        let behind = self.highest - counter;
-        if behind >= 128 || behind >= WINDOW {
+        if self.highest - counter >= WINDOW {
             return false;
         }
-        let bit = 1u128 << behind;
-        if self.seen & bit != 0 {
+        let (word, mask) = Self::bit(counter);
+        if self.seen[word] & mask != 0 {
             return false;
         }
-        self.seen |= bit;
+        self.seen[word] |= mask;
         true
     }
 }
@@ -370,8 +390,26 @@ mod tests {
         assert!(window.admit(3), "late but new");
         assert!(!window.admit(3), "replayed");
         assert!(window.admit(200));
-        assert!(!window.admit(5), "below the window");
+        assert!(window.admit(6), "still inside the window");
+        assert!(!window.admit(6));
+        assert!(window.admit(5_000));
+        assert!(!window.admit(200), "below the window");
+        assert!(window.admit(1_000), "inside it, never seen");
         assert!(!window.admit(0));
+    }
+
+    #[test]
+    fn a_batch_overtaken_by_a_later_datagram_is_accepted() {
+        // A publisher sends a batch of hundreds of datagrams from one thread while its flusher
+        // sends a heartbeat: the heartbeat (a later counter) may arrive first.
+        let mut signer = Signer::new(keyring(1, 7), 0);
+        let batch: Vec<Bytes> = (0..300).map(|_| signer.sign(&datagram())).collect();
+        let heartbeat = signer.sign(&datagram());
+        let mut verifier = Verifier::new(keyring(1, 7));
+        assert_eq!(verifier.verify(&heartbeat, 3, 99), Ok(()));
+        for signed in &batch {
+            assert_eq!(verifier.verify(signed, 3, 99), Ok(()));
+        }
     }
 
     #[test]
