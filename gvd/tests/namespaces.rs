@@ -147,6 +147,14 @@ impl Lab {
         self.dir.join(format!("h{i}-zone"))
     }
 
+    /// Starts host `i`'s gvd again (after it was stopped), in the place of the old process.
+    fn restart(&mut self, i: usize, drivers: &PathBuf) {
+        self.start(i, drivers);
+        let restarted = self.children.pop().expect("just started");
+        let old = std::mem::replace(&mut self.children[i], restarted);
+        drop(old);
+    }
+
     fn list(&self, i: usize) -> Option<NodesFile> {
         serde_json::from_slice(&std::fs::read(self.nodes_path(i)).ok()?).ok()
     }
@@ -310,6 +318,85 @@ fn three_hosts_discover_each_other_and_a_dead_one_leaves() {
             "the file written on host0 is readable, identical, on host2"
         );
         eprintln!("host0 -> host2 through NFS after {:?}", started.elapsed());
+
+        let wait = |what: &str, check: &dyn Fn() -> bool| {
+            let started = Instant::now();
+            while !check() {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "{what}: not within 20 s"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        let copies = |i: usize| -> Vec<String> {
+            std::fs::read_dir(lab.zone_dir(i))
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| n.contains(".conflict-"))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        // Concurrent changes on host0 and host1: both versions kept, on every member.
+        std::fs::write(lab.zone_dir(0).join("notes.txt"), b"from host0").unwrap();
+        std::fs::write(lab.zone_dir(1).join("notes.txt"), b"from host1").unwrap();
+        wait("a conflict copy on every host", &|| {
+            (0..HOSTS).all(|i| copies(i).len() == 1)
+        });
+        wait("the same result everywhere", &|| {
+            let seen: Vec<_> = (0..HOSTS)
+                .map(|i| {
+                    let copy = copies(i);
+                    (
+                        std::fs::read(lab.zone_dir(i).join("notes.txt")).ok(),
+                        copy.first()
+                            .and_then(|c| std::fs::read(lab.zone_dir(i).join(c)).ok()),
+                    )
+                })
+                .collect();
+            seen.windows(2).all(|w| w[0] == w[1])
+        });
+
+        // host2 is down while host0 takes a write; it catches up when it returns.
+        let _ = Command::new("kill")
+            .args(["-TERM", &lab.children[2].id().to_string()])
+            .status();
+        let _ = lab.children[2].wait();
+        let away = lab.dir.join("away.bin");
+        std::fs::write(&away, b"written while host2 was down").unwrap();
+        let copied = Command::new("ip")
+            .args(["netns", "exec", &lab.ns("h0"), "nfs-cp"])
+            .arg(&away)
+            .arg(url(0).replace("payload.bin", "away.bin"))
+            .output()
+            .unwrap();
+        assert!(
+            copied.status.success(),
+            "{}",
+            String::from_utf8_lossy(&copied.stderr)
+        );
+        lab.restart(2, &drivers);
+        wait("host2 caught up", &|| {
+            std::fs::read(lab.zone_dir(2).join("away.bin"))
+                .is_ok_and(|d| d == b"written while host2 was down")
+        });
+
+        // A deleted file stays deleted.
+        std::fs::remove_file(lab.zone_dir(0).join("payload.bin")).unwrap();
+        wait("payload.bin deleted everywhere", &|| {
+            (0..HOSTS).all(|i| !lab.zone_dir(i).join("payload.bin").exists())
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(
+            (0..HOSTS).all(|i| !lab.zone_dir(i).join("payload.bin").exists()),
+            "resurrected"
+        );
+        // Back to three listed hosts before the death test below.
+        for i in 0..HOSTS {
+            lab.wait(i, Duration::from_secs(10), &all);
+        }
     } else {
         eprintln!("GrapeVineFS part skipped: needs nfs-cp (Debian libnfs-utils)");
     }
