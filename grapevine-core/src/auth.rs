@@ -174,6 +174,14 @@ impl Signer {
         self.counter = 0;
     }
 
+    /// `datagram` signed when there is a signer, as is otherwise.
+    pub fn sign_if(signer: &mut Option<Self>, datagram: Bytes) -> Bytes {
+        match signer {
+            Some(signer) => signer.sign(&datagram),
+            None => datagram,
+        }
+    }
+
     /// The signed copy of `datagram`.
     pub fn sign(&mut self, datagram: &[u8]) -> Bytes {
         self.counter += 1;

@@ -834,12 +834,7 @@ impl Daemon {
             {
                 continue;
             }
-            let Some(ip) = peer
-                .record
-                .addresses
-                .iter()
-                .find_map(|a| a.parse::<IpAddr>().ok())
-            else {
+            let Some(ip) = first_ip(&peer.record) else {
                 continue;
             };
             for zone in peer.record.zones.iter().filter(|z| z.member) {
@@ -883,12 +878,7 @@ impl Daemon {
                     }
                     continue;
                 }
-                let Some(address) = peer
-                    .record
-                    .addresses
-                    .iter()
-                    .find_map(|a| a.parse::<IpAddr>().ok())
-                else {
+                let Some(address) = first_ip(&peer.record) else {
                     continue;
                 };
                 let query = Query {
@@ -905,6 +895,11 @@ impl Daemon {
         }
         self.queried.retain(|(node, _), _| peers.contains_key(node));
     }
+}
+
+/// The first address a node announces that parses.
+fn first_ip(record: &NodeRecord) -> Option<IpAddr> {
+    record.addresses.iter().find_map(|a| a.parse().ok())
 }
 
 /// The ports a node announces.

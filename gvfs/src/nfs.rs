@@ -90,6 +90,30 @@ impl ZoneFs {
     }
 }
 
+/// A file handle: a tag naming the zone (and, for forwarded zones, the member), then the id.
+pub(crate) fn handle(tag: u64, id: fileid3) -> nfs_fh3 {
+    let mut data = Vec::with_capacity(16);
+    data.extend_from_slice(&tag.to_le_bytes());
+    data.extend_from_slice(&id.to_le_bytes());
+    nfs_fh3 { data }
+}
+
+/// The tag and id of a handle made by [`handle`].
+pub(crate) fn parse_handle(fh: &nfs_fh3) -> Result<(u64, fileid3), nfsstat3> {
+    let bytes: &[u8; 16] = fh
+        .data
+        .as_slice()
+        .try_into()
+        .map_err(|_| nfsstat3::NFS3ERR_BADHANDLE)?;
+    let (tag, id) = bytes.split_at(8);
+    let word = |b: &[u8]| {
+        b.try_into()
+            .map(u64::from_le_bytes)
+            .map_err(|_| nfsstat3::NFS3ERR_BADHANDLE)
+    };
+    Ok((word(tag)?, word(id)?))
+}
+
 fn status(error: std::io::Error) -> nfsstat3 {
     use std::io::ErrorKind;
     match error.kind() {
@@ -334,29 +358,11 @@ impl NFSFileSystem for ZoneFs {
     }
 
     fn id_to_fh(&self, id: fileid3) -> nfs_fh3 {
-        let mut data = Vec::with_capacity(16);
-        data.extend_from_slice(&self.tag.to_le_bytes());
-        data.extend_from_slice(&id.to_le_bytes());
-        nfs_fh3 { data }
+        handle(self.tag, id)
     }
 
     fn fh_to_id(&self, fh: &nfs_fh3) -> Result<fileid3, nfsstat3> {
-        let (tag, id) = match fh.data.as_slice() {
-            [t @ .., _, _, _, _, _, _, _, _] if t.len() == 8 => {
-                let tag = u64::from_le_bytes(
-                    fh.data[..8]
-                        .try_into()
-                        .map_err(|_| nfsstat3::NFS3ERR_BADHANDLE)?,
-                );
-                let id = u64::from_le_bytes(
-                    fh.data[8..]
-                        .try_into()
-                        .map_err(|_| nfsstat3::NFS3ERR_BADHANDLE)?,
-                );
-                (tag, id)
-            }
-            _ => return Err(nfsstat3::NFS3ERR_BADHANDLE),
-        };
+        let (tag, id) = parse_handle(fh)?;
         if tag != self.tag {
             return Err(nfsstat3::NFS3ERR_STALE);
         }

@@ -625,21 +625,11 @@ impl NFSFileSystem for ProxyFs {
 
     fn id_to_fh(&self, id: fileid3) -> nfs_fh3 {
         // The member's ids mean nothing on another member: the handle names the member.
-        let mut data = Vec::with_capacity(16);
-        data.extend_from_slice(&(self.tag ^ self.current_member()).to_le_bytes());
-        data.extend_from_slice(&id.to_le_bytes());
-        nfs_fh3 { data }
+        crate::nfs::handle(self.tag ^ self.current_member(), id)
     }
 
     fn fh_to_id(&self, fh: &nfs_fh3) -> Result<fileid3, nfsstat3> {
-        let (Some(tag), Some(id)) = (fh.data.get(..8), fh.data.get(8..16)) else {
-            return Err(nfsstat3::NFS3ERR_BADHANDLE);
-        };
-        if fh.data.len() != 16 {
-            return Err(nfsstat3::NFS3ERR_BADHANDLE);
-        }
-        let tag = u64::from_le_bytes(tag.try_into().map_err(|_| nfsstat3::NFS3ERR_BADHANDLE)?);
-        let id = u64::from_le_bytes(id.try_into().map_err(|_| nfsstat3::NFS3ERR_BADHANDLE)?);
+        let (tag, id) = crate::nfs::parse_handle(fh)?;
         let member = self.current_member();
         // Before the first connection any handle of this zone is taken; after a move to
         // another member, the old member's handles are stale.

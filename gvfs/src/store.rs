@@ -531,12 +531,7 @@ impl ZoneStore {
         match decision {
             Decision::Skip => return Ok(()),
             Decision::MergeOnly => {
-                self.id_for(path);
-                if let Some(entry) = self.index.entries.get_mut(path) {
-                    entry.vv.merge(&theirs.vv);
-                    self.index.version += 1;
-                    entry.changed_at = self.index.version;
-                }
+                self.merge_into(path, theirs);
                 return self.save();
             }
             Decision::KeepOursCopyTheirs => {
@@ -550,12 +545,7 @@ impl ZoneStore {
                     copy,
                     "conflict: concurrent changes, kept both (ours wins)"
                 );
-                self.id_for(path);
-                if let Some(entry) = self.index.entries.get_mut(path) {
-                    entry.vv.merge(&theirs.vv);
-                    self.index.version += 1;
-                    entry.changed_at = self.index.version;
-                }
+                self.merge_into(path, theirs);
                 return self.save();
             }
             Decision::TakeTheirsCopyOurs => {
@@ -596,6 +586,16 @@ impl ZoneStore {
             }
         }
         self.save()
+    }
+
+    /// Our entry for `path` now includes every change of `theirs` (content unchanged).
+    fn merge_into(&mut self, path: &str, theirs: &Entry) {
+        self.id_for(path);
+        if let Some(entry) = self.index.entries.get_mut(path) {
+            entry.vv.merge(&theirs.vv);
+            self.index.version += 1;
+            entry.changed_at = self.index.version;
+        }
     }
 
     /// Puts a peer's version in place: the fetched file renamed over the path, a directory

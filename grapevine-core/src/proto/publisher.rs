@@ -368,10 +368,7 @@ impl<S: ReplicatedState> PublisherSession<S> {
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
         let datagram = self.out.pop_front()?;
-        Some(match &mut self.signer {
-            Some(signer) => signer.sign(&datagram),
-            None => datagram,
-        })
+        Some(crate::auth::Signer::sign_if(&mut self.signer, datagram))
     }
 
     /// Whether deltas wait in a partly filled datagram for the flush delay.

@@ -215,10 +215,7 @@ impl<K: Clone + Ord + serde::Serialize> SnapshotSession<K> {
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
         let datagram = self.out.pop_front()?;
-        Some(match &mut self.signer {
-            Some(signer) => signer.sign(&datagram),
-            None => datagram,
-        })
+        Some(crate::auth::Signer::sign_if(&mut self.signer, datagram))
     }
 
     /// Counters.
