@@ -303,11 +303,12 @@ impl Repeater {
                                 continue;
                             };
                             let now = Instant::now();
+                            let mut relay = relay.lock();
+                            let peers = peers.lock();
                             for bytes in batch.datagrams().take(n) {
-                                let verdict = relay.lock().from_local(now, bytes);
-                                match verdict {
+                                match relay.from_local(now, bytes) {
                                     Verdict::Relay => {
-                                        for peer in peers.lock().iter() {
+                                        for peer in peers.iter() {
                                             let _ = unicast.send_to(bytes, peer);
                                         }
                                         counters.relayed_out.fetch_add(1, Ordering::Relaxed);

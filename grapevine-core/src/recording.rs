@@ -53,6 +53,8 @@ pub struct RecordError {
 pub struct RecordWriter<W: Write> {
     out: W,
     written: u64,
+    /// The record being framed, reused (no allocation per datagram).
+    frame: Vec<u8>,
 }
 
 impl<W: Write> RecordWriter<W> {
@@ -66,6 +68,7 @@ impl<W: Write> RecordWriter<W> {
         Ok(Self {
             out,
             written: FILE_MAGIC.len() as u64,
+            frame: Vec::new(),
         })
     }
 
@@ -81,7 +84,8 @@ impl<W: Write> RecordWriter<W> {
                 "datagram too large to record",
             ));
         }
-        let mut frame = Vec::with_capacity(HEADER_LEN + record.payload.len() + 4);
+        let frame = &mut self.frame;
+        frame.clear();
         frame.extend_from_slice(SYNC);
         frame.extend_from_slice(&(record.payload.len() as u32).to_be_bytes());
         let nanos = record
@@ -99,7 +103,7 @@ impl<W: Write> RecordWriter<W> {
         frame.extend_from_slice(&record.payload);
         let crc = crc32fast::hash(&frame[4..]);
         frame.extend_from_slice(&crc.to_be_bytes());
-        self.out.write_all(&frame)?;
+        self.out.write_all(frame)?;
         self.written += frame.len() as u64;
         Ok(frame.len())
     }

@@ -141,10 +141,15 @@ impl Spy {
                 Message::Delta { seq, payload, .. } => {
                     stream.deltas += 1;
                     stream.sequence(seq);
-                    if stream.latest.len() == LATEST_KEPT {
-                        stream.latest.pop_front();
-                    }
-                    stream.latest.push_back(payload.to_vec());
+                    // The oldest buffer is reused: no allocation per message once full.
+                    let mut kept = if stream.latest.len() == LATEST_KEPT {
+                        stream.latest.pop_front().unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    };
+                    kept.clear();
+                    kept.extend_from_slice(payload);
+                    stream.latest.push_back(kept);
                 }
                 Message::Heartbeat { last_seq } => {
                     stream.heartbeats += 1;

@@ -562,12 +562,7 @@ impl Daemon {
         let now = Instant::now();
         self.rescan_if_due(now)?;
         // A zone that changed is announced at once: its version is what makes members pull.
-        let zone_versions: Vec<(String, u64)> = self
-            .zones
-            .statuses()
-            .into_iter()
-            .map(|z| (z.name, z.version))
-            .collect();
+        let zone_versions = self.zones.versions();
         if zone_versions != self.announced_zones {
             self.announced_zones = zone_versions;
             self.next_announce = now;
@@ -824,10 +819,8 @@ impl Daemon {
         // Every zone served without being held gets its list, empty when no member is alive.
         let mut members: BTreeMap<String, Vec<Member>> = self
             .zones
-            .statuses()
-            .into_iter()
-            .filter(|z| !z.member)
-            .map(|z| (z.name, Vec::new()))
+            .forwarded()
+            .map(|name| (name.to_string(), Vec::new()))
             .collect();
         for (node, peer) in peers {
             if *node == self.node || peer.liveness != Liveness::Alive || peer.record.repl_port == 0

@@ -11,8 +11,8 @@ use std::time::Duration;
 use common::Gvd;
 use gvd::daemon::NodesFile;
 
-#[test]
-fn nodes_on_two_networks_find_each_other_through_the_dht() {
+/// A private DHT on 127.0.0.1, a scratch directory, and the `--dht-bootstrap` value.
+fn private_dht(tag: &str) -> (mainline::Testnet, std::path::PathBuf, String) {
     let testnet = mainline::Testnet::builder(5)
         .bind_address(std::net::Ipv4Addr::LOCALHOST)
         .build()
@@ -25,10 +25,16 @@ fn nodes_on_two_networks_find_each_other_through_the_dht() {
         "{:?}",
         testnet.bootstrap
     );
-    let dir = std::env::temp_dir().join(format!("gvd-dht-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("gvd-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let bootstrap = testnet.bootstrap.join(",");
+    (testnet, dir, bootstrap)
+}
+
+#[test]
+fn nodes_on_two_networks_find_each_other_through_the_dht() {
+    let (_testnet, dir, bootstrap) = private_dht("dht");
     let start = |name: &str, group: &str, network: &str| {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, "dht_bind = \"127.0.0.1\"\ndht_interval_ms = 300\n").unwrap();
@@ -88,14 +94,7 @@ fn repeaters_found_through_the_dht_carry_a_stream() {
     use grapevine::snapshotter::{Snapshotter, SnapshotterOptions};
     use grapevine::subscriber::{Subscriber, SubscriberOptions};
 
-    let testnet = mainline::Testnet::builder(5)
-        .bind_address(std::net::Ipv4Addr::LOCALHOST)
-        .build()
-        .unwrap();
-    let dir = std::env::temp_dir().join(format!("gvd-dht-rep-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let bootstrap = testnet.bootstrap.join(",");
+    let (_testnet, dir, bootstrap) = private_dht("dht-rep");
     let start = |name: &str, group: &str, relayed: &str| {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(

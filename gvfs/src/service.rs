@@ -307,6 +307,19 @@ impl Zones {
         self.repl.as_ref().map_or(0, |r| r.address().port())
     }
 
+    /// The version of each zone this node holds (cheap: no usage or free-space figures).
+    pub fn versions(&self) -> Vec<(String, u64)> {
+        self.zones
+            .iter()
+            .map(|zone| (zone.config.name.clone(), zone.store.lock().version()))
+            .collect()
+    }
+
+    /// The zones this node serves by forwarding to a member.
+    pub fn forwarded(&self) -> impl Iterator<Item = &str> {
+        self.proxies.iter().map(|p| p.config.name.as_str())
+    }
+
     /// What this node announces about its zones.
     pub fn statuses(&self) -> Vec<ZoneStatus> {
         self.zones

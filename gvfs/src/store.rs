@@ -177,6 +177,8 @@ pub struct ZoneStore {
     /// Paths pulls are about to replace (with how many pulls): local writes to them wait.
     incoming: HashMap<String, usize>,
     temp_counter: u64,
+    /// Sum of the indexed sizes of live files; `None` after the index changed.
+    used_cache: std::cell::Cell<Option<u64>>,
 }
 
 impl ZoneStore {
@@ -218,6 +220,7 @@ impl ZoneStore {
             pending_checks: HashMap::new(),
             incoming: HashMap::new(),
             temp_counter: 0,
+            used_cache: std::cell::Cell::new(None),
         };
         store.scan()?;
         Ok(store)
@@ -238,23 +241,32 @@ impl ZoneStore {
         self.index.conflicts
     }
 
-    /// Bytes held (live files, including writes not yet settled).
+    /// Bytes held (live files, including writes not yet settled). Called on every NFS
+    /// WRITE for the quota: the indexed total is cached until the index changes, and only the
+    /// few unsettled paths are looked at each time.
     pub fn used_bytes(&self) -> u64 {
-        let indexed: u64 = self
-            .index
-            .entries
-            .iter()
-            .filter(|(path, e)| {
-                !e.deleted && e.kind == Kind::File && !self.pending_checks.contains_key(*path)
-            })
-            .map(|(_, e)| e.size)
-            .sum();
-        indexed
-            + self
-                .pending_checks
+        let indexed = self.used_cache.get().unwrap_or_else(|| {
+            let total = self
+                .index
+                .entries
                 .values()
-                .map(|(_, size)| size)
-                .sum::<u64>()
+                .filter(|e| !e.deleted && e.kind == Kind::File)
+                .map(|e| e.size)
+                .sum();
+            self.used_cache.set(Some(total));
+            total
+        });
+        self.pending_checks
+            .iter()
+            .fold(indexed, |used, (path, (_, size))| {
+                let settled = self
+                    .index
+                    .entries
+                    .get(path)
+                    .filter(|e| !e.deleted && e.kind == Kind::File)
+                    .map_or(0, |e| e.size);
+                used - settled.min(used) + size
+            })
     }
 
     /// The peer version this node has everything up to.
@@ -420,6 +432,7 @@ impl ZoneStore {
             }
         };
         if changed {
+            self.used_cache.set(None);
             self.index.version += 1;
             entry.vv.bump(node);
             entry.changed_at = self.index.version;
@@ -606,6 +619,7 @@ impl ZoneStore {
         theirs: &Entry,
         fetched: Option<&Path>,
     ) -> Result<(), StoreError> {
+        self.used_cache.set(None);
         let disk = self.disk_path(path);
         if let Some(parent) = disk.parent() {
             std::fs::create_dir_all(parent).map_err(io(parent))?;
@@ -652,6 +666,7 @@ impl ZoneStore {
     /// Moves the index entry of `from` (and of everything under it) to `to`, after the rename
     /// on disk, so that file ids survive renames; records both paths as changed.
     pub fn renamed(&mut self, from: &str, to: &str) {
+        self.used_cache.set(None);
         let moved: Vec<String> = self
             .index
             .entries
@@ -700,6 +715,8 @@ impl ZoneStore {
     ///
     /// When it cannot be written (full disk): the previous one stays.
     pub fn save(&self) -> Result<(), StoreError> {
+        // Every change of the index is saved: what was cached from it is recomputed.
+        self.used_cache.set(None);
         let bytes = postcard::to_stdvec(&self.index).map_err(|e| StoreError::Index {
             path: self.index_path.clone(),
             reason: e.to_string(),

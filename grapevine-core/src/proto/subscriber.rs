@@ -631,10 +631,12 @@ impl<S: ReplicatedState> SubscriberSession<S> {
             return;
         }
         let (publisher, session) = (header.publisher(), header.session());
-        if datagram
-            .messages()
-            .any(|m| matches!(m, Message::RepairRequest { .. }))
-        {
+        // Request datagrams hold only requests (`wire::repair_request`): the first message
+        // tells, without a second pass over data datagrams.
+        if matches!(
+            datagram.messages().next(),
+            Some(Message::RepairRequest { .. })
+        ) {
             // Another subscriber's request (never data): it may make ours unnecessary.
             for message in datagram.messages() {
                 if let Message::RepairRequest { first, last } = message {
