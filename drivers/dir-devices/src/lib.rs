@@ -5,7 +5,7 @@
 //! appear or disappear change the inventory.
 #![allow(unsafe_code)]
 
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{c_char, CString};
 use std::io::{Read, Seek, SeekFrom};
 use std::panic::catch_unwind;
 use std::path::PathBuf;
@@ -109,52 +109,45 @@ pub unsafe extern "C" fn gv_vdriver_call(
     out_cap: usize,
     out_len: *mut usize,
 ) -> i32 {
-    let result = catch_unwind(|| {
-        // SAFETY: the caller guarantees valid strings and buffers (see above).
-        let (vdev, function, args) = unsafe {
-            (
-                CStr::from_ptr(vdev).to_string_lossy().into_owned(),
-                CStr::from_ptr(function).to_bytes(),
-                std::slice::from_raw_parts(args, args_len),
-            )
-        };
-        let Some((_, size)) = devices().into_iter().find(|(name, _)| *name == vdev) else {
-            return -3;
-        };
-        let answer = match function {
-            b"size" => size.to_string().into_bytes(),
-            b"read" => {
-                let (Some(offset), Some(len)) = (
-                    args.get(..8)
-                        .and_then(|b| b.try_into().ok())
-                        .map(u64::from_be_bytes),
-                    args.get(8..16)
-                        .and_then(|b| b.try_into().ok())
-                        .map(u64::from_be_bytes),
-                ) else {
-                    return -5;
+    // SAFETY: the caller's contract, forwarded unchanged.
+    unsafe {
+        gv_vdriver_kit::serve_call(
+            vdev,
+            function,
+            args,
+            args_len,
+            out,
+            out_cap,
+            out_len,
+            |vdev, function, args| {
+                let vdev = String::from_utf8_lossy(vdev).into_owned();
+                let Some((_, size)) = devices().into_iter().find(|(name, _)| *name == vdev) else {
+                    return Err(-3);
                 };
-                let mut buf = vec![0u8; len.min(size.saturating_sub(offset)).min(1 << 20) as usize];
-                let read = std::fs::File::open(root().join(&vdev)).and_then(|mut f| {
-                    f.seek(SeekFrom::Start(offset))?;
-                    f.read_exact(&mut buf)
-                });
-                if read.is_err() {
-                    return -1;
+                match function {
+                    b"size" => Ok(size.to_string().into_bytes()),
+                    b"read" => {
+                        let (Some(offset), Some(len)) = (
+                            args.get(..8)
+                                .and_then(|b| b.try_into().ok())
+                                .map(u64::from_be_bytes),
+                            args.get(8..16)
+                                .and_then(|b| b.try_into().ok())
+                                .map(u64::from_be_bytes),
+                        ) else {
+                            return Err(-5);
+                        };
+                        let mut buf =
+                            vec![0u8; len.min(size.saturating_sub(offset)).min(1 << 20) as usize];
+                        let read = std::fs::File::open(root().join(&vdev)).and_then(|mut f| {
+                            f.seek(SeekFrom::Start(offset))?;
+                            f.read_exact(&mut buf)
+                        });
+                        read.map(|()| buf).map_err(|_| -1)
+                    }
+                    _ => Err(-4),
                 }
-                buf
-            }
-            _ => return -4,
-        };
-        // SAFETY: out_len is writable; out is writable for out_cap bytes.
-        unsafe {
-            *out_len = answer.len();
-            if answer.len() > out_cap {
-                return -2;
-            }
-            std::ptr::copy_nonoverlapping(answer.as_ptr(), out, answer.len());
-        }
-        0
-    });
-    result.unwrap_or(-1)
+            },
+        )
+    }
 }

@@ -91,43 +91,37 @@ pub unsafe extern "C" fn gv_vdriver_call(
     out_cap: usize,
     out_len: *mut usize,
 ) -> i32 {
-    let result = catch_unwind(|| {
-        // SAFETY: the caller guarantees valid strings and buffers (see above).
-        let (vdev, function, args) = unsafe {
-            (
-                CStr::from_ptr(vdev).to_bytes(),
-                CStr::from_ptr(function).to_bytes(),
-                std::slice::from_raw_parts(args, args_len),
-            )
-        };
-        let answer: Vec<u8> = match (vdev, function) {
-            (b"echo0", b"echo") => args.to_vec(),
-            (b"echo0", b"reverse") => args.iter().rev().copied().collect(),
-            (b"echo0", b"panic") => panic!("gv-echo: asked to panic"),
-            (b"echo0", b"abort") => std::process::abort(),
-            (b"echo0", b"sleep") => {
-                let ms: u64 = std::str::from_utf8(args)
-                    .ok()
-                    .and_then(|t| t.trim().parse().ok())
-                    .unwrap_or(0);
-                std::thread::sleep(std::time::Duration::from_millis(ms.min(60_000)));
-                args.to_vec()
-            }
-            (b"counter0", b"next") => (COUNTER.fetch_add(1, Ordering::Relaxed) + 1)
-                .to_string()
-                .into_bytes(),
-            (b"echo0" | b"counter0", _) => return -4,
-            _ => return -3,
-        };
-        // SAFETY: out_len is writable; out is writable for out_cap bytes.
-        unsafe {
-            *out_len = answer.len();
-            if answer.len() > out_cap {
-                return -2;
-            }
-            std::ptr::copy_nonoverlapping(answer.as_ptr(), out, answer.len());
-        }
-        0
-    });
-    result.unwrap_or(-1)
+    // SAFETY: the caller's contract, forwarded unchanged.
+    unsafe {
+        gv_vdriver_kit::serve_call(
+            vdev,
+            function,
+            args,
+            args_len,
+            out,
+            out_cap,
+            out_len,
+            |vdev, function, args| {
+                Ok(match (vdev, function) {
+                    (b"echo0", b"echo") => args.to_vec(),
+                    (b"echo0", b"reverse") => args.iter().rev().copied().collect(),
+                    (b"echo0", b"panic") => panic!("gv-echo: asked to panic"),
+                    (b"echo0", b"abort") => std::process::abort(),
+                    (b"echo0", b"sleep") => {
+                        let ms: u64 = std::str::from_utf8(args)
+                            .ok()
+                            .and_then(|t| t.trim().parse().ok())
+                            .unwrap_or(0);
+                        std::thread::sleep(std::time::Duration::from_millis(ms.min(60_000)));
+                        args.to_vec()
+                    }
+                    (b"counter0", b"next") => (COUNTER.fetch_add(1, Ordering::Relaxed) + 1)
+                        .to_string()
+                        .into_bytes(),
+                    (b"echo0" | b"counter0", _) => return Err(-4),
+                    _ => return Err(-3),
+                })
+            },
+        )
+    }
 }
