@@ -11,3 +11,4 @@ pub mod repl;
 pub mod service;
 pub mod store;
 pub mod version;
+pub mod zpath;

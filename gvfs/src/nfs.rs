@@ -46,9 +46,7 @@ impl ZoneFs {
     fn child(&self, dirid: fileid3, name: &filename3) -> Result<String, nfsstat3> {
         let dir = self.path(dirid)?;
         let name = std::str::from_utf8(&name.0).map_err(|_| nfsstat3::NFS3ERR_INVAL)?;
-        if name.is_empty() || name == "." || name == ".." || name.contains('/') {
-            return Err(nfsstat3::NFS3ERR_INVAL);
-        }
+        crate::zpath::check_name(name).map_err(|_| nfsstat3::NFS3ERR_INVAL)?;
         Ok(if dir.is_empty() {
             name.to_string()
         } else {
@@ -56,8 +54,12 @@ impl ZoneFs {
         })
     }
 
+    fn disk(&self, path: &str) -> Result<std::path::PathBuf, nfsstat3> {
+        self.store.lock().disk_path(path).map_err(path_status)
+    }
+
     fn attr(&self, id: fileid3, path: &str) -> Result<fattr3, nfsstat3> {
-        let disk = self.store.lock().disk_path(path);
+        let disk = self.disk(path)?;
         let meta = std::fs::symlink_metadata(disk).map_err(status)?;
         Ok(metadata_to_fattr3(id, &meta))
     }
@@ -72,7 +74,11 @@ impl ZoneFs {
     /// Refuses growth beyond the quota.
     fn room_for(&self, path: &str, new_len: u64) -> Result<(), nfsstat3> {
         let store = self.store.lock();
-        let current = std::fs::metadata(store.disk_path(path)).map_or(0, |m| m.len());
+        let current = store
+            .disk_path(path)
+            .ok()
+            .and_then(|disk| std::fs::metadata(disk).ok())
+            .map_or(0, |m| m.len());
         let growth = new_len.saturating_sub(current);
         if growth > 0 && store.used_bytes().saturating_add(growth) > self.quota_bytes {
             return Err(nfsstat3::NFS3ERR_DQUOT);
@@ -114,6 +120,18 @@ pub(crate) fn parse_handle(fh: &nfs_fh3) -> Result<(u64, fileid3), nfsstat3> {
     Ok((word(tag)?, word(id)?))
 }
 
+/// A path that would leave the zone is refused as a permission matter, a malformed one as
+/// invalid.
+fn path_status(error: crate::zpath::PathError) -> nfsstat3 {
+    use crate::zpath::PathError;
+    match error {
+        PathError::Symlink(_) => nfsstat3::NFS3ERR_ACCES,
+        PathError::NotADirectory(_) => nfsstat3::NFS3ERR_NOTDIR,
+        PathError::TooLong(_) => nfsstat3::NFS3ERR_NAMETOOLONG,
+        _ => nfsstat3::NFS3ERR_INVAL,
+    }
+}
+
 fn status(error: std::io::Error) -> nfsstat3 {
     use std::io::ErrorKind;
     match error.kind() {
@@ -125,6 +143,12 @@ fn status(error: std::io::Error) -> nfsstat3 {
         ErrorKind::IsADirectory => nfsstat3::NFS3ERR_ISDIR,
         ErrorKind::StorageFull => nfsstat3::NFS3ERR_NOSPC,
         ErrorKind::QuotaExceeded => nfsstat3::NFS3ERR_DQUOT,
+        // openat2 refusing a link or a way out of the zone.
+        _ if error.raw_os_error() == Some(nix::libc::ELOOP)
+            || error.raw_os_error() == Some(nix::libc::EXDEV) =>
+        {
+            nfsstat3::NFS3ERR_ACCES
+        }
         _ => nfsstat3::NFS3ERR_IO,
     }
 }
@@ -151,7 +175,8 @@ impl NFSFileSystem for ZoneFs {
         }
         let path = self.child(dirid, filename)?;
         let mut store = self.store.lock();
-        if std::fs::symlink_metadata(store.disk_path(&path)).is_err() {
+        let disk = store.disk_path(&path).map_err(path_status)?;
+        if std::fs::symlink_metadata(disk).is_err() {
             return Err(nfsstat3::NFS3ERR_NOENT);
         }
         Ok(store.id_for(&path))
@@ -168,7 +193,7 @@ impl NFSFileSystem for ZoneFs {
         if let set_size3::size(size) = setattr.size {
             self.room_for(&path, size)?;
         }
-        let disk = self.store.lock().disk_path(&path);
+        let disk = self.disk(&path)?;
         path_setattr(&disk, &setattr).await?;
         if let set_size3::size(_) = setattr.size {
             if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&disk) {
@@ -187,8 +212,8 @@ impl NFSFileSystem for ZoneFs {
         count: u32,
     ) -> Result<(Vec<u8>, bool), nfsstat3> {
         let path = self.path(id)?;
-        let disk = self.store.lock().disk_path(&path);
-        let mut file = std::fs::File::open(disk).map_err(status)?;
+        let root = self.store.lock().root().to_path_buf();
+        let mut file = crate::zpath::open_beneath(&root, &path).map_err(status)?;
         let len = file.metadata().map_err(status)?.len();
         file.seek(SeekFrom::Start(offset)).map_err(status)?;
         let mut data = Vec::with_capacity(count.min(1 << 20) as usize);
@@ -203,7 +228,7 @@ impl NFSFileSystem for ZoneFs {
         let path = self.path(id)?;
         self.writable(&path)?;
         self.room_for(&path, offset.saturating_add(data.len() as u64))?;
-        let disk = self.store.lock().disk_path(&path);
+        let disk = self.disk(&path)?;
         let file = std::fs::OpenOptions::new()
             .write(true)
             .open(&disk)
@@ -224,7 +249,7 @@ impl NFSFileSystem for ZoneFs {
     ) -> Result<(fileid3, fattr3), nfsstat3> {
         let path = self.child(dirid, filename)?;
         self.writable(&path)?;
-        let disk = self.store.lock().disk_path(&path);
+        let disk = self.disk(&path)?;
         let file = std::fs::File::create(&disk).map_err(status)?;
         file.sync_all().map_err(status)?;
         path_setattr(&disk, &attr).await?;
@@ -241,7 +266,7 @@ impl NFSFileSystem for ZoneFs {
     ) -> Result<fileid3, nfsstat3> {
         let path = self.child(dirid, filename)?;
         self.writable(&path)?;
-        let disk = self.store.lock().disk_path(&path);
+        let disk = self.disk(&path)?;
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -261,7 +286,7 @@ impl NFSFileSystem for ZoneFs {
     ) -> Result<(fileid3, fattr3), nfsstat3> {
         let path = self.child(dirid, dirname)?;
         self.writable(&path)?;
-        let disk = self.store.lock().disk_path(&path);
+        let disk = self.disk(&path)?;
         std::fs::create_dir(&disk).map_err(status)?;
         self.changed_now(&path);
         let id = self.store.lock().id_for(&path);
@@ -271,7 +296,7 @@ impl NFSFileSystem for ZoneFs {
     async fn remove(&self, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3> {
         let path = self.child(dirid, filename)?;
         self.writable(&path)?;
-        let disk = self.store.lock().disk_path(&path);
+        let disk = self.disk(&path)?;
         let meta = std::fs::symlink_metadata(&disk).map_err(status)?;
         if meta.is_dir() {
             std::fs::remove_dir(&disk).map_err(status)?;
@@ -295,7 +320,8 @@ impl NFSFileSystem for ZoneFs {
         self.writable(&from)?;
         self.writable(&to)?;
         let mut store = self.store.lock();
-        let (from_disk, to_disk) = (store.disk_path(&from), store.disk_path(&to));
+        let from_disk = store.disk_path(&from).map_err(path_status)?;
+        let to_disk = store.disk_path(&to).map_err(path_status)?;
         std::fs::rename(&from_disk, &to_disk).map_err(status)?;
         crate::store::sync_dir(to_disk.parent().unwrap_or(&to_disk));
         store.renamed(&from, &to);

@@ -21,6 +21,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::store::{decide, Decision, Entry, Kind, ZoneStore};
+use crate::zpath::{open_beneath, ZonePath};
 
 /// Bytes per data request.
 pub const CHUNK: u32 = 1 << 20;
@@ -52,8 +53,8 @@ pub enum ReplRequest {
     Fetch {
         /// The zone.
         zone: String,
-        /// The path.
-        path: String,
+        /// The path (checked when decoded: relative, no `..`, no NUL).
+        path: ZonePath,
         /// Where.
         offset: u64,
         /// How much.
@@ -68,8 +69,8 @@ pub enum ReplReply {
     Changes {
         /// The server's zone version when listing.
         version: u64,
-        /// Changed paths, directories first.
-        entries: Vec<(String, Entry)>,
+        /// Changed paths, directories first (checked when decoded).
+        entries: Vec<(ZonePath, Entry)>,
     },
     /// File data (the "data").
     Data {
@@ -242,9 +243,20 @@ fn answer(request: ReplRequest, zones: &ZoneMap, runtime: &tokio::runtime::Handl
         ReplRequest::Changes { zone, since } => match zone_of(&zone) {
             Some(store) => {
                 let store = store.lock();
+                let entries = store
+                    .changes_since(since)
+                    .into_iter()
+                    .filter_map(|(path, entry)| match ZonePath::new(path) {
+                        Ok(path) => Some((path, entry)),
+                        Err(error) => {
+                            tracing::warn!(zone, %error, "not offered to peers");
+                            None
+                        }
+                    })
+                    .collect();
                 ReplReply::Changes {
                     version: store.version(),
-                    entries: store.changes_since(since),
+                    entries,
                 }
             }
             None => ReplReply::Error {
@@ -262,9 +274,13 @@ fn answer(request: ReplRequest, zones: &ZoneMap, runtime: &tokio::runtime::Handl
                     message: format!("no zone {zone} here"),
                 };
             };
-            let disk = store.lock().disk_path(&path);
+            let root = store.lock().root().to_path_buf();
             let read = || -> std::io::Result<Vec<u8>> {
-                let file = std::fs::File::open(&disk)?;
+                // The kernel keeps the open beneath the zone's root, links refused.
+                let file = open_beneath(&root, path.as_str())?;
+                if !file.metadata()?.is_file() {
+                    return Err(std::io::Error::other("not a regular file"));
+                }
                 let mut bytes = vec![0u8; len.min(CHUNK) as usize];
                 let mut filled = 0;
                 while filled < bytes.len() {
@@ -335,6 +351,7 @@ pub fn pull(
         let plan: Vec<_> = entries
             .into_iter()
             .filter_map(|(path, theirs)| {
+                let path = path.into_string();
                 // A local change not recorded yet (a write still settling, or made outside
                 // NFS) is recorded first, so that it is weighed rather than overwritten.
                 if store.check(&path) {
@@ -429,6 +446,10 @@ fn fetch(
     peer: SocketAddr,
 ) -> Result<(), PullError> {
     let io = |source| PullError::Io { peer, source };
+    let path = ZonePath::new(path).map_err(|e| PullError::Protocol {
+        peer,
+        reason: e.to_string(),
+    })?;
     let file = std::fs::File::create(into).map_err(io)?;
     let chunks = size.div_ceil(u64::from(CHUNK));
     let mut requested = 0u64;
@@ -437,7 +458,7 @@ fn fetch(
         while requested < chunks && requested - received < WINDOW as u64 {
             let request = ReplRequest::Fetch {
                 zone: zone.into(),
-                path: path.into(),
+                path: path.clone(),
                 offset: requested * u64::from(CHUNK),
                 len: CHUNK,
             };

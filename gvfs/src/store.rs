@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::version::{Relation, VersionVector};
+use crate::zpath::{self, PathError};
 
 /// The id of a zone's root directory.
 pub const ROOT_ID: u64 = 1;
@@ -74,6 +75,9 @@ pub enum StoreError {
         /// What.
         source: std::io::Error,
     },
+    /// A path that may not be used in a zone (malformed, or leading outside it).
+    #[error(transparent)]
+    Path(#[from] PathError),
     /// The index file is unreadable.
     #[error("index {path} is unreadable: {reason}")]
     Index {
@@ -287,13 +291,14 @@ impl ZoneStore {
         self.by_id.get(&id).map(String::as_str)
     }
 
-    /// The on-disk location of a zone path.
-    pub fn disk_path(&self, path: &str) -> PathBuf {
-        if path.is_empty() {
-            self.root.clone()
-        } else {
-            self.root.join(path)
-        }
+    /// The on-disk location of a zone path, resolved strictly beneath the zone's root (see
+    /// [`zpath::resolve_beneath`]).
+    ///
+    /// # Errors
+    ///
+    /// When the path is malformed or would leave the root (`..`, a symbolic link).
+    pub fn disk_path(&self, path: &str) -> Result<PathBuf, PathError> {
+        zpath::resolve_beneath(&self.root, path)
     }
 
     /// Whether a pull is about to replace `path` (writes must be retried later).
@@ -401,7 +406,12 @@ impl ZoneStore {
         if path.is_empty() || self.incoming.contains_key(path) {
             return false;
         }
-        let on_disk = std::fs::symlink_metadata(self.disk_path(path)).ok();
+        // A path that cannot be resolved beneath the root (a symbolic link put there by hand)
+        // is not part of the zone.
+        let on_disk = self
+            .disk_path(path)
+            .ok()
+            .and_then(|disk| std::fs::symlink_metadata(disk).ok());
         let node = self.node;
         let id = self.id_for(path);
         let Some(entry) = self.index.entries.get_mut(path) else {
@@ -464,7 +474,9 @@ impl ZoneStore {
             .collect();
         let mut stack = vec![String::new()];
         while let Some(dir) = stack.pop() {
-            let disk = self.disk_path(&dir);
+            let Ok(disk) = self.disk_path(&dir) else {
+                continue;
+            };
             let Ok(entries) = std::fs::read_dir(&disk) else {
                 continue;
             };
@@ -540,7 +552,7 @@ impl ZoneStore {
         decision: &Decision,
         fetched: Option<&Path>,
     ) -> Result<(), StoreError> {
-        let disk = self.disk_path(path);
+        let disk = self.disk_path(path)?;
         match decision {
             Decision::Skip => return Ok(()),
             Decision::MergeOnly => {
@@ -565,7 +577,7 @@ impl ZoneStore {
                 let ours = self.index.entries.get(path).cloned();
                 if let Some(ours) = ours {
                     let copy = conflict_path(path, ours.writer, ours.written_ms);
-                    let copy_disk = self.disk_path(&copy);
+                    let copy_disk = self.disk_path(&copy)?;
                     std::fs::rename(&disk, &copy_disk).map_err(io(&copy_disk))?;
                     let meta = std::fs::metadata(&copy_disk).map_err(io(&copy_disk))?;
                     let id = self.id_for(&copy);
@@ -620,7 +632,7 @@ impl ZoneStore {
         fetched: Option<&Path>,
     ) -> Result<(), StoreError> {
         self.used_cache.set(None);
-        let disk = self.disk_path(path);
+        let disk = self.disk_path(path)?;
         if let Some(parent) = disk.parent() {
             std::fs::create_dir_all(parent).map_err(io(parent))?;
         }
@@ -839,7 +851,7 @@ mod tests {
                 let decision = decide(to.entry(&path), &theirs);
                 let fetched = (!theirs.deleted && theirs.kind == Kind::File).then(|| {
                     let tmp = to.temp_file();
-                    std::fs::copy(from.disk_path(&path), &tmp).unwrap();
+                    std::fs::copy(from.disk_path(&path).unwrap(), &tmp).unwrap();
                     tmp
                 });
                 to.apply(&path, &theirs, &decision, fetched.as_deref())

@@ -1,0 +1,220 @@
+//! The replication port against a hostile peer, on real sockets: paths that try to leave the
+//! zone are refused on the wire, whichever side names them.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use grapevine_fs::nfs::ZoneFs;
+use grapevine_fs::repl::{pull, ReplServer, ServedZone};
+use grapevine_fs::store::{Entry, Kind, ZoneStore};
+use grapevine_fs::version::VersionVector;
+use grapevine_kos::proto::{encode_frame, frame_len, FRAME_HEADER_LEN};
+use parking_lot::Mutex;
+use serde::Serialize;
+
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gvfs-hostile-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The replication messages as a peer that ignores the rules would encode them: same variants
+/// and field order, paths as plain strings.
+#[derive(Serialize)]
+enum RawRequest {
+    #[allow(dead_code)]
+    Changes { zone: String, since: u64 },
+    #[allow(dead_code)]
+    Fs { zone: String },
+    Fetch {
+        zone: String,
+        path: String,
+        offset: u64,
+        len: u32,
+    },
+}
+
+#[derive(Serialize)]
+enum RawReply {
+    Changes {
+        version: u64,
+        entries: Vec<(String, Entry)>,
+    },
+}
+
+fn send_raw<T: Serialize>(stream: &mut TcpStream, message: &T) {
+    let mut frame = Vec::new();
+    encode_frame(message, &mut frame).unwrap();
+    stream.write_all(&frame).unwrap();
+}
+
+/// The reply's bytes, or `None` when the server closed the connection instead.
+fn read_raw(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    stream.read_exact(&mut header).ok()?;
+    let len = frame_len(header, 64 << 20).ok()?;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).ok()?;
+    Some(body)
+}
+
+fn serve_zone(dir: &Path, runtime: &tokio::runtime::Runtime) -> (ReplServer, PathBuf) {
+    let root = dir.join("zone");
+    let store = ZoneStore::open(1, &root, &dir.join("meta")).unwrap();
+    let store = Arc::new(Mutex::new(store));
+    let mut zones = HashMap::new();
+    zones.insert(
+        "z1".to_string(),
+        ServedZone {
+            fs: ZoneFs::new(Arc::clone(&store), 1 << 30, 7),
+            store,
+        },
+    );
+    let server = ReplServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(zones),
+        runtime.handle().clone(),
+    )
+    .unwrap();
+    (server, root)
+}
+
+#[test]
+fn fetch_never_reads_outside_the_zone() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = scratch("fetch");
+    let (server, root) = serve_zone(&dir, &runtime);
+    let secret = b"outside the zone: never served";
+    std::fs::write(dir.join("secret"), secret).unwrap();
+    std::fs::write(root.join("inside"), b"zone data").unwrap();
+    std::os::unix::fs::symlink(dir.join("secret"), root.join("leak")).unwrap();
+    std::os::unix::fs::symlink(&dir, root.join("up")).unwrap();
+
+    let hostile = [
+        "../secret".to_string(),
+        "../../../../etc/hostname".to_string(),
+        dir.join("secret").display().to_string(),
+        "/etc/hostname".to_string(),
+        "leak".to_string(),
+        "up/secret".to_string(),
+        "inside\0".to_string(),
+        String::new(),
+    ];
+    for path in hostile {
+        let mut stream = TcpStream::connect(server.address()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        send_raw(
+            &mut stream,
+            &RawRequest::Fetch {
+                zone: "z1".into(),
+                path: path.clone(),
+                offset: 0,
+                len: 4096,
+            },
+        );
+        if let Some(reply) = read_raw(&mut stream) {
+            assert!(
+                !reply.windows(secret.len()).any(|w| w == secret),
+                "{path:?} leaked the file outside the zone"
+            );
+            let hostname = std::fs::read("/etc/hostname").unwrap_or_default();
+            assert!(
+                hostname.is_empty() || !reply.windows(hostname.len()).any(|w| w == hostname),
+                "{path:?} leaked /etc/hostname"
+            );
+        }
+    }
+
+    // The zone's own file is still served.
+    let mut stream = TcpStream::connect(server.address()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    send_raw(
+        &mut stream,
+        &RawRequest::Fetch {
+            zone: "z1".into(),
+            path: "inside".into(),
+            offset: 0,
+            len: 4096,
+        },
+    );
+    let reply = read_raw(&mut stream).expect("an answer");
+    assert!(reply.windows(9).any(|w| w == b"zone data"));
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A rogue member answers a pull with entries that name paths outside the puller's zone.
+#[test]
+fn a_pull_never_writes_or_deletes_outside_the_zone() {
+    let dir = scratch("pull");
+    let victim = dir.join("victim.txt");
+    std::fs::write(&victim, b"must survive").unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let rogue: SocketAddr = listener.local_addr().unwrap();
+    let entry = |kind, deleted| Entry {
+        id: 5,
+        kind,
+        vv: VersionVector([(9, 1)].into_iter().collect()),
+        deleted,
+        changed_at: 1,
+        size: 0,
+        mtime_ns: 0,
+        writer: 9,
+        written_ms: 1,
+    };
+    let attacks: Vec<Vec<(String, Entry)>> = vec![
+        vec![("../victim.txt".into(), entry(Kind::File, true))],
+        vec![(victim.display().to_string(), entry(Kind::File, true))],
+        vec![("../planted".into(), entry(Kind::Dir, false))],
+        vec![("ok/../../planted".into(), entry(Kind::Dir, false))],
+    ];
+    let rounds = attacks.len();
+    let server = std::thread::spawn(move || {
+        for entries in attacks {
+            let (mut stream, _) = listener.accept().unwrap();
+            let _ = read_raw(&mut stream);
+            send_raw(
+                &mut stream,
+                &RawReply::Changes {
+                    version: 1,
+                    entries,
+                },
+            );
+        }
+    });
+    let store = ZoneStore::open(2, &dir.join("zone"), &dir.join("meta")).unwrap();
+    let store = Arc::new(Mutex::new(store));
+    for _ in 0..rounds {
+        let outcome = pull(&store, "z1", rogue, 9, Duration::from_secs(5));
+        assert!(outcome.is_err(), "a hostile change list was accepted");
+    }
+    server.join().unwrap();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"must survive");
+    assert!(!dir.join("planted").exists());
+    assert_eq!(store.lock().seen(9), 0, "nothing recorded as seen");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A symbolic link put in the zone by hand is neither served nor indexed.
+#[test]
+fn links_in_the_zone_are_not_replicated() {
+    let dir = scratch("index");
+    let root = dir.join("zone");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(dir.join("secret"), b"outside").unwrap();
+    std::fs::write(root.join("real"), b"inside").unwrap();
+    std::os::unix::fs::symlink(dir.join("secret"), root.join("leak")).unwrap();
+    let store = ZoneStore::open(1, &root, &dir.join("meta")).unwrap();
+    let listed: Vec<String> = store.changes_since(0).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(listed, vec!["real".to_string()]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
