@@ -1,6 +1,7 @@
 //! The replication port against a hostile peer, on real sockets: paths that try to leave the
 //! zone are refused on the wire, whichever side names them.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
