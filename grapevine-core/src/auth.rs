@@ -139,6 +139,14 @@ impl Keyring {
         self.keys.last().map_or(0, |(id, _)| *id)
     }
 
+    /// A key for another use (a handshake's pre-shared key, say), derived from the signing
+    /// key and `context`, so that the signing key itself never leaves the keyring.
+    pub fn derive_key(&self, context: &str) -> [u8; 32] {
+        self.keys
+            .last()
+            .map_or([0; 32], |(_, key)| blake3::derive_key(context, &key.0))
+    }
+
     fn key(&self, id: u8) -> Option<&Key> {
         self.keys.iter().find(|(k, _)| *k == id).map(|(_, key)| key)
     }

@@ -2,7 +2,9 @@
 //!
 //! gvd accepts the connection and starts `gvd agent` with the socket as its standard input
 //! ([`crate::kos_server`]); the agent loads the drivers it needs, so a driver that crashes or
-//! hangs takes only this agent down. The agent ends when the connection does, when a call
+//! hangs takes only this agent down. With a network key the agent runs the handshake itself
+//! ([`grapevine_kos::secure`]) before reading anything; with or without one, a connection must
+//! complete it and send CONN within [`HANDSHAKE_TIMEOUT`] or the agent ends. The agent ends when the connection does, when a call
 //! outlives the call timeout, or when gvd is gone.
 //!
 //! [`AgentSession`] is the protocol logic without I/O; [`serve`] runs it on a socket.
@@ -19,6 +21,7 @@ use grapevine_kos::proto::{
     decode, encode_frame, frame_len, ErrorKind, ProtoError, Reply, Request, FRAME_HEADER_LEN,
     PROTOCOL_VERSION,
 };
+use grapevine_kos::secure::{Link, HANDSHAKE_TIMEOUT};
 use parking_lot::Mutex;
 
 use crate::inventory::Inventory;
@@ -324,15 +327,16 @@ pub enum Ended {
     CallTimedOut,
 }
 
-/// The socket's writing half, shared by the threads that answer.
+/// The connection's writing half, shared by the threads that answer.
 struct Writer {
-    stream: Mutex<(TcpStream, Vec<u8>)>,
+    socket: TcpStream,
+    stream: Mutex<(Box<dyn Write + Send>, Vec<u8>)>,
 }
 
 impl Writer {
     /// Ends the connection both ways, which also wakes the thread reading it.
     fn shut(&self) {
-        let _ = self.stream.lock().0.shutdown(std::net::Shutdown::Both);
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
     }
 
     fn send(&self, reply: &Reply) -> bool {
@@ -353,14 +357,19 @@ impl Writer {
 ///
 /// When the socket cannot be cloned or a thread started.
 pub fn serve(
-    stream: TcpStream,
+    link: Link,
     session: AgentSession,
     devices: DriverDevices,
     limits: &AgentLimits,
 ) -> std::io::Result<Ended> {
-    stream.set_nodelay(true)?;
+    let socket = link.socket().try_clone()?;
+    socket.set_nodelay(true)?;
+    // CONN must come soon: a connection that says nothing does not hold an agent for long.
+    socket.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let (mut reader, writer) = link.split()?;
     let writer = Arc::new(Writer {
-        stream: Mutex::new((stream.try_clone()?, Vec::new())),
+        socket: socket.try_clone()?,
+        stream: Mutex::new((writer, Vec::new())),
     });
     let (requests, queue) = crossbeam_channel::unbounded::<Result<Request, ProtoError>>();
     let (ended_out, ended) = crossbeam_channel::bounded::<Ended>(2);
@@ -416,7 +425,7 @@ pub fn serve(
                 }
             })?;
     }
-    let mut reader = stream;
+    let mut waiting_for_conn = true;
     loop {
         if let Ok(outcome) = ended.try_recv() {
             return Ok(outcome);
@@ -440,6 +449,10 @@ pub fn serve(
         let mut body = vec![0u8; len];
         if reader.read_exact(&mut body).is_err() {
             return Ok(ended.try_recv().unwrap_or(Ended::Disconnected));
+        }
+        if waiting_for_conn {
+            waiting_for_conn = false;
+            socket.set_read_timeout(None)?;
         }
         match decode::<Request>(&body) {
             // Answered at once, even while a call runs (only once connected).

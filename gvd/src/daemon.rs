@@ -82,6 +82,9 @@ pub struct Config {
     pub kos_port: u16,
     /// Most KOS connections (agent processes) at once. Default 64.
     pub max_agents: usize,
+    /// Most KOS connections at once from one address, so that one client cannot hold every
+    /// agent. Default 8.
+    pub max_agents_per_source: usize,
     /// Longest a driver call may run before its agent gives up and ends, ms. Default 30 000.
     pub call_timeout_ms: u64,
     /// Largest KOS request frame, bytes. Default 16 MiB.
@@ -130,6 +133,7 @@ impl Default for Config {
             query_port: 7173,
             kos_port: 7174,
             max_agents: 64,
+            max_agents_per_source: 8,
             call_timeout_ms: 30_000,
             max_frame: grapevine_kos::proto::DEFAULT_MAX_FRAME,
             repl_port: 7175,
@@ -380,9 +384,25 @@ impl Daemon {
         let directories = search_path(&config.vdriver_path);
         let inventory = scan(&directories, probe_exe);
         write_inventory(&config.state_dir, &inventory);
+        let keyring = config
+            .key_file
+            .as_deref()
+            .map(|path| grapevine_core::auth::Keyring::from_file(path).map(Arc::new))
+            .transpose()
+            .context("key_file")?;
+        if keyring.is_none() {
+            tracing::warn!(
+                "no key_file: anyone who can reach this host can read and forge its \
+                 announcements, call its VDEVs over KOS and read and write its zones over \
+                 replication; set key_file (docs/SECURITY.md)"
+            );
+        }
         let kos = KosListener::start(KosSettings {
             address: SocketAddr::new(address, config.kos_port),
             max_agents: config.max_agents,
+            max_agents_per_source: config.max_agents_per_source,
+            key_file: config.key_file.clone(),
+            port_key: keyring.as_deref().map(crate::port_key),
             call_timeout: Duration::from_millis(config.call_timeout_ms),
             max_frame: config.max_frame,
             node_id: node,
@@ -401,12 +421,6 @@ impl Daemon {
                 interval: Duration::from_millis(config.dht_interval_ms.max(100)),
             })?)
         };
-        let keyring = config
-            .key_file
-            .as_deref()
-            .map(|path| grapevine_core::auth::Keyring::from_file(path).map(Arc::new))
-            .transpose()
-            .context("key_file")?;
         let repeater = match &config.repeater {
             None => None,
             Some(settings) => {
@@ -449,6 +463,7 @@ impl Daemon {
             debounce: Duration::from_millis(config.zone_debounce_ms),
             scan_interval: Duration::from_millis(config.zone_scan_interval_ms.max(100)),
             peer_timeout: Duration::from_secs(5),
+            port_key: keyring.as_deref().map(crate::port_key),
         })?;
         let ports = Ports {
             query: query_port,

@@ -1,7 +1,7 @@
 //! gvd's KOS listener: accepts CONN connections and starts one agent process per connection
 //! (`gvd agent`, with the socket as its standard input), up to a configured number.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use grapevine_kos::proto::{encode_frame, ErrorKind, Reply};
+use grapevine_kos::secure::{PortKey, Purpose};
 use parking_lot::Mutex;
 
 /// Settings of the listener and of the agents it starts.
@@ -21,6 +22,12 @@ pub struct KosSettings {
     pub address: SocketAddr,
     /// Most agents alive at once; further connections are refused with an error.
     pub max_agents: usize,
+    /// Most agents alive at once for one client address.
+    pub max_agents_per_source: usize,
+    /// The network key file, handed to agents (they run the handshake).
+    pub key_file: Option<PathBuf>,
+    /// The key derived from it, to refuse connections in a way keyed clients can read.
+    pub port_key: Option<PortKey>,
     /// Longest a driver call may run.
     pub call_timeout: Duration,
     /// Largest request frame.
@@ -49,7 +56,7 @@ pub struct KosListener {
     address: SocketAddr,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    agents: Arc<Mutex<Vec<Child>>>,
+    agents: Arc<Mutex<Vec<(Child, IpAddr)>>>,
     accepted: Arc<AtomicU64>,
     refused: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
@@ -66,7 +73,7 @@ impl KosListener {
             .with_context(|| format!("cannot listen for KOS on {}", settings.address))?;
         let address = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
-        let agents: Arc<Mutex<Vec<Child>>> = Arc::default();
+        let agents: Arc<Mutex<Vec<(Child, IpAddr)>>> = Arc::default();
         let (accepted, refused, failed) = (Arc::default(), Arc::default(), Arc::default());
         let thread = {
             let stop = Arc::clone(&stop);
@@ -101,7 +108,7 @@ impl KosListener {
     pub fn agents(&self) -> Vec<u32> {
         let mut agents = self.agents.lock();
         reap(&mut agents);
-        agents.iter().map(Child::id).collect()
+        agents.iter().map(|(agent, _)| agent.id()).collect()
     }
 
     /// Counters.
@@ -125,7 +132,7 @@ impl KosListener {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        for mut agent in self.agents.lock().drain(..) {
+        for (mut agent, _) in self.agents.lock().drain(..) {
             let _ = agent.kill();
             let _ = agent.wait();
         }
@@ -138,8 +145,8 @@ impl Drop for KosListener {
     }
 }
 
-fn reap(agents: &mut Vec<Child>) {
-    agents.retain_mut(|agent| match agent.try_wait() {
+fn reap(agents: &mut Vec<(Child, IpAddr)>) {
+    agents.retain_mut(|(agent, _)| match agent.try_wait() {
         Ok(Some(status)) => {
             tracing::debug!(pid = agent.id(), %status, "agent ended");
             false
@@ -153,9 +160,10 @@ fn accept_loop(
     listener: &TcpListener,
     settings: &KosSettings,
     stop: &AtomicBool,
-    agents: &Mutex<Vec<Child>>,
+    agents: &Mutex<Vec<(Child, IpAddr)>>,
     (accepted, refused, failed): &(Arc<AtomicU64>, Arc<AtomicU64>, Arc<AtomicU64>),
 ) {
+    let refusing = Arc::new(AtomicU64::new(0));
     while !stop.load(Ordering::Relaxed) {
         let (stream, peer) = match listener.accept() {
             Ok(connection) => connection,
@@ -171,23 +179,35 @@ fn accept_loop(
         }
         let mut agents = agents.lock();
         reap(&mut agents);
-        if agents.len() >= settings.max_agents {
+        let from_peer = agents
+            .iter()
+            .filter(|(_, source)| *source == peer.ip())
+            .count();
+        let full = if agents.len() >= settings.max_agents {
+            Some(format!(
+                "this node serves {} KOS connections, its limit; try later",
+                settings.max_agents
+            ))
+        } else if from_peer >= settings.max_agents_per_source {
+            Some(format!(
+                "this node serves {} KOS connections from {}, its limit per address; try later",
+                settings.max_agents_per_source,
+                peer.ip()
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = full {
             refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, max = settings.max_agents, "KOS connection refused: too many agents");
-            refuse(
-                stream,
-                format!(
-                    "this node serves {} KOS connections, its limit; try later",
-                    settings.max_agents
-                ),
-            );
+            tracing::warn!(%peer, "KOS connection refused: {message}");
+            refuse(stream, message, settings.port_key.as_ref(), &refusing);
             continue;
         }
         match spawn_agent(stream, settings, &peer) {
             Ok(child) => {
                 accepted.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%peer, pid = child.id(), "agent started");
-                agents.push(child);
+                agents.push((child, peer.ip()));
             }
             Err(error) => {
                 failed.fetch_add(1, Ordering::Relaxed);
@@ -197,7 +217,13 @@ fn accept_loop(
     }
 }
 
-fn refuse(mut stream: TcpStream, message: String) {
+/// Most refusals being written at once; past that, connections are just closed.
+const MAX_REFUSING: u64 = 16;
+
+/// Tells the client why it is refused: at once without a key; with one, after the client's
+/// handshake (a keyed client reads nothing else), on a thread of its own bounded in number
+/// and time so that refusing cannot be used to tie the listener up.
+fn refuse(stream: TcpStream, message: String, key: Option<&PortKey>, refusing: &Arc<AtomicU64>) {
     use std::io::Write;
     let mut frame = Vec::new();
     let reply = Reply::Error {
@@ -205,9 +231,31 @@ fn refuse(mut stream: TcpStream, message: String) {
         kind: ErrorKind::TooManyConnections,
         message,
     };
-    if encode_frame(&reply, &mut frame).is_ok() {
-        let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
-        let _ = stream.write_all(&frame);
+    if encode_frame(&reply, &mut frame).is_err() {
+        return;
+    }
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+    let Some(key) = key.cloned() else {
+        let _ = (&stream).write_all(&frame);
+        return;
+    };
+    if refusing.fetch_add(1, Ordering::AcqRel) >= MAX_REFUSING {
+        refusing.fetch_sub(1, Ordering::AcqRel);
+        return;
+    }
+    let counter = Arc::clone(refusing);
+    let spawned = std::thread::Builder::new()
+        .name("kos-refuse".into())
+        .spawn(move || {
+            if let Ok(mut link) = grapevine_kos::secure::accept(stream, Some(&key), Purpose::Kos) {
+                let _ = link.write_all(&frame);
+            }
+            counter.fetch_sub(1, Ordering::AcqRel);
+        });
+    if spawned.is_err() {
+        // The closure, and its decrement, never ran.
+        refusing.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!("cannot start a thread to refuse a KOS connection; closed instead");
     }
 }
 
@@ -229,6 +277,12 @@ fn spawn_agent(
         .arg(settings.max_frame.to_string())
         .arg("--peer")
         .arg(peer.to_string())
+        .args(
+            settings
+                .key_file
+                .iter()
+                .flat_map(|path| [std::ffi::OsStr::new("--key-file"), path.as_os_str()]),
+        )
         .stdin(Stdio::from(socket))
         .stdout(Stdio::null())
         .spawn()

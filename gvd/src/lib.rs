@@ -27,3 +27,11 @@ pub mod inventory;
 pub mod kos_server;
 pub mod query;
 pub mod vdriver;
+
+/// The key gvd's TCP ports (KOS, replication) authenticate with, derived from the network key
+/// so that the datagram-signing key itself is never used for anything else.
+pub fn port_key(keyring: &grapevine_core::auth::Keyring) -> grapevine_kos::secure::PortKey {
+    grapevine_kos::secure::PortKey::from_network_key(
+        &keyring.derive_key("grapevine gvd tcp ports 2026-12"),
+    )
+}

@@ -53,6 +53,9 @@ enum Command {
         /// The client's address, for logs.
         #[arg(long, default_value = "?")]
         peer: String,
+        /// The network key file: the client must prove it holds the key.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
     /// Load one driver in this process and print its inventory as JSON (used by gvd itself, in
     /// a child process, so that a bad driver cannot take the daemon down).
@@ -99,10 +102,14 @@ struct RunArgs {
     /// Most KOS connections (agent processes) at once.
     #[arg(long, env = "GVD_MAX_AGENTS")]
     max_agents: Option<usize>,
+    /// Most KOS connections at once from one client address.
+    #[arg(long, env = "GVD_MAX_AGENTS_PER_SOURCE")]
+    max_agents_per_source: Option<usize>,
     /// Longest a driver call may run before its agent gives up, ms.
     #[arg(long, env = "GVD_CALL_TIMEOUT_MS")]
     call_timeout_ms: Option<u64>,
-    /// The network's key file: ELP and VDEV datagrams are signed and verified with it.
+    /// The network's key file: ELP and VDEV datagrams are signed and verified with it, and
+    /// KOS and replication peers must prove it. Without one, anyone on the LAN is trusted.
     #[arg(long, env = "GVD_KEY_FILE")]
     key_file: Option<PathBuf>,
     /// A DHT bootstrap node (repeat for several): announce and find nodes of `--network` on
@@ -165,6 +172,9 @@ impl RunArgs {
         }
         if let Some(v) = self.max_agents {
             config.max_agents = v;
+        }
+        if let Some(v) = self.max_agents_per_source {
+            config.max_agents_per_source = v;
         }
         if let Some(v) = self.call_timeout_ms {
             config.call_timeout_ms = v;
@@ -254,11 +264,27 @@ fn run(cli: Cli) -> Result<()> {
             call_timeout_ms,
             max_frame,
             peer,
+            key_file,
         } => {
             let node_id = u64::from_str_radix(&node_id, 16)?;
             let socket = std::io::stdin().as_fd().try_clone_to_owned()?;
             let stream = std::net::TcpStream::from(socket);
             gvd::agent::exit_with_parent();
+            let key = key_file
+                .map(|path| grapevine_core::auth::Keyring::from_file(&path))
+                .transpose()?
+                .map(|keyring| gvd::port_key(&keyring));
+            let stream = match grapevine_kos::secure::accept(
+                stream,
+                key.as_ref(),
+                grapevine_kos::secure::Purpose::Kos,
+            ) {
+                Ok(link) => link,
+                Err(error) => {
+                    tracing::warn!(%peer, %error, "KOS connection refused");
+                    std::process::exit(0);
+                }
+            };
             let session = gvd::agent::AgentSession::new(node_id, std::process::id());
             let devices = gvd::agent::DriverDevices::new(inventory);
             let limits = gvd::agent::AgentLimits {

@@ -214,7 +214,11 @@ fn agents_end_with_their_connection_and_crashes_stay_inside() {
 #[test]
 fn fifty_concurrent_connections_get_their_own_agents() {
     let dir = scratch("fifty");
-    let (node, address) = echo_node(&dir, "239.255.79.42:47942", &["--max-agents", "50"]);
+    let (node, address) = echo_node(
+        &dir,
+        "239.255.79.42:47942",
+        &["--max-agents", "50", "--max-agents-per-source", "50"],
+    );
     let connections: Vec<Connection> = std::thread::scope(|scope| {
         let threads: Vec<_> = (0..50)
             .map(|_| {
@@ -350,6 +354,126 @@ fn bad_input_gets_clear_errors() {
     assert!(node.running());
     let mut connection = Connection::connect(address, &ConnectOptions::default()).unwrap();
     assert!(connection.ping().is_ok());
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn with_a_network_key_only_key_holders_reach_vdevs() {
+    let dir = scratch("keyed");
+    let key_file = dir.join("network.key");
+    std::fs::write(&key_file, format!("1:{}\n", "5a".repeat(32))).unwrap();
+    let (node, address) = echo_node(
+        &dir,
+        "239.255.79.44:47944",
+        &["--key-file", key_file.to_str().unwrap()],
+    );
+
+    // No key: the handshake never completes, and nothing of the agent's is ever sent.
+    assert!(Connection::connect(address, &ConnectOptions::default()).is_err());
+    let mut raw = TcpStream::connect(address).unwrap();
+    raw.set_read_timeout(Some(WAIT)).unwrap();
+    send(
+        &mut raw,
+        &Request::Conn {
+            version: PROTOCOL_VERSION,
+            client: "stranger".into(),
+        },
+    );
+    send(
+        &mut raw,
+        &Request::Open {
+            id: 1,
+            vdev: "echo0".into(),
+            driver: None,
+        },
+    );
+    let mut answer = Vec::new();
+    let _ = raw.read_to_end(&mut answer);
+    assert!(answer.is_empty(), "a stranger got {} bytes", answer.len());
+
+    // Another key: refused, and told so.
+    let mut wrong = ConnectOptions::default();
+    let other = grapevine_core::auth::Keyring::parse(&format!("1:{}", "a5".repeat(32))).unwrap();
+    wrong.key = Some(gvd::port_key(&other));
+    assert!(matches!(
+        Connection::connect(address, &wrong),
+        Err(KosError::Authentication(_) | KosError::Closed)
+    ));
+
+    // The network's key: served as before, blocking and async.
+    let mut options = ConnectOptions::default();
+    let keyring = grapevine_core::auth::Keyring::from_file(&key_file).unwrap();
+    options.key = Some(gvd::port_key(&keyring));
+    let mut connection = Connection::connect(address, &options).unwrap();
+    let echo = connection.open("echo0", None).unwrap();
+    assert_eq!(connection.call(echo, "reverse", b"abc").unwrap(), b"cba");
+    let big = vec![7u8; 300_000];
+    assert_eq!(connection.call(echo, "echo", &big).unwrap(), big);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut connection = AsyncConnection::connect(address, &options).await.unwrap();
+        let echo = connection.open("echo0", None).await.unwrap();
+        assert_eq!(connection.call(echo, "echo", b"hi").await.unwrap(), b"hi");
+    });
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Connections that send one byte and then nothing (a slow-loris) hold at most the per-source
+/// share of agents, and only until the handshake timeout.
+#[test]
+fn silent_connections_neither_hold_agents_nor_lock_out_others() {
+    let dir = scratch("loris");
+    let (node, address) = echo_node(&dir, "239.255.79.45:47945", &[]);
+    let silent: Vec<TcpStream> = (0..70)
+        .map(|_| {
+            let mut stream = TcpStream::connect(address).unwrap();
+            stream.write_all(&[0]).unwrap();
+            stream
+        })
+        .collect();
+
+    // A client from another address is served at once.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 2], 0)).into())
+        .unwrap();
+    socket.connect(&address.into()).unwrap();
+    let mut other: TcpStream = socket.into();
+    other.set_read_timeout(Some(WAIT)).unwrap();
+    send(
+        &mut other,
+        &Request::Conn {
+            version: PROTOCOL_VERSION,
+            client: "neighbour".into(),
+        },
+    );
+    assert!(
+        matches!(receive(&mut other), Some(Reply::Conn { .. })),
+        "a client from another address must not be locked out"
+    );
+
+    // Every silent connection is closed, the refused ones at once and the others once the
+    // handshake timeout has passed.
+    let started = Instant::now();
+    for mut stream in silent {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut rest = Vec::new();
+        let outcome = stream.read_to_end(&mut rest);
+        assert!(
+            !matches!(&outcome, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a silent connection was still open after {:?}",
+            started.elapsed()
+        );
+    }
+    // And the address that sent them is served again.
+    assert!(Connection::connect(address, &ConnectOptions::default()).is_ok());
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }

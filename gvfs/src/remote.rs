@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use grapevine_kos::proto::{decode, encode_frame, frame_len, FRAME_HEADER_LEN};
+use grapevine_kos::secure::{AsyncLink, PortKey, Purpose};
 use nfsserve::nfs::{
     fattr3, fileid3, filename3, ftype3, nfs_fh3, nfspath3, nfsstat3, nfstime3, sattr3, set_atime,
     set_gid3, set_mode3, set_mtime, set_size3, set_uid3, specdata3,
@@ -16,7 +17,6 @@ use nfsserve::nfs::{
 use nfsserve::vfs::{DirEntry, NFSFileSystem, ReadDirResult, VFSCapabilities};
 use num_traits::FromPrimitive;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::nfs::ZoneFs;
 use crate::repl::{ReplReply, ReplRequest};
@@ -312,7 +312,7 @@ pub struct Member {
 
 struct Link {
     member: Member,
-    stream: tokio::net::TcpStream,
+    stream: AsyncLink<tokio::net::TcpStream>,
 }
 
 /// A zone this node does not hold, served by forwarding to a member.
@@ -322,15 +322,18 @@ pub struct ProxyFs {
     members: Arc<parking_lot::Mutex<Vec<Member>>>,
     link: tokio::sync::Mutex<Option<Link>>,
     timeout: Duration,
+    key: Option<PortKey>,
 }
 
 impl ProxyFs {
-    /// Forwards `zone` to one of `members` (kept up to date by the caller).
+    /// Forwards `zone` to one of `members` (kept up to date by the caller), proving `key`
+    /// to them when the network has one.
     pub fn new(
         zone: &str,
         tag: u64,
         members: Arc<parking_lot::Mutex<Vec<Member>>>,
         timeout: Duration,
+        key: Option<PortKey>,
     ) -> Self {
         Self {
             zone: zone.into(),
@@ -338,6 +341,7 @@ impl ProxyFs {
             members,
             link: tokio::sync::Mutex::new(None),
             timeout,
+            key,
         }
     }
 
@@ -347,11 +351,16 @@ impl ProxyFs {
         let mut best: Option<(Duration, Link)> = None;
         for member in members {
             let started = Instant::now();
-            let connected =
-                tokio::time::timeout(self.timeout, tokio::net::TcpStream::connect(member.address))
-                    .await;
-            if let Ok(Ok(stream)) = connected {
+            let connected = tokio::time::timeout(self.timeout, async {
+                let stream = tokio::net::TcpStream::connect(member.address).await?;
                 let _ = stream.set_nodelay(true);
+                AsyncLink::connect(stream, self.key.as_ref(), Purpose::Replication).await
+            })
+            .await;
+            if let Ok(Err(error)) = &connected {
+                tracing::warn!(zone = self.zone, member = %member.address, %error, "member unreachable");
+            }
+            if let Ok(Ok(stream)) = connected {
                 let took = started.elapsed();
                 if best.as_ref().is_none_or(|(t, _)| took < *t) {
                     best = Some((took, Link { member, stream }));
@@ -405,7 +414,7 @@ impl ProxyFs {
 }
 
 async fn exchange(
-    stream: &mut tokio::net::TcpStream,
+    stream: &mut AsyncLink<tokio::net::TcpStream>,
     zone: &str,
     op: FsOp,
 ) -> std::io::Result<FsResult> {

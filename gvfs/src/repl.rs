@@ -17,6 +17,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use grapevine_kos::proto::{decode, encode_frame, frame_len, FRAME_HEADER_LEN};
+use grapevine_kos::secure::{self, Link, PortKey, Purpose};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
@@ -124,7 +125,7 @@ pub struct PullOutcome {
 }
 
 fn send<T: Serialize>(
-    stream: &mut TcpStream,
+    stream: &mut impl Write,
     message: &T,
     buffer: &mut Vec<u8>,
 ) -> std::io::Result<()> {
@@ -134,7 +135,7 @@ fn send<T: Serialize>(
 }
 
 fn receive<T: serde::de::DeserializeOwned>(
-    stream: &mut TcpStream,
+    stream: &mut impl Read,
     max: usize,
 ) -> std::io::Result<T> {
     let mut header = [0u8; FRAME_HEADER_LEN];
@@ -156,7 +157,8 @@ pub struct ServedZone {
 /// The zones a node holds, by name.
 pub type ZoneMap = Arc<HashMap<String, ServedZone>>;
 
-/// Serves the zones' changes and data to pulling peers, a thread per connection.
+/// Serves the zones' changes and data to pulling peers, a thread per connection. With a
+/// network key, a peer must complete the handshake of [`grapevine_kos::secure`] first.
 pub struct ReplServer {
     address: SocketAddr,
     stop: Arc<AtomicBool>,
@@ -173,6 +175,7 @@ impl ReplServer {
         address: SocketAddr,
         zones: ZoneMap,
         runtime: tokio::runtime::Handle,
+        key: Option<PortKey>,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(address)?;
         let address = listener.local_addr()?;
@@ -189,9 +192,10 @@ impl ReplServer {
                         let Ok(stream) = stream else { continue };
                         let zones = Arc::clone(&zones);
                         let runtime = runtime.clone();
+                        let key = key.clone();
                         let _ = std::thread::Builder::new()
                             .name("gvfs-repl-peer".into())
-                            .spawn(move || serve_peer(stream, &zones, &runtime));
+                            .spawn(move || serve_peer(stream, &zones, &runtime, key.as_ref()));
                     }
                 })?
         };
@@ -218,10 +222,23 @@ impl Drop for ReplServer {
     }
 }
 
-fn serve_peer(mut stream: TcpStream, zones: &ZoneMap, runtime: &tokio::runtime::Handle) {
+fn serve_peer(
+    stream: TcpStream,
+    zones: &ZoneMap,
+    runtime: &tokio::runtime::Handle,
+    key: Option<&PortKey>,
+) {
     let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok();
     // A peer that goes quiet is dropped.
     let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut stream = match secure::accept(stream, key, Purpose::Replication) {
+        Ok(link) => link,
+        Err(error) => {
+            tracing::warn!(?peer, %error, "replication connection refused");
+            return;
+        }
+    };
     let mut buffer = Vec::new();
     while let Ok(request) = receive::<ReplRequest>(&mut stream, MAX_REQUEST) {
         let reply = answer(request, zones, runtime);
@@ -303,7 +320,8 @@ fn answer(request: ReplRequest, zones: &ZoneMap, runtime: &tokio::runtime::Handl
     }
 }
 
-/// Pulls from the peer at `peer` (node `peer_node`) everything of `zone` this replica lacks.
+/// Pulls from the peer at `peer` (node `peer_node`) everything of `zone` this replica lacks,
+/// proving `key` to it when the network has one.
 ///
 /// # Errors
 ///
@@ -311,14 +329,15 @@ fn answer(request: ReplRequest, zones: &ZoneMap, runtime: &tokio::runtime::Handl
 pub fn pull(
     store: &Arc<Mutex<ZoneStore>>,
     zone: &str,
-    peer: SocketAddr,
-    peer_node: u64,
+    (peer, peer_node): (SocketAddr, u64),
     timeout: Duration,
+    key: Option<&PortKey>,
 ) -> Result<PullOutcome, PullError> {
     let io = |source| PullError::Io { peer, source };
-    let mut stream = TcpStream::connect_timeout(&peer, timeout).map_err(io)?;
+    let stream = TcpStream::connect_timeout(&peer, timeout).map_err(io)?;
     stream.set_nodelay(true).map_err(io)?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    let mut stream = secure::connect(stream, key, Purpose::Replication).map_err(io)?;
     let mut buffer = Vec::new();
     let since = store.lock().seen(peer_node);
     send(
@@ -389,7 +408,7 @@ pub fn pull(
 fn apply_plan(
     store: &Arc<Mutex<ZoneStore>>,
     zone: &str,
-    stream: &mut TcpStream,
+    stream: &mut Link,
     buffer: &mut Vec<u8>,
     peer: SocketAddr,
     plan: Vec<(String, Entry, Decision)>,
@@ -437,7 +456,7 @@ fn apply_plan(
 
 /// Fetches `size` bytes of `path` into `into`, up to [`WINDOW`] chunk requests in flight.
 fn fetch(
-    stream: &mut TcpStream,
+    stream: &mut Link,
     buffer: &mut Vec<u8>,
     zone: &str,
     path: &str,

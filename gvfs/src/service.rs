@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::nfs::ZoneFs;
 use crate::remote::{Member, ProxyFs};
+use grapevine_kos::secure::PortKey;
+
 use crate::repl::{pull, ReplServer, ServedZone, ZoneMap};
 use crate::store::ZoneStore;
 
@@ -57,6 +59,9 @@ pub struct ZonesSettings {
     pub scan_interval: Duration,
     /// How long a peer may take to answer before a pull gives up on it.
     pub peer_timeout: Duration,
+    /// The key peers prove on the replication port (from the network key); none: the port
+    /// serves anyone who reaches it.
+    pub port_key: Option<PortKey>,
 }
 
 /// A pull to make: from `peer_node` at `address`, which announced `version`.
@@ -261,6 +266,7 @@ impl Zones {
                 zone_tag(&config.name),
                 Arc::clone(&members),
                 settings.peer_timeout,
+                settings.port_key.clone(),
             );
             let bind = SocketAddr::new(settings.address, config.nfs_port).to_string();
             let nfs_port = serve_nfs(&runtime, &bind, &config.name, fs).map_err(io(&format!(
@@ -289,6 +295,7 @@ impl Zones {
                     SocketAddr::new(settings.address, settings.repl_port),
                     map,
                     runtime.handle().clone(),
+                    settings.port_key.clone(),
                 )
                 .map_err(io("replication server"))?,
             )
@@ -413,11 +420,12 @@ fn spawn_worker(
                     for offer in latest.into_values() {
                         let job = (Arc::clone(&store), zone.clone(), Arc::clone(&pulling));
                         let timeout = settings.peer_timeout;
+                        let key = settings.port_key.clone();
                         let spawned = std::thread::Builder::new()
                             .name(format!("gvfs-pull-{zone}"))
                             .spawn(move || {
                                 let (store, zone, pulling) = job;
-                                match pull(&store, &zone, offer.address, offer.peer_node, timeout) {
+                                match pull(&store, &zone, (offer.address, offer.peer_node), timeout, key.as_ref()) {
                                     Ok(outcome) => tracing::debug!(zone, peer = %offer.address, ?outcome, wanted = offer.version, "pull done"),
                                     Err(error) => tracing::warn!(zone, %error, "pull failed; retried at the next announcement"),
                                 }

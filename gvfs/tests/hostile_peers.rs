@@ -14,6 +14,7 @@ use grapevine_fs::repl::{pull, ReplServer, ServedZone};
 use grapevine_fs::store::{Entry, Kind, ZoneStore};
 use grapevine_fs::version::VersionVector;
 use grapevine_kos::proto::{encode_frame, frame_len, FRAME_HEADER_LEN};
+use grapevine_kos::secure::PortKey;
 use parking_lot::Mutex;
 use serde::Serialize;
 
@@ -65,6 +66,14 @@ fn read_raw(stream: &mut TcpStream) -> Option<Vec<u8>> {
 }
 
 fn serve_zone(dir: &Path, runtime: &tokio::runtime::Runtime) -> (ReplServer, PathBuf) {
+    serve_zone_keyed(dir, runtime, None)
+}
+
+fn serve_zone_keyed(
+    dir: &Path,
+    runtime: &tokio::runtime::Runtime,
+    key: Option<PortKey>,
+) -> (ReplServer, PathBuf) {
     let root = dir.join("zone");
     let store = ZoneStore::open(1, &root, &dir.join("meta")).unwrap();
     let store = Arc::new(Mutex::new(store));
@@ -80,6 +89,7 @@ fn serve_zone(dir: &Path, runtime: &tokio::runtime::Runtime) -> (ReplServer, Pat
         "127.0.0.1:0".parse().unwrap(),
         Arc::new(zones),
         runtime.handle().clone(),
+        key,
     )
     .unwrap();
     (server, root)
@@ -195,7 +205,7 @@ fn a_pull_never_writes_or_deletes_outside_the_zone() {
     let store = ZoneStore::open(2, &dir.join("zone"), &dir.join("meta")).unwrap();
     let store = Arc::new(Mutex::new(store));
     for _ in 0..rounds {
-        let outcome = pull(&store, "z1", rogue, 9, Duration::from_secs(5));
+        let outcome = pull(&store, "z1", (rogue, 9), Duration::from_secs(5), None);
         assert!(outcome.is_err(), "a hostile change list was accepted");
     }
     server.join().unwrap();
@@ -217,5 +227,64 @@ fn links_in_the_zone_are_not_replicated() {
     let store = ZoneStore::open(1, &root, &dir.join("meta")).unwrap();
     let listed: Vec<String> = store.changes_since(0).into_iter().map(|(p, _)| p).collect();
     assert_eq!(listed, vec!["real".to_string()]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With a network key, the replication port serves only peers that prove it.
+#[test]
+fn with_a_key_only_key_holders_pull() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = scratch("keyed");
+    let key = PortKey::from_network_key(b"the network key");
+    let (server, root) = serve_zone_keyed(&dir, &runtime, Some(key.clone()));
+    std::fs::write(root.join("inside"), b"zone data").unwrap();
+    // The server's store indexes the file on its next check; a fresh store sees it at open.
+    drop(server);
+    let (server, _) = serve_zone_keyed(&dir, &runtime, Some(key.clone()));
+
+    // A stranger speaking plain frames gets nothing back.
+    let mut stream = TcpStream::connect(server.address()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    send_raw(
+        &mut stream,
+        &RawRequest::Fetch {
+            zone: "z1".into(),
+            path: "inside".into(),
+            offset: 0,
+            len: 4096,
+        },
+    );
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "a stranger got {} bytes", rest.len());
+
+    let puller = |tag: &str| {
+        let store = ZoneStore::open(2, &dir.join(tag), &dir.join(format!("{tag}-meta"))).unwrap();
+        Arc::new(Mutex::new(store))
+    };
+    let timeout = Duration::from_secs(10);
+    let stranger = puller("no-key");
+    assert!(pull(&stranger, "z1", (server.address(), 1), timeout, None).is_err());
+    let wrong = PortKey::from_network_key(b"another key");
+    assert!(pull(
+        &stranger,
+        "z1",
+        (server.address(), 1),
+        timeout,
+        Some(&wrong)
+    )
+    .is_err());
+    assert!(!dir.join("no-key/inside").exists());
+
+    let member = puller("member");
+    let outcome = pull(&member, "z1", (server.address(), 1), timeout, Some(&key)).unwrap();
+    assert_eq!(outcome.applied, 1);
+    assert_eq!(
+        std::fs::read(dir.join("member/inside")).unwrap(),
+        b"zone data"
+    );
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }

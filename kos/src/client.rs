@@ -5,12 +5,11 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use crate::proto::{
     decode, encode_frame, frame_len, Reply, Request, DEFAULT_MAX_FRAME, FRAME_HEADER_LEN,
     PROTOCOL_VERSION,
 };
+use crate::secure::{AsyncLink, Link, PortKey, Purpose};
 use crate::KosError;
 
 /// An open VDEV on a connection.
@@ -29,6 +28,9 @@ pub struct ConnectOptions {
     pub reply_timeout: Duration,
     /// Largest reply accepted. Default 16 MiB.
     pub max_frame: usize,
+    /// The network key, when the nodes have one: the connection is then authenticated and
+    /// encrypted (see [`crate::secure`]). Default: none (plain TCP).
+    pub key: Option<PortKey>,
 }
 
 impl Default for ConnectOptions {
@@ -46,6 +48,7 @@ impl Default for ConnectOptions {
             connect_timeout: Duration::from_secs(5),
             reply_timeout: Duration::from_secs(30),
             max_frame: DEFAULT_MAX_FRAME,
+            key: None,
         }
     }
 }
@@ -130,6 +133,7 @@ fn closed_or(error: std::io::Error) -> KosError {
         | std::io::ErrorKind::ConnectionReset
         | std::io::ErrorKind::BrokenPipe => KosError::Closed,
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => KosError::Timeout,
+        std::io::ErrorKind::PermissionDenied => KosError::Authentication(error.to_string()),
         _ => KosError::Io(error),
     }
 }
@@ -145,7 +149,7 @@ fn closed_or(error: std::io::Error) -> KosError {
 /// ```
 #[derive(Debug)]
 pub struct Connection {
-    stream: TcpStream,
+    stream: Link,
     accepted: Accepted,
     requests: Requests,
     body: Vec<u8>,
@@ -163,6 +167,8 @@ impl Connection {
             .map_err(|e| KosError::Connect { address, source: e })?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(options.reply_timeout))?;
+        let stream = crate::secure::connect(stream, options.key.as_ref(), Purpose::Kos)
+            .map_err(closed_or)?;
         let mut connection = Self {
             stream,
             accepted: Accepted {
@@ -280,7 +286,7 @@ impl Connection {
 /// ```
 #[derive(Debug)]
 pub struct AsyncConnection {
-    stream: tokio::net::TcpStream,
+    stream: AsyncLink<tokio::net::TcpStream>,
     accepted: Accepted,
     requests: Requests,
     body: Vec<u8>,
@@ -303,6 +309,9 @@ impl AsyncConnection {
         .map_err(|_| KosError::Timeout)?
         .map_err(|e| KosError::Connect { address, source: e })?;
         stream.set_nodelay(true)?;
+        let stream = AsyncLink::connect(stream, options.key.as_ref(), Purpose::Kos)
+            .await
+            .map_err(closed_or)?;
         let mut connection = Self {
             stream,
             accepted: Accepted {

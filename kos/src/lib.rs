@@ -18,6 +18,7 @@
 pub mod client;
 pub mod nodes;
 pub mod proto;
+pub mod secure;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -66,6 +67,9 @@ pub enum KosError {
         /// Why.
         source: std::io::Error,
     },
+    /// The node does not hold our network key, or we do not hold its key.
+    #[error("authentication failed: {0}")]
+    Authentication(String),
     /// The agent refused the request.
     #[error("{message} ({kind:?})")]
     Remote {

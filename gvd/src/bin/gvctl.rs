@@ -21,6 +21,10 @@ struct Cli {
         global = true
     )]
     nodes_path: PathBuf,
+    /// The network key file (as gvd's `key_file`): needed to call VDEVs when the nodes have a
+    /// key.
+    #[arg(long, env = "GV_KEY_FILE", global = true)]
+    key_file: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -82,6 +86,10 @@ fn call(
     let mut options = ConnectOptions::default();
     options.client = format!("gvctl[{}]", std::process::id());
     options.reply_timeout = std::time::Duration::from_millis(timeout_ms);
+    if let Some(path) = &cli.key_file {
+        let keyring = grapevine_core::auth::Keyring::from_file(path)?;
+        options.key = Some(gvd::port_key(&keyring));
+    }
     let mut kos = Kos::new(&cli.nodes_path, options);
     let list = kos.nodes()?;
     if list.node(node).is_none() {
