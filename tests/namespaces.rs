@@ -217,12 +217,10 @@ fn can_run() -> Result<(), String> {
 }
 
 #[test]
+#[ignore = "needs root, iproute2 and nftables to create network namespaces; .ci/run installs them and runs it with --include-ignored"]
 fn hosts_on_a_bridge_converge_with_loss_at_one() {
     if let Err(why) = can_run() {
-        eprintln!(
-            "SKIPPED hosts_on_a_bridge_converge_with_loss_at_one: {why} (needs root, ip, nft)"
-        );
-        return;
+        panic!("cannot run: {why} (needs root, ip, nft)");
     }
     let pid = std::process::id();
     let mut lab = Lab {
@@ -231,10 +229,7 @@ fn hosts_on_a_bridge_converge_with_loss_at_one() {
     };
     let subnet = 100 + (pid % 100) as u8;
     if let Err(why) = lab.setup(subnet) {
-        eprintln!(
-            "SKIPPED hosts_on_a_bridge_converge_with_loss_at_one: cannot create namespaces: {why}"
-        );
-        return;
+        panic!("cannot create namespaces: {why}");
     }
     let port = "47400";
     let group = format!("239.255.74.1:{port}");
@@ -325,18 +320,17 @@ fn hosts_on_a_bridge_converge_with_loss_at_one() {
 }
 
 #[test]
+#[ignore = "needs root, iproute2 and nftables to create network namespaces; .ci/run installs them and runs it with --include-ignored"]
 fn ipv6_group_between_two_hosts() {
     if let Err(why) = can_run() {
-        eprintln!("SKIPPED ipv6_group_between_two_hosts: {why} (needs root, ip, nft)");
-        return;
+        panic!("cannot run: {why} (needs root, ip, nft)");
     }
     let mut lab = Lab {
         prefix: format!("gw{}", std::process::id() % 100_000),
         children: Vec::new(),
     };
     if let Err(why) = lab.setup_ipv6_pair() {
-        eprintln!("SKIPPED ipv6_group_between_two_hosts: cannot create namespaces: {why}");
-        return;
+        panic!("cannot create namespaces: {why}");
     }
     let group = "[ff15::4756:1]:47410";
     let (v0, v1) = (lab.veth('v', 0), lab.veth('v', 1));
@@ -382,18 +376,17 @@ fn ipv6_group_between_two_hosts() {
 }
 
 #[test]
+#[ignore = "needs root, iproute2 and nftables to create network namespaces; .ci/run installs them and runs it with --include-ignored"]
 fn two_networks_joined_by_repeaters() {
     if let Err(why) = can_run() {
-        eprintln!("SKIPPED two_networks_joined_by_repeaters: {why} (needs root, ip, nft)");
-        return;
+        panic!("cannot run: {why} (needs root, ip, nft)");
     }
     let mut lab = Lab {
         prefix: format!("gr{}", std::process::id() % 100_000),
         children: Vec::new(),
     };
     if let Err(why) = lab.setup_two_networks() {
-        eprintln!("SKIPPED two_networks_joined_by_repeaters: cannot create namespaces: {why}");
-        return;
+        panic!("cannot create namespaces: {why}");
     }
     let group = "239.255.73.50:47350";
     let repeat = |listen: &str, peer: &str| {
