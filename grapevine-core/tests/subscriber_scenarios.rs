@@ -504,3 +504,87 @@ fn a_late_joiner_repairs_too() {
     let request = s.poll_repair(t + Duration::from_millis(1));
     assert!(request.is_some(), "{:?}", s.stats());
 }
+
+/// A replay of an older, validly signed session is refused even after the current one has
+/// gone silent: the state cannot be rolled back to a dead session.
+#[test]
+fn a_signed_old_session_cannot_come_back_after_silence() {
+    let now = Instant::now();
+    let keyring = std::sync::Arc::new(Keyring::single(1, [7; 32]));
+    let signed = |session_ms| {
+        let mut config = PublisherConfig::new(1);
+        config.flush_delay = Duration::ZERO;
+        config.keyring = Some(std::sync::Arc::clone(&keyring));
+        PublisherSession::<Counters>::new(
+            config,
+            new_session_id(session_ms, 7),
+            Counters::default(),
+            now,
+        )
+    };
+    let (mut dead, mut current) = (signed(1_000), signed(2_000));
+    dead.publish(now, CounterDelta::Set(1, 666)).unwrap();
+    let recorded = drain(&mut dead);
+    // The attacker recorded the dead session's datagrams; this subscriber never saw them.
+    let mut s = verifying_subscriber(&keyring);
+    current.publish(now, CounterDelta::Set(1, 2)).unwrap();
+    for d in drain(&mut current) {
+        s.handle_datagram(now, d.as_ref());
+    }
+    assert_eq!(s.stream(0).unwrap().session, current.session());
+    // The current publisher goes quiet for far longer than the publisher timeout...
+    let later = now + Duration::from_secs(30);
+    s.handle_timeout(later);
+    let retired = s.stats().retired_session;
+    // ...and the attacker replays the dead session.
+    for d in recorded.iter() {
+        s.handle_datagram(later, d);
+    }
+    let view = s.stream(0).unwrap();
+    assert_eq!(
+        view.session,
+        current.session(),
+        "rolled back to a dead session"
+    );
+    assert_eq!(view.state.0.get(&1), Some(&2));
+    assert!(s.stats().retired_session > retired);
+    assert_eq!(s.stats().restarts, 0);
+}
+
+/// Forged publisher ids cannot grow the subscriber without bound: at most `max_streams` are
+/// followed, silent ones make room for new ones, and live ones are never pushed out.
+#[test]
+fn forged_publishers_are_bounded_and_live_ones_kept() {
+    let now = Instant::now();
+    let mut config = SubscriberConfig::new(1);
+    config.max_streams = 64;
+    let mut s = SubscriberSession::<Counters>::new(config);
+    let mut real = publisher(now, 1);
+    real.publish(now, CounterDelta::Set(1, 1)).unwrap();
+    for d in drain(&mut real) {
+        s.handle_datagram(now, &d);
+    }
+    let forge = |s: &mut SubscriberSession<Counters>, at: Instant, publisher: u32| {
+        let mut builder = DatagramBuilder::new(1400, 1, publisher, new_session_id(5, 1));
+        assert!(builder.push_heartbeat(1));
+        s.handle_datagram(at, &builder.finish().unwrap());
+    };
+    for id in 1..10_000 {
+        forge(&mut s, now, id);
+    }
+    assert_eq!(s.streams().count(), 64);
+    assert!(s.stats().streams_refused >= 10_000 - 64);
+    // The forged ones go silent; the real publisher keeps talking.
+    let later = now + Duration::from_secs(10);
+    real.publish(later, CounterDelta::Set(1, 2)).unwrap();
+    for d in drain(&mut real) {
+        s.handle_datagram(later, &d);
+    }
+    s.handle_timeout(later);
+    for id in 10_000..20_000 {
+        forge(&mut s, later, id);
+    }
+    assert_eq!(s.streams().count(), 64);
+    assert!(s.stats().streams_evicted >= 63);
+    assert_eq!(s.stream(0).unwrap().state.0.get(&1), Some(&2), "kept");
+}

@@ -13,7 +13,7 @@ mod subscriber;
 pub use publisher::{
     new_session_id, PublishError, PublisherConfig, PublisherSession, PublisherStats,
 };
-pub use reassembly::{FragmentKey, Reassembler, ReassemblyError};
+pub use reassembly::{FragmentKey, Reassembler, ReassemblyError, CHUNK_OVERHEAD, MESSAGE_OVERHEAD};
 pub use snapshot::{SnapshotConfig, SnapshotRate, SnapshotSession, SnapshotStats};
 pub use subscriber::{
     StreamStatus, StreamView, SubscriberConfig, SubscriberEvent, SubscriberSession, SubscriberStats,

@@ -77,9 +77,17 @@ pub struct Reassembler {
     /// Recently completed messages, so that late duplicates of their fragments are ignored
     /// instead of starting a partial that can only expire.
     completed: VecDeque<FragmentKey>,
+    /// Partial messages in the order they were started (removed ones are skipped lazily), so
+    /// that the oldest is found without a scan.
+    started: VecDeque<(Instant, FragmentKey)>,
 }
 
 const REMEMBERED_COMPLETIONS: usize = 256;
+/// Memory held per chunk besides its bytes (the vector's header and the map's node share), so
+/// that a flood of tiny fragments cannot hold many times the budget.
+pub const CHUNK_OVERHEAD: usize = 64;
+/// Memory held per incomplete message besides its chunks.
+pub const MESSAGE_OVERHEAD: usize = 128;
 
 impl Reassembler {
     /// A reassembler with the given limits.
@@ -92,6 +100,7 @@ impl Reassembler {
             timeout,
             dropped: 0,
             completed: VecDeque::new(),
+            started: VecDeque::new(),
         }
     }
 
@@ -115,13 +124,31 @@ impl Reassembler {
         if self.completed.contains(&key) {
             return Ok(None);
         }
-        let partial = self.partial.entry(key).or_insert_with(|| Partial {
-            total_len: fragment.total_len,
-            count: fragment.count,
-            chunks: BTreeMap::new(),
-            bytes: 0,
-            started: now,
-        });
+        // Entries of completed or dropped messages leave the order from its front.
+        while let Some((started, oldest)) = self.started.front() {
+            if self
+                .partial
+                .get(oldest)
+                .is_some_and(|p| p.started == *started)
+            {
+                break;
+            }
+            self.started.pop_front();
+        }
+        let partial = match self.partial.entry(key) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                self.started.push_back((now, key));
+                self.pending_bytes += MESSAGE_OVERHEAD;
+                entry.insert(Partial {
+                    total_len: fragment.total_len,
+                    count: fragment.count,
+                    chunks: BTreeMap::new(),
+                    bytes: 0,
+                    started: now,
+                })
+            }
+        };
         let conflict = partial.total_len != fragment.total_len
             || partial.count != fragment.count
             || partial
@@ -144,7 +171,7 @@ impl Reassembler {
             .chunks
             .insert(fragment.index, fragment.chunk.to_vec());
         partial.bytes += fragment.chunk.len();
-        self.pending_bytes += fragment.chunk.len();
+        self.pending_bytes += fragment.chunk.len() + CHUNK_OVERHEAD;
         if partial.chunks.len() < usize::from(partial.count) {
             self.enforce_budget(key);
             return Ok(None);
@@ -207,23 +234,39 @@ impl Reassembler {
 
     fn remove(&mut self, key: &FragmentKey) -> Option<Partial> {
         let partial = self.partial.remove(key)?;
-        self.pending_bytes -= partial.bytes;
+        self.pending_bytes -=
+            partial.bytes + partial.chunks.len() * CHUNK_OVERHEAD + MESSAGE_OVERHEAD;
+        if self.partial.is_empty() {
+            self.started.clear();
+        }
         Some(partial)
     }
 
+    /// Drops the oldest incomplete messages (the one just added last) until the budget holds.
     fn enforce_budget(&mut self, keep: FragmentKey) {
+        let mut skipped_keep = None;
         while self.pending_bytes > self.max_bytes {
-            let oldest = self
+            let Some((started, victim)) = self.started.pop_front() else {
+                break;
+            };
+            // An entry whose message is gone, or was restarted since, is stale.
+            if self
                 .partial
-                .iter()
-                .filter(|(k, _)| **k != keep)
-                .min_by_key(|(_, p)| p.started)
-                .map(|(k, _)| *k);
-            let victim = oldest.unwrap_or(keep);
+                .get(&victim)
+                .is_none_or(|p| p.started != started)
+            {
+                continue;
+            }
+            if victim == keep && self.partial.len() > 1 {
+                skipped_keep = Some((started, victim));
+                continue;
+            }
             self.remove(&victim);
             self.dropped += 1;
-            if victim == keep {
-                break;
+        }
+        if let Some(entry) = skipped_keep {
+            if self.partial.contains_key(&entry.1) {
+                self.started.push_front(entry);
             }
         }
     }

@@ -62,6 +62,10 @@ pub struct SubscriberConfig {
     pub emit_applied: bool,
     /// A publisher not heard for this long is reported silent. Default 3 s.
     pub publisher_timeout: Duration,
+    /// Most publishers followed at once. A new one beyond this takes the place of the one
+    /// silent the longest, or is refused when none is silent: a flood of forged publisher ids
+    /// cannot grow memory without bound. Default 1024.
+    pub max_streams: usize,
     /// Accept only datagrams signed with a key of this keyring, each once ([`crate::auth`]).
     /// Default none: everything is accepted.
     pub keyring: Option<std::sync::Arc<crate::auth::Keyring>>,
@@ -100,6 +104,7 @@ impl Default for SubscriberConfig {
             fragment_timeout: Duration::from_secs(1),
             emit_applied: true,
             publisher_timeout: Duration::from_secs(3),
+            max_streams: 1024,
             keyring: None,
             repair: false,
             repair_delay: Duration::from_micros(300),
@@ -208,8 +213,14 @@ pub struct SubscriberStats {
     pub foreign_topic: u64,
     /// Self-test probes.
     pub probes: u64,
-    /// Datagrams from sessions older than the one followed.
+    /// Datagrams from sessions older than the one followed (on a signed feed, also after the
+    /// followed one went silent: a replayed old session cannot roll the state back).
     pub retired_session: u64,
+    /// Silent publishers dropped to make room for a new one (`max_streams`).
+    pub streams_evicted: u64,
+    /// Datagrams of new publishers refused because `max_streams` were followed and none was
+    /// silent.
+    pub streams_refused: u64,
     /// Deltas received (including duplicates).
     pub deltas_received: u64,
     /// Deltas applied.
@@ -660,7 +671,6 @@ impl<S: ReplicatedState> SubscriberSession<S> {
             }
         }
         if !self.admit(now, publisher, session) {
-            self.sink.stats.retired_session += 1;
             return;
         }
         let Some(stream) = self.streams.get_mut(&publisher) else {
@@ -769,17 +779,43 @@ impl<S: ReplicatedState> SubscriberSession<S> {
         &self.config
     }
 
+    /// Drops the stream silent the longest, if any is silent; returns whether it did.
+    fn make_room(&mut self) -> bool {
+        let Some(victim) = self
+            .streams
+            .values()
+            .filter(|s| s.silent)
+            .min_by_key(|s| s.last_heard)
+            .map(|s| s.publisher)
+        else {
+            return false;
+        };
+        tracing::info!(
+            publisher = victim,
+            "silent publisher dropped to make room for a new one"
+        );
+        self.streams.remove(&victim);
+        self.sink.stats.streams_evicted += 1;
+        true
+    }
+
     /// Finds or creates the stream of `publisher` for `session`; false if the datagram belongs
     /// to an older session than the one followed.
     ///
     /// Session ids are time-ordered ([`new_session_id`](crate::proto::new_session_id)), so a
-    /// delayed datagram of the previous session cannot be mistaken for a restart. A lower id is
-    /// still accepted once the current session has gone silent (a publisher whose clock went
-    /// back).
+    /// delayed datagram of the previous session cannot be mistaken for a restart. On an unsigned
+    /// feed a lower id is still accepted once the current session has gone silent (a publisher
+    /// whose clock went back); on a signed feed never.
     fn admit(&mut self, now: Instant, publisher: u32, session: u64) -> bool {
+        // On a signed feed the newest session seen is final: a replay of an older one, even
+        // once the current one is silent, would roll the state back to a dead session.
+        let signed = self.verifier.is_some();
         match self.streams.get(&publisher) {
             Some(stream) if stream.session == session => true,
-            Some(stream) if session < stream.session && !stream.silent => false,
+            Some(stream) if session < stream.session && (signed || !stream.silent) => {
+                self.sink.stats.retired_session += 1;
+                false
+            }
             Some(stream) => {
                 let old_session = stream.session;
                 tracing::info!(
@@ -801,6 +837,10 @@ impl<S: ReplicatedState> SubscriberSession<S> {
                 true
             }
             None => {
+                if self.streams.len() >= self.config.max_streams && !self.make_room() {
+                    self.sink.stats.streams_refused += 1;
+                    return false;
+                }
                 tracing::info!(publisher, session, "publisher joined");
                 self.streams
                     .insert(publisher, Stream::new(publisher, session, now));

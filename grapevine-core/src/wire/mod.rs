@@ -344,6 +344,13 @@ impl<'a> Datagram<'a> {
             let (message_body, after) =
                 split(after, len).ok_or(DecodeError::MessageTruncated { index, count })?;
             decode_message(message_header.kind, message_header.flags, message_body)?;
+            // One fragment per datagram, alone (PROTOCOL.md §3.4): otherwise one datagram
+            // could open hundreds of partial messages at the reassembler.
+            if message_header.kind == KIND_FRAGMENT && count != 1 {
+                return Err(DecodeError::Inconsistent(
+                    "a fragment must be the only message of its datagram",
+                ));
+            }
             rest = after;
         }
         if !rest.is_empty() {

@@ -382,3 +382,49 @@ proptest! {
         }
     }
 }
+
+/// A datagram holding a fragment and anything else (here a second fragment) is refused: one
+/// datagram must not open several partial messages.
+#[test]
+fn a_fragment_must_be_alone_in_its_datagram() {
+    let mut builder = DatagramBuilder::new(256, 1, 2, 3);
+    let mut fragmenter = Fragmenter::new(1 << 20);
+    let mut datagrams = Vec::new();
+    fragmenter
+        .fragment_delta(&mut builder, 5, 4, &[7; 600], |d| datagrams.push(d))
+        .unwrap();
+    let single = datagrams[0].to_vec();
+    assert!(Datagram::parse(&single).is_ok());
+    let message = &single[DATAGRAM_HEADER_LEN..];
+    let mut doubled = single.clone();
+    doubled.extend_from_slice(message);
+    // message_count sits at offset 20.
+    doubled[20..22].copy_from_slice(&2u16.to_be_bytes());
+    assert!(matches!(
+        Datagram::parse(&doubled),
+        Err(DecodeError::Inconsistent(_))
+    ));
+}
+
+/// A flood of one-byte fragments, each opening its own message, is held to the budget counted
+/// with each entry's own overhead, not only the chunk bytes.
+#[test]
+fn tiny_fragments_cannot_exceed_the_reassembly_budget() {
+    let now = std::time::Instant::now();
+    let budget = 1 << 20;
+    let mut reassembler =
+        crate::proto::Reassembler::new(1 << 20, budget, std::time::Duration::from_secs(1));
+    for id in 0..200_000u64 {
+        let fragment = Fragment {
+            fragment_id: id,
+            index: 0,
+            count: 2000,
+            total_len: 2000,
+            chunk: b"x",
+        };
+        assert_eq!(reassembler.push(now, (1, 2, id), &fragment), Ok(None));
+        assert!(reassembler.pending_bytes() <= budget);
+    }
+    let per_entry = crate::proto::CHUNK_OVERHEAD + crate::proto::MESSAGE_OVERHEAD + 1;
+    assert!(reassembler.dropped() >= 200_000 - (budget / per_entry) as u64);
+}
