@@ -24,6 +24,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::wire::{DATAGRAM_HEADER_LEN, FLAG_AUTH};
 
+/// Sender id of repair requests (subscribers sign them; they are checked by tag, not by replay
+/// window, since many subscribers share the id: per-source rate limits bound replays).
+pub const REQUEST_SENDER: u8 = 2;
+
 /// Length of the trailer of a signed datagram.
 pub const AUTH_TRAILER_LEN: usize = 26;
 const TAG_LEN: usize = 16;
@@ -139,6 +143,36 @@ impl Keyring {
         self.keys.last().map_or(0, |(id, _)| *id)
     }
 
+    /// Checks the tag of a signed datagram (not whether it was seen before: see [`Verifier`]);
+    /// returns its sender and counter.
+    ///
+    /// # Errors
+    ///
+    /// [`AuthError`] other than `Replayed`.
+    pub fn check(&self, datagram: &[u8]) -> Result<(u8, u64), AuthError> {
+        let flags = datagram.get(3).copied().unwrap_or(0);
+        if flags & FLAG_AUTH == 0 || datagram.len() < DATAGRAM_HEADER_LEN + AUTH_TRAILER_LEN {
+            return Err(AuthError::Unsigned);
+        }
+        let (signed, tag) = datagram.split_at(datagram.len() - TAG_LEN);
+        let trailer = &signed[signed.len() - (AUTH_TRAILER_LEN - TAG_LEN)..];
+        let (id, sender) = (trailer[0], trailer[1]);
+        let mut counter = [0u8; 8];
+        counter.copy_from_slice(&trailer[2..10]);
+        let counter = u64::from_be_bytes(counter);
+        let key = self.key(id).ok_or(AuthError::UnknownKey(id))?;
+        let expected = Keyring::tag(key, signed);
+        // Constant-time comparison: the tag must not leak through timing.
+        let difference = expected
+            .iter()
+            .zip(tag)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if difference != 0 {
+            return Err(AuthError::BadTag);
+        }
+        Ok((sender, counter))
+    }
+
     /// A key for another use (a handshake's pre-shared key, say), derived from the signing
     /// key and `context`, so that the signing key itself never leaves the keyring.
     pub fn derive_key(&self, context: &str) -> [u8; 32] {
@@ -168,7 +202,8 @@ pub struct Signer {
 }
 
 impl Signer {
-    /// Signs as `sender` (0 publisher, 1 snapshotter) with the keyring's signing key.
+    /// Signs as `sender` (0 publisher, 1 snapshotter, [`REQUEST_SENDER`] a subscriber's repair
+    /// requests) with the keyring's signing key.
     pub fn new(keyring: std::sync::Arc<Keyring>, sender: u8) -> Self {
         Self {
             keyring,
@@ -311,26 +346,7 @@ impl Verifier {
         publisher: u32,
         session: u64,
     ) -> Result<(), AuthError> {
-        let flags = datagram.get(3).copied().unwrap_or(0);
-        if flags & FLAG_AUTH == 0 || datagram.len() < DATAGRAM_HEADER_LEN + AUTH_TRAILER_LEN {
-            return Err(AuthError::Unsigned);
-        }
-        let (signed, tag) = datagram.split_at(datagram.len() - TAG_LEN);
-        let trailer = &signed[signed.len() - (AUTH_TRAILER_LEN - TAG_LEN)..];
-        let (id, sender) = (trailer[0], trailer[1]);
-        let mut counter = [0u8; 8];
-        counter.copy_from_slice(&trailer[2..10]);
-        let counter = u64::from_be_bytes(counter);
-        let key = self.keyring.key(id).ok_or(AuthError::UnknownKey(id))?;
-        let expected = Keyring::tag(key, signed);
-        // Constant-time comparison: the tag must not leak through timing.
-        let difference = expected
-            .iter()
-            .zip(tag)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if difference != 0 {
-            return Err(AuthError::BadTag);
-        }
+        let (sender, counter) = self.keyring.check(datagram)?;
         // Bounded: sessions are few; the oldest windows go when there are too many.
         if self.windows.len() > 4096 {
             self.windows.clear();

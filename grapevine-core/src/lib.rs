@@ -20,6 +20,7 @@
 
 pub mod auth;
 pub mod codec;
+pub mod limit;
 pub mod net;
 pub mod proto;
 pub mod recording;

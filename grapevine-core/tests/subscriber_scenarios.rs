@@ -588,3 +588,82 @@ fn forged_publishers_are_bounded_and_live_ones_kept() {
     assert!(s.stats().streams_evicted >= 63);
     assert_eq!(s.stream(0).unwrap().state.0.get(&1), Some(&2), "kept");
 }
+
+/// A repair request datagram naming 101 ranges, as an attacker would build it.
+fn request_with_ranges(p: &PublisherSession<Counters>, ranges: usize) -> Vec<u8> {
+    let one = grapevine_core::wire::repair_request(1, 0, p.session(), 1, 4096).unwrap();
+    let header = grapevine_core::wire::DATAGRAM_HEADER_LEN;
+    let mut datagram = one[..header].to_vec();
+    for _ in 0..ranges {
+        datagram.extend_from_slice(&one[header..]);
+    }
+    datagram[20..22].copy_from_slice(&(ranges as u16).to_be_bytes());
+    datagram
+}
+
+/// One source flooding requests with many ranges each gets a bounded answer: a few ranges per
+/// request, a few datagrams per request, a few requests per second; another source is still
+/// answered.
+#[test]
+fn repair_requests_cost_bounded_work_per_source() {
+    use grapevine_core::proto::{PublisherSession, MAX_RESENT_PER_REQUEST};
+    let now = Instant::now();
+    let mut config = PublisherConfig::new(1);
+    config.flush_delay = Duration::ZERO;
+    config.repair_ring_bytes = 4 << 20;
+    config.repair_rate = 1_000_000_000;
+    let mut p = PublisherSession::new(config, new_session_id(1, 7), Counters::default(), now);
+    for i in 0..5_000u32 {
+        p.publish(now, CounterDelta::Add((i % 50) as u8, 1))
+            .unwrap();
+    }
+    drain(&mut p);
+    let flood = request_with_ranges(&p, 101);
+    let attacker: std::net::IpAddr = [10, 0, 0, 66].into();
+    let (mut resent, mut resent_bytes, mut t) = (0usize, 0usize, now);
+    for _ in 0..3_000 {
+        t += Duration::from_micros(333);
+        resent += p.handle_repair_datagram(t, attacker, &flood);
+        resent_bytes += drain(&mut p).iter().map(|d| d.len()).sum::<usize>();
+    }
+    // 50 requests/s after a burst of 20, each answered with at most 32 datagrams.
+    assert!(
+        resent <= 70 * MAX_RESENT_PER_REQUEST,
+        "{resent} datagrams resent for one source"
+    );
+    let asked = 3_000 * flood.len();
+    assert!(
+        resent_bytes <= asked,
+        "amplification {:.1}",
+        resent_bytes as f64 / asked as f64
+    );
+    assert!(p.stats().repair_requests_ignored >= 2_900);
+    let neighbour: std::net::IpAddr = [10, 0, 0, 7].into();
+    assert!(p.handle_repair_datagram(t, neighbour, &flood) > 0);
+}
+
+#[test]
+fn on_a_keyed_feed_only_signed_repair_requests_are_answered() {
+    let now = Instant::now();
+    let keyring = std::sync::Arc::new(Keyring::single(1, [7; 32]));
+    let mut config = PublisherConfig::new(1);
+    config.flush_delay = Duration::ZERO;
+    config.repair_ring_bytes = 1 << 20;
+    config.keyring = Some(std::sync::Arc::clone(&keyring));
+    let mut p = PublisherSession::new(config, new_session_id(1, 7), Counters::default(), now);
+    for i in 0..10u8 {
+        p.publish(now, CounterDelta::Add(i, 1)).unwrap();
+    }
+    drain(&mut p);
+    let source: std::net::IpAddr = [10, 0, 0, 5].into();
+    let unsigned = grapevine_core::wire::repair_request(1, 0, p.session(), 2, 4).unwrap();
+    assert_eq!(p.handle_repair_datagram(now, source, &unsigned), 0);
+    let stranger = std::sync::Arc::new(Keyring::single(1, [8; 32]));
+    let forged = grapevine_core::auth::Signer::new(stranger, grapevine_core::auth::REQUEST_SENDER)
+        .sign(&unsigned);
+    assert_eq!(p.handle_repair_datagram(now, source, &forged), 0);
+    assert_eq!(p.stats().repair_requests_ignored, 2);
+    let signed = grapevine_core::auth::Signer::new(keyring, grapevine_core::auth::REQUEST_SENDER)
+        .sign(&unsigned);
+    assert_eq!(p.handle_repair_datagram(now, source, &signed), 3);
+}

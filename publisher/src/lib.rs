@@ -349,25 +349,13 @@ fn repair_loop<S: ReplicatedState>(shared: &Shared<S>, socket: &MulticastSocket)
         };
         {
             let mut session = shared.session.lock();
-            let ours = (
-                session.config().topic,
-                session.config().publisher,
-                session.session(),
-            );
             let now = Instant::now();
-            for bytes in batch.datagrams().take(received) {
-                let Ok(datagram) = grapevine_core::wire::Datagram::parse(bytes) else {
-                    continue;
-                };
-                let header = datagram.header();
-                if (header.topic(), header.publisher(), header.session()) != ours {
-                    continue;
-                }
-                for message in datagram.messages() {
-                    if let grapevine_core::wire::Message::RepairRequest { first, last } = message {
-                        session.handle_repair_request(now, first, last);
-                    }
-                }
+            for (index, bytes) in batch.datagrams().take(received).enumerate() {
+                let source = batch.source(index).map_or(
+                    std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                    |address| address.ip(),
+                );
+                session.handle_repair_datagram(now, source, bytes);
             }
             ready.extend(std::iter::from_fn(|| session.poll_transmit()));
         }

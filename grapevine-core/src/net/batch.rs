@@ -34,6 +34,8 @@ pub struct RecvBatch {
     buffers: Vec<Vec<u8>>,
     meta: Vec<RecvMeta>,
     controls: Vec<[u8; CONTROL_LEN]>,
+    /// Senders' addresses, as the kernel wrote them (decoded only when asked for).
+    names: Vec<SockaddrBuf>,
     scratch: Scratch,
     count: usize,
     kernel_drops: u32,
@@ -44,6 +46,46 @@ pub struct RecvBatch {
 struct Scratch {
     iovecs: Vec<libc::iovec>,
     headers: Vec<libc::mmsghdr>,
+}
+
+/// A `sockaddr_storage` and the length the kernel wrote into it.
+#[derive(Clone, Copy)]
+struct SockaddrBuf(libc::sockaddr_storage, libc::socklen_t);
+
+impl std::fmt::Debug for SockaddrBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SockaddrBuf")
+    }
+}
+
+impl SockaddrBuf {
+    fn empty() -> Self {
+        // SAFETY: sockaddr_storage is plain old data; all-zero is a valid (AF_UNSPEC) value.
+        Self(unsafe { mem::zeroed() }, 0)
+    }
+
+    fn decode(&self) -> Option<std::net::SocketAddr> {
+        let storage = &self.0;
+        match libc::c_int::from(storage.ss_family) {
+            libc::AF_INET if self.1 as usize >= size_of::<libc::sockaddr_in>() => {
+                // SAFETY: the family says sockaddr_in, and the kernel wrote at least its size.
+                let v4 = unsafe {
+                    &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+                };
+                let ip = std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
+                Some((ip, u16::from_be(v4.sin_port)).into())
+            }
+            libc::AF_INET6 if self.1 as usize >= size_of::<libc::sockaddr_in6>() => {
+                // SAFETY: the family says sockaddr_in6, and the kernel wrote at least its size.
+                let v6 = unsafe {
+                    &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+                };
+                let ip = std::net::Ipv6Addr::from(v6.sin6_addr.s6_addr);
+                Some((ip, u16::from_be(v6.sin6_port)).into())
+            }
+            _ => None,
+        }
+    }
 }
 
 // SAFETY: the raw pointers in `Scratch` only ever point into buffers owned by the same
@@ -66,6 +108,7 @@ impl RecvBatch {
             buffers: vec![vec![0; buf_len.max(1)]; batch],
             meta: vec![RecvMeta::default(); batch],
             controls: vec![[0; CONTROL_LEN]; batch],
+            names: vec![SockaddrBuf::empty(); batch],
             scratch: Scratch {
                 iovecs: (0..batch)
                     .map(|_| libc::iovec {
@@ -88,6 +131,14 @@ impl RecvBatch {
             .zip(&self.meta)
             .take(self.count)
             .map(|(buf, meta)| buf.get(..meta.len).unwrap_or_default())
+    }
+
+    /// Who sent datagram `index` of the last receive.
+    pub fn source(&self, index: usize) -> Option<std::net::SocketAddr> {
+        if index >= self.count {
+            return None;
+        }
+        self.names.get(index)?.decode()
     }
 
     /// Metadata of the datagrams of the last receive.
@@ -183,12 +234,15 @@ pub(super) fn recv_batch(
 fn recvmmsg(socket: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> {
     let n = batch.buffers.len();
     let Scratch { iovecs, headers } = &mut batch.scratch;
-    for (((header, iov), buf), control) in headers
+    for ((((header, iov), buf), control), name) in headers
         .iter_mut()
         .zip(iovecs.iter_mut())
         .zip(batch.buffers.iter_mut())
         .zip(batch.controls.iter_mut())
+        .zip(batch.names.iter_mut())
     {
+        header.msg_hdr.msg_name = (&mut name.0 as *mut libc::sockaddr_storage).cast();
+        header.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         iov.iov_base = buf.as_mut_ptr().cast();
         iov.iov_len = buf.len();
         header.msg_hdr.msg_iov = iov;
@@ -199,8 +253,8 @@ fn recvmmsg(socket: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> {
         header.msg_hdr.msg_flags = 0;
         header.msg_len = 0;
     }
-    // SAFETY: every header points at an iovec and a control buffer that live until the call
-    // returns, each iovec at a buffer of the stated length; `n` is the number of headers.
+    // SAFETY: every header points at an iovec, a control buffer and an address buffer that live
+    // until the call returns, each of the stated length; `n` is the number of headers.
     let rc = unsafe {
         libc::recvmmsg(
             socket.as_raw_fd(),
@@ -214,7 +268,13 @@ fn recvmmsg(socket: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     let count = rc as usize;
-    for (header, meta) in headers.iter().zip(batch.meta.iter_mut()).take(count) {
+    for ((header, meta), name) in headers
+        .iter()
+        .zip(batch.meta.iter_mut())
+        .zip(batch.names.iter_mut())
+        .take(count)
+    {
+        name.1 = header.msg_hdr.msg_namelen;
         meta.len = header.msg_len as usize;
         meta.truncated = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
         if let Some(drops) = read_drop_counter(&header.msg_hdr) {

@@ -36,6 +36,24 @@ fn round_trip_on_loopback_with_batches() {
 }
 
 #[test]
+fn the_sender_of_each_datagram_is_known() {
+    let config = MulticastConfig::new(group(2, 47_102));
+    let receiver = MulticastSocket::receiver(&config).unwrap();
+    let stranger = UdpSocket::bind("127.0.0.3:0").unwrap();
+    socket2::SockRef::from(&stranger)
+        .set_multicast_if_v4(&Ipv4Addr::LOCALHOST)
+        .unwrap();
+    stranger.send_to(b"who am I", config.group).unwrap();
+    let mut batch = RecvBatch::new(4, 2048);
+    let n = receiver
+        .recv_batch(&mut batch, Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(batch.source(0), Some(stranger.local_addr().unwrap()));
+    assert_eq!(batch.source(1), None, "only what was received");
+}
+
+#[test]
 fn kernel_drops_are_counted() {
     let mut config = MulticastConfig::new(group(7, 47_107));
     config.recv_buffer = 1; // the kernel rounds up to its minimum, a few KiB

@@ -12,6 +12,7 @@ mod subscriber;
 
 pub use publisher::{
     new_session_id, PublishError, PublisherConfig, PublisherSession, PublisherStats,
+    MAX_REPAIR_RANGES_PER_REQUEST, MAX_RESENT_PER_REQUEST,
 };
 pub use reassembly::{FragmentKey, Reassembler, ReassemblyError, CHUNK_OVERHEAD, MESSAGE_OVERHEAD};
 pub use snapshot::{SnapshotConfig, SnapshotRate, SnapshotSession, SnapshotStats};

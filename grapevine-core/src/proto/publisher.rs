@@ -50,6 +50,9 @@ pub struct PublisherConfig {
     pub repair_ring_bytes: usize,
     /// Most bytes per second resent for repair requests, whoever asks. Default 4 MB/s.
     pub repair_rate: u64,
+    /// Repair request datagrams answered per second from one source address; more are
+    /// ignored. Default 50 (bursts of 20).
+    pub repair_requests_per_source: f64,
 }
 
 impl PublisherConfig {
@@ -74,6 +77,7 @@ impl Default for PublisherConfig {
             keyring: None,
             repair_ring_bytes: 0,
             repair_rate: 4_000_000,
+            repair_requests_per_source: 50.0,
         }
     }
 }
@@ -112,6 +116,9 @@ pub struct PublisherStats {
     pub repairs_refused: u64,
     /// Repair requests for deltas no longer kept.
     pub repairs_missed: u64,
+    /// Repair request datagrams ignored: unsigned or forged on a keyed feed, over their
+    /// source's rate, or for another publisher or session.
+    pub repair_requests_ignored: u64,
 }
 
 /// The sans-IO publisher: owns the source of truth of a topic and turns deltas into datagrams.
@@ -156,7 +163,14 @@ pub struct PublisherSession<S: ReplicatedState> {
     ring_bytes: usize,
     repair_tokens: f64,
     repair_refilled: Option<Instant>,
+    repair_sources: crate::limit::SourceLimiter<std::net::IpAddr>,
 }
+
+/// Ranges honoured per repair request datagram; the rest are ignored, so one datagram costs a
+/// bounded amount of work.
+pub const MAX_REPAIR_RANGES_PER_REQUEST: usize = 4;
+/// Datagrams resent at most for one repair request datagram.
+pub const MAX_RESENT_PER_REQUEST: usize = 32;
 
 impl<S: ReplicatedState> PublisherSession<S> {
     /// Starts a session with id `session` ([`new_session_id`] at each start) over `initial`.
@@ -182,6 +196,11 @@ impl<S: ReplicatedState> PublisherSession<S> {
             ring_bytes: 0,
             repair_tokens: 0.0,
             repair_refilled: None,
+            repair_sources: crate::limit::SourceLimiter::new(
+                config.repair_requests_per_source,
+                (config.repair_requests_per_source / 2.5).max(1.0),
+                4096,
+            ),
             next_heartbeat: now,
             config,
             session,
@@ -300,10 +319,56 @@ impl<S: ReplicatedState> PublisherSession<S> {
         }
     }
 
+    /// A repair request datagram from `source` (as received on the repair group): checked
+    /// (this session, signed when the feed has a key), held to the source's rate, and its first
+    /// [`MAX_REPAIR_RANGES_PER_REQUEST`] ranges answered with at most
+    /// [`MAX_RESENT_PER_REQUEST`] datagrams; returns how many were queued.
+    pub fn handle_repair_datagram(
+        &mut self,
+        now: Instant,
+        source: std::net::IpAddr,
+        bytes: &[u8],
+    ) -> usize {
+        let Ok(datagram) = crate::wire::Datagram::parse(bytes) else {
+            self.stats.repair_requests_ignored += 1;
+            return 0;
+        };
+        let header = datagram.header();
+        let ours = (self.config.topic, self.config.publisher, self.session);
+        if (header.topic(), header.publisher(), header.session()) != ours {
+            self.stats.repair_requests_ignored += 1;
+            return 0;
+        }
+        if let Some(keyring) = &self.config.keyring {
+            if keyring.check(bytes).is_err() {
+                self.stats.repair_requests_ignored += 1;
+                return 0;
+            }
+        }
+        if !self.repair_sources.admit(now, source, 1.0) {
+            self.stats.repair_requests_ignored += 1;
+            return 0;
+        }
+        let mut budget = MAX_RESENT_PER_REQUEST;
+        let mut queued = 0;
+        for message in datagram.messages().take(MAX_REPAIR_RANGES_PER_REQUEST) {
+            if let crate::wire::Message::RepairRequest { first, last } = message {
+                let sent = self.resend(now, first, last, budget);
+                budget -= sent;
+                queued += sent;
+            }
+        }
+        queued
+    }
+
     /// A subscriber asks for the deltas `first..=last` again: queues the kept datagrams that
     /// hold them, within the repair rate; returns how many. What is no longer kept is not
     /// resent (the subscriber falls back to snapshots).
     pub fn handle_repair_request(&mut self, now: Instant, first: u64, last: u64) -> usize {
+        self.resend(now, first, last, usize::MAX)
+    }
+
+    fn resend(&mut self, now: Instant, first: u64, last: u64, most: usize) -> usize {
         let rate = self.config.repair_rate.max(1) as f64;
         let burst = (rate / 20.0).max(self.config.max_datagram as f64 * 4.0);
         match self.repair_refilled {
@@ -323,9 +388,11 @@ impl<S: ReplicatedState> PublisherSession<S> {
         {
             self.stats.repairs_missed += 1;
         }
-        for (from, to, datagram) in &self.ring {
-            if *to < first || *from > last {
-                continue;
+        // The ring is in `seq` order: find the first datagram that may hold `first`.
+        let start = self.ring.partition_point(|(_, to, _)| *to < first);
+        for (from, _, datagram) in self.ring.range(start..) {
+            if *from > last || queued >= most {
+                break;
             }
             let cost = datagram.len() as f64;
             if self.repair_tokens < cost {

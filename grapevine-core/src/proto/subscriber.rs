@@ -550,6 +550,8 @@ pub struct StreamView<'a, S: ReplicatedState> {
 #[derive(Debug)]
 pub struct SubscriberSession<S: ReplicatedState> {
     verifier: Option<crate::auth::Verifier>,
+    /// Signs this subscriber's repair requests on a keyed feed.
+    request_signer: Option<crate::auth::Signer>,
     config: SubscriberConfig,
     streams: BTreeMap<u32, Stream<S>>,
     reassembler: Reassembler,
@@ -566,6 +568,10 @@ impl<S: ReplicatedState> SubscriberSession<S> {
                 config.fragment_timeout,
             ),
             verifier: config.keyring.clone().map(crate::auth::Verifier::new),
+            request_signer: config
+                .keyring
+                .clone()
+                .map(|keyring| crate::auth::Signer::new(keyring, crate::auth::REQUEST_SENDER)),
             config,
             streams: BTreeMap::new(),
             sink: Sink {
@@ -600,7 +606,12 @@ impl<S: ReplicatedState> SubscriberSession<S> {
                 last = repair.last,
                 "repair requested"
             );
-            return wire::repair_request(topic, publisher, session, repair.first, repair.last);
+            let request =
+                wire::repair_request(topic, publisher, session, repair.first, repair.last);
+            return match &mut self.request_signer {
+                Some(signer) => request.map(|request| signer.sign(&request)),
+                None => request,
+            };
         }
         None
     }
@@ -648,7 +659,14 @@ impl<S: ReplicatedState> SubscriberSession<S> {
             datagram.messages().next(),
             Some(Message::RepairRequest { .. })
         ) {
-            // Another subscriber's request (never data): it may make ours unnecessary.
+            // Another subscriber's request (never data): it may make ours unnecessary. On a
+            // keyed feed only a signed one, or a stranger could silence every request.
+            if let Some(keyring) = &self.config.keyring {
+                if keyring.check(bytes).is_err() {
+                    self.sink.stats.unauthenticated += 1;
+                    return;
+                }
+            }
             for message in datagram.messages() {
                 if let Message::RepairRequest { first, last } = message {
                     self.suppress_repair(publisher, session, first, last);
