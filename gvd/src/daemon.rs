@@ -239,8 +239,12 @@ pub struct DaemonStats {
     pub queries_sent: u64,
     /// QUERYs received and answered with a snapshot cycle.
     pub queries_answered: u64,
-    /// Datagrams on the query port that were not valid QUERYs for this node.
+    /// Datagrams on the query port that were not valid QUERYs for this node (malformed,
+    /// another node's, unsigned or forged on a keyed network).
     pub queries_rejected: u64,
+    /// Valid QUERYs not answered: over their address's rate, or a cycle of that topic was
+    /// asked for moments ago (it answers them too).
+    pub queries_limited: u64,
     /// Inventory scans.
     pub rescans: u64,
 }
@@ -352,6 +356,10 @@ pub struct Daemon {
     rescan_requested: Arc<AtomicBool>,
     next_announce: Instant,
     queried: HashMap<(u64, u32), Instant>,
+    query_key: Option<crate::query::QueryKey>,
+    query_sources: grapevine_core::limit::SourceLimiter<IpAddr>,
+    /// When a cycle was last asked for on behalf of a QUERY, per topic.
+    cycle_asked: HashMap<u32, Instant>,
     transitions: Transitions,
     written: Option<NodesFile>,
     stats: DaemonStats,
@@ -492,7 +500,7 @@ impl Daemon {
                 heartbeat: delay * 2,
                 cycle_pause: delay * 10,
                 inject_loss: config.inject_loss,
-                keyring,
+                keyring: keyring.clone(),
             },
         )?;
         let now = Instant::now();
@@ -518,6 +526,11 @@ impl Daemon {
             rescan_requested: Arc::new(AtomicBool::new(false)),
             next_announce: now + delay,
             queried: HashMap::new(),
+            query_key: keyring.as_deref().map(crate::query::QueryKey::new),
+            // A node asks a peer again only after a period: a few per second per address is
+            // plenty for a host running several nodes.
+            query_sources: grapevine_core::limit::SourceLimiter::new(10.0, 10.0, 4096),
+            cycle_asked: HashMap::new(),
             transitions: Transitions::default(),
             written: None,
             stats: DaemonStats::default(),
@@ -763,7 +776,12 @@ impl Daemon {
                     continue;
                 }
             };
-            match Query::decode(&buffer[..len]) {
+            let decoded = Query::decode_checked(
+                &buffer[..len],
+                self.query_key.as_ref(),
+                std::time::SystemTime::now(),
+            );
+            match decoded {
                 Ok(query) if query.to == self.node => {
                     let snapshotter = match query.topic {
                         ELP_TOPIC => &self.elp.snapshotter,
@@ -773,6 +791,22 @@ impl Daemon {
                             continue;
                         }
                     };
+                    let now = Instant::now();
+                    if !self.query_sources.admit(now, from.ip(), 1.0) {
+                        self.stats.queries_limited += 1;
+                        continue;
+                    }
+                    // One cycle answers every QUERY that arrives while it is due: ask for
+                    // another only after a quarter of the announcement period.
+                    let recent = self
+                        .cycle_asked
+                        .get(&query.topic)
+                        .is_some_and(|at| now.saturating_duration_since(*at) < self.delay / 4);
+                    if recent {
+                        self.stats.queries_limited += 1;
+                        continue;
+                    }
+                    self.cycle_asked.insert(query.topic, now);
                     tracing::debug!(%from, topic = query.topic, "QUERY answered");
                     snapshotter.request_cycle();
                     self.stats.queries_answered += 1;
@@ -895,7 +929,14 @@ impl Daemon {
                     from: self.node,
                 };
                 let target = SocketAddr::new(address, peer.record.query_port);
-                match self.query_socket.send_to(&query.encode(), target) {
+                let sent = match &self.query_key {
+                    Some(key) => self.query_socket.send_to(
+                        &query.encode_signed(key, std::time::SystemTime::now()),
+                        target,
+                    ),
+                    None => self.query_socket.send_to(&query.encode(), target),
+                };
+                match sent {
                     Ok(_) => self.stats.queries_sent += 1,
                     Err(error) => tracing::debug!(%error, %target, "QUERY not sent"),
                 }

@@ -14,9 +14,50 @@
 //! | 8..12 | topic                      |
 //! | 12..20| node id of the addressee   |
 //! | 20..28| node id of the sender      |
+//!
+//! On a network with a key, a QUERY is 52 bytes: the 28 above, then the sender's clock in
+//! milliseconds since the epoch (8 bytes) and a 16-byte keyed BLAKE3 tag over the first 36
+//! bytes ([`QueryKey`]). Unsigned, forged or stale (more than [`MAX_QUERY_AGE`] away from the
+//! receiver's clock) QUERYs are ignored there, and every node answers at most a few QUERYs per
+//! second from one address.
 
-/// Length of a QUERY datagram.
+use std::time::{Duration, SystemTime};
+
+/// Length of an unsigned QUERY datagram.
 pub const QUERY_LEN: usize = 28;
+/// Length of a signed QUERY datagram.
+pub const SIGNED_QUERY_LEN: usize = QUERY_LEN + 8 + 16;
+/// How far a signed QUERY's clock may be from the receiver's (replays of older ones fail).
+pub const MAX_QUERY_AGE: Duration = Duration::from_secs(30);
+
+/// The key QUERYs are signed with, derived from the network key.
+#[derive(Clone)]
+pub struct QueryKey([u8; 32]);
+
+impl std::fmt::Debug for QueryKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QueryKey(..)")
+    }
+}
+
+impl QueryKey {
+    /// Derived from the network's keyring.
+    pub fn new(keyring: &grapevine_core::auth::Keyring) -> Self {
+        Self(keyring.derive_key("grapevine gvd query 2026-12"))
+    }
+
+    fn tag(&self, signed: &[u8]) -> [u8; 16] {
+        let hash = blake3::keyed_hash(&self.0, signed);
+        let mut tag = [0u8; 16];
+        tag.copy_from_slice(&hash.as_bytes()[..16]);
+        tag
+    }
+}
+
+fn unix_millis(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 
 const MAGIC: &[u8; 4] = b"GVQY";
 const VERSION: u8 = 1;
@@ -48,6 +89,15 @@ pub enum QueryError {
     /// Reserved bytes set.
     #[error("reserved bytes of a QUERY are not zero")]
     Reserved,
+    /// This network has a key and the QUERY is not signed with it.
+    #[error("QUERY not signed with the network key")]
+    Unsigned,
+    /// Signed with another key, or altered.
+    #[error("QUERY signed with another key, or altered")]
+    BadTag,
+    /// Signed too long ago (a replay) or by a clock far off.
+    #[error("QUERY signed {0} s away from this clock")]
+    Stale(u64),
 }
 
 impl Query {
@@ -68,7 +118,69 @@ impl Query {
         out
     }
 
-    /// Parses a datagram.
+    /// The datagram signed with `key` at `now`.
+    ///
+    /// ```
+    /// use std::time::SystemTime;
+    /// use gvd::query::{Query, QueryKey};
+    /// use grapevine_core::auth::Keyring;
+    /// let key = QueryKey::new(&Keyring::single(1, [9; 32]));
+    /// let query = Query { topic: 7, to: 1, from: 2 };
+    /// let now = SystemTime::now();
+    /// let signed = query.encode_signed(&key, now);
+    /// assert_eq!(Query::decode_checked(&signed, Some(&key), now), Ok(query));
+    /// assert!(Query::decode_checked(&query.encode(), Some(&key), now).is_err());
+    /// ```
+    pub fn encode_signed(&self, key: &QueryKey, now: SystemTime) -> [u8; SIGNED_QUERY_LEN] {
+        let mut out = [0u8; SIGNED_QUERY_LEN];
+        out[..QUERY_LEN].copy_from_slice(&self.encode());
+        out[QUERY_LEN..QUERY_LEN + 8].copy_from_slice(&unix_millis(now).to_be_bytes());
+        let tag = key.tag(&out[..QUERY_LEN + 8]);
+        out[QUERY_LEN + 8..].copy_from_slice(&tag);
+        out
+    }
+
+    /// Parses a datagram; with a key, only a QUERY signed with it within [`MAX_QUERY_AGE`] of
+    /// `now` passes.
+    ///
+    /// # Errors
+    ///
+    /// [`QueryError`].
+    pub fn decode_checked(
+        bytes: &[u8],
+        key: Option<&QueryKey>,
+        now: SystemTime,
+    ) -> Result<Self, QueryError> {
+        let Some(key) = key else {
+            return Self::decode(bytes);
+        };
+        if bytes.len() != SIGNED_QUERY_LEN {
+            return Err(if bytes.len() == QUERY_LEN {
+                QueryError::Unsigned
+            } else {
+                QueryError::Length(bytes.len())
+            });
+        }
+        let (signed, tag) = bytes.split_at(QUERY_LEN + 8);
+        let expected = key.tag(signed);
+        let difference = expected
+            .iter()
+            .zip(tag)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if difference != 0 {
+            return Err(QueryError::BadTag);
+        }
+        let mut sent = [0u8; 8];
+        sent.copy_from_slice(&signed[QUERY_LEN..]);
+        let sent = u64::from_be_bytes(sent);
+        let age_ms = unix_millis(now).abs_diff(sent);
+        if age_ms > MAX_QUERY_AGE.as_millis() as u64 {
+            return Err(QueryError::Stale(age_ms / 1000));
+        }
+        Self::decode(&signed[..QUERY_LEN])
+    }
+
+    /// Parses an unsigned datagram.
     ///
     /// # Errors
     ///
@@ -99,6 +211,41 @@ impl Query {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signed_queries_are_checked() {
+        let key = QueryKey::new(&grapevine_core::auth::Keyring::single(1, [9; 32]));
+        let other = QueryKey::new(&grapevine_core::auth::Keyring::single(1, [8; 32]));
+        let query = Query {
+            topic: 1,
+            to: 2,
+            from: 3,
+        };
+        let now = SystemTime::now();
+        let signed = query.encode_signed(&key, now);
+        assert_eq!(Query::decode_checked(&signed, Some(&key), now), Ok(query));
+        assert_eq!(
+            Query::decode_checked(&query.encode(), Some(&key), now),
+            Err(QueryError::Unsigned)
+        );
+        assert_eq!(
+            Query::decode_checked(&query.encode_signed(&other, now), Some(&key), now),
+            Err(QueryError::BadTag)
+        );
+        let later = now + Duration::from_secs(120);
+        assert_eq!(
+            Query::decode_checked(&signed, Some(&key), later),
+            Err(QueryError::Stale(120))
+        );
+        for i in 0..SIGNED_QUERY_LEN {
+            let mut altered = signed;
+            altered[i] ^= 1;
+            assert!(
+                Query::decode_checked(&altered, Some(&key), now).is_err(),
+                "byte {i}"
+            );
+        }
+    }
 
     #[test]
     fn bad_queries_are_named() {
