@@ -77,6 +77,16 @@ struct NetArgs {
 impl NetArgs {
     /// The keyring of `--key-file`, read once; the keys themselves are never printed.
     fn keyring(&self) -> Result<Option<Arc<grapevine::core::auth::Keyring>>> {
+        if self.key_file.is_none() {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    group = %self.group,
+                    "no --key-file: anyone who can send to this group can forge or silence the \
+                     feed (see docs/SECURITY.md)"
+                );
+            });
+        }
         self.key_file
             .as_deref()
             .map(|path| grapevine::core::auth::Keyring::from_file(path).map(Arc::new))
@@ -584,6 +594,26 @@ fn subscribe(args: &SubArgs) -> Result<()> {
                     stats.kernel_drops,
                 ),
                 (
+                    "grapevine_subscriber_unauthenticated_total",
+                    "Datagrams refused by authentication (unsigned, unknown key, bad tag).",
+                    p.unauthenticated,
+                ),
+                (
+                    "grapevine_subscriber_replayed_total",
+                    "Signed datagrams refused as replays.",
+                    p.replayed,
+                ),
+                (
+                    "grapevine_subscriber_retired_session_total",
+                    "Datagrams of sessions older than the one followed.",
+                    p.retired_session,
+                ),
+                (
+                    "grapevine_subscriber_streams_refused_total",
+                    "Datagrams of new publishers refused (max_streams reached).",
+                    p.streams_refused,
+                ),
+                (
                     "grapevine_subscriber_truncated_total",
                     "Datagrams larger than the buffer.",
                     stats.truncated,
@@ -638,6 +668,11 @@ fn subscribe(args: &SubArgs) -> Result<()> {
                             "recoveries": p.recoveries,
                             "malformed": p.malformed,
                             "kernel_drops": stats.kernel_drops,
+                            "unauthenticated": p.unauthenticated,
+                            "replayed": p.replayed,
+                            "retired_session": p.retired_session,
+                            "streams_refused": p.streams_refused,
+                            "streams_evicted": p.streams_evicted,
                         })
                         .to_string(),
                     );
@@ -673,7 +708,7 @@ fn subscribe(args: &SubArgs) -> Result<()> {
         }
         if !args.json {
             println!(
-                "applied {} gaps {} lost {} recoveries {} (last {:?}) malformed {} kernel drops {} rcvbuf {}",
+                "applied {} gaps {} lost {} recoveries {} (last {:?}) malformed {} kernel drops {} rcvbuf {} unauthenticated {} replayed {} retired-session {}",
                 p.deltas_applied,
                 p.gaps,
                 p.messages_lost,
@@ -681,7 +716,10 @@ fn subscribe(args: &SubArgs) -> Result<()> {
                 p.last_recovery,
                 p.malformed,
                 stats.kernel_drops,
-                stats.recv_buffer
+                stats.recv_buffer,
+                p.unauthenticated,
+                p.replayed,
+                p.retired_session
             );
         }
     }

@@ -236,7 +236,7 @@ pub fn spy(args: &SpyArgs) -> Result<()> {
                     "last_seq": stream.last_seq, "gaps": stream.gaps, "lost": stream.lost,
                     "cycles": stream.cycles, "cycle": stream.cycle,
                     "cycle_period_ms": stream.cycle_period.map(|p| p.as_secs_f64() * 1e3),
-                    "malformed": spy.malformed, "latest": latest,
+                    "malformed": spy.malformed, "unsigned": stream.unsigned, "latest": latest,
                 });
                 writeln!(out, "{line}")?;
             } else if tty {
@@ -254,12 +254,13 @@ pub fn spy(args: &SpyArgs) -> Result<()> {
             } else {
                 writeln!(
                     out,
-                    "topic {topic} publisher {publisher} session {:016x}: {rate:.0} msg/s {kbps:.1} kB/s seq {} gaps {} lost {} cycle {cycle} period {period} malformed {}{}",
+                    "topic {topic} publisher {publisher} session {:016x}: {rate:.0} msg/s {kbps:.1} kB/s seq {} gaps {} lost {} cycle {cycle} period {period} malformed {} unsigned {}{}",
                     stream.session,
                     stream.last_seq,
                     stream.gaps,
                     stream.lost,
                     spy.malformed,
+                    stream.unsigned,
                     latest.map(|l| format!(" latest {l}")).unwrap_or_default()
                 )?;
             }

@@ -250,3 +250,63 @@ fn pub_serves_its_counters_for_prometheus() {
         "{body}"
     );
 }
+
+/// On a keyed feed, an unkeyed publisher on the same group is refused, and `sub --json` says
+/// so in its counters while showing the real publisher's book.
+#[test]
+fn sub_json_counts_refused_datagrams() {
+    let dir = scratch("keyed-sub");
+    let key = dir.join("feed.key");
+    std::fs::write(&key, format!("1:{}\n", "4b".repeat(32))).unwrap();
+    let group = "239.255.70.95:7095";
+    let key = key.to_str().unwrap();
+    let subscriber = grapevine(&[
+        "sub",
+        "--group",
+        group,
+        "--key-file",
+        key,
+        "--json",
+        "--seconds",
+        "3",
+    ])
+    .stderr(Stdio::null())
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "pub",
+            "--group",
+            group,
+            "--rate",
+            "2000",
+            "--updates",
+            "2000",
+            "--seconds",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        grapevine(&args).stderr(Stdio::null()).spawn().unwrap()
+    };
+    let mut real = run(&["--key-file", key]);
+    let mut forger = run(&["--publisher-id", "7"]);
+    assert!(real.wait().unwrap().success());
+    assert!(forger.wait().unwrap().success());
+    let output = subscriber.wait_with_output().unwrap();
+    let last: serde_json::Value = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .last()
+        .expect("a status line");
+    assert_eq!(
+        last["publisher"], 0,
+        "only the keyed publisher is followed: {last}"
+    );
+    assert!(last["unauthenticated"].as_u64().unwrap() > 0, "{last}");
+    for counter in ["replayed", "retired_session", "streams_refused"] {
+        assert!(last[counter].is_u64(), "{counter} missing: {last}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

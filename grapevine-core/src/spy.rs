@@ -22,6 +22,9 @@ pub struct StreamStats {
     pub restarts: u64,
     /// Datagrams.
     pub datagrams: u64,
+    /// Datagrams without an authentication trailer (anyone could have sent them; the spy holds
+    /// no key, so signed ones are counted, not verified).
+    pub unsigned: u64,
     /// Bytes.
     pub bytes: u64,
     /// Delta messages.
@@ -136,6 +139,9 @@ impl Spy {
         }
         stream.datagrams += 1;
         stream.bytes += bytes.len() as u64;
+        if header.flags() & crate::wire::FLAG_AUTH == 0 {
+            stream.unsigned += 1;
+        }
         for message in datagram.messages() {
             match message {
                 Message::Delta { seq, payload, .. } => {
