@@ -297,8 +297,8 @@ fn sub_json_counts_refused_datagrams() {
     let output = subscriber.wait_with_output().unwrap();
     let last: serde_json::Value = String::from_utf8_lossy(&output.stdout)
         .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .last()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
         .expect("a status line");
     assert_eq!(
         last["publisher"], 0,
