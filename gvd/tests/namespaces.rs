@@ -135,8 +135,9 @@ impl Lab {
             format!(
                 "repl_port = 7175\nzone_debounce_ms = 100\n[[zones]]\nname = \"z\"\n\
                  quota_bytes = 100000000\nmembers = [\"host0\", \"host1\", \"host2\"]\n\
-                 path = \"{}\"\nnfs_port = 2049\n",
-                self.zone_dir(i).display()
+                 path = \"{}\"\nnfs_port = 2049\nnfs_clients = [\"10.231.0.{}/32\"]\n",
+                self.zone_dir(i).display(),
+                i + 1
             ),
         )
         .unwrap();
@@ -321,6 +322,15 @@ fn three_hosts_discover_each_other_and_a_dead_one_leaves() {
             "the file written on host0 is readable, identical, on host2"
         );
         eprintln!("host0 -> host2 through NFS after {:?}", started.elapsed());
+        // Each host lets only itself mount its zone over the network (nfs_clients).
+        let foreign = Command::new("ip")
+            .args(["netns", "exec", &lab.ns("h1"), "nfs-cat", &url(2)])
+            .output()
+            .unwrap();
+        assert!(
+            !foreign.status.success() && foreign.stdout.is_empty(),
+            "host1 read host2's zone though host2 exports it only to itself"
+        );
 
         let wait = |what: &str, check: &dyn Fn() -> bool| {
             let started = Instant::now();

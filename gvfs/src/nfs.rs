@@ -23,6 +23,7 @@ pub struct ZoneFs {
     quota_bytes: u64,
     /// First half of every file handle: tells this zone's handles from others'.
     tag: u64,
+    read_only: bool,
 }
 
 impl ZoneFs {
@@ -32,7 +33,15 @@ impl ZoneFs {
             store,
             quota_bytes,
             tag,
+            read_only: false,
         }
+    }
+
+    /// Refuses every change with `NFS3ERR_ROFS` (an export users may read, not write).
+    #[must_use]
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
     }
 
     fn path(&self, id: fileid3) -> Result<String, nfsstat3> {
@@ -65,6 +74,9 @@ impl ZoneFs {
     }
 
     fn writable(&self, path: &str) -> Result<(), nfsstat3> {
+        if self.read_only {
+            return Err(nfsstat3::NFS3ERR_ROFS);
+        }
         if self.store.lock().is_incoming(path) {
             return Err(nfsstat3::NFS3ERR_JUKEBOX);
         }
@@ -156,7 +168,11 @@ fn status(error: std::io::Error) -> nfsstat3 {
 #[async_trait]
 impl NFSFileSystem for ZoneFs {
     fn capabilities(&self) -> VFSCapabilities {
-        VFSCapabilities::ReadWrite
+        if self.read_only {
+            VFSCapabilities::ReadOnly
+        } else {
+            VFSCapabilities::ReadWrite
+        }
     }
 
     fn root_dir(&self) -> fileid3 {
@@ -479,6 +495,34 @@ mod tests {
             run(fs.remove(ROOT_ID, &b"f".as_slice().into())),
             Err(nfsstat3::NFS3ERR_JUKEBOX)
         ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_read_only_export_serves_reads_and_refuses_every_change() {
+        let dir = std::env::temp_dir().join(format!("gvfs-nfs-ro-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = open(&dir);
+        std::fs::write(dir.join("data/kept"), b"kept").unwrap();
+        store.lock().scan().unwrap();
+        let fs = ZoneFs::new(Arc::clone(&store), 1 << 20, 1).read_only(true);
+        let name = |n: &str| -> filename3 { n.as_bytes().into() };
+        let id = run(fs.lookup(ROOT_ID, &name("kept"))).unwrap();
+        assert_eq!(run(fs.read(id, 0, 100)).unwrap().0, b"kept");
+        let rofs = |result: Result<(), nfsstat3>| matches!(result, Err(nfsstat3::NFS3ERR_ROFS));
+        assert!(rofs(run(fs.write(id, 0, b"x")).map(drop)));
+        assert!(rofs(
+            run(fs.create(ROOT_ID, &name("new"), sattr3::default())).map(drop)
+        ));
+        assert!(rofs(run(fs.mkdir(ROOT_ID, &name("dir"))).map(drop)));
+        assert!(rofs(run(fs.remove(ROOT_ID, &name("kept")))));
+        assert!(rofs(run(fs.rename(
+            ROOT_ID,
+            &name("kept"),
+            ROOT_ID,
+            &name("moved")
+        ))));
+        assert_eq!(std::fs::read(dir.join("data/kept")).unwrap(), b"kept");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -35,6 +35,14 @@ pub struct ZoneConfig {
     /// This node's NFS port for it; 0 picks a free one (announced in the ELP).
     #[serde(default)]
     pub nfs_port: u16,
+    /// Addresses allowed to mount it over the network besides this host (`10.1.2.3`,
+    /// `10.1.0.0/16`), like an NFS server's export list. Default none: the zone is served on
+    /// loopback only.
+    #[serde(default)]
+    pub nfs_clients: Vec<ipnet::IpNet>,
+    /// Serve it read-only over NFS (replication still brings peers' changes). Default false.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// Settings of [`Zones`].
@@ -128,26 +136,86 @@ pub fn free_bytes(path: &Path) -> u64 {
 }
 
 /// Starts an NFS server for `fs`, exported as `/<zone>`; returns its port.
+///
+/// The server itself listens on loopback only. When the zone lists `nfs_clients` and this node
+/// serves on another address, a relay on that address (same port) passes on connections from
+/// listed addresses and closes the others at once; loopback clients connect directly.
 fn serve_nfs<F>(
     runtime: &tokio::runtime::Runtime,
-    bind: &str,
-    zone: &str,
+    address: IpAddr,
+    config: &ZoneConfig,
     fs: F,
 ) -> std::io::Result<u16>
 where
     F: nfsserve::vfs::NFSFileSystem + Send + Sync + 'static,
 {
+    let loopback: IpAddr = if address.is_ipv6() {
+        std::net::Ipv6Addr::LOCALHOST.into()
+    } else {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    };
+    let local = if address.is_loopback() {
+        address
+    } else {
+        loopback
+    };
     runtime.block_on(async {
-        let mut listener = NFSTcpListener::bind(bind, fs).await?;
-        listener.with_export_name(zone);
+        let bind = SocketAddr::new(local, config.nfs_port).to_string();
+        let mut listener = NFSTcpListener::bind(&bind, fs).await?;
+        listener.with_export_name(&config.name);
         let port = listener.get_listen_port();
         tokio::spawn(async move {
             if let Err(error) = listener.handle_forever().await {
                 tracing::error!(%error, "NFS server stopped");
             }
         });
+        if !address.is_loopback() {
+            if config.nfs_clients.is_empty() {
+                tracing::info!(
+                    zone = config.name,
+                    port,
+                    "NFS on loopback only (no nfs_clients listed)"
+                );
+            } else {
+                let relay = tokio::net::TcpListener::bind(SocketAddr::new(address, port)).await?;
+                let allowed = config.nfs_clients.clone();
+                let zone = config.name.clone();
+                let target = SocketAddr::new(local, port);
+                tokio::spawn(relay_allowed(relay, allowed, target, zone));
+            }
+        }
         Ok(port)
     })
+}
+
+/// Passes connections from allowed addresses on to the NFS server at `target`.
+async fn relay_allowed(
+    relay: tokio::net::TcpListener,
+    allowed: Vec<ipnet::IpNet>,
+    target: SocketAddr,
+    zone: String,
+) {
+    loop {
+        let (mut client, peer) = match relay.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(zone, %error, "NFS accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if !allowed.iter().any(|net| net.contains(&peer.ip())) {
+            tracing::warn!(zone, %peer, "NFS client not in nfs_clients: refused");
+            continue;
+        }
+        let _ = client.set_nodelay(true);
+        tokio::spawn(async move {
+            if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
+                let _ = server.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            }
+        });
+    }
 }
 
 /// A tag for a zone's NFS file handles: stable across restarts, distinct between zones.
@@ -206,23 +274,12 @@ impl Zones {
                 Arc::clone(&store),
                 config.quota_bytes,
                 zone_tag(&config.name),
-            );
-            let bind = SocketAddr::new(settings.address, config.nfs_port).to_string();
-            let nfs_port = runtime
-                .block_on(async {
-                    let mut listener = NFSTcpListener::bind(&bind, fs).await?;
-                    listener.with_export_name(&config.name);
-                    let port = listener.get_listen_port();
-                    tokio::spawn(async move {
-                        if let Err(error) = listener.handle_forever().await {
-                            tracing::error!(%error, "NFS server stopped");
-                        }
-                    });
-                    Ok::<u16, std::io::Error>(port)
-                })
-                .map_err(io(&format!(
-                    "NFS server for zone {} on {bind}",
-                    config.name
+            )
+            .read_only(config.read_only);
+            let nfs_port =
+                serve_nfs(&runtime, settings.address, config, fs).map_err(io(&format!(
+                    "NFS server for zone {} on port {}",
+                    config.name, config.nfs_port
                 )))?;
             tracing::info!(zone = config.name, nfs_port, path = %config.path.display(), "zone served");
             let (offers, queue) = crossbeam_channel::unbounded();
@@ -243,7 +300,8 @@ impl Zones {
                         Arc::clone(&store),
                         config.quota_bytes,
                         zone_tag(&config.name),
-                    ),
+                    )
+                    .read_only(config.read_only),
                 },
             );
             zones.push(Zone {
@@ -268,11 +326,11 @@ impl Zones {
                 settings.peer_timeout,
                 settings.port_key.clone(),
             );
-            let bind = SocketAddr::new(settings.address, config.nfs_port).to_string();
-            let nfs_port = serve_nfs(&runtime, &bind, &config.name, fs).map_err(io(&format!(
-                "NFS server for zone {} on {bind}",
-                config.name
-            )))?;
+            let nfs_port =
+                serve_nfs(&runtime, settings.address, config, fs).map_err(io(&format!(
+                    "NFS server for zone {} on port {}",
+                    config.name, config.nfs_port
+                )))?;
             tracing::info!(
                 zone = config.name,
                 nfs_port,

@@ -220,7 +220,8 @@ fn halves<R, W>(keys: snow::StatelessTransportState, reader: R, writer: W) -> Sp
     )
 }
 
-type Split<R, W> = (SecureReader<R>, SecureWriter<W>);
+/// The encrypted reading and writing halves of a connection.
+pub type Split<R, W> = (SecureReader<R>, SecureWriter<W>);
 
 fn write_handshake(stream: &mut impl Write, message: &[u8]) -> std::io::Result<()> {
     let len = u16::try_from(message.len()).map_err(std::io::Error::other)?;
@@ -326,15 +327,67 @@ fn with_deadline<T>(
     outcome
 }
 
-fn secure_link(stream: TcpStream, keys: snow::HandshakeState) -> std::io::Result<Link> {
-    let keys = keys
+/// Runs the client side of the handshake over a reading and a writing half (of a socket, or
+/// anything else); the halves come back encrypted.
+///
+/// # Errors
+///
+/// `PermissionDenied` when the server does not prove the key; I/O errors.
+pub fn connect_split<R: Read, W: Write>(
+    mut reader: R,
+    mut writer: W,
+    key: &PortKey,
+    purpose: Purpose,
+) -> std::io::Result<Split<R, W>> {
+    let mut noise = builder(key, purpose)?
+        .build_initiator()
+        .map_err(std::io::Error::other)?;
+    let mut message = vec![0u8; MAX_RECORD];
+    let n = noise
+        .write_message(&[], &mut message)
+        .map_err(std::io::Error::other)?;
+    write_handshake(&mut writer, &message[..n])?;
+    let answer = read_handshake(&mut reader)?;
+    noise
+        .read_message(&answer, &mut message)
+        .map_err(|_| refused("the server does not hold the network key"))?;
+    let keys = noise
         .into_stateless_transport_mode()
         .map_err(std::io::Error::other)?;
-    let (reader, writer) = halves(keys, stream.try_clone()?, stream);
-    Ok(Link::Secure(reader, writer))
+    Ok(halves(keys, reader, writer))
 }
 
-/// Opens the client side of a gvd connection over `stream`.
+/// Runs the server side of the handshake over a reading and a writing half; the halves come
+/// back encrypted.
+///
+/// # Errors
+///
+/// `PermissionDenied` when the client does not prove the key; I/O errors.
+pub fn accept_split<R: Read, W: Write>(
+    mut reader: R,
+    mut writer: W,
+    key: &PortKey,
+    purpose: Purpose,
+) -> std::io::Result<Split<R, W>> {
+    let mut noise = builder(key, purpose)?
+        .build_responder()
+        .map_err(std::io::Error::other)?;
+    let mut message = vec![0u8; MAX_RECORD];
+    let hello = read_handshake(&mut reader)?;
+    noise
+        .read_message(&hello, &mut message)
+        .map_err(|_| refused("the client does not hold the network key"))?;
+    let n = noise
+        .write_message(&[], &mut message)
+        .map_err(std::io::Error::other)?;
+    write_handshake(&mut writer, &message[..n])?;
+    let keys = noise
+        .into_stateless_transport_mode()
+        .map_err(std::io::Error::other)?;
+    Ok(halves(keys, reader, writer))
+}
+
+/// Opens the client side of a gvd connection over `stream`, within [`HANDSHAKE_TIMEOUT`].
 ///
 /// # Errors
 ///
@@ -347,22 +400,10 @@ pub fn connect(
     let Some(key) = key else {
         return Ok(Link::Plain(stream));
     };
-    let mut noise = builder(key, purpose)?
-        .build_initiator()
-        .map_err(std::io::Error::other)?;
-    with_deadline(&mut stream, |stream| {
-        let mut message = vec![0u8; MAX_RECORD];
-        let n = noise
-            .write_message(&[], &mut message)
-            .map_err(std::io::Error::other)?;
-        write_handshake(stream, &message[..n])?;
-        let answer = read_handshake(stream)?;
-        noise
-            .read_message(&answer, &mut message)
-            .map_err(|_| refused("the server does not hold the network key"))?;
-        Ok(())
+    let (reader, writer) = with_deadline(&mut stream, |stream| {
+        connect_split(stream.try_clone()?, stream.try_clone()?, key, purpose)
     })?;
-    secure_link(stream, noise)
+    Ok(Link::Secure(reader, writer))
 }
 
 /// Opens the server side of a gvd connection over `stream`: the client must complete the
@@ -379,21 +420,10 @@ pub fn accept(
     let Some(key) = key else {
         return Ok(Link::Plain(stream));
     };
-    let mut noise = builder(key, purpose)?
-        .build_responder()
-        .map_err(std::io::Error::other)?;
-    with_deadline(&mut stream, |stream| {
-        let mut message = vec![0u8; MAX_RECORD];
-        let hello = read_handshake(stream)?;
-        noise
-            .read_message(&hello, &mut message)
-            .map_err(|_| refused("the client does not hold the network key"))?;
-        let n = noise
-            .write_message(&[], &mut message)
-            .map_err(std::io::Error::other)?;
-        write_handshake(stream, &message[..n])
+    let (reader, writer) = with_deadline(&mut stream, |stream| {
+        accept_split(stream.try_clone()?, stream.try_clone()?, key, purpose)
     })?;
-    secure_link(stream, noise)
+    Ok(Link::Secure(reader, writer))
 }
 
 /// A connection to or from a gvd port, for tokio: plain or encrypted, as [`Link`].
