@@ -271,6 +271,8 @@ fn the_example_configuration_parses() {
     assert_eq!(config.vdev_group().port(), 7172);
     assert_eq!(config.zones.len(), 1);
     assert_eq!(config.zones[0].members.len(), 3);
+    assert_eq!(config.zones[0].nfs_clients.len(), 1);
+    assert_eq!(config.max_agents_per_source, 8);
 }
 
 #[test]

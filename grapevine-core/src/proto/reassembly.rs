@@ -86,8 +86,10 @@ const REMEMBERED_COMPLETIONS: usize = 256;
 /// Memory held per chunk besides its bytes (the vector's header and the map's node share), so
 /// that a flood of tiny fragments cannot hold many times the budget.
 pub const CHUNK_OVERHEAD: usize = 64;
-/// Memory held per incomplete message besides its chunks.
-pub const MESSAGE_OVERHEAD: usize = 128;
+/// Memory held per incomplete message besides its chunks: its map entry, the first node of its
+/// chunk map and its place in the eviction order (measured: a flood of one-byte fragments,
+/// each opening a message, held about 450 bytes per message).
+pub const MESSAGE_OVERHEAD: usize = 512;
 
 impl Reassembler {
     /// A reassembler with the given limits.
