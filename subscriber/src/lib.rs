@@ -420,6 +420,8 @@ fn receive_loop<S: ReplicatedState>(
     let mut last_warning = Instant::now();
     let mut loss = LossInjector::new(inject_loss);
     let mut warned_unauthenticated = 0u64;
+    let mut warned_refused = (0u64, 0u64);
+    let mut last_refusal_warning: Option<Instant> = None;
     let mut last_auth_warning: Option<Instant> = None;
     while !shared.stop.load(Ordering::Relaxed) {
         let wait = {
@@ -499,6 +501,23 @@ fn receive_loop<S: ReplicatedState>(
                 );
                 warned_unauthenticated = stats.unauthenticated;
                 last_auth_warning = Some(Instant::now());
+            }
+            // On a signed feed, replays and datagrams of a retired session are someone resending
+            // old traffic (or a publisher whose clock went back): worth a line, at most every
+            // few seconds.
+            let refused = (stats.replayed, stats.retired_session);
+            if options.session.keyring.is_some()
+                && refused != warned_refused
+                && last_refusal_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
+            {
+                tracing::warn!(
+                    replayed = refused.0 - warned_refused.0,
+                    retired_session = refused.1 - warned_refused.1,
+                    topic = options.session.topic,
+                    "datagrams refused as replays or as an older session"
+                );
+                warned_refused = refused;
+                last_refusal_warning = Some(Instant::now());
             }
             shared.processed.store(
                 stats.deltas_received.saturating_sub(stats.duplicates),
