@@ -47,6 +47,9 @@ enum Command {
     Replay(tools::ReplayArgs),
     /// Relay topics between the local group and repeaters on other networks (unicast UDP).
     Repeat(tools::RepeatArgs),
+    /// Make a key file: a shared key (every holder can sign), or a publisher's ed25519 secret
+    /// key and the public key its subscribers verify with.
+    Keygen(tools::KeygenArgs),
     /// Measure GrapeVine against raw UDP multicast in the same run (use a release build).
     Bench {
         #[command(subcommand)]
@@ -68,8 +71,10 @@ struct NetArgs {
     /// Topic id.
     #[arg(long, env = "GRAPEVINE_TOPIC", default_value_t = 1)]
     topic: u32,
-    /// Sign (pub) or require (sub) authenticated datagrams with the keys in this file: lines
-    /// `<id>:<64 hex digits>`; the last key signs, all verify. See docs/PROTOCOL.md.
+    /// Sign (pub) or require (sub) authenticated datagrams with the keys in this file (made by
+    /// `grapevine keygen`): shared keys `<id>:<64 hex digits>` (the last signs, all verify), or
+    /// a publisher's `ed25519-secret` key and, for subscribers, its `ed25519-public` key.
+    /// See docs/SECURITY.md.
     #[arg(long, env = "GRAPEVINE_KEY_FILE")]
     key_file: Option<std::path::PathBuf>,
 }
@@ -208,6 +213,7 @@ fn main() -> ExitCode {
         Command::Replay(args) => tools::replay(&args).map(|()| true),
         Command::Repeat(args) => tools::repeat(&args).map(|()| true),
         Command::Bench { command } => bench::run(&command).map(|()| true),
+        Command::Keygen(args) => tools::keygen(&args).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -236,6 +242,14 @@ fn snapshot_config(rate: u32, net: &NetArgs) -> Result<SnapshotConfig> {
 fn publisher_options(net: &NetArgs) -> Result<PublisherOptions> {
     let mut options = PublisherOptions::new(net.topic, net.live());
     options.session.keyring = net.keyring()?;
+    if options
+        .session
+        .keyring
+        .as_ref()
+        .is_some_and(|keyring| !keyring.can_sign())
+    {
+        bail!("--key-file holds only a public key: a publisher needs its secret key to sign");
+    }
     Ok(options)
 }
 

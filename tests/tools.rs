@@ -310,3 +310,89 @@ fn sub_json_counts_refused_datagrams() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `keygen --ed25519` makes a key pair: the publisher signs with the secret key, a subscriber
+/// with only the public key follows it, and the public key cannot publish. Nothing is
+/// overwritten.
+#[test]
+fn keygen_makes_a_publisher_key_pair_that_works_end_to_end() {
+    let dir = scratch("keygen");
+    let (secret, public) = (dir.join("pub.key"), dir.join("sub.key"));
+    let keygen = grapevine(&[
+        "keygen",
+        secret.to_str().unwrap(),
+        "--ed25519",
+        "--public",
+        public.to_str().unwrap(),
+    ])
+    .output()
+    .unwrap();
+    assert!(keygen.status.success());
+    let again = grapevine(&["keygen", secret.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "an existing key file was replaced");
+    assert!(std::fs::read_to_string(&secret)
+        .unwrap()
+        .starts_with("ed25519-secret"));
+    let refused = grapevine(&[
+        "pub",
+        "--key-file",
+        public.to_str().unwrap(),
+        "--seconds",
+        "1",
+    ])
+    .output()
+    .unwrap();
+    assert!(!refused.status.success(), "a public key cannot publish");
+
+    let group = "239.255.70.96:7096";
+    let subscriber = grapevine(&[
+        "sub",
+        "--group",
+        group,
+        "--key-file",
+        public.to_str().unwrap(),
+        "--json",
+        "--seconds",
+        "3",
+    ])
+    .stderr(Stdio::null())
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let publisher = grapevine(&[
+        "pub",
+        "--group",
+        group,
+        "--key-file",
+        secret.to_str().unwrap(),
+        "--rate",
+        "2000",
+        "--updates",
+        "2000",
+        "--seconds",
+        "2",
+    ])
+    .output()
+    .unwrap();
+    assert!(publisher.status.success());
+    let digest = String::from_utf8_lossy(&publisher.stdout)
+        .lines()
+        .last()
+        .and_then(|l| l.split("digest ").nth(1))
+        .unwrap()
+        .trim()
+        .to_string();
+    let output = subscriber.wait_with_output().unwrap();
+    let last: serde_json::Value = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("a status line");
+    assert_eq!(last["status"], "live", "{last}");
+    assert_eq!(last["digest"], digest.as_str(), "{last}");
+    assert_eq!(last["unauthenticated"], 0, "{last}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -15,6 +15,12 @@
 //! Keys rotate without downtime: a keyring holds up to two keys by id; publishers sign with
 //! the last one given, subscribers accept either. Roll out a keyring with the new key second
 //! to subscribers, then to publishers, then drop the old key.
+//!
+//! A shared key lets every holder sign, subscribers included. When subscribers must not be able
+//! to forge (or silence) a publisher, give the publisher an ed25519 secret key and subscribers
+//! only its public key: datagrams then carry [`FLAG_SIG`] and a 74-byte trailer (key id,
+//! sender, counter, a 64-byte ed25519 signature of everything before it). It costs far more
+//! CPU per datagram than the shared-key tag (docs/PERFORMANCE.md).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -22,6 +28,9 @@ use std::path::Path;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+
+pub use crate::wire::FLAG_SIG;
 use crate::wire::{DATAGRAM_HEADER_LEN, FLAG_AUTH};
 
 /// Sender id of repair requests (subscribers sign them; they are checked by tag, not by replay
@@ -30,6 +39,9 @@ pub const REQUEST_SENDER: u8 = 2;
 
 /// Length of the trailer of a signed datagram.
 pub const AUTH_TRAILER_LEN: usize = 26;
+/// Length of the trailer of a datagram signed with a publisher's own ed25519 key.
+pub const SIG_TRAILER_LEN: usize = 74;
+const SIGNATURE_LEN: usize = 64;
 const TAG_LEN: usize = 16;
 /// Counters this far or more below the highest one seen are refused as replays.
 const WINDOW: u64 = 4096;
@@ -62,15 +74,50 @@ pub enum KeyError {
         /// The entry, with its key digits masked.
         entry: String,
     },
-    /// No key, or more than two.
-    #[error("a keyring holds one or two keys, got {0}")]
+    /// No key, or more than two of a kind.
+    #[error("a keyring holds one or two keys of each kind, got {0}")]
     Count(usize),
 }
 
-/// The keys of a topic: the one to sign with, and up to two to verify with.
-#[derive(Clone, Debug)]
+/// The keys of a topic: the one to sign with, and up to two to verify with; shared keys, or
+/// a publisher's ed25519 secret key and the public keys that verify it.
+#[derive(Clone)]
 pub struct Keyring {
     keys: Vec<(u8, Key)>,
+    secret: Option<(u8, SigningKey)>,
+    public: Vec<(u8, VerifyingKey)>,
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keyring")
+            .field(
+                "shared",
+                &self.keys.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            )
+            .field("secret", &self.secret.as_ref().map(|(id, _)| id))
+            .field(
+                "public",
+                &self.public.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+fn hex32(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(key)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Keyring {
@@ -78,7 +125,60 @@ impl Keyring {
     pub fn single(id: u8, key: [u8; 32]) -> Self {
         Self {
             keys: vec![(id, Key(key))],
+            secret: None,
+            public: Vec::new(),
         }
+    }
+
+    /// A publisher's keyring: the ed25519 secret key (32-byte seed) `id` signs.
+    pub fn ed25519_secret(id: u8, seed: [u8; 32]) -> Self {
+        let secret = SigningKey::from_bytes(&seed);
+        Self {
+            keys: Vec::new(),
+            public: vec![(id, secret.verifying_key())],
+            secret: Some((id, secret)),
+        }
+    }
+
+    /// A subscriber's keyring for an ed25519-signing publisher: its public key only, which
+    /// verifies but cannot sign.
+    #[must_use]
+    pub fn public_only(&self) -> Self {
+        Self {
+            keys: Vec::new(),
+            secret: None,
+            public: self.public.clone(),
+        }
+    }
+
+    /// The key file text of this keyring (secret keys included: keep it private).
+    pub fn to_file_text(&self) -> String {
+        let mut text = String::new();
+        for (id, key) in &self.keys {
+            text.push_str(&format!("{id}:{}\n", hex(&key.0)));
+        }
+        if let Some((id, secret)) = &self.secret {
+            text.push_str(&format!(
+                "ed25519-secret {id}:{}\n",
+                hex(&secret.to_bytes())
+            ));
+        } else {
+            for (id, public) in &self.public {
+                text.push_str(&format!("ed25519-public {id}:{}\n", hex(public.as_bytes())));
+            }
+        }
+        text
+    }
+
+    /// Whether this keyring can sign datagrams (a shared key, or an ed25519 secret key).
+    pub fn can_sign(&self) -> bool {
+        !self.keys.is_empty() || self.secret.is_some()
+    }
+
+    /// Whether it holds a shared key (every holder can sign: subscribers can sign their repair
+    /// requests, and a holder is trusted to publish).
+    pub fn is_shared(&self) -> bool {
+        !self.keys.is_empty()
     }
 
     /// Parses `<id>:<hex>[,<id>:<hex>]` (or the same one per line): the last key signs, all
@@ -97,32 +197,58 @@ impl Keyring {
     /// ```
     pub fn parse(text: &str) -> Result<Self, KeyError> {
         let mut keys = Vec::new();
+        let mut secret = None;
+        let mut public: Vec<(u8, VerifyingKey)> = Vec::new();
         for entry in text
             .split([',', '\n'])
             .map(str::trim)
             .filter(|e| !e.is_empty() && !e.starts_with('#'))
         {
-            let masked = || KeyError::Entry {
-                entry: entry.split(':').next().unwrap_or("").to_string() + ":…",
+            let (kind, rest) = match entry.split_once(char::is_whitespace) {
+                Some((kind, rest)) if kind.starts_with("ed25519-") => (kind, rest.trim()),
+                _ => ("shared", entry),
             };
-            let (id, hex) = entry.split_once(':').ok_or_else(masked)?;
+            let masked = || KeyError::Entry {
+                entry: format!(
+                    "{}{}:…",
+                    if kind == "shared" {
+                        String::new()
+                    } else {
+                        format!("{kind} ")
+                    },
+                    rest.split(':').next().unwrap_or("")
+                ),
+            };
+            let (id, hex) = rest.split_once(':').ok_or_else(masked)?;
             let id: u8 = id.trim().parse().map_err(|_| masked())?;
-            let hex = hex.trim();
-            if hex.len() != 64 {
-                return Err(masked());
+            let bytes = hex32(hex).ok_or_else(masked)?;
+            match kind {
+                "shared" => {
+                    keys.retain(|(existing, _)| *existing != id);
+                    keys.push((id, Key(bytes)));
+                }
+                "ed25519-secret" => {
+                    let key = SigningKey::from_bytes(&bytes);
+                    public.retain(|(existing, _)| *existing != id);
+                    public.push((id, key.verifying_key()));
+                    secret = Some((id, key));
+                }
+                "ed25519-public" => {
+                    let key = VerifyingKey::from_bytes(&bytes).map_err(|_| masked())?;
+                    public.retain(|(existing, _)| *existing != id);
+                    public.push((id, key));
+                }
+                _ => return Err(masked()),
             }
-            let mut key = [0u8; 32];
-            for (i, byte) in key.iter_mut().enumerate() {
-                let pair = hex.get(2 * i..2 * i + 2).ok_or_else(masked)?;
-                *byte = u8::from_str_radix(pair, 16).map_err(|_| masked())?;
-            }
-            keys.retain(|(existing, _)| *existing != id);
-            keys.push((id, Key(key)));
         }
-        if keys.is_empty() || keys.len() > 2 {
-            return Err(KeyError::Count(keys.len()));
+        if keys.len() > 2 || public.len() > 2 || (keys.is_empty() && public.is_empty()) {
+            return Err(KeyError::Count(keys.len().max(public.len())));
         }
-        Ok(Self { keys })
+        Ok(Self {
+            keys,
+            secret,
+            public,
+        })
     }
 
     /// Reads a key file (see [`Keyring::parse`]).
@@ -140,7 +266,10 @@ impl Keyring {
 
     /// The id of the key that signs.
     pub fn signing_id(&self) -> u8 {
-        self.keys.last().map_or(0, |(id, _)| *id)
+        match &self.secret {
+            Some((id, _)) => *id,
+            None => self.keys.last().map_or(0, |(id, _)| *id),
+        }
     }
 
     /// Checks the tag of a signed datagram (not whether it was seen before: see [`Verifier`]);
@@ -151,6 +280,9 @@ impl Keyring {
     /// [`AuthError`] other than `Replayed`.
     pub fn check(&self, datagram: &[u8]) -> Result<(u8, u64), AuthError> {
         let flags = datagram.get(3).copied().unwrap_or(0);
+        if flags & FLAG_SIG != 0 {
+            return self.check_signature(datagram);
+        }
         if flags & FLAG_AUTH == 0 || datagram.len() < DATAGRAM_HEADER_LEN + AUTH_TRAILER_LEN {
             return Err(AuthError::Unsigned);
         }
@@ -173,12 +305,36 @@ impl Keyring {
         Ok((sender, counter))
     }
 
+    fn check_signature(&self, datagram: &[u8]) -> Result<(u8, u64), AuthError> {
+        if datagram.len() < DATAGRAM_HEADER_LEN + SIG_TRAILER_LEN {
+            return Err(AuthError::Unsigned);
+        }
+        let (signed, signature) = datagram.split_at(datagram.len() - SIGNATURE_LEN);
+        let trailer = &signed[signed.len() - (SIG_TRAILER_LEN - SIGNATURE_LEN)..];
+        let (id, sender) = (trailer[0], trailer[1]);
+        let mut counter = [0u8; 8];
+        counter.copy_from_slice(&trailer[2..10]);
+        let key = self
+            .public
+            .iter()
+            .find(|(k, _)| *k == id)
+            .map(|(_, key)| key)
+            .ok_or(AuthError::UnknownKey(id))?;
+        let signature =
+            ed25519_dalek::Signature::from_slice(signature).map_err(|_| AuthError::BadTag)?;
+        key.verify_strict(signed, &signature)
+            .map_err(|_| AuthError::BadTag)?;
+        Ok((sender, u64::from_be_bytes(counter)))
+    }
+
     /// A key for another use (a handshake's pre-shared key, say), derived from the signing
     /// key and `context`, so that the signing key itself never leaves the keyring.
-    pub fn derive_key(&self, context: &str) -> [u8; 32] {
+    ///
+    /// `None` for a keyring without a shared key: a public key is no secret to derive from.
+    pub fn derive_key(&self, context: &str) -> Option<[u8; 32]> {
         self.keys
             .last()
-            .map_or([0; 32], |(_, key)| blake3::derive_key(context, &key.0))
+            .map(|(_, key)| blake3::derive_key(context, &key.0))
     }
 
     fn key(&self, id: u8) -> Option<&Key> {
@@ -228,6 +384,19 @@ impl Signer {
     /// The signed copy of `datagram`.
     pub fn sign(&mut self, datagram: &[u8]) -> Bytes {
         self.counter += 1;
+        if let Some((id, secret)) = &self.keyring.secret {
+            let mut out = BytesMut::with_capacity(datagram.len() + SIG_TRAILER_LEN);
+            out.put_slice(datagram);
+            if let Some(flags) = out.get_mut(3) {
+                *flags |= FLAG_SIG;
+            }
+            out.put_u8(*id);
+            out.put_u8(self.sender);
+            out.put_u64(self.counter);
+            let signature = secret.sign(&out);
+            out.put_slice(&signature.to_bytes());
+            return out.freeze();
+        }
         let id = self.keyring.signing_id();
         let mut out = BytesMut::with_capacity(datagram.len() + AUTH_TRAILER_LEN);
         out.put_slice(datagram);
@@ -467,5 +636,62 @@ mod tests {
             .unwrap_or_default();
         assert!(!error.contains("zz"), "{error}");
         assert!(matches!(Keyring::parse(""), Err(KeyError::Count(0))));
+    }
+
+    #[test]
+    fn publisher_signatures_verify_with_the_public_key_only() {
+        let secret = Keyring::ed25519_secret(4, [21; 32]);
+        let public = Arc::new(secret.public_only());
+        assert!(secret.can_sign() && !public.can_sign());
+        assert!(!public.is_shared());
+        let mut signer = Signer::new(Arc::new(secret.clone()), 0);
+        let signed = signer.sign(&datagram());
+        assert_eq!(signed.len(), datagram().len() + SIG_TRAILER_LEN);
+        assert_eq!(signed[3] & FLAG_SIG, FLAG_SIG);
+        assert_eq!(
+            Datagram::parse(&signed).map(|d| d.messages().count()),
+            Ok(1)
+        );
+        let mut verifier = Verifier::new(Arc::clone(&public));
+        assert_eq!(verifier.verify(&signed, 3, 99), Ok(()));
+        assert_eq!(verifier.verify(&signed, 3, 99), Err(AuthError::Replayed));
+        let mut altered = signer.sign(&datagram()).to_vec();
+        for i in 0..altered.len() {
+            altered[i] ^= 0x01;
+            assert!(
+                verifier.verify(&altered, 3, 99).is_err(),
+                "byte {i} altered and accepted"
+            );
+            altered[i] ^= 0x01;
+        }
+        // A shared key, or another ed25519 key under the same id, cannot stand in for it.
+        let shared = Signer::new(keyring(4, 21), 0).sign(&datagram());
+        assert!(verifier.verify(&shared, 3, 99).is_err());
+        let other =
+            Signer::new(Arc::new(Keyring::ed25519_secret(4, [22; 32])), 0).sign(&datagram());
+        assert_eq!(verifier.verify(&other, 3, 99), Err(AuthError::BadTag));
+    }
+
+    #[test]
+    fn key_files_round_trip_and_never_show_secrets() {
+        let secret = Keyring::ed25519_secret(4, [0xab; 32]);
+        let text = secret.to_file_text();
+        assert!(text.starts_with("ed25519-secret 4:"));
+        let parsed = Keyring::parse(&text).unwrap_or_else(|_| unreachable!());
+        assert!(parsed.can_sign());
+        let public_text = secret.public_only().to_file_text();
+        assert!(public_text.starts_with("ed25519-public 4:"));
+        assert!(!public_text.contains(&"ab".repeat(32)));
+        let public = Keyring::parse(&public_text).unwrap_or_else(|_| unreachable!());
+        assert!(!public.can_sign());
+        assert!(!format!("{secret:?}").contains("ab"));
+        let bad = Keyring::parse(&format!("ed25519-secret 4:{}", "zz".repeat(32)))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            bad.contains("ed25519-secret 4") && !bad.contains("zz"),
+            "{bad}"
+        );
     }
 }

@@ -667,3 +667,54 @@ fn on_a_keyed_feed_only_signed_repair_requests_are_answered() {
         .sign(&unsigned);
     assert_eq!(p.handle_repair_datagram(now, source, &signed), 3);
 }
+
+/// With a publisher that signs with its own ed25519 key, a subscriber holds only the public
+/// key: it cannot sign, so neither a forged datagram nor one with an inflated counter gets in,
+/// and the publisher's later datagrams are still taken.
+#[test]
+fn a_subscriber_cannot_mute_a_publisher_with_its_own_key() {
+    let now = Instant::now();
+    let secret = std::sync::Arc::new(Keyring::ed25519_secret(1, [5; 32]));
+    let mut config = PublisherConfig::new(1);
+    config.flush_delay = Duration::ZERO;
+    config.keyring = Some(std::sync::Arc::clone(&secret));
+    let mut p = PublisherSession::new(config, new_session_id(1, 7), Counters::default(), now);
+    let mut subscriber_config = SubscriberConfig::new(1);
+    subscriber_config.keyring = Some(std::sync::Arc::new(secret.public_only()));
+    let mut s = SubscriberSession::<Counters>::new(subscriber_config);
+    p.publish(now, CounterDelta::Set(1, 1)).unwrap();
+    for d in drain(&mut p) {
+        s.handle_datagram(now, &d);
+    }
+    // The best a subscriber can do: sign a heartbeat with a huge counter with whatever key it
+    // can make, under the publisher's key id.
+    let mut forged = DatagramBuilder::new(1400, 1, 0, p.session());
+    assert!(forged.push_heartbeat(1));
+    let forged = forged.finish().unwrap();
+    for attacker in [
+        Keyring::single(1, [5; 32]),
+        Keyring::ed25519_secret(1, [6; 32]),
+    ] {
+        let mut signer = grapevine_core::auth::Signer::new(std::sync::Arc::new(attacker), 0);
+        for _ in 0..3 {
+            let mut inflated = signer.sign(&forged).to_vec();
+            // Counter bytes (after key id and sender) set to 10^12.
+            let at = inflated.len()
+                - if inflated[3] & grapevine_core::auth::FLAG_SIG != 0 {
+                    grapevine_core::auth::SIG_TRAILER_LEN
+                } else {
+                    grapevine_core::auth::AUTH_TRAILER_LEN
+                }
+                + 2;
+            inflated[at..at + 8].copy_from_slice(&1_000_000_000_000u64.to_be_bytes());
+            s.handle_datagram(now, &inflated);
+        }
+    }
+    assert_eq!(s.stats().unauthenticated, 6);
+    p.publish(now, CounterDelta::Set(1, 2)).unwrap();
+    for d in drain(&mut p) {
+        s.handle_datagram(now, &d);
+    }
+    assert_eq!(s.stats().replayed, 0);
+    assert_eq!(s.stream(0).unwrap().state.0.get(&1), Some(&2));
+}

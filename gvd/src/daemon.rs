@@ -398,6 +398,11 @@ impl Daemon {
             .map(|path| grapevine_core::auth::Keyring::from_file(path).map(Arc::new))
             .transpose()
             .context("key_file")?;
+        let port_key = keyring
+            .as_deref()
+            .map(crate::port_key)
+            .transpose()
+            .context("key_file")?;
         if keyring.is_none() {
             tracing::warn!(
                 "no key_file: anyone who can reach this host can read and forge its \
@@ -410,7 +415,7 @@ impl Daemon {
             max_agents: config.max_agents,
             max_agents_per_source: config.max_agents_per_source,
             key_file: config.key_file.clone(),
-            port_key: keyring.as_deref().map(crate::port_key),
+            port_key: port_key.clone(),
             call_timeout: Duration::from_millis(config.call_timeout_ms),
             max_frame: config.max_frame,
             node_id: node,
@@ -471,7 +476,7 @@ impl Daemon {
             debounce: Duration::from_millis(config.zone_debounce_ms),
             scan_interval: Duration::from_millis(config.zone_scan_interval_ms.max(100)),
             peer_timeout: Duration::from_secs(5),
-            port_key: keyring.as_deref().map(crate::port_key),
+            port_key: port_key.clone(),
         })?;
         let ports = Ports {
             query: query_port,
@@ -526,7 +531,7 @@ impl Daemon {
             rescan_requested: Arc::new(AtomicBool::new(false)),
             next_announce: now + delay,
             queried: HashMap::new(),
-            query_key: keyring.as_deref().map(crate::query::QueryKey::new),
+            query_key: keyring.as_deref().and_then(crate::query::QueryKey::new),
             // A node asks a peer again only after a period: a few per second per address is
             // plenty for a host running several nodes.
             query_sources: grapevine_core::limit::SourceLimiter::new(10.0, 10.0, 4096),

@@ -30,8 +30,20 @@ pub mod vdriver;
 
 /// The key gvd's TCP ports (KOS, replication) authenticate with, derived from the network key
 /// so that the datagram-signing key itself is never used for anything else.
-pub fn port_key(keyring: &grapevine_core::auth::Keyring) -> grapevine_kos::secure::PortKey {
-    grapevine_kos::secure::PortKey::from_network_key(
-        &keyring.derive_key("grapevine gvd tcp ports 2026-12"),
-    )
+///
+/// # Errors
+///
+/// When the keyring holds no shared key (gvd's network key must be one: every node signs).
+pub fn port_key(
+    keyring: &grapevine_core::auth::Keyring,
+) -> Result<grapevine_kos::secure::PortKey, NotANetworkKey> {
+    keyring
+        .derive_key("grapevine gvd tcp ports 2026-12")
+        .map(|key| grapevine_kos::secure::PortKey::from_network_key(&key))
+        .ok_or(NotANetworkKey)
 }
+
+/// A key file given to gvd holds no shared key.
+#[derive(Debug, thiserror::Error)]
+#[error("gvd's key_file must hold a shared key (`<id>:<64 hex digits>`): every node signs with it")]
+pub struct NotANetworkKey;

@@ -273,7 +273,8 @@ fn run(cli: Cli) -> Result<()> {
             let key = key_file
                 .map(|path| grapevine_core::auth::Keyring::from_file(&path))
                 .transpose()?
-                .map(|keyring| gvd::port_key(&keyring));
+                .map(|keyring| gvd::port_key(&keyring))
+                .transpose()?;
             let stream = match grapevine_kos::secure::accept(
                 stream,
                 key.as_ref(),

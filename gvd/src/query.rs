@@ -41,9 +41,9 @@ impl std::fmt::Debug for QueryKey {
 }
 
 impl QueryKey {
-    /// Derived from the network's keyring.
-    pub fn new(keyring: &grapevine_core::auth::Keyring) -> Self {
-        Self(keyring.derive_key("grapevine gvd query 2026-12"))
+    /// Derived from the network's keyring; `None` without a shared key in it.
+    pub fn new(keyring: &grapevine_core::auth::Keyring) -> Option<Self> {
+        keyring.derive_key("grapevine gvd query 2026-12").map(Self)
     }
 
     fn tag(&self, signed: &[u8]) -> [u8; 16] {
@@ -124,7 +124,7 @@ impl Query {
     /// use std::time::SystemTime;
     /// use gvd::query::{Query, QueryKey};
     /// use grapevine_core::auth::Keyring;
-    /// let key = QueryKey::new(&Keyring::single(1, [9; 32]));
+    /// let key = QueryKey::new(&Keyring::single(1, [9; 32])).unwrap();
     /// let query = Query { topic: 7, to: 1, from: 2 };
     /// let now = SystemTime::now();
     /// let signed = query.encode_signed(&key, now);
@@ -214,8 +214,8 @@ mod tests {
 
     #[test]
     fn signed_queries_are_checked() {
-        let key = QueryKey::new(&grapevine_core::auth::Keyring::single(1, [9; 32]));
-        let other = QueryKey::new(&grapevine_core::auth::Keyring::single(1, [8; 32]));
+        let key = QueryKey::new(&grapevine_core::auth::Keyring::single(1, [9; 32])).unwrap();
+        let other = QueryKey::new(&grapevine_core::auth::Keyring::single(1, [8; 32])).unwrap();
         let query = Query {
             topic: 1,
             to: 2,

@@ -395,7 +395,7 @@ fn with_a_network_key_only_key_holders_reach_vdevs() {
     // Another key: refused, and told so.
     let mut wrong = ConnectOptions::default();
     let other = grapevine_core::auth::Keyring::parse(&format!("1:{}", "a5".repeat(32))).unwrap();
-    wrong.key = Some(gvd::port_key(&other));
+    wrong.key = Some(gvd::port_key(&other).unwrap());
     assert!(matches!(
         Connection::connect(address, &wrong),
         Err(KosError::Authentication(_) | KosError::Closed)
@@ -404,7 +404,7 @@ fn with_a_network_key_only_key_holders_reach_vdevs() {
     // The network's key: served as before, blocking and async.
     let mut options = ConnectOptions::default();
     let keyring = grapevine_core::auth::Keyring::from_file(&key_file).unwrap();
-    options.key = Some(gvd::port_key(&keyring));
+    options.key = Some(gvd::port_key(&keyring).unwrap());
     let mut connection = Connection::connect(address, &options).unwrap();
     let echo = connection.open("echo0", None).unwrap();
     assert_eq!(connection.call(echo, "reverse", b"abc").unwrap(), b"cba");

@@ -100,7 +100,7 @@ fn on_a_keyed_network_unsigned_and_forged_queries_cost_nothing() {
     let dir = scratch("keyfile");
     let key_file = dir.join("network.key");
     std::fs::write(&key_file, format!("1:{}\n", "3c".repeat(32))).unwrap();
-    let stranger = QueryKey::new(&grapevine_core::auth::Keyring::single(1, [0x3d; 32]));
+    let stranger = QueryKey::new(&grapevine_core::auth::Keyring::single(1, [0x3d; 32])).unwrap();
     let ratio = amplification(
         &["--key-file", key_file.to_str().unwrap()],
         "239.255.79.61:47961",

@@ -339,7 +339,9 @@ impl<S: ReplicatedState> PublisherSession<S> {
             self.stats.repair_requests_ignored += 1;
             return 0;
         }
-        if let Some(keyring) = &self.config.keyring {
+        // Subscribers that hold the shared key sign their requests; those that hold only this
+        // publisher's public key cannot, and are held to the per-source rate alone.
+        if let Some(keyring) = self.config.keyring.as_ref().filter(|k| k.is_shared()) {
             if keyring.check(bytes).is_err() {
                 self.stats.repair_requests_ignored += 1;
                 return 0;

@@ -568,9 +568,11 @@ impl<S: ReplicatedState> SubscriberSession<S> {
                 config.fragment_timeout,
             ),
             verifier: config.keyring.clone().map(crate::auth::Verifier::new),
+            // With a shared key subscribers sign their requests; a public key cannot sign.
             request_signer: config
                 .keyring
                 .clone()
+                .filter(|keyring| keyring.is_shared())
                 .map(|keyring| crate::auth::Signer::new(keyring, crate::auth::REQUEST_SENDER)),
             config,
             streams: BTreeMap::new(),
@@ -660,8 +662,12 @@ impl<S: ReplicatedState> SubscriberSession<S> {
             Some(Message::RepairRequest { .. })
         ) {
             // Another subscriber's request (never data): it may make ours unnecessary. On a
-            // keyed feed only a signed one, or a stranger could silence every request.
+            // keyed feed only a signed one, or a stranger could silence every request (with a
+            // publisher's public key, requests cannot be signed: none suppresses ours).
             if let Some(keyring) = &self.config.keyring {
+                if !keyring.is_shared() {
+                    return;
+                }
                 if keyring.check(bytes).is_err() {
                     self.sink.stats.unauthenticated += 1;
                     return;

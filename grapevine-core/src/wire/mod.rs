@@ -323,18 +323,20 @@ impl<'a> Datagram<'a> {
             return Err(DecodeError::ReservedBits(header.flags));
         }
         // A signed datagram's trailer is checked by `auth`, not parsed as messages.
-        let body = if header.flags & FLAG_AUTH != 0 {
-            split(
-                body,
-                body.len()
-                    .checked_sub(crate::auth::AUTH_TRAILER_LEN)
-                    .ok_or(DecodeError::Truncated(bytes.len()))?,
-            )
-            .map(|(messages, _)| messages)
-            .ok_or(DecodeError::Truncated(bytes.len()))?
-        } else {
-            body
+        let trailer = match (header.flags & FLAG_AUTH != 0, header.flags & FLAG_SIG != 0) {
+            (false, false) => 0,
+            (true, false) => crate::auth::AUTH_TRAILER_LEN,
+            (false, true) => crate::auth::SIG_TRAILER_LEN,
+            (true, true) => return Err(DecodeError::ReservedBits(header.flags)),
         };
+        let body = split(
+            body,
+            body.len()
+                .checked_sub(trailer)
+                .ok_or(DecodeError::Truncated(bytes.len()))?,
+        )
+        .map(|(messages, _)| messages)
+        .ok_or(DecodeError::Truncated(bytes.len()))?;
         let count = header.message_count();
         let mut rest = body;
         for index in 0..count {

@@ -88,7 +88,7 @@ fn call(
     options.reply_timeout = std::time::Duration::from_millis(timeout_ms);
     if let Some(path) = &cli.key_file {
         let keyring = grapevine_core::auth::Keyring::from_file(path)?;
-        options.key = Some(gvd::port_key(&keyring));
+        options.key = Some(gvd::port_key(&keyring)?);
     }
     let mut kos = Kos::new(&cli.nodes_path, options);
     let list = kos.nodes()?;
