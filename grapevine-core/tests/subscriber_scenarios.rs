@@ -609,14 +609,15 @@ fn repair_requests_cost_bounded_work_per_source() {
     use grapevine_core::proto::{PublisherSession, MAX_RESENT_PER_REQUEST};
     let now = Instant::now();
     let mut config = PublisherConfig::new(1);
-    config.flush_delay = Duration::ZERO;
     config.repair_ring_bytes = 4 << 20;
     config.repair_rate = 1_000_000_000;
     let mut p = PublisherSession::new(config, new_session_id(1, 7), Counters::default(), now);
-    for i in 0..5_000u32 {
+    // Full datagrams, as a busy publisher sends them.
+    for i in 0..20_000u32 {
         p.publish(now, CounterDelta::Add((i % 50) as u8, 1))
             .unwrap();
     }
+    p.handle_timeout(now + Duration::from_millis(1));
     drain(&mut p);
     let flood = request_with_ranges(&p, 101);
     let attacker: std::net::IpAddr = [10, 0, 0, 66].into();
@@ -626,12 +627,22 @@ fn repair_requests_cost_bounded_work_per_source() {
         resent += p.handle_repair_datagram(t, attacker, &flood);
         resent_bytes += drain(&mut p).iter().map(|d| d.len()).sum::<usize>();
     }
-    // 50 requests/s after a burst of 20, each answered with at most 32 datagrams.
+    // 50 requests/s after a burst of 20, each answered with at most 32 datagrams, and at
+    // most 256 kB/s (after a 64 kB burst) resent for one address.
     assert!(
         resent <= 70 * MAX_RESENT_PER_REQUEST,
         "{resent} datagrams resent for one source"
     );
+    assert!(
+        resent_bytes <= 64_000 + 256_000 + 1_400,
+        "{resent_bytes} B resent"
+    );
     let asked = 3_000 * flood.len();
+    eprintln!(
+        "one source, 3 000 requests of {} B in 1 s: {resent} datagrams ({resent_bytes} B) resent, {:.2}x the request bytes",
+        flood.len(),
+        resent_bytes as f64 / asked as f64
+    );
     assert!(
         resent_bytes <= asked,
         "amplification {:.1}",
@@ -717,4 +728,40 @@ fn a_subscriber_cannot_mute_a_publisher_with_its_own_key() {
     }
     assert_eq!(s.stats().replayed, 0);
     assert_eq!(s.stream(0).unwrap().state.0.get(&1), Some(&2));
+}
+
+/// The amplification one address gets from small requests: ten single-range requests per
+/// second for ten seconds (the attack that made a publisher resend 1.75 MB/s).
+#[test]
+fn small_repair_requests_from_one_address_get_a_bounded_answer() {
+    let now = Instant::now();
+    let mut config = PublisherConfig::new(1);
+    config.repair_ring_bytes = 4 << 20;
+    let mut p = PublisherSession::new(config, new_session_id(1, 7), Counters::default(), now);
+    for i in 0..20_000u32 {
+        p.publish(now, CounterDelta::Add((i % 50) as u8, 1))
+            .unwrap();
+    }
+    p.handle_timeout(now + Duration::from_millis(1));
+    drain(&mut p);
+    let request = grapevine_core::wire::repair_request(1, 0, p.session(), 1, 4096).unwrap();
+    let source: std::net::IpAddr = [10, 0, 0, 9].into();
+    let (mut resent_bytes, mut t) = (0usize, now);
+    for _ in 0..100 {
+        t += Duration::from_millis(100);
+        p.handle_repair_datagram(t, source, &request);
+        resent_bytes += drain(&mut p).iter().map(|d| d.len()).sum::<usize>();
+    }
+    let asked = 100 * request.len();
+    eprintln!(
+        "10 requests/s of {} B for 10 s: {:.0} B/s resent ({:.0}x the request bytes)",
+        request.len(),
+        resent_bytes as f64 / 10.0,
+        resent_bytes as f64 / asked as f64
+    );
+    assert!(
+        resent_bytes <= 64_000 + 10 * 256_000 + 1_400,
+        "{resent_bytes}"
+    );
+    assert!(resent_bytes > 0, "requests are still answered");
 }

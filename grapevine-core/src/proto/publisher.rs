@@ -53,6 +53,9 @@ pub struct PublisherConfig {
     /// Repair request datagrams answered per second from one source address; more are
     /// ignored. Default 50 (bursts of 20).
     pub repair_requests_per_source: f64,
+    /// Bytes per second one source address may have resent, whatever it asks for (bursts of
+    /// a quarter of it). Default 256 kB/s.
+    pub repair_bytes_per_source: u64,
 }
 
 impl PublisherConfig {
@@ -78,6 +81,7 @@ impl Default for PublisherConfig {
             repair_ring_bytes: 0,
             repair_rate: 4_000_000,
             repair_requests_per_source: 50.0,
+            repair_bytes_per_source: 256_000,
         }
     }
 }
@@ -164,6 +168,7 @@ pub struct PublisherSession<S: ReplicatedState> {
     repair_tokens: f64,
     repair_refilled: Option<Instant>,
     repair_sources: crate::limit::SourceLimiter<std::net::IpAddr>,
+    repair_source_bytes: crate::limit::SourceLimiter<std::net::IpAddr>,
 }
 
 /// Ranges honoured per repair request datagram; the rest are ignored, so one datagram costs a
@@ -199,6 +204,11 @@ impl<S: ReplicatedState> PublisherSession<S> {
             repair_sources: crate::limit::SourceLimiter::new(
                 config.repair_requests_per_source,
                 (config.repair_requests_per_source / 2.5).max(1.0),
+                4096,
+            ),
+            repair_source_bytes: crate::limit::SourceLimiter::new(
+                config.repair_bytes_per_source as f64,
+                (config.repair_bytes_per_source as f64 / 4.0).max(config.max_datagram as f64),
                 4096,
             ),
             next_heartbeat: now,
@@ -355,7 +365,7 @@ impl<S: ReplicatedState> PublisherSession<S> {
         let mut queued = 0;
         for message in datagram.messages().take(MAX_REPAIR_RANGES_PER_REQUEST) {
             if let crate::wire::Message::RepairRequest { first, last } = message {
-                let sent = self.resend(now, first, last, budget);
+                let sent = self.resend(now, (first, last), budget, Some(source));
                 budget -= sent;
                 queued += sent;
             }
@@ -367,10 +377,16 @@ impl<S: ReplicatedState> PublisherSession<S> {
     /// hold them, within the repair rate; returns how many. What is no longer kept is not
     /// resent (the subscriber falls back to snapshots).
     pub fn handle_repair_request(&mut self, now: Instant, first: u64, last: u64) -> usize {
-        self.resend(now, first, last, usize::MAX)
+        self.resend(now, (first, last), usize::MAX, None)
     }
 
-    fn resend(&mut self, now: Instant, first: u64, last: u64, most: usize) -> usize {
+    fn resend(
+        &mut self,
+        now: Instant,
+        (first, last): (u64, u64),
+        most: usize,
+        source: Option<std::net::IpAddr>,
+    ) -> usize {
         let rate = self.config.repair_rate.max(1) as f64;
         let burst = (rate / 20.0).max(self.config.max_datagram as f64 * 4.0);
         match self.repair_refilled {
@@ -400,6 +416,13 @@ impl<S: ReplicatedState> PublisherSession<S> {
             if self.repair_tokens < cost {
                 self.stats.repairs_refused += 1;
                 break;
+            }
+            // What one address may make the publisher resend, whatever it asks for.
+            if let Some(source) = source {
+                if !self.repair_source_bytes.admit(now, source, cost) {
+                    self.stats.repairs_refused += 1;
+                    break;
+                }
             }
             self.repair_tokens -= cost;
             self.out.push_back(datagram.clone());
