@@ -1,6 +1,7 @@
 //! KOS call round trips: a KOS calls `echo` on a VDEV served by a gvd agent over loopback TCP,
 //! against a plain TCP echo (same 4-byte length framing, same payload) measured in the same
-//! run. Reports p50/p99 round-trip latency and calls per second over one connection.
+//! run. Reports p50/p99 round-trip latency and calls per second over one connection, also on a
+//! node with a network key (the connection authenticated and encrypted).
 //!
 //! `cargo bench -p gvd --bench kos -- [--calls 20000] [--payload 64] [--json]`
 
@@ -72,6 +73,63 @@ fn tcp_echo_server() -> SocketAddr {
     address
 }
 
+/// Starts a gvd with the echo driver under `dir`; returns it and its KOS address.
+fn start_gvd(
+    dir: &std::path::Path,
+    group: &str,
+    key_file: Option<&std::path::Path>,
+) -> (std::process::Child, SocketAddr) {
+    let drivers = dir.join("drivers");
+    std::fs::create_dir_all(&drivers).unwrap();
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_gvd"));
+    let target = bin.parent().unwrap();
+    let echo = [
+        target.join("deps/libgv_echo.so"),
+        target.join("libgv_echo.so"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("gv-echo built");
+    std::fs::copy(echo, drivers.join("echo.so")).unwrap();
+    let mut command = Command::new(&bin);
+    command
+        .args(["run", "--name", "bench", "--group", group])
+        .args([
+            "--query-port",
+            "0",
+            "--kos-port",
+            "0",
+            "--elp-delay-ms",
+            "200",
+        ])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--vdriver-path")
+        .arg(&drivers)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(key_file) = key_file {
+        command.arg("--key-file").arg(key_file);
+    }
+    let gvd = command.spawn().unwrap();
+    let nodes = dir.join("state/nodes.json");
+    let started = Instant::now();
+    let address = loop {
+        let found = NodesFile::read(&nodes)
+            .ok()
+            .and_then(|l| l.locate(None, "echo0").first().map(|l| l.address));
+        if let Some(address) = found {
+            break address;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "gvd did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (gvd, address)
+}
+
 fn main() {
     let mut calls = 20_000usize;
     let mut payload = 64usize;
@@ -91,50 +149,12 @@ fn main() {
         }
     }
     let dir = std::env::temp_dir().join(format!("gvd-kos-bench-{}", std::process::id()));
-    let drivers = dir.join("drivers");
-    std::fs::create_dir_all(&drivers).unwrap();
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_gvd"));
-    let target = bin.parent().unwrap();
-    let echo = [
-        target.join("deps/libgv_echo.so"),
-        target.join("libgv_echo.so"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .expect("gv-echo built");
-    std::fs::copy(echo, drivers.join("echo.so")).unwrap();
-    let mut gvd = Command::new(&bin)
-        .args(["run", "--name", "bench", "--group", "239.255.79.50:47950"])
-        .args([
-            "--query-port",
-            "0",
-            "--kos-port",
-            "0",
-            "--elp-delay-ms",
-            "200",
-        ])
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--vdriver-path")
-        .arg(&drivers)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let nodes = dir.join("state/nodes.json");
-    let started = Instant::now();
-    let address = loop {
-        let found = NodesFile::read(&nodes)
-            .ok()
-            .and_then(|l| l.locate(None, "echo0").first().map(|l| l.address));
-        if let Some(address) = found {
-            break address;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "gvd did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let key_file = dir.join("network.key");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(&key_file, format!("1:{}\n", "6b".repeat(32))).unwrap();
+    let (mut gvd, address) = start_gvd(&dir.join("plain"), "239.255.79.50:47950", None);
+    let (mut keyed_gvd, keyed_address) =
+        start_gvd(&dir.join("keyed"), "239.255.79.51:47951", Some(&key_file));
     let message = vec![0x5au8; payload];
 
     let mut connection = Connection::connect(address, &ConnectOptions::default()).unwrap();
@@ -166,6 +186,16 @@ fn main() {
         figures(samples, started.elapsed())
     });
 
+    let mut keyed_options = ConnectOptions::default();
+    let keyring = grapevine_core::auth::Keyring::from_file(&key_file).unwrap();
+    keyed_options.key = Some(gvd::port_key(&keyring).unwrap());
+    let mut keyed = Connection::connect(keyed_address, &keyed_options).unwrap();
+    let keyed_handle = keyed.open("echo0", None).unwrap();
+    let kos_keyed = measure(calls, || {
+        let answer = keyed.call(keyed_handle, "echo", &message).unwrap();
+        assert_eq!(answer.len(), message.len());
+    });
+
     let mut raw = TcpStream::connect(tcp_echo_server()).unwrap();
     raw.set_nodelay(true).unwrap();
     let mut frame = (payload as u32).to_be_bytes().to_vec();
@@ -176,8 +206,10 @@ fn main() {
         raw.read_exact(&mut answer).unwrap();
     });
 
-    let _ = gvd.kill();
-    let _ = gvd.wait();
+    for child in [&mut gvd, &mut keyed_gvd] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     let _ = std::fs::remove_dir_all(&dir);
 
     if json {
@@ -189,6 +221,7 @@ fn main() {
                 "calls": calls,
                 "kos_blocking": row(&kos),
                 "kos_async": row(&kos_async),
+                "kos_keyed": row(&kos_keyed),
                 "tcp_echo": row(&tcp),
             })
         );
@@ -203,6 +236,7 @@ fn main() {
         ("plain TCP echo", &tcp),
         ("KOS blocking", &kos),
         ("KOS async (tokio)", &kos_async),
+        ("KOS blocking, keyed", &kos_keyed),
     ] {
         println!(
             "{name:<22} {:>10.1} {:>10.1} {:>12.0} {:>10.2}",
