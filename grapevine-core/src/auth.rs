@@ -293,13 +293,7 @@ impl Keyring {
         counter.copy_from_slice(&trailer[2..10]);
         let counter = u64::from_be_bytes(counter);
         let key = self.key(id).ok_or(AuthError::UnknownKey(id))?;
-        let expected = Keyring::tag(key, signed);
-        // Constant-time comparison: the tag must not leak through timing.
-        let difference = expected
-            .iter()
-            .zip(tag)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if difference != 0 {
+        if !tags_equal(&Keyring::tag(key, signed), tag) {
             return Err(AuthError::BadTag);
         }
         Ok((sender, counter))
@@ -347,6 +341,17 @@ impl Keyring {
         tag.copy_from_slice(&hash.as_bytes()[..TAG_LEN]);
         tag
     }
+}
+
+/// Compares two tags in constant time (a tag must not leak through timing); tags of different
+/// lengths differ.
+pub fn tags_equal(expected: &[u8], received: &[u8]) -> bool {
+    expected.len() == received.len()
+        && expected
+            .iter()
+            .zip(received)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 /// Signs the datagrams of one sender.

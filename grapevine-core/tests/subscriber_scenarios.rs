@@ -589,6 +589,22 @@ fn forged_publishers_are_bounded_and_live_ones_kept() {
     assert_eq!(s.stream(0).unwrap().state.0.get(&1), Some(&2), "kept");
 }
 
+/// A publisher that sent 20 000 deltas in full datagrams and keeps them for repairs, resending
+/// at most `repair_rate` bytes/s for everyone.
+fn busy_publisher(now: Instant, repair_rate: u64) -> PublisherSession<Counters> {
+    let mut config = PublisherConfig::new(1);
+    config.repair_ring_bytes = 4 << 20;
+    config.repair_rate = repair_rate;
+    let mut p = PublisherSession::new(config, new_session_id(1, 7), Counters::default(), now);
+    for i in 0..20_000u32 {
+        p.publish(now, CounterDelta::Add((i % 50) as u8, 1))
+            .unwrap();
+    }
+    p.handle_timeout(now + Duration::from_millis(1));
+    drain(&mut p);
+    p
+}
+
 /// A repair request datagram naming 101 ranges, as an attacker would build it.
 fn request_with_ranges(p: &PublisherSession<Counters>, ranges: usize) -> Vec<u8> {
     let one = grapevine_core::wire::repair_request(1, 0, p.session(), 1, 4096).unwrap();
@@ -608,17 +624,7 @@ fn request_with_ranges(p: &PublisherSession<Counters>, ranges: usize) -> Vec<u8>
 fn repair_requests_cost_bounded_work_per_source() {
     use grapevine_core::proto::{PublisherSession, MAX_RESENT_PER_REQUEST};
     let now = Instant::now();
-    let mut config = PublisherConfig::new(1);
-    config.repair_ring_bytes = 4 << 20;
-    config.repair_rate = 1_000_000_000;
-    let mut p = PublisherSession::new(config, new_session_id(1, 7), Counters::default(), now);
-    // Full datagrams, as a busy publisher sends them.
-    for i in 0..20_000u32 {
-        p.publish(now, CounterDelta::Add((i % 50) as u8, 1))
-            .unwrap();
-    }
-    p.handle_timeout(now + Duration::from_millis(1));
-    drain(&mut p);
+    let mut p = busy_publisher(now, 1_000_000_000);
     let flood = request_with_ranges(&p, 101);
     let attacker: std::net::IpAddr = [10, 0, 0, 66].into();
     let (mut resent, mut resent_bytes, mut t) = (0usize, 0usize, now);
@@ -735,15 +741,7 @@ fn a_subscriber_cannot_mute_a_publisher_with_its_own_key() {
 #[test]
 fn small_repair_requests_from_one_address_get_a_bounded_answer() {
     let now = Instant::now();
-    let mut config = PublisherConfig::new(1);
-    config.repair_ring_bytes = 4 << 20;
-    let mut p = PublisherSession::new(config, new_session_id(1, 7), Counters::default(), now);
-    for i in 0..20_000u32 {
-        p.publish(now, CounterDelta::Add((i % 50) as u8, 1))
-            .unwrap();
-    }
-    p.handle_timeout(now + Duration::from_millis(1));
-    drain(&mut p);
+    let mut p = busy_publisher(now, PublisherConfig::new(1).repair_rate);
     let request = grapevine_core::wire::repair_request(1, 0, p.session(), 1, 4096).unwrap();
     let source: std::net::IpAddr = [10, 0, 0, 9].into();
     let (mut resent_bytes, mut t) = (0usize, now);

@@ -162,12 +162,7 @@ impl Query {
             });
         }
         let (signed, tag) = bytes.split_at(QUERY_LEN + 8);
-        let expected = key.tag(signed);
-        let difference = expected
-            .iter()
-            .zip(tag)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if difference != 0 {
+        if !grapevine_core::auth::tags_equal(&key.tag(signed), tag) {
             return Err(QueryError::BadTag);
         }
         let mut sent = [0u8; 8];

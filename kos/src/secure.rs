@@ -393,17 +393,11 @@ pub fn accept_split<R: Read, W: Write>(
 ///
 /// `PermissionDenied` when the server does not prove the key; I/O errors and timeouts.
 pub fn connect(
-    mut stream: TcpStream,
+    stream: TcpStream,
     key: Option<&PortKey>,
     purpose: Purpose,
 ) -> std::io::Result<Link> {
-    let Some(key) = key else {
-        return Ok(Link::Plain(stream));
-    };
-    let (reader, writer) = with_deadline(&mut stream, |stream| {
-        connect_split(stream.try_clone()?, stream.try_clone()?, key, purpose)
-    })?;
-    Ok(Link::Secure(reader, writer))
+    open_link(stream, key, purpose, connect_split)
 }
 
 /// Opens the server side of a gvd connection over `stream`: the client must complete the
@@ -412,16 +406,24 @@ pub fn connect(
 /// # Errors
 ///
 /// `PermissionDenied` when the client does not prove the key; I/O errors and timeouts.
-pub fn accept(
+pub fn accept(stream: TcpStream, key: Option<&PortKey>, purpose: Purpose) -> std::io::Result<Link> {
+    open_link(stream, key, purpose, accept_split)
+}
+
+type Handshake =
+    fn(TcpStream, TcpStream, &PortKey, Purpose) -> std::io::Result<Split<TcpStream, TcpStream>>;
+
+fn open_link(
     mut stream: TcpStream,
     key: Option<&PortKey>,
     purpose: Purpose,
+    handshake: Handshake,
 ) -> std::io::Result<Link> {
     let Some(key) = key else {
         return Ok(Link::Plain(stream));
     };
     let (reader, writer) = with_deadline(&mut stream, |stream| {
-        accept_split(stream.try_clone()?, stream.try_clone()?, key, purpose)
+        handshake(stream.try_clone()?, stream.try_clone()?, key, purpose)
     })?;
     Ok(Link::Secure(reader, writer))
 }
