@@ -622,7 +622,7 @@ fn request_with_ranges(p: &PublisherSession<Counters>, ranges: usize) -> Vec<u8>
 /// answered.
 #[test]
 fn repair_requests_cost_bounded_work_per_source() {
-    use grapevine_core::proto::{PublisherSession, MAX_RESENT_PER_REQUEST};
+    use grapevine_core::proto::MAX_RESENT_PER_REQUEST;
     let now = Instant::now();
     let mut p = busy_publisher(now, 1_000_000_000);
     let flood = request_with_ranges(&p, 101);
