@@ -478,6 +478,8 @@ impl Daemon {
             peer_timeout: Duration::from_secs(5),
             port_key: port_key.clone(),
         })?;
+        // Nobody may pull until the node list says who the members are.
+        zones.set_access(grapevine_fs::repl::Access::default());
         let ports = Ports {
             query: query_port,
             kos: kos_port,
@@ -896,6 +898,40 @@ impl Daemon {
         for (zone, members) in members {
             self.zones.set_members(&zone, members);
         }
+        self.zones.set_access(self.access(peers));
+    }
+
+    /// Who may pull which zone here: a live node that announces membership and that this
+    /// node's configuration names as a member; any live node may forward operations.
+    fn access(&self, peers: &BTreeMap<u64, Peer>) -> grapevine_fs::repl::Access {
+        let mut access = grapevine_fs::repl::Access::default();
+        for (node, peer) in peers {
+            if *node == self.node || peer.liveness == Liveness::Dead {
+                continue;
+            }
+            let addresses: Vec<IpAddr> = peer
+                .record
+                .addresses
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect();
+            access.nodes.extend(addresses.iter().copied());
+            for zone in peer.record.zones.iter().filter(|z| z.member) {
+                let listed = self
+                    .config
+                    .zones
+                    .iter()
+                    .any(|z| z.name == zone.name && z.members.contains(&peer.record.name));
+                if listed {
+                    access
+                        .members
+                        .entry(zone.name.clone())
+                        .or_default()
+                        .extend(addresses.iter().copied());
+                }
+            }
+        }
+        access
     }
 
     fn ask_for_missing(&mut self, peers: &BTreeMap<u64, Peer>, now: Instant) {

@@ -157,12 +157,28 @@ pub struct ServedZone {
 /// The zones a node holds, by name.
 pub type ZoneMap = Arc<HashMap<String, ServedZone>>;
 
+/// Who may ask what of the replication server, by address: the members of each zone may pull
+/// it, any node of the network may forward file operations. Kept up to date from the node list
+/// ([`ReplServer::access`]); until it is first set, everyone may.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// Addresses of the members of each zone.
+    pub members: HashMap<String, std::collections::HashSet<std::net::IpAddr>>,
+    /// Addresses of every node.
+    pub nodes: std::collections::HashSet<std::net::IpAddr>,
+}
+
+/// The access rules a server applies; `None`: not set yet, or not enforced.
+pub type SharedAccess = Arc<parking_lot::RwLock<Option<Access>>>;
+
 /// Serves the zones' changes and data to pulling peers, a thread per connection. With a
-/// network key, a peer must complete the handshake of [`grapevine_kos::secure`] first.
+/// network key, a peer must complete the handshake of [`grapevine_kos::secure`] first; with
+/// [`Access`] rules, only a zone's members may pull it.
 pub struct ReplServer {
     address: SocketAddr,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    access: SharedAccess,
 }
 
 impl ReplServer {
@@ -180,8 +196,10 @@ impl ReplServer {
         let listener = TcpListener::bind(address)?;
         let address = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
+        let access: SharedAccess = Arc::default();
         let thread = {
             let stop = Arc::clone(&stop);
+            let access = Arc::clone(&access);
             std::thread::Builder::new()
                 .name("gvfs-repl".into())
                 .spawn(move || {
@@ -193,9 +211,12 @@ impl ReplServer {
                         let zones = Arc::clone(&zones);
                         let runtime = runtime.clone();
                         let key = key.clone();
+                        let access = Arc::clone(&access);
                         let _ = std::thread::Builder::new()
                             .name("gvfs-repl-peer".into())
-                            .spawn(move || serve_peer(stream, &zones, &runtime, key.as_ref()));
+                            .spawn(move || {
+                                serve_peer(stream, &zones, &runtime, key.as_ref(), &access);
+                            });
                     }
                 })?
         };
@@ -203,12 +224,18 @@ impl ReplServer {
             address,
             stop,
             thread: Some(thread),
+            access,
         })
     }
 
     /// Where it listens.
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// Sets who may ask what (applied to every request from then on).
+    pub fn set_access(&self, access: Access) {
+        *self.access.write() = Some(access);
     }
 }
 
@@ -227,6 +254,7 @@ fn serve_peer(
     zones: &ZoneMap,
     runtime: &tokio::runtime::Handle,
     key: Option<&PortKey>,
+    access: &SharedAccess,
 ) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
@@ -241,9 +269,40 @@ fn serve_peer(
     };
     let mut buffer = Vec::new();
     while let Ok(request) = receive::<ReplRequest>(&mut stream, MAX_REQUEST) {
-        let reply = answer(request, zones, runtime);
+        let reply = match refusal(&request, peer.map(|p| p.ip()), access) {
+            Some(reason) => {
+                tracing::warn!(?peer, reason, "replication request refused");
+                ReplReply::Error { message: reason }
+            }
+            None => answer(request, zones, runtime),
+        };
         if send(&mut stream, &reply, &mut buffer).is_err() {
             return;
+        }
+    }
+}
+
+/// Why `peer` may not make `request`, if it may not.
+fn refusal(
+    request: &ReplRequest,
+    peer: Option<std::net::IpAddr>,
+    access: &SharedAccess,
+) -> Option<String> {
+    let access = access.read();
+    let access = access.as_ref()?;
+    let Some(peer) = peer else {
+        return Some("unknown peer address".into());
+    };
+    match request {
+        ReplRequest::Changes { zone, .. } | ReplRequest::Fetch { zone, .. } => {
+            let member = access
+                .members
+                .get(zone)
+                .is_some_and(|members| members.contains(&peer));
+            (!member).then(|| format!("{peer} is not a member of zone {zone}"))
+        }
+        ReplRequest::Fs { .. } => {
+            (!access.nodes.contains(&peer)).then(|| format!("{peer} is not a node of this network"))
         }
     }
 }

@@ -417,6 +417,15 @@ impl Zones {
             .collect()
     }
 
+    /// Who may pull which zone from this node, and forward operations to it (by address, from
+    /// the node list); until called, the replication port serves anyone who completes its
+    /// handshake.
+    pub fn set_access(&self, access: crate::repl::Access) {
+        if let Some(repl) = &self.repl {
+            repl.set_access(access);
+        }
+    }
+
     /// The members currently reachable for a zone this node serves without holding it.
     pub fn set_members(&self, zone: &str, members: Vec<Member>) {
         if let Some(proxy) = self.proxies.iter().find(|p| p.config.name == zone) {

@@ -288,3 +288,51 @@ fn with_a_key_only_key_holders_pull() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With access rules, only a zone's members may pull it and only nodes may forward operations:
+/// a request from another address is answered with an error naming why, and nothing else.
+#[test]
+fn only_members_pull_a_zone() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = scratch("members");
+    let (server, root) = serve_zone(&dir, &runtime);
+    std::fs::write(root.join("inside"), b"zone data").unwrap();
+    let mut access = grapevine_fs::repl::Access::default();
+    access
+        .members
+        .entry("z1".into())
+        .or_default()
+        .insert([127, 0, 0, 1].into());
+    access.nodes.insert([127, 0, 0, 1].into());
+    server.set_access(access);
+
+    let from = |source: [u8; 4]| {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.bind(&SocketAddr::from((source, 0)).into()).unwrap();
+        socket.connect(&server.address().into()).unwrap();
+        let stream: TcpStream = socket.into();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream
+    };
+    let fetch = RawRequest::Fetch {
+        zone: "z1".into(),
+        path: "inside".into(),
+        offset: 0,
+        len: 4096,
+    };
+    let mut stranger = from([127, 0, 0, 9]);
+    send_raw(&mut stranger, &fetch);
+    let reply = read_raw(&mut stranger).expect("an answer");
+    assert!(!reply.windows(9).any(|w| w == b"zone data"));
+    assert!(String::from_utf8_lossy(&reply).contains("not a member of zone z1"));
+
+    let mut member = from([127, 0, 0, 1]);
+    send_raw(&mut member, &fetch);
+    let reply = read_raw(&mut member).expect("an answer");
+    assert!(reply.windows(9).any(|w| w == b"zone data"));
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
