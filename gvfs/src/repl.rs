@@ -408,7 +408,7 @@ pub fn pull(
         &mut buffer,
     )
     .map_err(io)?;
-    let (version, entries) = match receive::<ReplReply>(&mut stream, MAX_REPLY).map_err(io)? {
+    let (version, mut entries) = match receive::<ReplReply>(&mut stream, MAX_REPLY).map_err(io)? {
         ReplReply::Changes { version, entries } => (version, entries),
         ReplReply::Error { message } => {
             return Err(PullError::Protocol {
@@ -423,6 +423,8 @@ pub fn pull(
             })
         }
     };
+    // Whatever order the peer sent: parents before children, deletions children first.
+    crate::store::sort_for_applying(&mut entries);
     // The "want": what is newer there; writes to those paths wait until they are in.
     let plan: Vec<(String, Entry, Decision)> = {
         let mut store = store.lock();

@@ -516,8 +516,7 @@ impl ZoneStore {
             .filter(|(_, e)| e.changed_at > since)
             .map(|(p, e)| (p.clone(), e.clone()))
             .collect();
-        // Directories first, shallow before deep, so parents exist when children arrive.
-        changes.sort_by_key(|(p, e)| (e.kind != Kind::Dir, p.matches('/').count(), p.clone()));
+        sort_for_applying(&mut changes);
         changes
     }
 
@@ -742,6 +741,30 @@ impl ZoneStore {
         };
         write().map_err(io(&self.index_path))
     }
+}
+
+/// Puts changes in the order they can be applied in: directories that exist, shallow before
+/// deep (parents before children), then files, then deletions deepest first (children before
+/// their directory, which can then be removed instead of lingering and coming back).
+pub fn sort_for_applying<T>(changes: &mut [(T, Entry)])
+where
+    T: AsRef<str>,
+{
+    changes.sort_by_cached_key(|(path, entry)| {
+        let path = path.as_ref();
+        let depth = path.matches('/').count();
+        let stage = match (entry.deleted, entry.kind) {
+            (false, Kind::Dir) => 0,
+            (false, Kind::File) => 1,
+            (true, _) => 2,
+        };
+        let depth_order = if entry.deleted {
+            usize::MAX - depth
+        } else {
+            depth
+        };
+        (stage, depth_order, path.to_string())
+    });
 }
 
 /// Makes a rename durable.
