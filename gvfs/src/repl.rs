@@ -476,6 +476,7 @@ fn apply_plan(
 ) -> Result<(usize, u64), PullError> {
     let mut applied = 0;
     let mut bytes = 0;
+    let mut failed = None;
     for (path, theirs, decision) in plan {
         let needs_content =
             !theirs.deleted && theirs.kind == Kind::File && decision != Decision::MergeOnly;
@@ -509,10 +510,21 @@ fn apply_plan(
         if let Some(tmp) = &fetched {
             let _ = std::fs::remove_file(tmp);
         }
-        outcome?;
-        applied += 1;
+        // One path that cannot be applied now (a directory still holding files its peer
+        // deleted, later in this list) must not hold up the others: go on, and report it, so
+        // that the peer's version is not recorded as seen and the next pull retries.
+        match outcome {
+            Ok(()) => applied += 1,
+            Err(error) => {
+                tracing::debug!(path, %error, "not applied in this pull");
+                failed.get_or_insert(error);
+            }
+        }
     }
-    Ok((applied, bytes))
+    match failed {
+        Some(error) => Err(error.into()),
+        None => Ok((applied, bytes)),
+    }
 }
 
 /// Fetches `size` bytes of `path` into `into`, up to [`WINDOW`] chunk requests in flight.

@@ -647,12 +647,21 @@ impl ZoneStore {
             }
             (0, i128::MIN)
         } else if theirs.kind == Kind::Dir {
+            // Their directory follows whatever is there (a file it replaced): make room.
+            if std::fs::symlink_metadata(&disk).is_ok_and(|m| !m.is_dir()) {
+                std::fs::remove_file(&disk).map_err(io(&disk))?;
+            }
             std::fs::create_dir_all(&disk).map_err(io(&disk))?;
             (0, 0)
         } else {
             let Some(fetched) = fetched else {
                 return Ok(());
             };
+            // Their file follows a directory that was there: it goes if empty (its children's
+            // deletions come later in the same pull otherwise, and the next pull finishes it).
+            if std::fs::symlink_metadata(&disk).is_ok_and(|m| m.is_dir()) {
+                std::fs::remove_dir(&disk).map_err(io(&disk))?;
+            }
             std::fs::rename(fetched, &disk).map_err(io(&disk))?;
             sync_dir(disk.parent().unwrap_or(&self.root));
             let meta = std::fs::metadata(&disk).map_err(io(&disk))?;
