@@ -191,8 +191,11 @@ fn run(args: &[&str]) -> Result<Output, String> {
 
 /// The last JSON line a `grapevine sub --json` printed.
 fn last_status(output: &str) -> serde_json::Value {
-    let last = output.lines().last().unwrap_or_default();
-    serde_json::from_str(last).unwrap_or_else(|e| panic!("bad subscriber output ({e}):\n{output}"))
+    output
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str(line).ok())
+        .unwrap_or_else(|| panic!("no status line in the subscriber's output:\n{output}"))
 }
 
 /// The digest a `grapevine pub` printed when it finished.

@@ -216,7 +216,9 @@ impl NFSFileSystem for ZoneFs {
                 let _ = file.sync_all();
             }
             let size = std::fs::metadata(&disk).map_or(0, |m| m.len());
-            self.store.lock().note_write(&path, size, Instant::now());
+            self.store
+                .lock()
+                .note_write(&path, size, false, Instant::now());
         }
         self.attr(id, &path)
     }
@@ -253,7 +255,11 @@ impl NFSFileSystem for ZoneFs {
         // Answered FILE_SYNC: the data must be on disk before the reply.
         file.sync_data().map_err(status)?;
         let size = file.metadata().map_or(0, |m| m.len());
-        self.store.lock().note_write(&path, size, Instant::now());
+        let end = offset.saturating_add(data.len() as u64);
+        let growing = data.len() >= crate::store::FULL_WRITE && end == size;
+        self.store
+            .lock()
+            .note_write(&path, size, growing, Instant::now());
         self.attr(id, &path)
     }
 
@@ -422,6 +428,7 @@ impl NFSFileSystem for ZoneFs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn run<T>(future: impl std::future::Future<Output = T>) -> T {
         tokio::runtime::Builder::new_current_thread()
@@ -523,6 +530,38 @@ mod tests {
             &name("moved")
         ))));
         assert_eq!(std::fs::read(dir.join("data/kept")).unwrap(), b"kept");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A copy under way (full 1 MiB writes at the end of the file) is not recorded as a change,
+    /// so not replicated, until it has been quiet for longer; its last, short, write ends it.
+    #[test]
+    fn a_copy_under_way_is_not_taken_for_a_finished_file() {
+        let dir = std::env::temp_dir().join(format!("gvfs-nfs-growing-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = open(&dir);
+        let fs = ZoneFs::new(Arc::clone(&store), 1 << 30, 1);
+        let (id, _) =
+            run(fs.create(ROOT_ID, &b"big".as_slice().into(), sattr3::default())).unwrap();
+        let debounce = Duration::from_millis(200);
+        let chunk = vec![7u8; crate::store::FULL_WRITE];
+        run(fs.write(id, 0, &chunk)).unwrap();
+        run(fs.write(id, chunk.len() as u64, &chunk)).unwrap();
+        let version = store.lock().version();
+        let soon = Instant::now() + Duration::from_millis(500);
+        store.lock().settle(soon, debounce).unwrap();
+        assert_eq!(store.lock().version(), version, "half a copy was recorded");
+        run(fs.write(id, 2 * chunk.len() as u64, b"tail")).unwrap();
+        let soon = Instant::now() + Duration::from_millis(500);
+        store.lock().settle(soon, debounce).unwrap();
+        assert!(
+            store.lock().version() > version,
+            "the finished copy is recorded"
+        );
+        assert_eq!(
+            store.lock().entry("big").unwrap().size,
+            2 * chunk.len() as u64 + 4
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

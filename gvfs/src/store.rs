@@ -166,6 +166,22 @@ pub fn conflict_path(path: &str, writer: u64, written_ms: u64) -> String {
     }
 }
 
+/// How long a file whose last write was a full-size one at its end must be quiet before it
+/// counts as changed: NFSv3 has no close, and a copy sends such writes until its last, short,
+/// one.
+pub const GROWING_QUIET: Duration = Duration::from_secs(2);
+
+/// Writes smaller than this end a copy (clients write whole 1 MiB pieces until the last).
+pub const FULL_WRITE: usize = 1 << 20;
+
+/// A write not yet recorded as a change.
+#[derive(Clone, Copy, Debug)]
+struct PendingWrite {
+    at: Instant,
+    size: u64,
+    growing: bool,
+}
+
 /// The local replica of one zone.
 #[derive(Debug)]
 pub struct ZoneStore {
@@ -177,7 +193,7 @@ pub struct ZoneStore {
     by_id: HashMap<u64, String>,
     /// Paths written through NFS, checked once they have been quiet for the debounce, with
     /// their size now (counted against the quota before the check).
-    pending_checks: HashMap<String, (Instant, u64)>,
+    pending_checks: HashMap<String, PendingWrite>,
     /// Paths pulls are about to replace (with how many pulls): local writes to them wait.
     incoming: HashMap<String, usize>,
     temp_counter: u64,
@@ -262,7 +278,7 @@ impl ZoneStore {
         });
         self.pending_checks
             .iter()
-            .fold(indexed, |used, (path, (_, size))| {
+            .fold(indexed, |used, (path, PendingWrite { size, .. })| {
                 let settled = self
                     .index
                     .entries
@@ -371,9 +387,18 @@ impl ZoneStore {
     }
 
     /// Notes a write to `path`, which is now `size` bytes long; it is checked once quiet for
-    /// the debounce.
-    pub fn note_write(&mut self, path: &str, size: u64, now: Instant) {
-        self.pending_checks.insert(path.to_string(), (now, size));
+    /// the debounce, or for [`GROWING_QUIET`] when the write was a full-size one at the end of
+    /// the file (a copy under way: its next piece is coming, and a peer should not take the
+    /// half file).
+    pub fn note_write(&mut self, path: &str, size: u64, growing: bool, now: Instant) {
+        self.pending_checks.insert(
+            path.to_string(),
+            PendingWrite {
+                at: now,
+                size,
+                growing,
+            },
+        );
     }
 
     /// Checks the paths whose last write is at least `debounce` old; returns whether anything
@@ -386,7 +411,14 @@ impl ZoneStore {
         let due: Vec<String> = self
             .pending_checks
             .iter()
-            .filter(|(_, (at, _))| now.saturating_duration_since(*at) >= debounce)
+            .filter(|(_, pending)| {
+                let quiet = if pending.growing {
+                    debounce.max(GROWING_QUIET)
+                } else {
+                    debounce
+                };
+                now.saturating_duration_since(pending.at) >= quiet
+            })
             .map(|(path, _)| path.clone())
             .collect();
         let mut changed = false;
