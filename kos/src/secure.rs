@@ -20,9 +20,10 @@
 //! let key = PortKey::from_network_key(b"a network key of the operator's choosing");
 //! let listener = TcpListener::bind("127.0.0.1:0")?;
 //! let address = listener.local_addr()?;
+//! let server_key = key.clone();
 //! let server = std::thread::spawn(move || -> std::io::Result<()> {
 //!     let (stream, _) = listener.accept()?;
-//!     let mut link = accept(stream, Some(&key), Purpose::Kos)?;
+//!     let mut link = accept(stream, Some(&server_key), Purpose::Kos)?;
 //!     let mut hello = [0u8; 5];
 //!     link.read_exact(&mut hello)?;
 //!     link.write_all(&hello)
