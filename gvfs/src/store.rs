@@ -199,6 +199,8 @@ pub struct ZoneStore {
     temp_counter: u64,
     /// Sum of the indexed sizes of live files; `None` after the index changed.
     used_cache: std::cell::Cell<Option<u64>>,
+    /// Symbolic links found in the zone directory (never replicated), each warned about once.
+    skipped_links: BTreeSet<String>,
 }
 
 impl ZoneStore {
@@ -241,6 +243,7 @@ impl ZoneStore {
             incoming: HashMap::new(),
             temp_counter: 0,
             used_cache: std::cell::Cell::new(None),
+            skipped_links: BTreeSet::new(),
         };
         store.scan()?;
         Ok(store)
@@ -254,6 +257,11 @@ impl ZoneStore {
     /// This node's version of the zone.
     pub fn version(&self) -> u64 {
         self.index.version
+    }
+
+    /// Symbolic links found in the zone directory by the last scan (never replicated).
+    pub fn skipped_links(&self) -> usize {
+        self.skipped_links.len()
     }
 
     /// Conflicts kept so far.
@@ -504,6 +512,8 @@ impl ZoneStore {
             .filter(|(_, e)| !e.deleted)
             .map(|(p, _)| p.clone())
             .collect();
+        // Links are counted afresh each scan; only new ones are warned about.
+        let known_links = std::mem::take(&mut self.skipped_links);
         let mut stack = vec![String::new()];
         while let Some(dir) = stack.pop() {
             let Ok(disk) = self.disk_path(&dir) else {
@@ -521,6 +531,16 @@ impl ZoneStore {
                 } else {
                     format!("{dir}/{name}")
                 };
+                if entry.file_type().is_ok_and(|t| t.is_symlink()) {
+                    if self.skipped_links.insert(path.clone()) && !known_links.contains(&path) {
+                        tracing::warn!(
+                            path,
+                            root = %self.root.display(),
+                            "symbolic link in a zone: not replicated"
+                        );
+                    }
+                    continue;
+                }
                 if entry.file_type().is_ok_and(|t| t.is_dir()) {
                     stack.push(path.clone());
                 }

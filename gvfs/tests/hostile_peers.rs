@@ -227,6 +227,7 @@ fn links_in_the_zone_are_not_replicated() {
     let store = ZoneStore::open(1, &root, &dir.join("meta")).unwrap();
     let listed: Vec<String> = store.changes_since(0).into_iter().map(|(p, _)| p).collect();
     assert_eq!(listed, vec!["real".to_string()]);
+    assert_eq!(store.skipped_links(), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
