@@ -159,7 +159,7 @@ pub type ZoneMap = Arc<HashMap<String, ServedZone>>;
 
 /// Who may ask what of the replication server, by address: the members of each zone may pull
 /// it, any node of the network may forward file operations. Kept up to date from the node list
-/// ([`ReplServer::access`]); until it is first set, everyone may.
+/// ([`ReplServer::set_access`]); until it is first set, everyone may.
 #[derive(Clone, Debug, Default)]
 pub struct Access {
     /// Addresses of the members of each zone.
