@@ -763,3 +763,53 @@ fn small_repair_requests_from_one_address_get_a_bounded_answer() {
     );
     assert!(resent_bytes > 0, "requests are still answered");
 }
+
+/// Fragmented deltas and fragmented leaves of one session in flight together: each keeps its
+/// own fragment id, so none is taken for a duplicate and no gap is declared.
+#[test]
+fn large_deltas_and_large_leaves_interleave_without_loss() {
+    use grapevine_core::state::{KeyedMap, MapDelta};
+    type Blobs = KeyedMap<u32, Vec<u8>>;
+    let now = Instant::now();
+    let mut config = PublisherConfig::new(1);
+    config.flush_delay = Duration::ZERO;
+    let mut initial = Blobs::default();
+    for key in 0..8u32 {
+        grapevine_core::state::ReplicatedState::apply(
+            &mut initial,
+            &MapDelta::Put(key, vec![key as u8; 5_000]),
+        );
+    }
+    let mut p = PublisherSession::new(config, new_session_id(1, 7), initial, now);
+    let mut snapshot = SnapshotSession::new(SnapshotConfig::default());
+    let mut s: SubscriberSession<Blobs> = SubscriberSession::new(SubscriberConfig::new(1));
+    let mut t = now;
+    for round in 0..40u32 {
+        t += Duration::from_millis(1);
+        p.publish(t, MapDelta::Put(round % 8, vec![round as u8; 4_000]))
+            .unwrap();
+        // Leaves and deltas alternate datagram by datagram, as on a shared group.
+        snapshot.handle_timeout(t, &p);
+        let deltas: Vec<Bytes> = std::iter::from_fn(|| p.poll_transmit()).collect();
+        let leaves: Vec<Bytes> = std::iter::from_fn(|| snapshot.poll_transmit()).collect();
+        let mut deltas = deltas.into_iter();
+        let mut leaves = leaves.into_iter();
+        loop {
+            let (d, l) = (deltas.next(), leaves.next());
+            if d.is_none() && l.is_none() {
+                break;
+            }
+            for datagram in d.iter().chain(l.iter()) {
+                s.handle_datagram(t, datagram);
+            }
+        }
+        s.handle_timeout(t);
+    }
+    assert!(p.stats().fragmented >= 40, "the deltas were fragmented");
+    assert!(snapshot.stats().leaves >= 8, "leaves were sent");
+    let stats = s.stats();
+    assert_eq!(stats.gaps, 0, "no delta was taken for lost: {stats:?}");
+    assert_eq!(stats.fragments_dropped, 0);
+    assert_eq!(s.stream(0).unwrap().status, StreamStatus::Live);
+    assert_eq!(s.stream(0).unwrap().state, p.state());
+}

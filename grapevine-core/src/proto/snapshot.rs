@@ -135,7 +135,7 @@ impl<K: Clone + Ord + serde::Serialize> SnapshotSession<K> {
     /// A snapshotter with `config`; it follows whatever publisher session it is given.
     pub fn new(config: SnapshotConfig) -> Self {
         Self {
-            fragmenter: Fragmenter::new(config.max_message_len),
+            fragmenter: Fragmenter::for_leaves(config.max_message_len),
             signer: config
                 .keyring
                 .clone()

@@ -191,7 +191,15 @@ pub struct MessageTooLarge {
     pub limit: usize,
 }
 
+/// The first fragment id a snapshotter uses: publishers number their fragments from 1 and
+/// snapshotters from here, so a fragmented delta and a fragmented leaf of the same session
+/// never share an id (the subscriber reassembles by publisher, session and id).
+pub const FIRST_LEAF_FRAGMENT_ID: u64 = 1 << 63;
+
 /// Splits messages too large for one datagram into fragments, one per datagram.
+///
+/// Fragment ids are unique within a session: a publisher's fragmenter ([`Fragmenter::new`])
+/// and a snapshotter's ([`Fragmenter::for_leaves`]) draw from disjoint halves of the id space.
 #[derive(Debug)]
 pub struct Fragmenter {
     next_id: u64,
@@ -200,12 +208,20 @@ pub struct Fragmenter {
 }
 
 impl Fragmenter {
-    /// A fragmenter refusing messages above `max_message_len` bytes.
+    /// A publisher's fragmenter, refusing messages above `max_message_len` bytes.
     pub fn new(max_message_len: usize) -> Self {
         Self {
             next_id: 1,
             max_message_len,
             scratch: Vec::new(),
+        }
+    }
+
+    /// A snapshotter's fragmenter: its ids start at [`FIRST_LEAF_FRAGMENT_ID`].
+    pub fn for_leaves(max_message_len: usize) -> Self {
+        Self {
+            next_id: FIRST_LEAF_FRAGMENT_ID,
+            ..Self::new(max_message_len)
         }
     }
 

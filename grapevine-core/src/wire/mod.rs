@@ -15,7 +15,9 @@ pub mod consts;
 use zerocopy::byteorder::network_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-pub use builder::{repair_request, DatagramBuilder, Fragmenter, MessageTooLarge};
+pub use builder::{
+    repair_request, DatagramBuilder, Fragmenter, MessageTooLarge, FIRST_LEAF_FRAGMENT_ID,
+};
 pub use consts::*;
 
 /// The header that starts every datagram.
