@@ -54,6 +54,11 @@ pub(crate) struct ThroughputArgs {
     /// the figure is the rate sustained without loss); 0 sends open-loop, as fast as it can.
     #[arg(long, default_value_t = 1 << 20)]
     window: u64,
+    /// A snapshotter cycles the state on the publisher's group at this many leaves per
+    /// second, as in a deployment (its datagrams share the link and the subscriber's
+    /// socket); 0 runs none.
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_rate: u32,
     /// Also run GrapeVine with every datagram signed and verified, and report the cost.
     #[arg(long)]
     auth: bool,
@@ -118,6 +123,12 @@ struct Measured {
     kernel_drops: u64,
     /// Messages the receiver itself knows it lost (GrapeVine's gap accounting; raw UDP has none).
     counted_lost: Option<u64>,
+    /// Sends the publisher saw fail or stop part-way.
+    send_errors: u64,
+    /// Incomplete fragmented messages the subscriber gave up on (its own buffers).
+    fragments_dropped: u64,
+    /// Snapshot datagrams sent during the run.
+    snapshot_datagrams: u64,
 }
 
 impl Measured {
@@ -141,6 +152,13 @@ impl Measured {
             "cpu_percent": self.cpu_seconds / self.seconds * 100.0,
             "kernel_drops": self.kernel_drops,
             "counted_lost": self.counted_lost,
+            "lost_by_cause": {
+                "kernel_dropped_datagrams": self.kernel_drops,
+                "send_errors": self.send_errors,
+                "fragments_dropped": self.fragments_dropped,
+                "declared_by_protocol": self.counted_lost,
+            },
+            "snapshot_datagrams": self.snapshot_datagrams,
         })
     }
 }
@@ -281,6 +299,13 @@ fn throughput_between(
     publisher_options.session.heartbeat_interval = Duration::from_millis(50);
     publisher_options.session.keyring = keyring;
     let publisher = Publisher::start(publisher_options, PayloadMap::default())?;
+    let snapshotter = if args.snapshot_rate > 0 {
+        let mut options = SnapshotterOptions::new(group.clone());
+        options.snapshot.rate = SnapshotRate::LeavesPerSecond(args.snapshot_rate);
+        Some(Snapshotter::start(&publisher, options)?)
+    } else {
+        None
+    };
     let payload = payload_bytes(args.payload);
     let cpu_before = process_cpu_seconds();
     let started = Instant::now();
@@ -316,6 +341,7 @@ fn throughput_between(
     let cpu_seconds = process_cpu_seconds() - cpu_before;
     let stats = subscriber.stats();
     let datagrams = publisher.stats().datagrams;
+    let snapshot_datagrams = snapshotter.map_or(0, |snapshotter| snapshotter.shutdown().datagrams);
     let measured = Measured {
         sent,
         received: subscriber.processed(),
@@ -324,6 +350,9 @@ fn throughput_between(
         cpu_seconds,
         kernel_drops: stats.kernel_drops,
         counted_lost: Some(stats.protocol.messages_lost),
+        send_errors: publisher.send_errors(),
+        fragments_dropped: stats.protocol.fragments_dropped,
+        snapshot_datagrams,
     };
     drop(subscriber);
     let per_datagram = ((sent as f64 / datagrams.max(1) as f64).round() as u64).max(1);
@@ -392,6 +421,7 @@ fn throughput_raw(
         cpu_seconds: process_cpu_seconds() - cpu_before,
         kernel_drops: drops.load(Ordering::Relaxed),
         counted_lost: None,
+        ..Measured::default()
     })
 }
 

@@ -91,6 +91,11 @@ pub struct Shared<S: ReplicatedState> {
     secondary: Option<MulticastSocket>,
     stopping: AtomicBool,
     send_errors: AtomicU64,
+    /// Taken while the session is still locked by whoever drained datagrams from it, and held
+    /// while sending them: datagrams leave in the order the session produced them, whichever
+    /// thread sends them (out-of-order delivery across threads looked like loss to subscribers
+    /// once it outlasted their reorder window), while publishing need not wait for the syscall.
+    send_order: Mutex<()>,
 }
 
 impl<S: ReplicatedState> Shared<S> {
@@ -109,9 +114,21 @@ impl<S: ReplicatedState> Shared<S> {
             return;
         }
         for socket in std::iter::once(&self.socket).chain(&self.secondary) {
-            if let Err(error) = socket.send_batch(datagrams) {
-                self.send_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%error, group = %socket.group(), "send failed");
+            match socket.send_batch(datagrams) {
+                Ok(sent) if sent == datagrams.len() => {}
+                Ok(sent) => {
+                    self.send_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        sent,
+                        unsent = datagrams.len() - sent,
+                        group = %socket.group(),
+                        "send stopped part-way"
+                    );
+                }
+                Err(error) => {
+                    self.send_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, group = %socket.group(), "send failed");
+                }
             }
         }
     }
@@ -164,6 +181,7 @@ impl<S: ReplicatedState> Publisher<S> {
             secondary,
             stopping: AtomicBool::new(false),
             send_errors: AtomicU64::new(0),
+            send_order: Mutex::new(()),
         });
         let flusher = {
             let shared = Arc::clone(&shared);
@@ -228,7 +246,7 @@ impl<S: ReplicatedState> Publisher<S> {
             return Err(PublisherError::Closed);
         }
         let mut ready: Vec<Bytes> = Vec::new();
-        let (result, pending) = {
+        let (result, pending, order) = {
             let mut session = self.shared.session.lock();
             let now = Instant::now();
             let mut last = Ok(session.last_seq());
@@ -241,7 +259,8 @@ impl<S: ReplicatedState> Publisher<S> {
             while let Some(datagram) = session.poll_transmit() {
                 ready.push(datagram);
             }
-            (last, session.has_pending_batch())
+            let order = (!ready.is_empty()).then(|| self.shared.send_order.lock());
+            (last, session.has_pending_batch(), order)
         };
         // Wake the flusher only when a batch waits for its flush delay: a needless wake-up is
         // a syscall and a thread competing for the CPU on every publish.
@@ -249,15 +268,17 @@ impl<S: ReplicatedState> Publisher<S> {
             self.shared.wake.notify_one();
         }
         self.shared.send(&ready);
+        drop(order);
         Ok(result?)
     }
 
     /// Sends whatever is batched now.
     pub fn flush(&self) {
-        let ready = {
+        let (ready, _order) = {
             let mut session = self.shared.session.lock();
             session.flush(Instant::now());
-            std::iter::from_fn(|| session.poll_transmit()).collect::<Vec<_>>()
+            let ready = std::iter::from_fn(|| session.poll_transmit()).collect::<Vec<_>>();
+            (ready, self.shared.send_order.lock())
         };
         self.shared.send(&ready);
     }
@@ -324,8 +345,10 @@ fn flush_loop<S: ReplicatedState>(shared: &Shared<S>) {
         session.handle_timeout(now);
         ready.extend(std::iter::from_fn(|| session.poll_transmit()));
         if !ready.is_empty() {
+            let order = shared.send_order.lock();
             parking_lot::MutexGuard::unlocked(&mut session, || {
                 shared.send(&ready);
+                drop(order);
             });
             ready.clear();
             continue;
@@ -359,6 +382,7 @@ fn repair_loop<S: ReplicatedState>(shared: &Shared<S>, socket: &MulticastSocket)
             }
             ready.extend(std::iter::from_fn(|| session.poll_transmit()));
         }
+        // Resent datagrams carry old sequence numbers anyway: no need to order them.
         shared.send(&ready);
         ready.clear();
     }
