@@ -26,21 +26,31 @@ fn payload() -> Bytes {
 
 /// Datagrams carrying `MESSAGES` 64-byte deltas over 10 000 keys.
 fn delta_traffic() -> Vec<Bytes> {
+    delta_traffic_rounds(1).pop().expect("one round")
+}
+
+/// `rounds` lists of datagrams, each carrying `MESSAGES` 64-byte deltas over the same 10 000
+/// keys, one session: after the first round every delta updates a key the subscriber knows.
+fn delta_traffic_rounds(rounds: usize) -> Vec<Vec<Bytes>> {
     let now = Instant::now();
     let mut config = PublisherConfig::new(1);
     config.flush_delay = Duration::from_secs(1);
     let mut publisher =
         PublisherSession::new(config, new_session_id(1, 1), PayloadMap::default(), now);
-    let mut out = Vec::new();
-    for i in 0..MESSAGES {
-        publisher
-            .publish(now, MapDelta::Put((i % 10_000) as u32, payload()))
-            .expect("small delta");
-        out.extend(std::iter::from_fn(|| publisher.poll_transmit()));
-    }
-    publisher.flush(now);
-    out.extend(std::iter::from_fn(|| publisher.poll_transmit()));
-    out
+    (0..rounds)
+        .map(|_| {
+            let mut out = Vec::new();
+            for i in 0..MESSAGES {
+                publisher
+                    .publish(now, MapDelta::Put((i % 10_000) as u32, payload()))
+                    .expect("small delta");
+                out.extend(std::iter::from_fn(|| publisher.poll_transmit()));
+            }
+            publisher.flush(now);
+            out.extend(std::iter::from_fn(|| publisher.poll_transmit()));
+            out
+        })
+        .collect()
 }
 
 fn wire(c: &mut Criterion) {
@@ -116,6 +126,32 @@ fn subscriber(c: &mut Criterion) {
                 subscriber
             },
             BatchSize::SmallInput,
+        );
+    });
+
+    // Steady state: every delta updates a leaf the subscriber already holds, as in a long run.
+    let rounds = delta_traffic_rounds(2);
+    group.bench_function("apply 10k deltas of 64 B to known keys", |b| {
+        b.iter_batched(
+            || {
+                let mut config = SubscriberConfig::new(1);
+                config.emit_applied = false;
+                let mut subscriber = SubscriberSession::<PayloadMap>::new(config);
+                let now = Instant::now();
+                for datagram in &rounds[0] {
+                    subscriber.handle_datagram(now, datagram);
+                }
+                subscriber
+            },
+            |mut subscriber| {
+                let now = Instant::now();
+                for datagram in &rounds[1] {
+                    subscriber.handle_datagram(now, datagram);
+                }
+                while subscriber.poll_event().is_some() {}
+                subscriber
+            },
+            BatchSize::LargeInput,
         );
     });
 

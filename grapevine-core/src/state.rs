@@ -39,6 +39,20 @@ pub trait ReplicatedState: Default + Send + Sync + 'static {
     fn delta_key(delta: &Self::Delta) -> &Self::Key;
     /// Applies a delta: creates, changes or removes the leaf it names.
     fn apply(&mut self, delta: &Self::Delta);
+    /// Applies a delta the state may take apart (subscribers hand over the delta they decoded,
+    /// so a state can move its key and value in instead of cloning them); returns whether the
+    /// leaf is present afterwards. The default applies by reference.
+    ///
+    /// ```
+    /// use grapevine_core::state::{KeyedMap, MapDelta, ReplicatedState};
+    /// let mut names: KeyedMap<u32, String> = KeyedMap::default();
+    /// assert!(names.apply_owned(MapDelta::Put(7, "seven".into())));
+    /// assert!(!names.apply_owned(MapDelta::Remove(7)));
+    /// ```
+    fn apply_owned(&mut self, delta: Self::Delta) -> bool {
+        self.apply(&delta);
+        self.leaf(Self::delta_key(&delta)).is_some()
+    }
     /// The leaf of `key`, if present.
     fn leaf(&self, key: &Self::Key) -> Option<&Self::Leaf>;
     /// Every leaf, in any order.
@@ -171,6 +185,25 @@ where
             }
             MapDelta::Remove(key) => {
                 self.entries.remove(key);
+            }
+        }
+    }
+
+    fn apply_owned(&mut self, delta: Self::Delta) -> bool {
+        match delta {
+            MapDelta::Put(key, value) => {
+                // An update of a known key moves the value in and keeps the stored key.
+                match self.entries.get_mut(&key) {
+                    Some(slot) => *slot = value,
+                    None => {
+                        self.entries.insert(key, value);
+                    }
+                }
+                true
+            }
+            MapDelta::Remove(key) => {
+                self.entries.remove(&key);
+                false
             }
         }
     }

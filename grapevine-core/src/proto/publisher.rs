@@ -150,7 +150,8 @@ pub struct PublisherSession<S: ReplicatedState> {
     config: PublisherConfig,
     session: u64,
     state: S,
-    leaf_seqs: HashMap<S::Key, u64>,
+    /// Last `seq` of every present leaf; foldhash as in the subscriber's leaf index.
+    leaf_seqs: HashMap<S::Key, u64, foldhash::fast::RandomState>,
     last_seq: u64,
     builder: DatagramBuilder,
     fragmenter: Fragmenter,
@@ -242,20 +243,22 @@ impl<S: ReplicatedState> PublisherSession<S> {
             }
             .into());
         }
-        let key = S::delta_key(&delta);
-        let prev = self.leaf_seqs.get(key).copied().unwrap_or(0);
         let seq = self.last_seq + 1;
-        self.state.apply(&delta);
-        if self.state.leaf(key).is_some() {
-            match self.leaf_seqs.get_mut(key) {
-                Some(last) => *last = seq,
-                None => {
-                    self.leaf_seqs.insert(key.clone(), seq);
+        // Encoded above, the delta can now be moved into the state.
+        let key = S::delta_key(&delta).clone();
+        let prev = if self.state.apply_owned(delta) {
+            match self.leaf_seqs.entry(key) {
+                std::collections::hash_map::Entry::Occupied(mut last) => {
+                    std::mem::replace(last.get_mut(), seq)
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(seq);
+                    0
                 }
             }
         } else {
-            self.leaf_seqs.remove(key);
-        }
+            self.leaf_seqs.remove(&key).unwrap_or(0)
+        };
         self.last_seq = seq;
         self.stats.deltas += 1;
 
