@@ -249,6 +249,7 @@ impl<S: ReplicatedState> Publisher<S> {
         let (result, pending, order) = {
             let mut session = self.shared.session.lock();
             let now = Instant::now();
+            let was_pending = session.has_pending_batch();
             let mut last = Ok(session.last_seq());
             for delta in deltas {
                 last = session.publish(now, delta);
@@ -260,10 +261,12 @@ impl<S: ReplicatedState> Publisher<S> {
                 ready.push(datagram);
             }
             let order = (!ready.is_empty()).then(|| self.shared.send_order.lock());
-            (last, session.has_pending_batch(), order)
+            // A batch that was already pending is one the flusher has a deadline for: it
+            // computed it under this lock.
+            (last, session.has_pending_batch() && !was_pending, order)
         };
-        // Wake the flusher only when a batch waits for its flush delay: a needless wake-up is
-        // a syscall and a thread competing for the CPU on every publish.
+        // Wake the flusher only when a new batch waits for its flush delay: a needless wake-up
+        // is a syscall and a thread competing for the CPU and the lock on every publish.
         if pending {
             self.shared.wake.notify_one();
         }
