@@ -3,9 +3,23 @@
 //! numbers and authentication tags), so subscribers on the far side see the same streams and
 //! recover from the same snapshots.
 //!
-//! Loops are broken by remembering, for a few seconds, what was relayed each way: a datagram
-//! that comes back from the network it was relayed to is not relayed again. [`Relay`] is that
-//! logic without I/O; [`Repeater`] runs it on sockets.
+//! Loops cannot form, by construction rather than by timing:
+//!
+//! * **One forwarder per network.** Repeaters on the same local group announce themselves there
+//!   every [`HELLO_INTERVAL`] (a probe datagram, which subscribers ignore); the one with the
+//!   lowest id heard within [`FORWARDER_TIMEOUT`] is the network's forwarder and the only one
+//!   that relays local traffic out. The others stand by and take over when it goes silent.
+//! * **One copy per remote network.** Keepalives between repeaters carry the sender's id and
+//!   its network's forwarder, so a forwarder sends each datagram to one repeater per remote
+//!   network (the remote forwarder when it is a peer), not to every peer.
+//! * **Copies recognised by content, whoever relayed them.** Every datagram seen, from either
+//!   side and any path, is remembered by digest for [`LOOP_MEMORY`]: a copy of it is not relayed
+//!   or emitted again within that time, so a datagram that comes back around any cycle of
+//!   repeaters stops at the first repeater that saw it. (Legitimately identical datagrams, a
+//!   quiet publisher's heartbeats, then cross at most once per `LOOP_MEMORY`, well within a
+//!   subscriber's publisher timeout.)
+//!
+//! [`Relay`] is that logic without I/O; [`Repeater`] runs it on sockets.
 //!
 //! ```no_run
 //! use grapevine::core::net::MulticastConfig;
@@ -29,17 +43,35 @@ use grapevine_core::net::{MulticastConfig, MulticastSocket, NetError, RecvBatch}
 use grapevine_core::wire::Datagram;
 use parking_lot::Mutex;
 
-/// How long a relayed datagram is remembered for loop detection.
-pub const LOOP_MEMORY: Duration = Duration::from_secs(5);
-/// Most datagrams remembered per direction.
+/// How long a datagram is remembered, by content, once seen from either side.
+pub const LOOP_MEMORY: Duration = Duration::from_secs(1);
+/// How often a repeater announces itself on its local group.
+pub const HELLO_INTERVAL: Duration = Duration::from_millis(250);
+/// A repeater not heard on the local group for this long no longer counts for the election.
+pub const FORWARDER_TIMEOUT: Duration = Duration::from_millis(1000);
+/// A peer not heard for this long is silent: no data is sent to it, keepalives back off.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most datagrams remembered.
 const MEMORY_LIMIT: usize = 1 << 20;
-/// First byte of a keepalive between repeaters (not a GrapeVine datagram: those start `GV`).
+/// Start of a keepalive between repeaters (not a GrapeVine datagram: those start `GV`).
 const KEEPALIVE: &[u8] = b"GVRK";
+/// Keepalive layout version after [`KEEPALIVE`]: then the sender's id and its forwarder's.
+const KEEPALIVE_V1: u8 = 1;
+const KEEPALIVE_LEN: usize = 4 + 1 + 8 + 8;
+/// The `publisher` field of a repeater's hello (a probe datagram; `session` is its id).
+pub const HELLO_PUBLISHER: u32 = u32::from_be_bytes(*b"GVRH");
 
-/// Datagrams relayed recently in one direction, each remembered once.
+/// Which side a datagram was first seen on.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+enum Side {
+    Local,
+    Remote,
+}
+
+/// Every datagram seen recently, from either side, by digest.
 #[derive(Debug, Default)]
 struct Memory {
-    seen: HashMap<[u8; 16], u32>,
+    seen: HashMap<[u8; 16], (Instant, Side)>,
     order: VecDeque<(Instant, [u8; 16])>,
 }
 
@@ -50,32 +82,30 @@ impl Memory {
                 break;
             }
             self.order.pop_front();
-            if let Some(count) = self.seen.get_mut(&digest) {
-                *count -= 1;
-                if *count == 0 {
-                    self.seen.remove(&digest);
-                }
+            // A digest seen again after it expired has a newer entry: keep that one.
+            if self
+                .seen
+                .get(&digest)
+                .is_some_and(|(seen_at, _)| *seen_at == at)
+            {
+                self.seen.remove(&digest);
             }
         }
     }
 
-    fn insert(&mut self, now: Instant, digest: [u8; 16]) {
-        *self.seen.entry(digest).or_insert(0) += 1;
+    /// Where `digest` was seen within [`LOOP_MEMORY`].
+    fn recent(&self, now: Instant, digest: &[u8; 16]) -> Option<Side> {
+        self.seen
+            .get(digest)
+            .filter(|(at, _)| now.saturating_duration_since(*at) < LOOP_MEMORY)
+            .map(|(_, side)| *side)
+    }
+
+    /// Remembers `digest` as seen now on `side` (not refreshed by later copies, so that
+    /// identical datagrams still cross once per [`LOOP_MEMORY`]).
+    fn remember(&mut self, now: Instant, digest: [u8; 16], side: Side) {
+        self.seen.insert(digest, (now, side));
         self.order.push_back((now, digest));
-    }
-
-    /// Whether `digest` was remembered; forgets one occurrence of it.
-    fn take(&mut self, digest: &[u8; 16]) -> bool {
-        match self.seen.get_mut(digest) {
-            Some(count) => {
-                *count -= 1;
-                if *count == 0 {
-                    self.seen.remove(digest);
-                }
-                true
-            }
-            None => false,
-        }
     }
 }
 
@@ -94,39 +124,221 @@ pub enum Verdict {
     Malformed,
     /// A topic not relayed.
     OtherTopic,
-    /// It is coming back from where it was relayed to: a loop, broken here.
+    /// A copy of a datagram that came from another network (a loop, broken here).
     Loop,
+    /// A copy of a datagram already relayed (another path brought it).
+    Duplicate,
+    /// Local traffic while another repeater of this network is the forwarder.
+    Standby,
+    /// Another repeater's hello on the local group (taken into the election).
+    Hello,
     /// It fails authentication (from a remote repeater, with a keyring).
     Unauthenticated,
 }
 
-/// The relaying decisions of a repeater, without I/O.
+/// What a peer said of itself in its last keepalive.
+#[derive(Clone, Copy, Debug)]
+struct PeerState {
+    heard: Instant,
+    /// Its id and its network's forwarder, once it sent a versioned keepalive.
+    ids: Option<(u64, u64)>,
+}
+
+/// The relaying decisions of a repeater, without I/O: content memory, the forwarder election
+/// on the local group and the choice of remote peers.
 #[derive(Debug)]
 pub struct Relay {
+    id: u64,
     topics: Option<Vec<u32>>,
-    sent_out: Memory,
-    emitted: Memory,
+    memory: Memory,
     verifier: Option<Verifier>,
+    hello_verifier: Option<Verifier>,
+    hello_signer: Option<grapevine_core::auth::Signer>,
+    /// Other repeaters heard on the local group, by id.
+    neighbours: HashMap<u64, Instant>,
+    peers: HashMap<SocketAddr, PeerState>,
 }
 
 impl Relay {
     /// Relays `topics` (all when `None`); checks datagrams from remote repeaters against
-    /// `keyring` when given.
+    /// `keyring` when given. Its id is random.
     pub fn new(topics: Option<Vec<u32>>, keyring: Option<Arc<Keyring>>) -> Self {
+        Self::with_id(rand::random(), topics, keyring)
+    }
+
+    /// As [`Relay::new`] with a chosen id: the lowest id of a network's repeaters forwards.
+    pub fn with_id(id: u64, topics: Option<Vec<u32>>, keyring: Option<Arc<Keyring>>) -> Self {
+        // Hellos are signed when the key can sign (a shared key), so that a stranger cannot
+        // win the election and silence a network; with a publisher's public key they cannot be.
+        let signing = keyring.as_ref().filter(|k| k.is_shared()).cloned();
         Self {
+            id,
             topics,
-            sent_out: Memory::default(),
-            emitted: Memory::default(),
-            verifier: keyring.map(Verifier::new),
+            memory: Memory::default(),
+            verifier: keyring.clone().map(Verifier::new),
+            hello_verifier: signing.clone().map(Verifier::new),
+            hello_signer: signing.map(|k| {
+                grapevine_core::auth::Signer::new(k, grapevine_core::auth::REQUEST_SENDER)
+            }),
+            neighbours: HashMap::new(),
+            peers: HashMap::new(),
         }
+    }
+
+    /// This repeater's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The forwarder of the local network now: the lowest id among this repeater and those
+    /// heard on the local group within [`FORWARDER_TIMEOUT`].
+    pub fn forwarder(&self, now: Instant) -> u64 {
+        self.neighbours
+            .iter()
+            .filter(|(_, heard)| now.saturating_duration_since(**heard) < FORWARDER_TIMEOUT)
+            .map(|(id, _)| *id)
+            .fold(self.id, u64::min)
+    }
+
+    /// Other repeaters heard on the local group within [`FORWARDER_TIMEOUT`].
+    pub fn neighbour_count(&self, now: Instant) -> usize {
+        self.neighbours
+            .values()
+            .filter(|heard| now.saturating_duration_since(**heard) < FORWARDER_TIMEOUT)
+            .count()
+    }
+
+    /// Whether this repeater relays its network's traffic out now.
+    pub fn is_forwarder(&self, now: Instant) -> bool {
+        self.forwarder(now) == self.id
+    }
+
+    /// The hello to send on the local group every [`HELLO_INTERVAL`].
+    pub fn hello(&mut self) -> Vec<u8> {
+        let header = grapevine_core::wire::DatagramHeader::new(
+            0,
+            HELLO_PUBLISHER,
+            self.id,
+            grapevine_core::wire::FLAG_PROBE,
+        );
+        let bytes = zerocopy::IntoBytes::as_bytes(&header).to_vec();
+        match &mut self.hello_signer {
+            Some(signer) => signer.sign(&bytes).to_vec(),
+            None => bytes,
+        }
+    }
+
+    fn on_hello(&mut self, now: Instant, bytes: &[u8], id: u64) -> Verdict {
+        if let Some(verifier) = &mut self.hello_verifier {
+            if verifier.verify(bytes, HELLO_PUBLISHER, id).is_err() {
+                return Verdict::Unauthenticated;
+            }
+        }
+        if id != self.id {
+            // Bounded: a network has a handful of repeaters; forget the long gone first.
+            if self.neighbours.len() >= 256 && !self.neighbours.contains_key(&id) {
+                self.neighbours
+                    .retain(|_, heard| now.saturating_duration_since(*heard) < FORWARDER_TIMEOUT);
+                if self.neighbours.len() >= 256 {
+                    return Verdict::Hello;
+                }
+            }
+            self.neighbours.insert(id, now);
+        }
+        Verdict::Hello
+    }
+
+    /// The keepalive to send to peers: this repeater's id and its network's forwarder.
+    pub fn keepalive(&self, now: Instant) -> [u8; KEEPALIVE_LEN] {
+        let mut out = [0u8; KEEPALIVE_LEN];
+        out[..4].copy_from_slice(KEEPALIVE);
+        out[4] = KEEPALIVE_V1;
+        out[5..13].copy_from_slice(&self.id.to_be_bytes());
+        out[13..21].copy_from_slice(&self.forwarder(now).to_be_bytes());
+        out
+    }
+
+    /// Whether `bytes` is a keepalive; if so, what it says of `from` is recorded.
+    pub fn on_keepalive(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) -> bool {
+        if !bytes.starts_with(KEEPALIVE) {
+            return false;
+        }
+        let ids = (bytes.len() == KEEPALIVE_LEN && bytes[4] == KEEPALIVE_V1).then(|| {
+            let word = |range: std::ops::Range<usize>| {
+                bytes
+                    .get(range)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map_or(0, u64::from_be_bytes)
+            };
+            (word(5..13), word(13..21))
+        });
+        self.heard(now, from, ids);
+        true
+    }
+
+    /// Records that `from` was heard (any datagram from a peer counts).
+    fn heard(&mut self, now: Instant, from: SocketAddr, ids: Option<(u64, u64)>) {
+        let entry = self
+            .peers
+            .entry(from)
+            .or_insert(PeerState { heard: now, ids });
+        entry.heard = now;
+        if ids.is_some() {
+            entry.ids = ids;
+        }
+    }
+
+    /// Whether `peer` was heard within [`PEER_TIMEOUT`].
+    pub fn peer_alive(&self, now: Instant, peer: SocketAddr) -> bool {
+        self.peers
+            .get(&peer)
+            .is_some_and(|p| now.saturating_duration_since(p.heard) < PEER_TIMEOUT)
+    }
+
+    /// Which of `peers` get local traffic now: one per remote network (peers that name the
+    /// same forwarder share a network), preferring the forwarder itself; peers never heard
+    /// from get it too (their network is not known yet); silent peers get none.
+    pub fn targets(&self, now: Instant, peers: &[SocketAddr]) -> Vec<SocketAddr> {
+        let mut by_network: HashMap<u64, (SocketAddr, bool, u64)> = HashMap::new();
+        let mut out = Vec::new();
+        for peer in peers {
+            match self.peers.get(peer) {
+                None => out.push(*peer),
+                Some(state) if now.saturating_duration_since(state.heard) >= PEER_TIMEOUT => {}
+                Some(PeerState { ids: None, .. }) => out.push(*peer),
+                Some(PeerState {
+                    ids: Some((id, forwarder)),
+                    ..
+                }) => {
+                    let candidate = (*peer, id == forwarder, *id);
+                    by_network
+                        .entry(*forwarder)
+                        .and_modify(|best| {
+                            // The forwarder first, then the lowest id: every sender agrees.
+                            if (!candidate.1, candidate.2) < (!best.1, best.2) {
+                                *best = candidate;
+                            }
+                        })
+                        .or_insert(candidate);
+                }
+            }
+        }
+        out.extend(by_network.into_values().map(|(peer, _, _)| peer));
+        out.sort();
+        out.dedup();
+        out
     }
 
     fn check(&self, bytes: &[u8]) -> Result<(u32, u64), Verdict> {
         let datagram = Datagram::parse(bytes).map_err(|_| Verdict::Malformed)?;
-        if datagram.is_probe() {
-            return Err(Verdict::OtherTopic);
-        }
         let header = datagram.header();
+        if datagram.is_probe() {
+            return Err(if header.publisher() == HELLO_PUBLISHER {
+                Verdict::Hello
+            } else {
+                Verdict::OtherTopic
+            });
+        }
         if self
             .topics
             .as_ref()
@@ -139,39 +351,53 @@ impl Relay {
 
     /// A datagram received on the local group: relay it to the remote repeaters?
     pub fn from_local(&mut self, now: Instant, bytes: &[u8]) -> Verdict {
-        self.sent_out.expire(now);
-        self.emitted.expire(now);
-        if let Err(verdict) = self.check(bytes) {
-            return verdict;
+        self.memory.expire(now);
+        match self.check(bytes) {
+            Ok(_) => {}
+            Err(Verdict::Hello) => {
+                let id = Datagram::parse(bytes).map_or(0, |d| d.header().session());
+                return self.on_hello(now, bytes, id);
+            }
+            Err(verdict) => return verdict,
         }
         let digest = digest(bytes);
-        if self.emitted.take(&digest) {
-            // Our own emission of a remote datagram, looped back by the local group.
-            return Verdict::Loop;
+        match self.memory.recent(now, &digest) {
+            Some(Side::Remote) => return Verdict::Loop,
+            Some(Side::Local) => return Verdict::Duplicate,
+            None => {}
         }
-        self.sent_out.insert(now, digest);
-        Verdict::Relay
+        // Remembered even on standby, so that a take-over does not resend what just crossed.
+        self.memory.remember(now, digest, Side::Local);
+        if self.is_forwarder(now) {
+            Verdict::Relay
+        } else {
+            Verdict::Standby
+        }
     }
 
-    /// A datagram from a remote repeater: emit it on the local group?
-    pub fn from_remote(&mut self, now: Instant, bytes: &[u8]) -> Verdict {
-        self.sent_out.expire(now);
-        self.emitted.expire(now);
+    /// A datagram from the remote repeater at `from`: emit it on the local group?
+    pub fn from_remote(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) -> Verdict {
+        self.memory.expire(now);
+        self.heard(now, from, None);
         let (publisher, session) = match self.check(bytes) {
             Ok(ids) => ids,
+            Err(Verdict::Hello) => return Verdict::OtherTopic,
             Err(verdict) => return verdict,
         };
         let digest = digest(bytes);
-        if self.sent_out.take(&digest) {
-            // Relayed from here, coming back through another path.
-            return Verdict::Loop;
+        match self.memory.recent(now, &digest) {
+            // Relayed from here (or seen here first), coming back through another path.
+            Some(Side::Local) => return Verdict::Loop,
+            Some(Side::Remote) => return Verdict::Duplicate,
+            None => {}
         }
+        // Checked before it is remembered: a forgery must not hide the genuine datagram.
         if let Some(verifier) = &mut self.verifier {
             if verifier.verify(bytes, publisher, session).is_err() {
                 return Verdict::Unauthenticated;
             }
         }
-        self.emitted.insert(now, digest);
+        self.memory.remember(now, digest, Side::Remote);
         Verdict::Relay
     }
 }
@@ -188,8 +414,12 @@ pub struct RepeaterOptions {
     pub peers: Vec<SocketAddr>,
     /// Topics relayed; all when `None`.
     pub topics: Option<Vec<u32>>,
-    /// Check datagrams from remote repeaters against this keyring. Default none.
+    /// Check datagrams from remote repeaters against this keyring (and sign hellos with it
+    /// when it is a shared key). Default none.
     pub keyring: Option<Arc<Keyring>>,
+    /// This repeater's id in its network's forwarder election (the lowest forwards). Default
+    /// random at start.
+    pub id: Option<u64>,
 }
 
 impl RepeaterOptions {
@@ -201,6 +431,7 @@ impl RepeaterOptions {
             peers,
             topics: None,
             keyring: None,
+            id: None,
         }
     }
 }
@@ -212,12 +443,25 @@ pub struct RepeaterStats {
     pub relayed_out: u64,
     /// Datagrams from peers emitted on the local group.
     pub relayed_in: u64,
-    /// Loops broken.
+    /// Copies of datagrams from another network seen again (loops broken).
     pub loops: u64,
+    /// Copies of datagrams already relayed, brought by another path.
+    pub duplicates: u64,
+    /// Local datagrams not relayed because another repeater of this network forwards.
+    pub standby: u64,
     /// Datagrams refused: malformed, other topics, unauthenticated, or from unknown senders.
     pub refused: u64,
-    /// Peers heard within the last 3 seconds.
+    /// Sends to peers or to the local group that failed.
+    pub send_errors: u64,
+    /// Peers heard within [`PEER_TIMEOUT`].
     pub peers_up: u64,
+    /// Peers that get local traffic now: one per remote network once keepalives told which
+    /// network each peer is on.
+    pub targets: u64,
+    /// Whether this repeater is its network's forwarder now.
+    pub forwarder: bool,
+    /// Other repeaters heard on the local group within [`FORWARDER_TIMEOUT`].
+    pub neighbours: u64,
 }
 
 #[derive(Debug, Default)]
@@ -225,7 +469,23 @@ struct Counters {
     relayed_out: AtomicU64,
     relayed_in: AtomicU64,
     loops: AtomicU64,
+    duplicates: AtomicU64,
+    standby: AtomicU64,
     refused: AtomicU64,
+    send_errors: AtomicU64,
+}
+
+impl Counters {
+    fn count(&self, verdict: Verdict) {
+        let counter = match verdict {
+            Verdict::Relay | Verdict::Hello | Verdict::OtherTopic => return,
+            Verdict::Loop => &self.loops,
+            Verdict::Duplicate => &self.duplicates,
+            Verdict::Standby => &self.standby,
+            Verdict::Malformed | Verdict::Unauthenticated => &self.refused,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Why the repeater could not start.
@@ -250,7 +510,7 @@ pub struct Repeater {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     counters: Arc<Counters>,
-    peers_heard: Arc<Mutex<HashMap<SocketAddr, Instant>>>,
+    relay: Arc<Mutex<Relay>>,
     peers: Arc<Mutex<Vec<SocketAddr>>>,
     listen: SocketAddr,
 }
@@ -267,20 +527,22 @@ impl Repeater {
             move |source| RepeaterError::Io { what, source }
         };
         let receiver = MulticastSocket::receiver(&options.local)?;
-        let sender = MulticastSocket::sender(&options.local)?;
+        let sender = Arc::new(MulticastSocket::sender(&options.local)?);
         let unicast = UdpSocket::bind(options.listen).map_err(io("binding the repeater port"))?;
         let listen = unicast.local_addr().map_err(io("repeater port"))?;
         unicast
             .set_read_timeout(Some(Duration::from_millis(100)))
             .map_err(io("repeater port"))?;
         let unicast = Arc::new(unicast);
-        let relay = Arc::new(Mutex::new(Relay::new(
+        let relay = Relay::with_id(
+            options.id.unwrap_or_else(rand::random),
             options.topics.clone(),
             options.keyring.clone(),
-        )));
+        );
+        tracing::info!(id = relay.id(), %listen, "repeater starting");
+        let relay = Arc::new(Mutex::new(relay));
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
-        let peers_heard: Arc<Mutex<HashMap<SocketAddr, Instant>>> = Arc::default();
         let shared_peers = Arc::new(Mutex::new(options.peers.clone()));
         let mut threads = Vec::new();
         // Local group → peers.
@@ -304,20 +566,19 @@ impl Repeater {
                             };
                             let now = Instant::now();
                             let mut relay = relay.lock();
-                            let peers = peers.lock();
+                            let targets = relay.targets(now, &peers.lock());
                             for bytes in batch.datagrams().take(n) {
-                                match relay.from_local(now, bytes) {
-                                    Verdict::Relay => {
-                                        for peer in peers.iter() {
-                                            let _ = unicast.send_to(bytes, peer);
-                                        }
-                                        counters.relayed_out.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                    Verdict::Loop => {
-                                        counters.loops.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                    _ => {}
+                                let verdict = relay.from_local(now, bytes);
+                                counters.count(verdict);
+                                if verdict != Verdict::Relay {
+                                    continue;
                                 }
+                                for peer in &targets {
+                                    if unicast.send_to(bytes, peer).is_err() {
+                                        counters.send_errors.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                                counters.relayed_out.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                     })
@@ -326,12 +587,12 @@ impl Repeater {
         }
         // Peers → local group.
         {
-            let (relay, stop, counters, unicast, heard) = (
+            let (relay, stop, counters, unicast, sender) = (
                 Arc::clone(&relay),
                 Arc::clone(&stop),
                 Arc::clone(&counters),
                 Arc::clone(&unicast),
-                Arc::clone(&peers_heard),
+                Arc::clone(&sender),
             );
             let peers = Arc::clone(&shared_peers);
             threads.push(
@@ -349,22 +610,23 @@ impl Repeater {
                                 continue;
                             }
                             let now = Instant::now();
-                            heard.lock().insert(from, now);
-                            let bytes = &buffer[..len];
-                            if bytes == KEEPALIVE {
-                                continue;
+                            let bytes = buffer.get(..len).unwrap_or_default();
+                            let verdict = {
+                                let mut relay = relay.lock();
+                                if relay.on_keepalive(now, from, bytes) {
+                                    continue;
+                                }
+                                relay.from_remote(now, from, bytes)
+                            };
+                            counters.count(verdict);
+                            if verdict == Verdict::OtherTopic {
+                                counters.refused.fetch_add(1, Ordering::Relaxed);
                             }
-                            match relay.lock().from_remote(now, bytes) {
-                                Verdict::Relay => {
-                                    if sender.send(bytes).is_ok() {
-                                        counters.relayed_in.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                }
-                                Verdict::Loop => {
-                                    counters.loops.fetch_add(1, Ordering::Relaxed);
-                                }
-                                _ => {
-                                    counters.refused.fetch_add(1, Ordering::Relaxed);
+                            if verdict == Verdict::Relay {
+                                if sender.send(bytes).is_ok() {
+                                    counters.relayed_in.fetch_add(1, Ordering::Relaxed);
+                                } else {
+                                    counters.send_errors.fetch_add(1, Ordering::Relaxed);
                                 }
                             }
                         }
@@ -372,51 +634,81 @@ impl Repeater {
                     .map_err(io("repeater thread"))?,
             );
         }
-        // Keepalives: peers learn this one is up (and log when a peer goes quiet or returns),
-        // probing less often while a peer stays silent.
+        // Hellos on the local group (the forwarder election) and keepalives to peers (they
+        // learn this one is up, and which repeater forwards for this network), probing less
+        // often while a peer stays silent.
         {
-            let (stop, unicast, heard) = (
+            let (relay, stop, unicast, counters) = (
+                Arc::clone(&relay),
                 Arc::clone(&stop),
                 Arc::clone(&unicast),
-                Arc::clone(&peers_heard),
+                Arc::clone(&counters),
             );
             let peers = Arc::clone(&shared_peers);
             threads.push(
                 std::thread::Builder::new()
                     .name("gv-repeat-keepalive".into())
                     .spawn(move || {
+                        let started = Instant::now();
                         let mut backoff: HashMap<SocketAddr, (Duration, Instant)> = HashMap::new();
                         let mut up: HashMap<SocketAddr, bool> = HashMap::new();
+                        let mut next_hello = started;
+                        let mut was_forwarder = None;
+                        let mut last_keepalive = None;
                         while !stop.load(Ordering::Relaxed) {
                             let now = Instant::now();
-                            let current = peers.lock().clone();
-                            for peer in &current {
-                                let alive = heard
+                            if now >= next_hello {
+                                let hello = relay.lock().hello();
+                                if sender.send(&hello).is_err() {
+                                    counters.send_errors.fetch_add(1, Ordering::Relaxed);
+                                }
+                                next_hello = now + HELLO_INTERVAL;
+                            }
+                            let (keepalive, forwarder, alive) = {
+                                let relay = relay.lock();
+                                let alive: Vec<(SocketAddr, bool)> = peers
                                     .lock()
                                     .iter()
-                                    .any(|(a, t)| a.ip() == peer.ip() && now.duration_since(*t) < Duration::from_secs(3));
-                                if up.insert(*peer, alive) != Some(alive) {
-                                    if alive {
-                                        tracing::info!(%peer, "repeater peer up");
-                                    } else {
-                                        tracing::warn!(%peer, "repeater peer silent; probing with backoff");
-                                    }
+                                    .map(|peer| (*peer, relay.peer_alive(now, *peer)))
+                                    .collect();
+                                (relay.keepalive(now), relay.is_forwarder(now), alive)
+                            };
+                            if was_forwarder != Some(forwarder) {
+                                tracing::info!(forwarder, "repeater role: {}", if forwarder { "forwarding for this network" } else { "standing by" });
+                                was_forwarder = Some(forwarder);
+                            }
+                            // A new forwarder is told to every peer at once: until they know,
+                            // they send to every repeater of this network.
+                            let changed = last_keepalive != Some(keepalive);
+                            last_keepalive = Some(keepalive);
+                            for (peer, alive) in alive {
+                                // Silence is news only once a keepalive could have arrived.
+                                let settled = now.duration_since(started) >= PEER_TIMEOUT;
+                                let before = up.get(&peer).copied();
+                                if alive && before != Some(true) {
+                                    tracing::info!(%peer, "repeater peer up");
+                                    up.insert(peer, true);
+                                } else if !alive && settled && before != Some(false) {
+                                    tracing::warn!(%peer, "repeater peer silent; probing with backoff");
+                                    up.insert(peer, false);
                                 }
                                 let (interval, next) = backoff
-                                    .entry(*peer)
+                                    .entry(peer)
                                     .or_insert((Duration::from_millis(500), now));
                                 if alive {
                                     *interval = Duration::from_millis(500);
                                 }
-                                if now >= *next {
-                                    let _ = unicast.send_to(KEEPALIVE, peer);
+                                if now >= *next || changed {
+                                    if unicast.send_to(&keepalive, peer).is_err() {
+                                        counters.send_errors.fetch_add(1, Ordering::Relaxed);
+                                    }
                                     *next = now + *interval;
                                     if !alive {
                                         *interval = (*interval * 2).min(Duration::from_secs(30));
                                     }
                                 }
                             }
-                            std::thread::sleep(Duration::from_millis(100));
+                            std::thread::sleep(Duration::from_millis(50));
                         }
                     })
                     .map_err(io("repeater thread"))?,
@@ -426,7 +718,7 @@ impl Repeater {
             stop,
             threads,
             counters,
-            peers_heard,
+            relay,
             peers: shared_peers,
             listen,
         })
@@ -450,17 +742,24 @@ impl Repeater {
     /// Counters.
     pub fn stats(&self) -> RepeaterStats {
         let now = Instant::now();
+        let peers = self.peers.lock().clone();
+        let relay = self.relay.lock();
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         RepeaterStats {
-            relayed_out: self.counters.relayed_out.load(Ordering::Relaxed),
-            relayed_in: self.counters.relayed_in.load(Ordering::Relaxed),
-            loops: self.counters.loops.load(Ordering::Relaxed),
-            refused: self.counters.refused.load(Ordering::Relaxed),
-            peers_up: self
-                .peers_heard
-                .lock()
-                .values()
-                .filter(|t| now.duration_since(**t) < Duration::from_secs(3))
+            relayed_out: load(&self.counters.relayed_out),
+            relayed_in: load(&self.counters.relayed_in),
+            loops: load(&self.counters.loops),
+            duplicates: load(&self.counters.duplicates),
+            standby: load(&self.counters.standby),
+            refused: load(&self.counters.refused),
+            send_errors: load(&self.counters.send_errors),
+            peers_up: peers
+                .iter()
+                .filter(|peer| relay.peer_alive(now, **peer))
                 .count() as u64,
+            targets: relay.targets(now, &peers).len() as u64,
+            forwarder: relay.is_forwarder(now),
+            neighbours: relay.neighbour_count(now) as u64,
         }
     }
 }
@@ -485,37 +784,266 @@ mod tests {
         builder.finish().map(|b| b.to_vec()).unwrap_or_default()
     }
 
+    fn peer(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
     #[test]
-    fn loops_are_broken_and_repeats_still_flow() {
+    fn copies_are_recognised_by_content_whichever_side_they_come_from() {
         let now = Instant::now();
-        let mut relay = Relay::new(None, None);
+        let mut relay = Relay::with_id(1, None, None);
         let hb = datagram(1, 5);
-        // A local heartbeat goes out; the same bytes coming back from the remote side are a loop.
+        // A local heartbeat goes out; the same bytes coming back from any peer are a loop.
         assert_eq!(relay.from_local(now, &hb), Verdict::Relay);
-        assert_eq!(relay.from_remote(now, &hb), Verdict::Loop);
-        // The next identical heartbeat of the local publisher still goes out.
-        assert_eq!(relay.from_local(now, &hb), Verdict::Relay);
-        // A remote datagram is emitted once; its echo on the local group is not sent back.
+        assert_eq!(relay.from_remote(now, peer(1), &hb), Verdict::Loop);
+        assert_eq!(relay.from_remote(now, peer(2), &hb), Verdict::Loop);
+        // A second local copy (another repeater's emission, A/B feeds) is not relayed again.
+        assert_eq!(relay.from_local(now, &hb), Verdict::Duplicate);
+        // A remote datagram is emitted once, whichever peers bring it; its copies on the local
+        // group (ours or a sibling repeater's) are never sent back.
         let remote = datagram(1, 6);
-        assert_eq!(relay.from_remote(now, &remote), Verdict::Relay);
+        assert_eq!(relay.from_remote(now, peer(1), &remote), Verdict::Relay);
+        assert_eq!(relay.from_remote(now, peer(2), &remote), Verdict::Duplicate);
         assert_eq!(relay.from_local(now, &remote), Verdict::Loop);
-        // Memories expire.
-        let later = now + LOOP_MEMORY + Duration::from_millis(1);
-        assert_eq!(relay.from_local(later, &hb), Verdict::Relay);
+        assert_eq!(relay.from_local(now, &remote), Verdict::Loop);
+        // Identical datagrams (a quiet publisher's heartbeats) cross again once the memory
+        // expired, and a copy seen meanwhile does not extend it.
+        let later = now + LOOP_MEMORY / 2;
+        assert_eq!(relay.from_local(later, &hb), Verdict::Duplicate);
+        let after = now + LOOP_MEMORY + Duration::from_millis(1);
+        assert_eq!(relay.from_local(after, &hb), Verdict::Relay);
     }
 
     #[test]
     fn topics_garbage_and_keys_are_filtered() {
         let now = Instant::now();
         let key = Arc::new(Keyring::single(1, [3; 32]));
-        let mut relay = Relay::new(Some(vec![1]), Some(Arc::clone(&key)));
+        let mut relay = Relay::with_id(1, Some(vec![1]), Some(Arc::clone(&key)));
         assert_eq!(relay.from_local(now, b"garbage"), Verdict::Malformed);
         assert_eq!(relay.from_local(now, &datagram(2, 1)), Verdict::OtherTopic);
+        let forged = datagram(1, 1);
         assert_eq!(
-            relay.from_remote(now, &datagram(1, 1)),
+            relay.from_remote(now, peer(1), &forged),
             Verdict::Unauthenticated
         );
-        let signed = grapevine_core::auth::Signer::new(key, 0).sign(&datagram(1, 2));
-        assert_eq!(relay.from_remote(now, &signed), Verdict::Relay);
+        let signed = grapevine_core::auth::Signer::new(Arc::clone(&key), 0).sign(&forged);
+        // The forgery was not remembered: the genuine datagram with the same body goes through.
+        assert_eq!(relay.from_remote(now, peer(1), &signed), Verdict::Relay);
+        // A stranger's hello cannot make it stand by; a keyed sibling's can.
+        let mut stranger = Relay::with_id(0, None, None);
+        assert_eq!(
+            relay.from_local(now, &stranger.hello()),
+            Verdict::Unauthenticated
+        );
+        assert!(relay.is_forwarder(now));
+        let mut sibling = Relay::with_id(0, None, Some(key));
+        assert_eq!(relay.from_local(now, &sibling.hello()), Verdict::Hello);
+        assert!(!relay.is_forwarder(now));
+    }
+
+    #[test]
+    fn the_lowest_id_forwards_and_the_next_takes_over() {
+        let now = Instant::now();
+        let mut low = Relay::with_id(3, None, None);
+        let mut high = Relay::with_id(7, None, None);
+        assert!(high.is_forwarder(now), "alone, it forwards");
+        assert_eq!(high.from_local(now, &low.hello()), Verdict::Hello);
+        assert_eq!(low.from_local(now, &high.hello()), Verdict::Hello);
+        assert!(low.is_forwarder(now));
+        assert!(!high.is_forwarder(now));
+        let data = datagram(1, 1);
+        assert_eq!(high.from_local(now, &data), Verdict::Standby);
+        assert_eq!(low.from_local(now, &data), Verdict::Relay);
+        // The forwarder goes silent: the other takes over after the timeout.
+        let later = now + FORWARDER_TIMEOUT;
+        assert!(high.is_forwarder(later));
+        assert_eq!(high.from_local(later, &datagram(1, 2)), Verdict::Relay);
+    }
+
+    #[test]
+    fn one_peer_per_remote_network_gets_local_traffic() {
+        let now = Instant::now();
+        let relay_id = 1;
+        let mut relay = Relay::with_id(relay_id, None, None);
+        let (b3, b4, c5) = (peer(3), peer(4), peer(5));
+        let keepalive = |id: u64, forwarder: u64| {
+            let mut other = Relay::with_id(id, None, None);
+            if forwarder != id {
+                other.neighbours.insert(forwarder, now);
+            }
+            other.keepalive(now)
+        };
+        // Before any keepalive the networks are unknown: every peer gets it.
+        assert_eq!(relay.targets(now, &[b3, b4, c5]), vec![b3, b4, c5]);
+        assert!(relay.on_keepalive(now, b3, &keepalive(30, 30)));
+        assert!(relay.on_keepalive(now, b4, &keepalive(40, 30)));
+        assert!(relay.on_keepalive(now, c5, &keepalive(50, 50)));
+        assert_eq!(relay.targets(now, &[b3, b4, c5]), vec![b3, c5]);
+        // B's forwarder is not our peer: B's lowest-id repeater among ours gets it.
+        assert_eq!(relay.targets(now, &[b4, c5]), vec![b4, c5]);
+        // Silent peers get nothing; an old 4-byte keepalive counts as heard, network unknown.
+        let later = now + PEER_TIMEOUT;
+        assert!(relay.on_keepalive(later, c5, b"GVRK"));
+        assert_eq!(relay.targets(later, &[b3, b4, c5]), vec![c5]);
+        assert!(!relay.on_keepalive(later, c5, &datagram(1, 1)));
+    }
+
+    /// Repeaters on several networks, driven without sockets: counts how often each datagram
+    /// is multicast on each network.
+    struct Lab {
+        relays: Vec<(Relay, usize, Vec<SocketAddr>, bool)>,
+        networks: usize,
+    }
+
+    impl Lab {
+        /// `placement[i]` is repeater i's network; `links` are unicast peerings (both ways).
+        fn new(placement: &[usize], links: &[(usize, usize)]) -> Self {
+            let relays = placement
+                .iter()
+                .enumerate()
+                .map(|(i, network)| {
+                    let peers = links
+                        .iter()
+                        .filter_map(|&(a, b)| match () {
+                            () if a == i => Some(peer(b as u16)),
+                            () if b == i => Some(peer(a as u16)),
+                            () => None,
+                        })
+                        .collect();
+                    (
+                        Relay::with_id(i as u64 + 10, None, None),
+                        *network,
+                        peers,
+                        true,
+                    )
+                })
+                .collect();
+            let networks = placement.iter().max().map_or(0, |m| m + 1);
+            Self { relays, networks }
+        }
+
+        /// Hellos and keepalives, as the keepalive thread sends them.
+        fn settle(&mut self, now: Instant) {
+            for _ in 0..2 {
+                for i in 0..self.relays.len() {
+                    if !self.relays[i].3 {
+                        continue;
+                    }
+                    let hello = self.relays[i].0.hello();
+                    let keepalive = self.relays[i].0.keepalive(now);
+                    for j in 0..self.relays.len() {
+                        if self.relays[j].3 && self.relays[j].1 == self.relays[i].1 {
+                            self.relays[j].0.from_local(now, &hello);
+                        }
+                    }
+                    for target in self.relays[i].2.clone() {
+                        let j = usize::from(target.port());
+                        if self.relays[j].3 {
+                            self.relays[j]
+                                .0
+                                .on_keepalive(now, peer(i as u16), &keepalive);
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Multicasts `bytes` on `network` and runs every relay until nothing moves; returns
+        /// how many times it was multicast on each network.
+        fn inject(&mut self, now: Instant, network: usize, bytes: &[u8]) -> Vec<usize> {
+            let mut on_network = vec![0; self.networks];
+            let mut queue = VecDeque::from([(network, None::<(usize, usize)>)]);
+            let mut steps = 0;
+            while let Some((net, unicast)) = queue.pop_front() {
+                steps += 1;
+                assert!(steps < 10_000, "a storm: {on_network:?}");
+                match unicast {
+                    Some((from, to)) => {
+                        if !self.relays[to].3 {
+                            continue;
+                        }
+                        let verdict = self.relays[to].0.from_remote(now, peer(from as u16), bytes);
+                        if verdict == Verdict::Relay {
+                            queue.push_back((self.relays[to].1, None));
+                        }
+                    }
+                    None => {
+                        on_network[net] += 1;
+                        for i in 0..self.relays.len() {
+                            if !self.relays[i].3 || self.relays[i].1 != net {
+                                continue;
+                            }
+                            if self.relays[i].0.from_local(now, bytes) == Verdict::Relay {
+                                let peers = self.relays[i].2.clone();
+                                for target in self.relays[i].0.targets(now, &peers) {
+                                    let to = usize::from(target.port());
+                                    queue.push_back((self.relays[to].1, Some((i, to))));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            on_network
+        }
+    }
+
+    fn exactly_once(lab: &mut Lab, start: Instant, rounds: u64) {
+        for seq in 1..=rounds {
+            let now = start + Duration::from_millis(seq);
+            let counts = lab.inject(now, 0, &datagram(1, 1_000 + seq));
+            assert!(counts.iter().all(|n| *n == 1), "datagram {seq}: {counts:?}");
+        }
+    }
+
+    #[test]
+    fn two_pairs_deliver_each_datagram_once_per_network() {
+        let now = Instant::now();
+        // Repeaters 0, 1 on network A; 2, 3 on B; pairs 0-2 and 1-3.
+        let mut lab = Lab::new(&[0, 0, 1, 1], &[(0, 2), (1, 3)]);
+        // Before hellos and keepalives every repeater forwards: copies are bounded, no storm.
+        let counts = lab.inject(now, 0, &datagram(1, 1));
+        assert!(counts[1] <= 2 && counts[0] == 1, "{counts:?}");
+        lab.settle(now);
+        exactly_once(&mut lab, now, 50);
+        // B → A too.
+        let counts = lab.inject(now + Duration::from_millis(100), 1, &datagram(2, 1));
+        assert_eq!(counts, vec![1, 1]);
+    }
+
+    #[test]
+    fn a_full_mesh_delivers_each_datagram_once_per_network() {
+        let now = Instant::now();
+        let mut lab = Lab::new(&[0, 0, 1, 1], &[(0, 2), (0, 3), (1, 2), (1, 3)]);
+        let counts = lab.inject(now, 0, &datagram(1, 1));
+        assert!(counts[0] == 1 && counts[1] <= 4, "{counts:?}");
+        lab.settle(now);
+        exactly_once(&mut lab, now, 50);
+        // Three networks, two repeaters each, everyone peered with every remote repeater.
+        let placement = [0, 0, 1, 1, 2, 2];
+        let links: Vec<(usize, usize)> = (0..6)
+            .flat_map(|a| (a + 1..6).map(move |b| (a, b)))
+            .filter(|&(a, b)| placement[a] != placement[b])
+            .collect();
+        let mut lab = Lab::new(&placement, &links);
+        lab.settle(now);
+        exactly_once(&mut lab, now, 50);
+    }
+
+    #[test]
+    fn when_a_forwarder_fails_the_standby_takes_over() {
+        let now = Instant::now();
+        let mut lab = Lab::new(&[0, 0, 1, 1], &[(0, 2), (0, 3), (1, 2), (1, 3)]);
+        lab.settle(now);
+        exactly_once(&mut lab, now, 10);
+        // A's forwarder (the lowest id, repeater 0) dies, then B's.
+        lab.relays[0].3 = false;
+        let later = now + FORWARDER_TIMEOUT + Duration::from_millis(1);
+        lab.settle(later);
+        exactly_once(&mut lab, later, 10);
+        lab.relays[2].3 = false;
+        let later = later + PEER_TIMEOUT + Duration::from_millis(1);
+        lab.settle(later);
+        exactly_once(&mut lab, later, 10);
     }
 }

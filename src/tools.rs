@@ -531,6 +531,10 @@ pub struct RepeatArgs {
     /// Stop after this many seconds (default: until Ctrl-C).
     #[arg(long)]
     seconds: Option<f64>,
+    /// This repeater's id in its network's forwarder election (the lowest forwards; default
+    /// random): give the preferred repeater the lowest.
+    #[arg(long)]
+    id: Option<u64>,
     /// Print the counters as one JSON object per second.
     #[arg(long)]
     json: bool,
@@ -545,6 +549,7 @@ pub fn repeat(args: &RepeatArgs) -> Result<()> {
         args.peers.clone(),
     );
     options.topics = (!args.topics.is_empty()).then(|| args.topics.clone());
+    options.id = args.id;
     options.keyring = args
         .key_file
         .as_deref()
@@ -575,13 +580,18 @@ pub fn repeat(args: &RepeatArgs) -> Result<()> {
                 println!("{}", serde_json::to_string(&stats)?);
             } else {
                 println!(
-                    "[{:5.1}s] out {} in {} loops broken {} refused {} peers up {}",
+                    "[{:5.1}s] {} out {} in {} loops broken {} duplicates {} standby {} refused {} peers up {} (sending to {}) repeaters beside {}",
                     started.elapsed().as_secs_f64(),
+                    if stats.forwarder { "forwarder" } else { "standby  " },
                     stats.relayed_out,
                     stats.relayed_in,
                     stats.loops,
+                    stats.duplicates,
+                    stats.standby,
                     stats.refused,
-                    stats.peers_up
+                    stats.peers_up,
+                    stats.targets,
+                    stats.neighbours
                 );
             }
         }
