@@ -908,7 +908,7 @@ fn repeater(args: &ThroughputArgs) -> Result<()> {
     ))?;
     let left_address = left.listen_address();
     drop(left);
-    let _left = Repeater::start(RepeaterOptions::new(
+    let left = Repeater::start(RepeaterOptions::new(
         near.clone(),
         left_address,
         vec![right.listen_address()],
@@ -929,6 +929,8 @@ fn repeater(args: &ThroughputArgs) -> Result<()> {
                 "repeated_p50_us": p(&repeated_times, 0.5), "repeated_p99_us": p(&repeated_times, 0.99),
                 "direct": plain.json(args.payload), "repeated": through.json(args.payload),
                 "throughput_ratio": through.rate() / plain.rate().max(1.0),
+                "near_repeater": left.stats(),
+                "far_repeater": right.stats(),
             })
         );
         return Ok(());
@@ -950,5 +952,16 @@ fn repeater(args: &ThroughputArgs) -> Result<()> {
         through.rate() / plain.rate().max(1.0),
         through.loss() * 100.0
     );
+    for (side, stats) in [("near", left.stats()), ("far", right.stats())] {
+        println!(
+            "  {side} repeater: out {} in {} loops {} duplicates {} kernel drops {} send errors {}",
+            stats.relayed_out,
+            stats.relayed_in,
+            stats.loops,
+            stats.duplicates,
+            stats.kernel_drops,
+            stats.send_errors
+        );
+    }
     Ok(())
 }

@@ -32,14 +32,17 @@
 //! ```
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use grapevine_core::auth::{Keyring, Verifier};
-use grapevine_core::net::{MulticastConfig, MulticastSocket, NetError, RecvBatch};
+use grapevine_core::net::{
+    recv_batch_on, send_batch_to, unicast_socket, MulticastConfig, MulticastSocket, NetError,
+    RecvBatch,
+};
 use grapevine_core::wire::Datagram;
 use parking_lot::Mutex;
 
@@ -51,6 +54,8 @@ pub const HELLO_INTERVAL: Duration = Duration::from_millis(250);
 pub const FORWARDER_TIMEOUT: Duration = Duration::from_millis(1000);
 /// A peer not heard for this long is silent: no data is sent to it, keepalives back off.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Datagrams received (and sent on) per system call on each leg.
+const BATCH: usize = 32;
 /// Most datagrams remembered.
 const MEMORY_LIMIT: usize = 1 << 20;
 /// Start of a keepalive between repeaters (not a GrapeVine datagram: those start `GV`).
@@ -453,6 +458,9 @@ pub struct RepeaterStats {
     pub refused: u64,
     /// Sends to peers or to the local group that failed.
     pub send_errors: u64,
+    /// Datagrams the kernel dropped because a receive buffer (the local group's or the peers'
+    /// port) was full.
+    pub kernel_drops: u64,
     /// Peers heard within [`PEER_TIMEOUT`].
     pub peers_up: u64,
     /// Peers that get local traffic now: one per remote network once keepalives told which
@@ -473,6 +481,8 @@ struct Counters {
     standby: AtomicU64,
     refused: AtomicU64,
     send_errors: AtomicU64,
+    local_drops: AtomicU64,
+    remote_drops: AtomicU64,
 }
 
 impl Counters {
@@ -528,11 +538,9 @@ impl Repeater {
         };
         let receiver = MulticastSocket::receiver(&options.local)?;
         let sender = Arc::new(MulticastSocket::sender(&options.local)?);
-        let unicast = UdpSocket::bind(options.listen).map_err(io("binding the repeater port"))?;
+        let unicast =
+            unicast_socket(options.listen, 8 << 20).map_err(io("binding the repeater port"))?;
         let listen = unicast.local_addr().map_err(io("repeater port"))?;
-        unicast
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .map_err(io("repeater port"))?;
         let unicast = Arc::new(unicast);
         let relay = Relay::with_id(
             options.id.unwrap_or_else(rand::random),
@@ -558,28 +566,41 @@ impl Repeater {
                 std::thread::Builder::new()
                     .name("gv-repeat-out".into())
                     .spawn(move || {
-                        let mut batch = RecvBatch::new(32, 65_536);
+                        let mut batch = RecvBatch::new(BATCH, 65_536);
                         while !stop.load(Ordering::Relaxed) {
                             let Ok(n) = receiver.recv_batch(&mut batch, Duration::from_millis(100))
                             else {
                                 continue;
                             };
+                            counters
+                                .local_drops
+                                .store(u64::from(batch.kernel_drops()), Ordering::Relaxed);
                             let now = Instant::now();
+                            // Never hold the peer list and the relay together (lock order).
+                            let peer_list = peers.lock().clone();
                             let mut relay = relay.lock();
-                            let targets = relay.targets(now, &peers.lock());
+                            let targets = relay.targets(now, &peer_list);
+                            let mut relayed = 0;
+                            let mut outgoing: Vec<(&[u8], SocketAddr)> =
+                                Vec::with_capacity(n * targets.len());
                             for bytes in batch.datagrams().take(n) {
                                 let verdict = relay.from_local(now, bytes);
                                 counters.count(verdict);
-                                if verdict != Verdict::Relay {
-                                    continue;
+                                if verdict == Verdict::Relay {
+                                    relayed += 1;
+                                    outgoing.extend(targets.iter().map(|peer| (bytes, *peer)));
                                 }
-                                for peer in &targets {
-                                    if unicast.send_to(bytes, peer).is_err() {
-                                        counters.send_errors.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                }
-                                counters.relayed_out.fetch_add(1, Ordering::Relaxed);
                             }
+                            drop(relay);
+                            // One sendmmsg for the whole batch, in arrival order.
+                            let sent = send_batch_to(&unicast, &outgoing).unwrap_or(0);
+                            let failed = outgoing.len() - sent;
+                            if failed > 0 {
+                                counters
+                                    .send_errors
+                                    .fetch_add(failed as u64, Ordering::Relaxed);
+                            }
+                            counters.relayed_out.fetch_add(relayed, Ordering::Relaxed);
                         }
                     })
                     .map_err(io("repeater thread"))?,
@@ -599,35 +620,53 @@ impl Repeater {
                 std::thread::Builder::new()
                     .name("gv-repeat-in".into())
                     .spawn(move || {
-                        let mut buffer = vec![0u8; 65_536];
+                        let mut batch = RecvBatch::new(BATCH, 65_536);
                         while !stop.load(Ordering::Relaxed) {
-                            let Ok((len, from)) = unicast.recv_from(&mut buffer) else {
+                            let Ok(n) =
+                                recv_batch_on(&unicast, &mut batch, Duration::from_millis(100))
+                            else {
                                 continue;
                             };
-                            // Only configured peers may inject into the local group.
-                            if !peers.lock().iter().any(|p| p.ip() == from.ip()) {
-                                counters.refused.fetch_add(1, Ordering::Relaxed);
-                                continue;
-                            }
+                            counters
+                                .remote_drops
+                                .store(u64::from(batch.kernel_drops()), Ordering::Relaxed);
                             let now = Instant::now();
-                            let bytes = buffer.get(..len).unwrap_or_default();
-                            let verdict = {
+                            let mut emit: Vec<&[u8]> = Vec::with_capacity(n);
+                            {
+                                let peers = peers.lock().clone();
                                 let mut relay = relay.lock();
-                                if relay.on_keepalive(now, from, bytes) {
-                                    continue;
+                                for (index, bytes) in batch.datagrams().take(n).enumerate() {
+                                    // Only configured peers may inject into the local group.
+                                    let Some(from) = batch
+                                        .source(index)
+                                        .filter(|from| peers.iter().any(|p| p.ip() == from.ip()))
+                                    else {
+                                        counters.refused.fetch_add(1, Ordering::Relaxed);
+                                        continue;
+                                    };
+                                    if relay.on_keepalive(now, from, bytes) {
+                                        continue;
+                                    }
+                                    let verdict = relay.from_remote(now, from, bytes);
+                                    counters.count(verdict);
+                                    match verdict {
+                                        Verdict::Relay => emit.push(bytes),
+                                        Verdict::OtherTopic => {
+                                            counters.refused.fetch_add(1, Ordering::Relaxed);
+                                        }
+                                        _ => {}
+                                    }
                                 }
-                                relay.from_remote(now, from, bytes)
-                            };
-                            counters.count(verdict);
-                            if verdict == Verdict::OtherTopic {
-                                counters.refused.fetch_add(1, Ordering::Relaxed);
                             }
-                            if verdict == Verdict::Relay {
-                                if sender.send(bytes).is_ok() {
-                                    counters.relayed_in.fetch_add(1, Ordering::Relaxed);
-                                } else {
-                                    counters.send_errors.fetch_add(1, Ordering::Relaxed);
-                                }
+                            let sent = sender.send_batch(&emit).unwrap_or(0);
+                            counters
+                                .relayed_in
+                                .fetch_add(sent as u64, Ordering::Relaxed);
+                            let failed = emit.len() - sent;
+                            if failed > 0 {
+                                counters
+                                    .send_errors
+                                    .fetch_add(failed as u64, Ordering::Relaxed);
                             }
                         }
                     })
@@ -664,10 +703,10 @@ impl Repeater {
                                 }
                                 next_hello = now + HELLO_INTERVAL;
                             }
+                            let peer_list = peers.lock().clone();
                             let (keepalive, forwarder, alive) = {
                                 let relay = relay.lock();
-                                let alive: Vec<(SocketAddr, bool)> = peers
-                                    .lock()
+                                let alive: Vec<(SocketAddr, bool)> = peer_list
                                     .iter()
                                     .map(|peer| (*peer, relay.peer_alive(now, *peer)))
                                     .collect();
@@ -753,6 +792,7 @@ impl Repeater {
             standby: load(&self.counters.standby),
             refused: load(&self.counters.refused),
             send_errors: load(&self.counters.send_errors),
+            kernel_drops: load(&self.counters.local_drops) + load(&self.counters.remote_drops),
             peers_up: peers
                 .iter()
                 .filter(|peer| relay.peer_alive(now, **peer))

@@ -11,8 +11,6 @@ use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use bytes::Bytes;
-
 /// Up to this many datagrams per `sendmmsg` call.
 const SEND_BATCH: usize = 64;
 
@@ -301,7 +299,67 @@ fn read_drop_counter(msg: &libc::msghdr) -> Option<u32> {
     None
 }
 
-pub(super) fn send_batch(socket: &UdpSocket, datagrams: &[Bytes]) -> io::Result<usize> {
+/// Sends each datagram to its own address with `sendmmsg`; returns how many were sent (fewer
+/// only when an error stopped the batch part-way).
+pub(super) fn send_batch_to(
+    socket: &UdpSocket,
+    datagrams: &[(&[u8], std::net::SocketAddr)],
+) -> io::Result<usize> {
+    let mut sent = 0;
+    let mut iovecs = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; SEND_BATCH];
+    // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
+    let mut all_headers: [libc::mmsghdr; SEND_BATCH] = unsafe { mem::zeroed() };
+    for chunk in datagrams.chunks(SEND_BATCH) {
+        let names: Vec<socket2::SockAddr> = chunk
+            .iter()
+            .map(|(_, to)| socket2::SockAddr::from(*to))
+            .collect();
+        let headers = all_headers.get_mut(..chunk.len()).unwrap_or_default();
+        for (((header, iov), (datagram, _)), name) in headers
+            .iter_mut()
+            .zip(iovecs.iter_mut())
+            .zip(chunk)
+            .zip(&names)
+        {
+            iov.iov_base = datagram.as_ptr() as *mut libc::c_void;
+            iov.iov_len = datagram.len();
+            header.msg_hdr.msg_iov = iov;
+            header.msg_hdr.msg_iovlen = 1;
+            header.msg_hdr.msg_name = name.as_ptr() as *mut libc::c_void;
+            header.msg_hdr.msg_namelen = name.len();
+            header.msg_len = 0;
+        }
+        let mut offset = 0;
+        while offset < headers.len() {
+            let rest = headers.get_mut(offset..).unwrap_or_default();
+            // SAFETY: the headers point at iovecs describing datagrams and at addresses that
+            // outlive the call; the kernel only reads them.
+            let rc = unsafe {
+                libc::sendmmsg(
+                    socket.as_raw_fd(),
+                    rest.as_mut_ptr(),
+                    rest.len() as libc::c_uint,
+                    0,
+                )
+            };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return if sent == 0 { Err(e) } else { Ok(sent) };
+            }
+            offset += rc as usize;
+            sent += rc as usize;
+        }
+    }
+    Ok(sent)
+}
+
+pub(super) fn send_batch<B: AsRef<[u8]>>(socket: &UdpSocket, datagrams: &[B]) -> io::Result<usize> {
     let mut sent = 0;
     // On the stack: sending allocates nothing.
     let mut iovecs = [libc::iovec {
@@ -313,6 +371,7 @@ pub(super) fn send_batch(socket: &UdpSocket, datagrams: &[Bytes]) -> io::Result<
     for chunk in datagrams.chunks(SEND_BATCH) {
         let headers = all_headers.get_mut(..chunk.len()).unwrap_or_default();
         for ((header, iov), datagram) in headers.iter_mut().zip(iovecs.iter_mut()).zip(chunk) {
+            let datagram = datagram.as_ref();
             iov.iov_base = datagram.as_ptr() as *mut libc::c_void;
             iov.iov_len = datagram.len();
             header.msg_hdr.msg_iov = iov;

@@ -13,7 +13,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 pub use batch::{RecvBatch, RecvMeta};
@@ -401,7 +400,7 @@ impl MulticastSocket {
     /// # Errors
     ///
     /// The OS error when not even the first datagram could be sent.
-    pub fn send_batch(&self, datagrams: &[Bytes]) -> io::Result<usize> {
+    pub fn send_batch<B: AsRef<[u8]>>(&self, datagrams: &[B]) -> io::Result<usize> {
         batch::send_batch(&self.socket, datagrams)
     }
 
@@ -491,6 +490,60 @@ impl AsyncMulticastSocket {
     pub fn get_ref(&self) -> &tokio::net::UdpSocket {
         &self.socket
     }
+}
+
+/// A unicast UDP socket bound to `address` for [`recv_batch_on`]: `recv_buffer` bytes of
+/// receive buffer asked for (as much as `net.core.rmem_max` grants) and the kernel's drop
+/// counter on ([`RecvBatch::kernel_drops`]).
+///
+/// # Errors
+///
+/// When the socket cannot be created or bound.
+pub fn unicast_socket(address: SocketAddr, recv_buffer: usize) -> io::Result<UdpSocket> {
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    // Best effort: the kernel caps it, and a smaller buffer still works.
+    if let Err(error) = socket.set_recv_buffer_size(recv_buffer) {
+        tracing::debug!(%error, "SO_RCVBUF refused");
+    }
+    batch::enable_drop_counter(&socket)?;
+    socket.bind(&SockAddr::from(address))?;
+    Ok(socket.into())
+}
+
+/// Receives a batch of datagrams on any UDP socket (`recvmmsg`), waiting at most `timeout`
+/// for the first; [`RecvBatch::source`] tells who sent each. Returns how many were received.
+///
+/// # Errors
+///
+/// OS errors other than a timeout or an interrupted call.
+pub fn recv_batch_on(
+    socket: &UdpSocket,
+    batch: &mut RecvBatch,
+    timeout: Duration,
+) -> io::Result<usize> {
+    batch::recv_batch(socket, batch, timeout)
+}
+
+/// Sends each datagram to its own address with as few `sendmmsg` calls as fit; returns how
+/// many were sent (fewer only when an error stopped the batch part-way).
+///
+/// ```
+/// let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+/// let to = socket.local_addr()?;
+/// let sent = grapevine_core::net::send_batch_to(&socket, &[(&b"one"[..], to), (&b"two"[..], to)])?;
+/// assert_eq!(sent, 2);
+/// # Ok::<(), std::io::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// The OS error of the first datagram when none was sent.
+pub fn send_batch_to(socket: &UdpSocket, datagrams: &[(&[u8], SocketAddr)]) -> io::Result<usize> {
+    batch::send_batch_to(socket, datagrams)
 }
 
 /// Checks that multicast actually flows on the configured group and interface: joins, sends

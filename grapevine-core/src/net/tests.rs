@@ -1,6 +1,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use super::*;
 
 /// A group and port unlikely to collide between tests running in parallel.
@@ -178,4 +180,27 @@ fn ipv6_receiver_joins_on_loopback() {
     let receiver = MulticastSocket::receiver(&config).unwrap();
     assert_eq!(receiver.interface().addr, IpAddr::from(Ipv6Addr::LOCALHOST));
     assert!(receiver.interface().index > 0);
+}
+
+#[test]
+fn unicast_batches_keep_order_and_tell_the_sender() {
+    let receiver = unicast_socket(SocketAddr::from(([127, 0, 0, 1], 0)), 1 << 20).unwrap();
+    let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = receiver.local_addr().unwrap();
+    let payloads: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 10 + usize::from(i)]).collect();
+    let outgoing: Vec<(&[u8], SocketAddr)> = payloads.iter().map(|p| (&p[..], to)).collect();
+    assert_eq!(send_batch_to(&sender, &outgoing).unwrap(), 40);
+    let mut batch = RecvBatch::new(64, 2048);
+    let mut received = Vec::new();
+    for _ in 0..50 {
+        let n = recv_batch_on(&receiver, &mut batch, Duration::from_millis(100)).unwrap();
+        for (index, bytes) in batch.datagrams().take(n).enumerate() {
+            assert_eq!(batch.source(index), Some(sender.local_addr().unwrap()));
+            received.push(bytes.to_vec());
+        }
+        if received.len() == 40 {
+            break;
+        }
+    }
+    assert_eq!(received, payloads);
 }
