@@ -245,7 +245,18 @@ impl NFSFileSystem for ZoneFs {
     async fn write(&self, id: fileid3, offset: u64, data: &[u8]) -> Result<fattr3, nfsstat3> {
         let path = self.path(id)?;
         self.writable(&path)?;
-        self.room_for(&path, offset.saturating_add(data.len() as u64))?;
+        if let Err(refused) = self.room_for(&path, offset.saturating_add(data.len() as u64)) {
+            // A new file that cannot be finished (a copy that ran out of quota) goes, so that
+            // no member keeps or replicates half of it; a file that had content is kept.
+            match self.store.lock().abandon_new_file(&path) {
+                Ok(true) => {
+                    tracing::warn!(path, "write over quota: the unfinished new file is removed")
+                }
+                Ok(false) => {}
+                Err(error) => tracing::error!(%error, path, "cannot remove an unfinished file"),
+            }
+            return Err(refused);
+        }
         let disk = self.disk(&path)?;
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -502,6 +513,34 @@ mod tests {
             run(fs.remove(ROOT_ID, &b"f".as_slice().into())),
             Err(nfsstat3::NFS3ERR_JUKEBOX)
         ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_copy_that_runs_out_of_quota_leaves_nothing_behind() {
+        let dir = std::env::temp_dir().join(format!("gvfs-nfs-partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = open(&dir);
+        std::fs::write(dir.join("data/kept"), [7; 100]).unwrap();
+        store.lock().scan().unwrap();
+        let fs = ZoneFs::new(Arc::clone(&store), 1000, 1);
+        let name = |n: &str| -> filename3 { n.as_bytes().into() };
+        let (copy, _) = run(fs.create(ROOT_ID, &name("copy"), sattr3::default())).unwrap();
+        assert!(run(fs.write(copy, 0, &[1; 512])).is_ok());
+        assert!(matches!(
+            run(fs.write(copy, 512, &[1; 512])),
+            Err(nfsstat3::NFS3ERR_DQUOT)
+        ));
+        assert!(!dir.join("data/copy").exists(), "the half file is gone");
+        let entry = store.lock().entry("copy").cloned().unwrap();
+        assert!(entry.deleted, "and its deletion replicates: {entry:?}");
+        // A file that had content is never removed for a refused write.
+        let kept = run(fs.lookup(ROOT_ID, &name("kept"))).unwrap();
+        assert!(matches!(
+            run(fs.write(kept, 100, &[2; 1000])),
+            Err(nfsstat3::NFS3ERR_DQUOT)
+        ));
+        assert_eq!(std::fs::read(dir.join("data/kept")).unwrap(), vec![7; 100]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

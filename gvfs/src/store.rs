@@ -409,6 +409,34 @@ impl ZoneStore {
         );
     }
 
+    /// Removes `path` if it is a file created empty whose written content never settled (a
+    /// copy that cannot be finished), and records the deletion; returns whether it did.
+    ///
+    /// # Errors
+    ///
+    /// When the file cannot be removed or the index saved.
+    pub fn abandon_new_file(&mut self, path: &str) -> Result<bool, StoreError> {
+        let is_new = self
+            .index
+            .entries
+            .get(path)
+            .is_some_and(|e| !e.deleted && e.kind == Kind::File && e.size == 0);
+        if !is_new || !self.pending_checks.contains_key(path) {
+            return Ok(false);
+        }
+        let disk = self.disk_path(path)?;
+        match std::fs::remove_file(&disk) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StoreError::Io { path: disk, source }),
+        }
+        self.pending_checks.remove(path);
+        if self.check(path) {
+            self.save()?;
+        }
+        Ok(true)
+    }
+
     /// Checks the paths whose last write is at least `debounce` old; returns whether anything
     /// changed.
     ///
