@@ -219,6 +219,9 @@ impl NFSFileSystem for ZoneFs {
             self.store
                 .lock()
                 .note_write(&path, size, false, Instant::now());
+        } else {
+            // A chmod or a touch: replicated like a write.
+            self.changed_now(&path);
         }
         self.attr(id, &path)
     }

@@ -51,6 +51,101 @@ pub struct Entry {
     pub writer: u64,
     /// See `writer`.
     pub written_ms: u64,
+    /// Permission bits (`st_mode & 0o7777`); 0 when not known (an index from before they were
+    /// replicated, until the next change).
+    pub mode: u32,
+}
+
+/// The index file in gvd's state directory (version 2: entries carry their mode).
+const INDEX_FILE: &str = "index.v2.bin";
+/// The index file of earlier releases, read once and migrated.
+const LEGACY_INDEX_FILE: &str = "index.bin";
+
+/// The index as earlier releases wrote it (postcard has no optional fields).
+mod legacy {
+    use std::collections::BTreeMap;
+
+    use serde::Deserialize;
+
+    use super::{Kind, VersionVector};
+
+    #[derive(Deserialize)]
+    #[cfg_attr(test, derive(serde::Serialize))]
+    pub(super) struct Entry {
+        id: u64,
+        kind: Kind,
+        vv: VersionVector,
+        deleted: bool,
+        changed_at: u64,
+        size: u64,
+        mtime_ns: i128,
+        writer: u64,
+        written_ms: u64,
+    }
+
+    #[derive(Deserialize)]
+    #[cfg_attr(test, derive(serde::Serialize))]
+    pub(super) struct Index {
+        next_id: u64,
+        version: u64,
+        entries: BTreeMap<String, Entry>,
+        seen: BTreeMap<u64, u64>,
+        conflicts: u64,
+    }
+
+    /// An old index of one file, as an earlier release wrote it.
+    #[cfg(test)]
+    pub(super) fn one_file(path: &str, size: u64, mtime_ns: i128) -> Vec<u8> {
+        let entry = Entry {
+            id: 2,
+            kind: Kind::File,
+            vv: VersionVector([(7, 1)].into_iter().collect()),
+            deleted: false,
+            changed_at: 1,
+            size,
+            mtime_ns,
+            writer: 7,
+            written_ms: 1,
+        };
+        let index = Index {
+            next_id: 3,
+            version: 1,
+            entries: [(path.to_string(), entry)].into_iter().collect(),
+            seen: BTreeMap::new(),
+            conflicts: 0,
+        };
+        postcard::to_stdvec(&index).unwrap_or_default()
+    }
+
+    impl From<Index> for super::Index {
+        fn from(old: Index) -> Self {
+            Self {
+                next_id: old.next_id,
+                version: old.version,
+                entries: old
+                    .entries
+                    .into_iter()
+                    .map(|(path, e)| {
+                        let entry = super::Entry {
+                            id: e.id,
+                            kind: e.kind,
+                            vv: e.vv,
+                            deleted: e.deleted,
+                            changed_at: e.changed_at,
+                            size: e.size,
+                            mtime_ns: e.mtime_ns,
+                            writer: e.writer,
+                            written_ms: e.written_ms,
+                            mode: 0,
+                        };
+                        (path, entry)
+                    })
+                    .collect(),
+                seen: old.seen,
+                conflicts: old.conflicts,
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -99,6 +194,23 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Gives `file` the permissions and modification time `entry` carries (those it knows).
+fn set_mode_and_mtime(file: &Path, entry: &Entry) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if entry.mode != 0 {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(entry.mode))?;
+    }
+    if entry.mtime_ns > 0 {
+        let nanos = u64::try_from(entry.mtime_ns).unwrap_or(u64::MAX);
+        let when = SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos);
+        std::fs::File::options()
+            .write(true)
+            .open(file)?
+            .set_times(std::fs::FileTimes::new().set_modified(when))?;
+    }
+    Ok(())
 }
 
 fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
@@ -215,15 +327,31 @@ impl ZoneStore {
         std::fs::create_dir_all(root).map_err(io(root))?;
         let tmp_dir = meta.join("incoming");
         std::fs::create_dir_all(&tmp_dir).map_err(io(&tmp_dir))?;
-        let index_path = meta.join("index.bin");
-        let index = match std::fs::read(&index_path) {
-            Ok(bytes) => postcard::from_bytes(&bytes).map_err(|e| StoreError::Index {
-                path: index_path.clone(),
+        let index_path = meta.join(INDEX_FILE);
+        let unreadable = |path: &Path| {
+            let path = path.to_path_buf();
+            move |e: postcard::Error| StoreError::Index {
+                path,
                 reason: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Index {
-                next_id: ROOT_ID + 1,
-                ..Index::default()
+            }
+        };
+        let legacy_path = meta.join(LEGACY_INDEX_FILE);
+        let index = match std::fs::read(&index_path) {
+            Ok(bytes) => postcard::from_bytes(&bytes).map_err(unreadable(&index_path))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match std::fs::read(&legacy_path)
+            {
+                // An index written before modes were replicated: taken over, modes unknown.
+                Ok(bytes) => {
+                    let legacy: legacy::Index =
+                        postcard::from_bytes(&bytes).map_err(unreadable(&legacy_path))?;
+                    tracing::info!(path = %legacy_path.display(), "zone index migrated");
+                    legacy.into()
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Index {
+                    next_id: ROOT_ID + 1,
+                    ..Index::default()
+                },
+                Err(e) => return Err(io(&legacy_path)(e)),
             },
             Err(e) => return Err(io(&index_path)(e)),
         };
@@ -246,6 +374,13 @@ impl ZoneStore {
             skipped_links: BTreeSet::new(),
         };
         store.scan()?;
+        if !store.index_path.exists() && legacy_path.exists() {
+            // Migrated: written in the new format at once; the old file goes once it is.
+            store.save()?;
+            if let Err(error) = std::fs::remove_file(&legacy_path) {
+                tracing::warn!(%error, path = %legacy_path.display(), "old zone index left behind");
+            }
+        }
         Ok(store)
     }
 
@@ -369,6 +504,7 @@ impl ZoneStore {
                 mtime_ns: i128::MIN,
                 writer: self.node,
                 written_ms: 0,
+                mode: 0,
             },
         );
         self.by_id.insert(id, path.to_string());
@@ -499,12 +635,16 @@ impl ZoneStore {
                 let kind = if meta.is_dir() { Kind::Dir } else { Kind::File };
                 let size = if meta.is_dir() { 0 } else { meta.len() };
                 let mtime = mtime_ns(meta);
+                let mode = meta.mode() & 0o7777;
+                // An unknown mode (0, an older index) is learnt without counting as a change.
                 let differs = entry.deleted
                     || entry.kind != kind
+                    || (entry.mode != 0 && entry.mode != mode)
                     || (kind == Kind::File && (entry.size != size || entry.mtime_ns != mtime));
                 entry.kind = kind;
                 entry.size = size;
                 entry.mtime_ns = mtime;
+                entry.mode = mode;
                 entry.deleted = false;
                 differs
             }
@@ -732,6 +872,11 @@ impl ZoneStore {
                 std::fs::remove_file(&disk).map_err(io(&disk))?;
             }
             std::fs::create_dir_all(&disk).map_err(io(&disk))?;
+            if theirs.mode != 0 {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(theirs.mode))
+                    .map_err(io(&disk))?;
+            }
             (0, 0)
         } else {
             let Some(fetched) = fetched else {
@@ -742,6 +887,8 @@ impl ZoneStore {
             if std::fs::symlink_metadata(&disk).is_ok_and(|m| m.is_dir()) {
                 std::fs::remove_dir(&disk).map_err(io(&disk))?;
             }
+            // The writer's permissions and modification time, set before the file appears.
+            set_mode_and_mtime(fetched, theirs).map_err(io(fetched))?;
             std::fs::rename(fetched, &disk).map_err(io(&disk))?;
             sync_dir(disk.parent().unwrap_or(&self.root));
             let meta = std::fs::metadata(&disk).map_err(io(&disk))?;
@@ -884,6 +1031,7 @@ mod tests {
             mtime_ns: 0,
             writer,
             written_ms,
+            mode: 0o644,
         }
     }
 
@@ -944,6 +1092,90 @@ mod tests {
         assert_eq!(reopened.entry("d/f").unwrap().id, id, "ids are stable");
         assert_eq!(reopened.version(), store.version());
         assert_eq!(reopened.changes_since(0)[0].0, "d", "directories first");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_index_of_an_earlier_release_is_taken_over_without_a_change() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = scratch("legacy");
+        let (root, meta) = (dir.join("data"), dir.join("meta"));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&meta).unwrap();
+        std::fs::write(root.join("f"), b"old").unwrap();
+        let on_disk = std::fs::metadata(root.join("f")).unwrap();
+        let mtime = i128::from(on_disk.mtime()) * 1_000_000_000 + i128::from(on_disk.mtime_nsec());
+        std::fs::write(
+            meta.join(LEGACY_INDEX_FILE),
+            legacy::one_file("f", 3, mtime),
+        )
+        .unwrap();
+        let mut store = ZoneStore::open(7, &root, &meta).unwrap();
+        assert_eq!(store.version(), 1);
+        assert_eq!(store.entry("f").unwrap().id, 2, "ids survive the migration");
+        assert_eq!(
+            store.scan().unwrap(),
+            0,
+            "an unknown mode is learnt, not a change"
+        );
+        assert_ne!(store.entry("f").unwrap().mode, 0);
+        assert!(meta.join(INDEX_FILE).exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn mode_and_mtime_replicate_and_a_chmod_is_a_change() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = scratch("mode");
+        let mut a = ZoneStore::open(1, &dir.join("a"), &dir.join("ma")).unwrap();
+        let mut b = ZoneStore::open(2, &dir.join("b"), &dir.join("mb")).unwrap();
+        let file = dir.join("a/script.sh");
+        std::fs::write(&file, b"#!/bin/sh").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let old = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_times(std::fs::FileTimes::new().set_modified(old))
+            .unwrap();
+        std::fs::create_dir(dir.join("a/private")).unwrap();
+        std::fs::set_permissions(
+            dir.join("a/private"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        assert_eq!(a.scan().unwrap(), 2);
+        let pull = |to: &mut ZoneStore, from: &ZoneStore| {
+            for (path, theirs) in from.changes_since(to.seen(from.node)) {
+                let decision = decide(to.entry(&path), &theirs);
+                let fetched = (!theirs.deleted && theirs.kind == Kind::File).then(|| {
+                    let tmp = to.temp_file();
+                    std::fs::copy(from.disk_path(&path).unwrap(), &tmp).unwrap();
+                    tmp
+                });
+                to.apply(&path, &theirs, &decision, fetched.as_deref())
+                    .unwrap();
+            }
+            to.set_seen(from.node, from.version()).unwrap();
+        };
+        pull(&mut b, &a);
+        let copy = std::fs::metadata(dir.join("b/script.sh")).unwrap();
+        assert_eq!(copy.mode() & 0o7777, 0o750);
+        assert_eq!(copy.mtime(), 1_700_000_000);
+        let private = std::fs::metadata(dir.join("b/private")).unwrap();
+        assert_eq!(private.mode() & 0o7777, 0o700);
+        assert_eq!(
+            b.scan().unwrap(),
+            0,
+            "what was installed is not a local change"
+        );
+        // A chmod alone is a change, and it replicates.
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(a.check("script.sh"));
+        pull(&mut b, &a);
+        let copy = std::fs::metadata(dir.join("b/script.sh")).unwrap();
+        assert_eq!(copy.mode() & 0o7777, 0o755);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

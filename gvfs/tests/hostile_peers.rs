@@ -181,6 +181,7 @@ fn a_pull_never_writes_or_deletes_outside_the_zone() {
         mtime_ns: 0,
         writer: 9,
         written_ms: 1,
+        mode: 0o644,
     };
     let attacks: Vec<Vec<(String, Entry)>> = vec![
         vec![("../victim.txt".into(), entry(Kind::File, true))],
