@@ -151,6 +151,67 @@ fn nfs_url(
     )
 }
 
+/// The lines of `gvctl zones`: one per zone and node, members with their figures, non-members
+/// with the members they forward to.
+fn zone_table(list: &NodesFile) -> Vec<String> {
+    let mut rows: Vec<_> = list
+        .nodes
+        .iter()
+        .flat_map(|n| n.record.zones.iter().map(move |z| (n, z)))
+        .collect();
+    rows.sort_by(|a, b| (&a.1.name, &a.0.record.name).cmp(&(&b.1.name, &b.0.record.name)));
+    let mut lines = vec![format!(
+        "{:<16} {:>10} {:<12} {:>8} {:>10} {:>10} {:>9}  NFS",
+        "ZONE", "QUOTA", "NODE", "VERSION", "USED", "FREE", "CONFLICTS"
+    )];
+    // Members of each zone that announce holding it: where a non-member forwards.
+    let holders = |zone: &str| -> Vec<&str> {
+        rows.iter()
+            .filter(|(_, z)| z.member && z.name == zone)
+            .map(|(n, _)| n.record.name.as_str())
+            .collect()
+    };
+    for (n, z) in &rows {
+        if !z.member {
+            let members = holders(&z.name);
+            let to = if members.is_empty() {
+                "no live member".to_string()
+            } else {
+                members.join(", ")
+            };
+            lines.push(format!(
+                "{:<16} {:>10} {:<12} {:>8} {:>10} {:>10} {:>9}  {}  (not a member: forwards to {to})",
+                z.name,
+                human(z.quota_bytes),
+                n.record.name,
+                "-",
+                "-",
+                "-",
+                "-",
+                nfs_url(n, z),
+            ));
+            continue;
+        }
+        let warn = if z.free_bytes < z.quota_bytes {
+            " (quota over free space)"
+        } else {
+            ""
+        };
+        lines.push(format!(
+            "{:<16} {:>10} {:<12} {:>8} {:>10} {:>10} {:>9}  {}{warn}",
+            z.name,
+            human(z.quota_bytes),
+            n.record.name,
+            z.version,
+            human(z.used_bytes),
+            human(z.free_bytes),
+            z.conflicts,
+            nfs_url(n, z),
+        ));
+    }
+    lines
+}
+
 fn run(cli: Cli) -> Result<()> {
     if let Command::Call {
         node,
@@ -259,29 +320,8 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&rows)?);
                 return Ok(());
             }
-            println!(
-                "{:<16} {:>10} {:<12} {:>8} {:>10} {:>10} {:>9}  NFS",
-                "ZONE", "QUOTA", "MEMBER", "VERSION", "USED", "FREE", "CONFLICTS"
-            );
-            let mut rows = rows;
-            rows.sort_by(|a, b| (&a.1.name, &a.0.record.name).cmp(&(&b.1.name, &b.0.record.name)));
-            for (n, z) in rows {
-                let warn = if z.free_bytes < z.quota_bytes {
-                    " (quota over free space)"
-                } else {
-                    ""
-                };
-                println!(
-                    "{:<16} {:>10} {:<12} {:>8} {:>10} {:>10} {:>9}  {}{warn}",
-                    z.name,
-                    human(z.quota_bytes),
-                    n.record.name,
-                    z.version,
-                    human(z.used_bytes),
-                    human(z.free_bytes),
-                    z.conflicts,
-                    nfs_url(n, z),
-                );
+            for line in zone_table(&list) {
+                println!("{line}");
             }
         }
         Command::Status => {
@@ -318,4 +358,40 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_non_member_shows_where_it_forwards_not_a_free_space_warning() {
+        let zone = |member: bool| {
+            format!(
+                r#"{{"name":"z1","member":{member},"quota_bytes":1048576,"members":["a"],"version":{v},"used_bytes":0,"free_bytes":{f},"nfs_port":2049,"conflicts":0}}"#,
+                v = u8::from(member) * 3,
+                f = if member { 1u64 << 30 } else { 0 },
+            )
+        };
+        let node = |id: u8, name: &str, zones: String| {
+            format!(
+                r#"{{"node_id":{id},"name":"{name}","addresses":["127.0.0.{id}"],"query_port":7173,"kos_port":7174,"repl_port":0,"zones":[{zones}],"unique":"x","elp_delay_ms":1000,"liveness":"alive","vdevs_current":true,"vdevs":[]}}"#
+            )
+        };
+        let text = format!(
+            r#"{{"version":2,"local_node":1,"nodes":[{},{}]}}"#,
+            node(1, "a", zone(true)),
+            node(2, "b", zone(false))
+        );
+        let list: NodesFile = serde_json::from_str(&text).unwrap();
+        let lines = zone_table(&list);
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(
+            lines[1].contains(" a ") && lines[1].contains("1.0 GiB"),
+            "{lines:?}"
+        );
+        assert!(!lines[1].contains("over free space"));
+        assert!(lines[2].contains("forwards to a"), "{lines:?}");
+        assert!(!lines[2].contains("over free space"), "{lines:?}");
+    }
 }
