@@ -96,7 +96,10 @@ fn run(s: &Settings, loss: f64, group_port: u16, drivers: &Path) -> Run {
             state_dir: root.join(format!("node{i}")),
             vdriver_path: drivers.display().to_string(),
             group: format!("239.255.79.30:{group_port}").parse().unwrap(),
+            // Every node of the process needs its own ports: 0 picks free ones.
             query_port: 0,
+            kos_port: 0,
+            repl_port: 0,
             iface: "lo".into(),
             elp_delay_ms: s.elp_delay_ms,
             node_ttl: s.node_ttl,
