@@ -61,12 +61,13 @@ fn wait_for(what: &str, check: impl Fn() -> bool) -> Duration {
     panic!("{what}: not within {WAIT:?}");
 }
 
+/// Conflict copies of `notes.txt`.
 fn conflict_copies(dir: &Path) -> Vec<String> {
     let mut copies: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".conflict-"))
+        .filter(|n| n.starts_with("notes") && n.contains(".conflict-"))
         .collect();
     copies.sort();
     copies
@@ -122,6 +123,104 @@ fn a_zone_replicates_between_three_nodes() {
         .output()
         .unwrap();
     assert!(!over.status.success(), "a write past the quota fails");
+    // ... and leaves no half file behind, on any member.
+    let sentinel = |name: &str| {
+        // A change made after what is checked: once it is everywhere, so is what came before.
+        std::fs::write(data("a").join(name), name.as_bytes()).unwrap();
+        wait_for(name, || {
+            ["a", "b", "c"]
+                .iter()
+                .all(|n| std::fs::read(data(n).join(name)).is_ok_and(|d| d == name.as_bytes()))
+        });
+    };
+    sentinel("after-quota");
+    for n in ["a", "b", "c"] {
+        assert!(
+            !data(n).join("big.bin").exists(),
+            "a partial big.bin on {n}"
+        );
+    }
+
+    // Permission bits replicate, a chmod alone included.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let script = data("a").join("run.sh");
+        std::fs::write(&script, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let mode_everywhere = |mode: u32| {
+            ["b", "c"].iter().all(|n| {
+                std::fs::metadata(data(n).join("run.sh"))
+                    .is_ok_and(|m| m.permissions().mode() & 0o7777 == mode)
+            })
+        };
+        wait_for("mode 0750 on B and C", || mode_everywhere(0o750));
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)).unwrap();
+        wait_for("the chmod to 0700 on B and C", || mode_everywhere(0o700));
+    }
+
+    // A renamed directory and a deleted tree stay gone everywhere (they used to come back).
+    std::fs::create_dir_all(data("a").join("dirX/sub")).unwrap();
+    std::fs::write(data("a").join("dirX/sub/f.txt"), b"in a tree").unwrap();
+    std::fs::create_dir_all(data("a").join("rmr/d1/d2")).unwrap();
+    std::fs::write(data("a").join("rmr/d1/d2/g.txt"), b"doomed").unwrap();
+    wait_for("the trees on every member", || {
+        ["a", "b", "c"].iter().all(|n| {
+            data(n).join("dirX/sub/f.txt").exists() && data(n).join("rmr/d1/d2/g.txt").exists()
+        })
+    });
+    std::fs::rename(data("a").join("dirX"), data("a").join("dirY")).unwrap();
+    std::fs::remove_dir_all(data("a").join("rmr")).unwrap();
+    wait_for("the renamed tree on every member", || {
+        ["a", "b", "c"]
+            .iter()
+            .all(|n| std::fs::read(data(n).join("dirY/sub/f.txt")).is_ok_and(|d| d == b"in a tree"))
+    });
+    sentinel("after-rename");
+    sentinel("after-rename-2");
+    for n in ["a", "b", "c"] {
+        assert!(!data(n).join("dirX").exists(), "dirX came back on {n}");
+        assert!(
+            !data(n).join("rmr").exists(),
+            "the deleted tree came back on {n}"
+        );
+    }
+
+    // The same new file written on all three members at once: every member ends with the same
+    // three versions (the file and two conflict copies), none empty, none nested.
+    for n in ["a", "b", "c"] {
+        std::fs::write(data(n).join("three.txt"), format!("from {n}")).unwrap();
+    }
+    let versions = |n: &str| -> Vec<(String, Vec<u8>)> {
+        let mut found: Vec<(String, Vec<u8>)> = std::fs::read_dir(data(n))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("three"))
+            .map(|name| {
+                let body = std::fs::read(data(n).join(&name)).unwrap_or_default();
+                (name, body)
+            })
+            .collect();
+        found.sort();
+        found
+    };
+    wait_for("three identical sets of three versions", || {
+        let a = versions("a");
+        a.len() == 3 && versions("b") == a && versions("c") == a
+    });
+    let all = versions("a");
+    let mut bodies: Vec<Vec<u8>> = all.iter().map(|(_, body)| body.clone()).collect();
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        vec![b"from a".to_vec(), b"from b".to_vec(), b"from c".to_vec()],
+        "{all:?}"
+    );
+    assert!(
+        all.iter()
+            .all(|(name, _)| name.matches(".conflict-").count() <= 1),
+        "no nested conflict copies: {all:?}"
+    );
 
     // Concurrent changes on A and B: both versions kept, on every member.
     std::fs::write(data("a").join("notes.txt"), b"from a").unwrap();
