@@ -678,6 +678,7 @@ fn subscribe(args: &SubArgs) -> Result<()> {
                             "top": tops,
                             "applied": p.deltas_applied,
                             "gaps": p.gaps,
+                            "duplicates": p.duplicates,
                             "lost": p.messages_lost,
                             "recoveries": p.recoveries,
                             "malformed": p.malformed,

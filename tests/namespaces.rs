@@ -12,6 +12,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const SUBSCRIBER_HOSTS: usize = 3;
+/// Hosts of `setup_routed_networks`: three per network.
+const ROUTED_HOSTS: usize = 6;
 const LOSSY_HOST: usize = 3;
 
 struct Lab {
@@ -116,6 +118,99 @@ impl Lab {
         Ok(())
     }
 
+    /// Two bridged networks joined by a router that forwards unicast only (no multicast
+    /// routing): hosts h0–h2 on 10.231.1.0/24, h3–h5 on 10.231.2.0/24; the router drops
+    /// `wan_loss_percent` of what it forwards.
+    fn setup_routed_networks(&self, wan_loss_percent: u32) -> Result<(), String> {
+        let router = self.ns("rt");
+        run(&["ip", "netns", "add", &router])?;
+        run(&["ip", "-n", &router, "link", "set", "lo", "up"])?;
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &router,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ])?;
+        for (net, bridge) in [(1u8, self.ns("brA")), (2, self.ns("brB"))] {
+            run(&["ip", "netns", "add", &bridge])?;
+            run(&[
+                "ip",
+                "-n",
+                &bridge,
+                "link",
+                "add",
+                "br0",
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ])?;
+            run(&["ip", "-n", &bridge, "link", "set", "br0", "up"])?;
+            let attach = |inner: &str, outer: &str, ns: &str, addr: &str| -> Result<(), String> {
+                run(&[
+                    "ip", "link", "add", inner, "netns", ns, "type", "veth", "peer", "name", outer,
+                    "netns", &bridge,
+                ])?;
+                run(&[
+                    "ip", "-n", &bridge, "link", "set", outer, "master", "br0", "up",
+                ])?;
+                run(&["ip", "-n", ns, "addr", "add", addr, "dev", inner])?;
+                run(&["ip", "-n", ns, "link", "set", inner, "up"])?;
+                Ok(())
+            };
+            let (inner, outer) = (
+                self.veth('r', usize::from(net)),
+                self.veth('q', usize::from(net)),
+            );
+            attach(&inner, &outer, &router, &format!("10.231.{net}.254/24"))?;
+            for i in 0..3 {
+                let index = usize::from(net - 1) * 3 + i;
+                let host = self.ns(&format!("h{index}"));
+                run(&["ip", "netns", "add", &host])?;
+                let (inner, outer) = (self.veth('v', index), self.veth('p', index));
+                attach(
+                    &inner,
+                    &outer,
+                    &host,
+                    &format!("10.231.{net}.{}/24", index + 1),
+                )?;
+                run(&["ip", "-n", &host, "link", "set", "lo", "up"])?;
+                run(&[
+                    "ip",
+                    "-n",
+                    &host,
+                    "route",
+                    "add",
+                    "224.0.0.0/4",
+                    "dev",
+                    &inner,
+                ])?;
+                run(&[
+                    "ip",
+                    "-n",
+                    &host,
+                    "route",
+                    "add",
+                    "10.231.0.0/16",
+                    "via",
+                    &format!("10.231.{net}.254"),
+                ])?;
+            }
+        }
+        if wan_loss_percent > 0 {
+            let nft = |command: &str| run(&["ip", "netns", "exec", &router, "nft", command]);
+            nft("add table inet wan")?;
+            nft("add chain inet wan forward { type filter hook forward priority 0; }")?;
+            nft(&format!(
+                "add rule inet wan forward numgen random mod 100 < {wan_loss_percent} drop"
+            ))?;
+        }
+        Ok(())
+    }
+
     fn spawn(&mut self, host: usize, args: &[&str]) -> usize {
         let ns = self.ns(&format!("h{host}"));
         let child = Command::new("ip")
@@ -163,9 +258,9 @@ impl Drop for Lab {
             let _ = child.wait();
         }
         // Deleting a namespace deletes the links inside it.
-        for host in (0..=SUBSCRIBER_HOSTS)
+        for host in (0..=SUBSCRIBER_HOSTS.max(ROUTED_HOSTS))
             .map(|i| format!("h{i}"))
-            .chain(["br".to_string()])
+            .chain(["br", "brA", "brB", "rt"].map(String::from))
         {
             let _ = Command::new("ip")
                 .args(["netns", "del", &self.ns(&host)])
@@ -446,5 +541,116 @@ fn two_networks_joined_by_repeaters() {
     assert!(
         status["gaps"].as_u64().unwrap() >= 1,
         "the cut was a gap: {status}"
+    );
+}
+
+/// Two bridged networks joined by a router that forwards unicast only, with 5 % loss on the
+/// router; a publisher on A, repeaters h1, h2 on A and h3, h4 on B peered as a full mesh (what
+/// DHT discovery builds), subscribers on both networks. Every delta reaches B exactly once (no
+/// duplicate at B's subscriber) and nothing comes back to A (no duplicate at A's subscriber);
+/// B converges to the publisher's state.
+#[test]
+#[ignore = "needs root, iproute2 and nftables to create network namespaces; .ci/run installs them and runs it with --include-ignored"]
+fn a_full_mesh_of_repeaters_between_routed_networks_delivers_once() {
+    if let Err(why) = can_run() {
+        panic!("cannot run: {why} (needs root, ip, nft)");
+    }
+    let mut lab = Lab {
+        prefix: format!("gm{}", std::process::id() % 100_000),
+        children: Vec::new(),
+    };
+    if let Err(why) = lab.setup_routed_networks(5) {
+        panic!("cannot create namespaces: {why}");
+    }
+    let group = "239.255.73.60:47360";
+    let address = |host: usize| format!("10.231.{}.{}", host / 3 + 1, host + 1);
+    let listen = |host: usize| format!("{}:47361", address(host));
+    for (host, remote) in [(1, [3, 4]), (2, [3, 4]), (3, [1, 2]), (4, [1, 2])] {
+        let iface = lab.veth('v', host);
+        let own = listen(host);
+        let (peer_a, peer_b) = (listen(remote[0]), listen(remote[1]));
+        let id = host.to_string();
+        lab.spawn(
+            host,
+            &[
+                "repeat",
+                "--group",
+                group,
+                "--iface",
+                &iface,
+                "--listen",
+                &own,
+                "--peer",
+                &peer_a,
+                "--peer",
+                &peer_b,
+                "--id",
+                &id,
+                "--seconds",
+                "12",
+            ],
+        );
+    }
+    let sub_args = |iface: &str| -> Vec<String> {
+        [
+            "sub",
+            "--group",
+            group,
+            "--iface",
+            iface,
+            "--json",
+            "--seconds",
+            "10",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let (iface_a, iface_b) = (lab.veth('v', 0), lab.veth('v', 5));
+    let on_a = sub_args(&iface_a);
+    let on_b = sub_args(&iface_b);
+    let near = lab.spawn(0, &on_a.iter().map(String::as_str).collect::<Vec<_>>());
+    let far = lab.spawn(5, &on_b.iter().map(String::as_str).collect::<Vec<_>>());
+    // Hellos every 250 ms and keepalives every 500 ms: the elections and the peers' views of
+    // each network settle within about a second; the publisher starts after that.
+    std::thread::sleep(Duration::from_millis(2500));
+    let publisher = lab.spawn(
+        0,
+        &[
+            "pub",
+            "--group",
+            group,
+            "--iface",
+            &iface_a,
+            "--rate",
+            "2000",
+            "--updates",
+            "8000",
+            "--seconds",
+            "6",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let far_status = last_status(&lab.finish(far, deadline));
+    let near_status = last_status(&lab.finish(near, deadline));
+    let want = published_digest(&lab.finish(publisher, deadline));
+    assert_eq!(far_status["status"], "live", "{far_status}");
+    assert_eq!(
+        far_status["digest"],
+        want.as_str(),
+        "B converged: {far_status}"
+    );
+    assert_eq!(
+        far_status["duplicates"].as_u64(),
+        Some(0),
+        "every delta reached B once: {far_status}"
+    );
+    assert_eq!(
+        near_status["duplicates"].as_u64(),
+        Some(0),
+        "no copy came back to A: {near_status}"
+    );
+    assert!(
+        far_status["applied"].as_u64().unwrap_or(0) > 1000,
+        "{far_status}"
     );
 }
