@@ -56,6 +56,8 @@ pub const FORWARDER_TIMEOUT: Duration = Duration::from_millis(1000);
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 /// Datagrams received (and sent on) per system call on each leg.
 const BATCH: usize = 32;
+/// Most remote senders whose keepalive state is kept.
+const MAX_PEER_STATES: usize = 1024;
 /// Most datagrams remembered.
 const MEMORY_LIMIT: usize = 1 << 20;
 /// Start of a keepalive between repeaters (not a GrapeVine datagram: those start `GV`).
@@ -283,6 +285,14 @@ impl Relay {
 
     /// Records that `from` was heard (any datagram from a peer counts).
     fn heard(&mut self, now: Instant, from: SocketAddr, ids: Option<(u64, u64)>) {
+        // Bounded: senders are checked by address only, so one peer host could use many ports.
+        if self.peers.len() >= MAX_PEER_STATES && !self.peers.contains_key(&from) {
+            self.peers
+                .retain(|_, p| now.saturating_duration_since(p.heard) < PEER_TIMEOUT);
+            if self.peers.len() >= MAX_PEER_STATES {
+                return;
+            }
+        }
         let entry = self
             .peers
             .entry(from)
@@ -926,6 +936,20 @@ mod tests {
         assert!(relay.on_keepalive(later, c5, b"GVRK"));
         assert_eq!(relay.targets(later, &[b3, b4, c5]), vec![c5]);
         assert!(!relay.on_keepalive(later, c5, &datagram(1, 1)));
+    }
+
+    #[test]
+    fn the_peer_table_stays_bounded_whatever_ports_a_peer_host_uses() {
+        let now = Instant::now();
+        let mut relay = Relay::with_id(1, None, None);
+        for port in 0..5_000u16 {
+            relay.on_keepalive(now, peer(port), b"GVRK");
+        }
+        assert!(relay.peers.len() <= MAX_PEER_STATES);
+        // Once the flood is silent, real peers are recorded again.
+        let later = now + PEER_TIMEOUT;
+        assert!(relay.on_keepalive(later, peer(60_000), b"GVRK"));
+        assert!(relay.peer_alive(later, peer(60_000)));
     }
 
     /// Repeaters on several networks, driven without sockets: counts how often each datagram

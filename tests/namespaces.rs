@@ -50,17 +50,8 @@ impl Lab {
             let host = self.ns(&format!("h{i}"));
             let (inner, outer) = (self.veth('v', i), self.veth('p', i));
             run(&["ip", "netns", "add", &host])?;
-            run(&[
-                "ip", "link", "add", &inner, "type", "veth", "peer", "name", &outer,
-            ])?;
-            run(&["ip", "link", "set", &inner, "netns", &host])?;
-            run(&["ip", "link", "set", &outer, "netns", &br])?;
-            run(&[
-                "ip", "-n", &br, "link", "set", &outer, "master", "br0", "up",
-            ])?;
             let addr = format!("10.{subnet}.0.{}/24", i + 1);
-            run(&["ip", "-n", &host, "addr", "add", &addr, "dev", &inner])?;
-            run(&["ip", "-n", &host, "link", "set", &inner, "up"])?;
+            attach(&br, &host, &inner, &outer, &addr)?;
             run(&["ip", "-n", &host, "link", "set", "lo", "up"])?;
             run(&[
                 "ip",
@@ -149,34 +140,24 @@ impl Lab {
                 "0",
             ])?;
             run(&["ip", "-n", &bridge, "link", "set", "br0", "up"])?;
-            let attach = |inner: &str, outer: &str, ns: &str, addr: &str| -> Result<(), String> {
-                run(&[
-                    "ip", "link", "add", inner, "netns", ns, "type", "veth", "peer", "name", outer,
-                    "netns", &bridge,
-                ])?;
-                run(&[
-                    "ip", "-n", &bridge, "link", "set", outer, "master", "br0", "up",
-                ])?;
-                run(&["ip", "-n", ns, "addr", "add", addr, "dev", inner])?;
-                run(&["ip", "-n", ns, "link", "set", inner, "up"])?;
-                Ok(())
-            };
             let (inner, outer) = (
                 self.veth('r', usize::from(net)),
                 self.veth('q', usize::from(net)),
             );
-            attach(&inner, &outer, &router, &format!("10.231.{net}.254/24"))?;
+            attach(
+                &bridge,
+                &router,
+                &inner,
+                &outer,
+                &format!("10.231.{net}.254/24"),
+            )?;
             for i in 0..3 {
                 let index = usize::from(net - 1) * 3 + i;
                 let host = self.ns(&format!("h{index}"));
                 run(&["ip", "netns", "add", &host])?;
                 let (inner, outer) = (self.veth('v', index), self.veth('p', index));
-                attach(
-                    &inner,
-                    &outer,
-                    &host,
-                    &format!("10.231.{net}.{}/24", index + 1),
-                )?;
+                let addr = format!("10.231.{net}.{}/24", index + 1);
+                attach(&bridge, &host, &inner, &outer, &addr)?;
                 run(&["ip", "-n", &host, "link", "set", "lo", "up"])?;
                 run(&[
                     "ip",
@@ -267,6 +248,21 @@ impl Drop for Lab {
                 .output();
         }
     }
+}
+
+/// Joins namespace `ns` to the bridge `br0` of namespace `bridge` with a veth pair (`inner` in
+/// `ns`, with address `addr`; `outer` in the bridge).
+fn attach(bridge: &str, ns: &str, inner: &str, outer: &str, addr: &str) -> Result<(), String> {
+    run(&[
+        "ip", "link", "add", inner, "netns", ns, "type", "veth", "peer", "name", outer, "netns",
+        bridge,
+    ])?;
+    run(&[
+        "ip", "-n", bridge, "link", "set", outer, "master", "br0", "up",
+    ])?;
+    run(&["ip", "-n", ns, "addr", "add", addr, "dev", inner])?;
+    run(&["ip", "-n", ns, "link", "set", inner, "up"])?;
+    Ok(())
 }
 
 fn run(args: &[&str]) -> Result<Output, String> {

@@ -1020,6 +1020,21 @@ mod tests {
         dir
     }
 
+    /// `to` pulls `from`'s changes, fetching content from `from`'s directory.
+    fn pull_from(to: &mut ZoneStore, from: &ZoneStore) {
+        for (path, theirs) in from.changes_since(to.seen(from.node)) {
+            let decision = decide(to.entry(&path), &theirs);
+            let fetched = (!theirs.deleted && theirs.kind == Kind::File).then(|| {
+                let tmp = to.temp_file();
+                std::fs::copy(from.disk_path(&path).unwrap(), &tmp).unwrap();
+                tmp
+            });
+            to.apply(&path, &theirs, &decision, fetched.as_deref())
+                .unwrap();
+        }
+        to.set_seen(from.node, from.version()).unwrap();
+    }
+
     fn entry(vv: &[(u64, u64)], writer: u64, written_ms: u64, deleted: bool) -> Entry {
         Entry {
             id: 9,
@@ -1146,19 +1161,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(a.scan().unwrap(), 2);
-        let pull = |to: &mut ZoneStore, from: &ZoneStore| {
-            for (path, theirs) in from.changes_since(to.seen(from.node)) {
-                let decision = decide(to.entry(&path), &theirs);
-                let fetched = (!theirs.deleted && theirs.kind == Kind::File).then(|| {
-                    let tmp = to.temp_file();
-                    std::fs::copy(from.disk_path(&path).unwrap(), &tmp).unwrap();
-                    tmp
-                });
-                to.apply(&path, &theirs, &decision, fetched.as_deref())
-                    .unwrap();
-            }
-            to.set_seen(from.node, from.version()).unwrap();
-        };
+        let pull = pull_from;
         pull(&mut b, &a);
         let copy = std::fs::metadata(dir.join("b/script.sh")).unwrap();
         assert_eq!(copy.mode() & 0o7777, 0o750);
@@ -1190,19 +1193,7 @@ mod tests {
         std::fs::write(dir.join("b/f.txt"), b"from b, later").unwrap();
         b.scan().unwrap();
         // Each pulls the other's changes, fetching content from the other's directory.
-        let exchange = |to: &mut ZoneStore, from: &ZoneStore| {
-            for (path, theirs) in from.changes_since(to.seen(from.node)) {
-                let decision = decide(to.entry(&path), &theirs);
-                let fetched = (!theirs.deleted && theirs.kind == Kind::File).then(|| {
-                    let tmp = to.temp_file();
-                    std::fs::copy(from.disk_path(&path).unwrap(), &tmp).unwrap();
-                    tmp
-                });
-                to.apply(&path, &theirs, &decision, fetched.as_deref())
-                    .unwrap();
-            }
-            to.set_seen(from.node, from.version()).unwrap();
-        };
+        let exchange = pull_from;
         exchange(&mut a, &b);
         exchange(&mut b, &a);
         exchange(&mut a, &b);

@@ -305,6 +305,23 @@ pub(super) fn send_batch_to(
     socket: &UdpSocket,
     datagrams: &[(&[u8], std::net::SocketAddr)],
 ) -> io::Result<usize> {
+    send_mmsg(socket, datagrams, |(datagram, to)| {
+        (datagram, Some(socket2::SockAddr::from(*to)))
+    })
+}
+
+/// Sends the datagrams on a connected socket with `sendmmsg`; returns how many were sent.
+pub(super) fn send_batch<B: AsRef<[u8]>>(socket: &UdpSocket, datagrams: &[B]) -> io::Result<usize> {
+    send_mmsg(socket, datagrams, |datagram| (datagram.as_ref(), None))
+}
+
+/// `sendmmsg` over `items`, `SEND_BATCH` at a time: each item gives its bytes and, on an
+/// unconnected socket, its destination. Headers and addresses live on the stack.
+fn send_mmsg<T>(
+    socket: &UdpSocket,
+    items: &[T],
+    describe: impl Fn(&T) -> (&[u8], Option<socket2::SockAddr>),
+) -> io::Result<usize> {
     let mut sent = 0;
     let mut iovecs = [libc::iovec {
         iov_base: std::ptr::null_mut(),
@@ -312,77 +329,38 @@ pub(super) fn send_batch_to(
     }; SEND_BATCH];
     // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
     let mut all_headers: [libc::mmsghdr; SEND_BATCH] = unsafe { mem::zeroed() };
-    for chunk in datagrams.chunks(SEND_BATCH) {
-        let names: Vec<socket2::SockAddr> = chunk
-            .iter()
-            .map(|(_, to)| socket2::SockAddr::from(*to))
-            .collect();
+    for chunk in items.chunks(SEND_BATCH) {
+        let mut names: [Option<socket2::SockAddr>; SEND_BATCH] = std::array::from_fn(|_| None);
         let headers = all_headers.get_mut(..chunk.len()).unwrap_or_default();
-        for (((header, iov), (datagram, _)), name) in headers
+        for (((header, iov), item), name) in headers
             .iter_mut()
             .zip(iovecs.iter_mut())
             .zip(chunk)
-            .zip(&names)
+            .zip(names.iter_mut())
         {
+            let (datagram, address) = describe(item);
+            *name = address;
             iov.iov_base = datagram.as_ptr() as *mut libc::c_void;
             iov.iov_len = datagram.len();
             header.msg_hdr.msg_iov = iov;
             header.msg_hdr.msg_iovlen = 1;
-            header.msg_hdr.msg_name = name.as_ptr() as *mut libc::c_void;
-            header.msg_hdr.msg_namelen = name.len();
-            header.msg_len = 0;
-        }
-        let mut offset = 0;
-        while offset < headers.len() {
-            let rest = headers.get_mut(offset..).unwrap_or_default();
-            // SAFETY: the headers point at iovecs describing datagrams and at addresses that
-            // outlive the call; the kernel only reads them.
-            let rc = unsafe {
-                libc::sendmmsg(
-                    socket.as_raw_fd(),
-                    rest.as_mut_ptr(),
-                    rest.len() as libc::c_uint,
-                    0,
-                )
-            };
-            if rc < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
+            match name {
+                Some(name) => {
+                    header.msg_hdr.msg_name = name.as_ptr() as *mut libc::c_void;
+                    header.msg_hdr.msg_namelen = name.len();
                 }
-                return if sent == 0 { Err(e) } else { Ok(sent) };
+                None => {
+                    header.msg_hdr.msg_name = std::ptr::null_mut();
+                    header.msg_hdr.msg_namelen = 0;
+                }
             }
-            offset += rc as usize;
-            sent += rc as usize;
-        }
-    }
-    Ok(sent)
-}
-
-pub(super) fn send_batch<B: AsRef<[u8]>>(socket: &UdpSocket, datagrams: &[B]) -> io::Result<usize> {
-    let mut sent = 0;
-    // On the stack: sending allocates nothing.
-    let mut iovecs = [libc::iovec {
-        iov_base: std::ptr::null_mut(),
-        iov_len: 0,
-    }; SEND_BATCH];
-    // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
-    let mut all_headers: [libc::mmsghdr; SEND_BATCH] = unsafe { mem::zeroed() };
-    for chunk in datagrams.chunks(SEND_BATCH) {
-        let headers = all_headers.get_mut(..chunk.len()).unwrap_or_default();
-        for ((header, iov), datagram) in headers.iter_mut().zip(iovecs.iter_mut()).zip(chunk) {
-            let datagram = datagram.as_ref();
-            iov.iov_base = datagram.as_ptr() as *mut libc::c_void;
-            iov.iov_len = datagram.len();
-            header.msg_hdr.msg_iov = iov;
-            header.msg_hdr.msg_iovlen = 1;
             header.msg_len = 0;
         }
         let mut offset = 0;
         while offset < headers.len() {
             let rest = headers.get_mut(offset..).unwrap_or_default();
-            // SAFETY: the headers point at iovecs describing `Bytes` that outlive the call; the
-            // kernel only reads them. The socket is connected, so no address is needed.
+            // SAFETY: the headers point at iovecs describing datagrams, and at addresses, that
+            // outlive the call; the kernel only reads them.
             let rc = unsafe {
                 libc::sendmmsg(
                     socket.as_raw_fd(),
