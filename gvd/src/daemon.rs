@@ -867,9 +867,6 @@ impl Daemon {
         peers
     }
 
-    /// Sends a QUERY for each topic a live peer has something this node lacks on: a VDEV list
-    /// older than its `unique`, or a stream being rebuilt. At most one per peer and topic per
-    /// half period.
     /// Members announcing a zone version newer than what was pulled from them get pulled.
     fn offer_zones(&self, peers: &BTreeMap<u64, Peer>) {
         // Every zone served without being held gets its list, empty when no member is alive.
@@ -934,6 +931,9 @@ impl Daemon {
         access
     }
 
+    /// Sends a QUERY for each topic a live peer has something this node lacks on: a VDEV list
+    /// older than its `unique`, or a stream being rebuilt. At most one per peer and topic per
+    /// half period.
     fn ask_for_missing(&mut self, peers: &BTreeMap<u64, Peer>, now: Instant) {
         for (node, peer) in peers {
             if peer.liveness == Liveness::Dead {

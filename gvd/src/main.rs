@@ -1,5 +1,7 @@
-//! `gvd`, the GrapeVine daemon: VDRIVER inventory and echolocation with a node list file.
-//! KOS agents and GrapeVineFS are the next steps (see README).
+//! `gvd`, the GrapeVine daemon: loads VDRIVERs and announces their VDEVs, finds the other
+//! nodes by echolocation and keeps the node list file, serves KOS clients through per-client
+//! agent processes, runs the GrapeVineFS zones and, as a role, a stream repeater
+//! (docs/GVD.md, docs/KOS.md, docs/GVFS.md).
 
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
