@@ -5,6 +5,7 @@
 //! the `grapevine-publisher`, `-snapshotter` and `-subscriber` crates move bytes between these
 //! and sockets; the simulated network in `crate::sim` (feature `testing`) moves them through a lossy model.
 
+mod coverage;
 mod publisher;
 mod reassembly;
 mod snapshot;

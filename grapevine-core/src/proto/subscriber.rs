@@ -30,6 +30,7 @@ use std::ops::Bound;
 use std::time::{Duration, Instant};
 
 use crate::codec;
+use crate::proto::coverage::{Pos, Side, SpanMap};
 use crate::proto::reassembly::Reassembler;
 use crate::state::ReplicatedState;
 use crate::wire::{self, CyclePosition, Datagram, DecodeError, Message};
@@ -359,115 +360,6 @@ struct CycleSteps<K> {
     steps: BTreeMap<u32, (K, u64)>,
     /// Index and read seq of the cycle's end, once received.
     end: Option<(u32, u64)>,
-}
-
-/// Which side of a key a position is on.
-#[derive(Clone, Copy, Debug, Eq, Ord, PartialEq, PartialOrd)]
-enum Side {
-    Below,
-    At,
-    Above,
-}
-
-/// A position in the key space: before every key, just below / at / just above a key, or after
-/// every key. Keys are totally ordered, and cycles walk them in that order.
-#[derive(Clone, Debug, Eq, Ord, PartialEq, PartialOrd)]
-enum Pos<K> {
-    Start,
-    Key(K, Side),
-    End,
-}
-
-impl<K: Eq> Pos<K> {
-    /// Whether `next` immediately follows `self`, with no position in between.
-    fn touches(&self, next: &Self) -> bool {
-        match (self, next) {
-            (Self::Key(a, Side::Below), Self::Key(b, Side::At))
-            | (Self::Key(a, Side::At), Self::Key(b, Side::Above)) => a == b,
-            _ => false,
-        }
-    }
-}
-
-/// Disjoint closed spans of positions, start → (end, value), merged when they touch.
-#[derive(Debug)]
-struct SpanMap<K, V> {
-    spans: BTreeMap<Pos<K>, (Pos<K>, V)>,
-}
-
-impl<K: Clone + Ord, V: Copy> SpanMap<K, V> {
-    fn new() -> Self {
-        Self {
-            spans: BTreeMap::new(),
-        }
-    }
-
-    /// Records [`low`, `high`] with `value`, replacing what was recorded there.
-    fn paint(&mut self, low: Pos<K>, high: Pos<K>, value: V) {
-        let overlapping: Vec<Pos<K>> = self
-            .spans
-            .range(..=high.clone())
-            .rev()
-            .take_while(|(_, (end, _))| *end >= low)
-            .map(|(start, _)| start.clone())
-            .collect();
-        for start in overlapping {
-            let Some((end, old)) = self.spans.remove(&start) else {
-                continue;
-            };
-            if start < low {
-                self.spans.insert(start, (low.clone(), old));
-            }
-            if end > high {
-                self.spans.insert(high.clone(), (end, old));
-            }
-        }
-        self.spans.insert(low, (high, value));
-    }
-
-    /// The value recorded at `point`.
-    fn at(&self, point: &Pos<K>) -> Option<V> {
-        let (_, (end, value)) = self.spans.range(..=point.clone()).next_back()?;
-        (end >= point).then_some(*value)
-    }
-
-    fn clear(&mut self) {
-        self.spans.clear();
-    }
-}
-
-impl<K: Clone + Ord> SpanMap<K, ()> {
-    /// Adds [`low`, `high`] and merges it with the spans it overlaps or touches.
-    fn cover(&mut self, mut low: Pos<K>, mut high: Pos<K>) {
-        loop {
-            let before = self
-                .spans
-                .range(..=low.clone())
-                .next_back()
-                .filter(|(_, (end, _))| *end >= low || end.touches(&low))
-                .map(|(start, _)| start.clone());
-            let after = self
-                .spans
-                .range(low.clone()..)
-                .find(|(start, _)| **start != low || before.is_none())
-                .filter(|(start, _)| **start <= high || high.touches(start))
-                .map(|(start, _)| start.clone());
-            let Some(start) = before.or(after) else {
-                break;
-            };
-            if let Some((end, ())) = self.spans.remove(&start) {
-                low = low.min(start);
-                high = high.max(end);
-            }
-        }
-        self.spans.insert(low, (high, ()));
-    }
-
-    fn is_full(&self) -> bool {
-        self.spans
-            .get(&Pos::Start)
-            .is_some_and(|(end, ())| *end == Pos::End)
-    }
 }
 
 /// The state of one publisher's stream.
@@ -1373,7 +1265,7 @@ impl<S: ReplicatedState> Stream<S> {
 
     /// As of which seq `key`, which has no metadata, is known absent (from covered spans).
     fn absent_as_of(&self, key: &S::Key) -> Option<u64> {
-        if self.absent.spans.is_empty() {
+        if self.absent.is_empty() {
             return None;
         }
         self.absent.at(&Pos::Key(key.clone(), Side::At))
