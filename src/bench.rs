@@ -267,6 +267,14 @@ fn throughput(args: &ThroughputArgs) -> Result<()> {
     Ok(())
 }
 
+/// The `q` quantile (0..=1) of sorted samples, by the nearest rank; zero for none. Every
+/// bench reports its percentiles through this one rule. (Samples are kept exactly, at most
+/// a few hundred thousand per run, so a histogram would only add rounding.)
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    let rank = (sorted.len().saturating_sub(1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
+    sorted.get(rank).copied().unwrap_or_default()
+}
+
 fn payload_bytes(size: usize) -> Bytes {
     Bytes::from((0..size).map(|i| i as u8).collect::<Vec<u8>>())
 }
@@ -509,7 +517,7 @@ fn recovery(args: &RecoveryArgs) -> Result<()> {
         bail!("no round produced a gap");
     }
     times.sort();
-    let pick = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
+    let pick = |q: f64| quantile(&times, q).as_secs_f64() * 1e3;
     let snapshot_rate = (snapshotter.stats().bytes - bytes_before) as f64 / elapsed;
     if args.json {
         println!(
@@ -646,11 +654,7 @@ fn latency(args: &LatencyArgs) -> Result<()> {
         times.sort_unstable();
         results.push((stack, times));
     }
-    let quantile = |times: &[Duration], q: f64| {
-        times
-            .get(((times.len().saturating_sub(1)) as f64 * q).round() as usize)
-            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
-    };
+    let quantile = |times: &[Duration], q: f64| quantile(times, q).as_secs_f64() * 1e6;
     let figures = |times: &[Duration]| {
         json!({
             "count": times.len(),
@@ -919,7 +923,7 @@ fn repeater(args: &ThroughputArgs) -> Result<()> {
     let repeated_times = delivery_times(&near, &far, 2_000)?;
     let (plain, _) = throughput_between(args, &direct, &direct, duration, window, None)?;
     let (through, _) = throughput_between(args, &near, &far, duration, window, None)?;
-    let p = |t: &[Duration], q: f64| t[((t.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    let p = |t: &[Duration], q: f64| quantile(t, q).as_secs_f64() * 1e6;
     if args.json {
         println!(
             "{}",
@@ -964,4 +968,19 @@ fn repeater(args: &ThroughputArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_use_the_nearest_rank() {
+        let samples: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
+        assert_eq!(quantile(&samples, 0.0), Duration::from_micros(1));
+        assert_eq!(quantile(&samples, 0.5), Duration::from_micros(51));
+        assert_eq!(quantile(&samples, 0.99), Duration::from_micros(99));
+        assert_eq!(quantile(&samples, 1.0), Duration::from_micros(100));
+        assert_eq!(quantile(&[], 0.5), Duration::ZERO);
+    }
 }
