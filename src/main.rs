@@ -558,6 +558,7 @@ fn subscribe(args: &SubArgs) -> Result<()> {
                 .filter(|v| v.status == StreamStatus::Live)
                 .count()
         });
+        let silent = subscriber.read(|s| s.streams().filter(|v| v.silent).count());
         *metrics.lock() = tools::prometheus(
             &labels,
             &[
@@ -642,6 +643,11 @@ fn subscribe(args: &SubArgs) -> Result<()> {
                     "Publisher streams that are live.",
                     live as u64,
                 ),
+                (
+                    "grapevine_subscriber_silent_streams",
+                    "Publisher streams not heard for the publisher timeout (stopped, or cut off).",
+                    silent as u64,
+                ),
             ],
         );
         let lines = subscriber.read(|s| {
@@ -671,6 +677,7 @@ fn subscribe(args: &SubArgs) -> Result<()> {
                             "publisher": view.publisher,
                             "session": view.session,
                             "status": status,
+                            "publisher_silent": view.silent,
                             "seq": view.last_seq,
                             "levels": view.state.len(),
                             "stale": view.stale.len(),
@@ -693,8 +700,16 @@ fn subscribe(args: &SubArgs) -> Result<()> {
                     );
                     continue;
                 }
+                let silent = if view.silent {
+                    format!(
+                        " (publisher silent for {:.1} s: the state may be behind)",
+                        view.last_heard.elapsed().as_secs_f64()
+                    )
+                } else {
+                    String::new()
+                };
                 lines.push(format!(
-                    "publisher {} session {:#x}: {status}, seq {}, {} levels, {} stale, digest {}",
+                    "publisher {} session {:#x}: {status}{silent}, seq {}, {} levels, {} stale, digest {}",
                     view.publisher,
                     view.session,
                     view.last_seq,

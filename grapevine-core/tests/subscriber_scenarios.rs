@@ -813,3 +813,34 @@ fn large_deltas_and_large_leaves_interleave_without_loss() {
     assert_eq!(s.stream(0).unwrap().status, StreamStatus::Live);
     assert_eq!(s.stream(0).unwrap().state, p.state());
 }
+
+/// A stream cut off (publisher stopped, or a link on the way down) says so in its view, and
+/// stops saying so with the next datagram.
+#[test]
+fn a_silent_publisher_shows_in_the_view_until_it_is_heard_again() {
+    let now = Instant::now();
+    let mut p = publisher(now, 1);
+    let mut s = subscriber();
+    p.publish(now, CounterDelta::Add(1, 1)).unwrap();
+    for datagram in drain(&mut p) {
+        s.handle_datagram(now, &datagram);
+    }
+    assert!(!s.stream(0).unwrap().silent);
+    let timeout = s.config().publisher_timeout;
+    s.handle_timeout(now + timeout / 2);
+    assert!(!s.stream(0).unwrap().silent, "not before the timeout");
+    let later = now + timeout + Duration::from_millis(1);
+    s.handle_timeout(later);
+    let view = s.stream(0).unwrap();
+    assert!(view.silent);
+    assert_eq!(
+        view.status,
+        StreamStatus::Live,
+        "its state is still what it last knew"
+    );
+    p.publish(later, CounterDelta::Add(1, 1)).unwrap();
+    for datagram in drain(&mut p) {
+        s.handle_datagram(later, &datagram);
+    }
+    assert!(!s.stream(0).unwrap().silent);
+}

@@ -416,6 +416,10 @@ pub struct StreamView<'a, S: ReplicatedState> {
     /// When a datagram of this stream (delta, heartbeat or snapshot) last arrived: what
     /// failure detectors go by, since it keeps moving while the stream recovers from a gap.
     pub last_heard: Instant,
+    /// Nothing arrived for the publisher timeout: the state may be behind the publisher's
+    /// (a publisher stopped, or a cut on the way, a repeater's WAN link say). Set when the
+    /// timeout is handled, cleared by the next datagram.
+    pub silent: bool,
 }
 
 /// The sans-IO subscriber of one topic: replicates the state of every publisher of the topic.
@@ -808,6 +812,7 @@ impl<S: ReplicatedState> Stream<S> {
             stale: &self.stale,
             last_seq: self.tracking.as_ref().map_or(0, |t| t.expected - 1),
             last_heard: self.last_heard,
+            silent: self.silent,
         }
     }
 
