@@ -163,6 +163,9 @@ pub struct Relay {
     hello_signer: Option<grapevine_core::auth::Signer>,
     /// Other repeaters heard on the local group, by id.
     neighbours: HashMap<u64, Instant>,
+    /// Where repeaters of this network (this one included) multicast from, as their hellos
+    /// showed: what comes from there is a relayed copy, never local traffic to relay out.
+    relay_senders: HashMap<SocketAddr, Instant>,
     peers: HashMap<SocketAddr, PeerState>,
 }
 
@@ -188,6 +191,7 @@ impl Relay {
                 grapevine_core::auth::Signer::new(k, grapevine_core::auth::REQUEST_SENDER)
             }),
             neighbours: HashMap::new(),
+            relay_senders: HashMap::new(),
             peers: HashMap::new(),
         }
     }
@@ -235,10 +239,25 @@ impl Relay {
         }
     }
 
-    fn on_hello(&mut self, now: Instant, bytes: &[u8], id: u64) -> Verdict {
+    fn on_hello(
+        &mut self,
+        now: Instant,
+        source: Option<SocketAddr>,
+        bytes: &[u8],
+        id: u64,
+    ) -> Verdict {
         if let Some(verifier) = &mut self.hello_verifier {
             if verifier.verify(bytes, HELLO_PUBLISHER, id).is_err() {
                 return Verdict::Unauthenticated;
+            }
+        }
+        if let Some(source) = source {
+            if self.relay_senders.len() >= 256 && !self.relay_senders.contains_key(&source) {
+                self.relay_senders
+                    .retain(|_, heard| now.saturating_duration_since(*heard) < PEER_TIMEOUT);
+            }
+            if self.relay_senders.len() < 256 || self.relay_senders.contains_key(&source) {
+                self.relay_senders.insert(source, now);
             }
         }
         if id != self.id {
@@ -366,12 +385,24 @@ impl Relay {
 
     /// A datagram received on the local group: relay it to the remote repeaters?
     pub fn from_local(&mut self, now: Instant, bytes: &[u8]) -> Verdict {
+        self.from_local_source(now, None, bytes)
+    }
+
+    /// As [`Relay::from_local`], knowing who multicast the datagram: a copy another repeater
+    /// of this network (or this one) emitted is recognised by its sender, even when it
+    /// arrives before the remote copy that would have told.
+    pub fn from_local_source(
+        &mut self,
+        now: Instant,
+        source: Option<SocketAddr>,
+        bytes: &[u8],
+    ) -> Verdict {
         self.memory.expire(now);
         match self.check(bytes) {
             Ok(_) => {}
             Err(Verdict::Hello) => {
                 let id = Datagram::parse(bytes).map_or(0, |d| d.header().session());
-                return self.on_hello(now, bytes, id);
+                return self.on_hello(now, source, bytes, id);
             }
             Err(verdict) => return verdict,
         }
@@ -380,6 +411,17 @@ impl Relay {
             Some(Side::Remote) => return Verdict::Loop,
             Some(Side::Local) => return Verdict::Duplicate,
             None => {}
+        }
+        let relayed = source.is_some_and(|source| {
+            self.relay_senders
+                .get(&source)
+                .is_some_and(|heard| now.saturating_duration_since(*heard) < PEER_TIMEOUT)
+        });
+        if relayed {
+            // Another repeater's emission of a remote datagram: remembered as remote, so the
+            // copy a peer may still bring is a duplicate too.
+            self.memory.remember(now, digest, Side::Remote);
+            return Verdict::Loop;
         }
         // Remembered even on standby, so that a take-over does not resend what just crossed.
         self.memory.remember(now, digest, Side::Local);
@@ -593,8 +635,9 @@ impl Repeater {
                             let mut relayed = 0;
                             let mut outgoing: Vec<(&[u8], SocketAddr)> =
                                 Vec::with_capacity(n * targets.len());
-                            for bytes in batch.datagrams().take(n) {
-                                let verdict = relay.from_local(now, bytes);
+                            for (index, bytes) in batch.datagrams().take(n).enumerate() {
+                                let verdict =
+                                    relay.from_local_source(now, batch.source(index), bytes);
                                 counters.count(verdict);
                                 if verdict == Verdict::Relay {
                                     relayed += 1;
@@ -908,6 +951,35 @@ mod tests {
         let later = now + FORWARDER_TIMEOUT;
         assert!(high.is_forwarder(later));
         assert_eq!(high.from_local(later, &datagram(1, 2)), Verdict::Relay);
+    }
+
+    #[test]
+    fn a_sibling_repeaters_emissions_are_recognised_by_their_sender() {
+        let now = Instant::now();
+        let mut forwarder = Relay::with_id(1, None, None);
+        let mut standby = Relay::with_id(2, None, None);
+        let (sibling, publisher) = (peer(2), peer(9));
+        // The standby's hello comes from the socket it also emits relayed datagrams from.
+        assert_eq!(
+            forwarder.from_local_source(now, Some(sibling), &standby.hello()),
+            Verdict::Hello
+        );
+        let relayed = datagram(1, 1);
+        assert_eq!(
+            forwarder.from_local_source(now, Some(sibling), &relayed),
+            Verdict::Loop,
+            "a copy the standby brought from another network"
+        );
+        assert_eq!(
+            forwarder.from_remote(now, peer(5), &relayed),
+            Verdict::Duplicate,
+            "and the same datagram from a peer is not emitted again"
+        );
+        let local = datagram(1, 2);
+        assert_eq!(
+            forwarder.from_local_source(now, Some(publisher), &local),
+            Verdict::Relay
+        );
     }
 
     #[test]

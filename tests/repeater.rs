@@ -139,40 +139,56 @@ impl GroupCounter {
     }
 }
 
-/// Two groups joined by four repeaters, each peered with both remote ones (what DHT discovery
-/// builds): one forwarder per network, every delta datagram multicast exactly once on each
-/// network, no echo, and silence once the publisher stops.
-#[test]
-fn a_full_mesh_of_repeaters_delivers_each_datagram_once_and_does_not_storm() {
-    let near = MulticastConfig::new("239.255.73.50:47350".parse().unwrap());
-    let far = MulticastConfig::new("239.255.73.51:47351".parse().unwrap());
+/// Runs a publisher on one group and a subscriber on another, joined by the repeaters of
+/// `topology` (network — true for the publisher's —, listening port, peer ports, id), and checks
+/// that every delta datagram is multicast exactly once on each network, that nothing echoes
+/// back, that nothing goes back over the WAN, and that all traffic stops once the publisher
+/// does. Returns the data datagrams per
+/// second seen on the publisher's network and on the far one while publishing.
+fn relay_exactly_once(group_port: u16, topology: &[(bool, u16, Vec<u16>, u64)]) -> (f64, f64) {
+    let near = MulticastConfig::new(SocketAddr::from(([239, 255, 73, 50], group_port)));
+    let far = MulticastConfig::new(SocketAddr::from(([239, 255, 73, 51], group_port + 1)));
     let addr = |port: u16| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], port)) };
-    let (a2, a3, b3, b4) = (addr(47352), addr(47353), addr(47354), addr(47355));
-    let start = |group: &MulticastConfig, listen, peers: Vec<SocketAddr>| {
-        Repeater::start(RepeaterOptions::new(group.clone(), listen, peers)).unwrap()
+    let repeaters: Vec<(bool, usize, Repeater)> = topology
+        .iter()
+        .map(|(on_near, listen, peers, id)| {
+            let group = if *on_near { &near } else { &far };
+            let mut options = RepeaterOptions::new(
+                group.clone(),
+                addr(*listen),
+                peers.iter().map(|p| addr(*p)).collect(),
+            );
+            options.id = Some(*id);
+            (*on_near, peers.len(), Repeater::start(options).unwrap())
+        })
+        .collect();
+    let all_stats = || {
+        repeaters
+            .iter()
+            .map(|(_, _, r)| r.stats())
+            .collect::<Vec<_>>()
     };
-    let repeaters = [
-        start(&near, a2, vec![b3, b4]),
-        start(&near, a3, vec![b3, b4]),
-        start(&far, b3, vec![a2, a3]),
-        start(&far, b4, vec![a2, a3]),
-    ];
-    // Wait for the elections and the keepalives: one forwarder per network, all peers up.
+    // Wait for the elections and the keepalives: one forwarder per network, all peers up,
+    // each repeater sending to one peer (the far network's forwarder).
     let settled_by = Instant::now() + Duration::from_secs(10);
     let settled = || {
-        let stats: Vec<_> = repeaters.iter().map(Repeater::stats).collect();
-        stats
-            .iter()
-            .all(|s| s.peers_up == 2 && s.neighbours == 1 && s.targets == 1)
-            && stats[..2].iter().filter(|s| s.forwarder).count() == 1
-            && stats[2..].iter().filter(|s| s.forwarder).count() == 1
+        let side = |near_side: bool| repeaters.iter().filter(move |(n, _, _)| *n == near_side);
+        let one_forwarder = |near_side: bool| {
+            side(near_side)
+                .filter(|(_, _, r)| r.stats().forwarder)
+                .count()
+                == 1
+        };
+        repeaters.iter().all(|(on_near, peers, r)| {
+            let stats = r.stats();
+            stats.peers_up == *peers as u64
+                && stats.targets == 1
+                && stats.neighbours == side(*on_near).count() as u64 - 1
+        }) && one_forwarder(true)
+            && one_forwarder(false)
     };
     while !settled() {
-        assert!(
-            Instant::now() < settled_by,
-            "{:?}",
-            repeaters.iter().map(Repeater::stats).collect::<Vec<_>>()
-        );
+        assert!(Instant::now() < settled_by, "{:?}", all_stats());
         std::thread::sleep(Duration::from_millis(20));
     }
     let on_near = GroupCounter::start(&near);
@@ -181,6 +197,7 @@ fn a_full_mesh_of_repeaters_delivers_each_datagram_once_and_does_not_storm() {
     let mut options = PublisherOptions::new(1, near.clone());
     options.session.flush_delay = Duration::ZERO;
     let publisher = Publisher::start(options, Map::default()).unwrap();
+    let started = Instant::now();
     for i in 0..500u32 {
         publisher
             .publish(MapDelta::Put(i % 50, u64::from(i)))
@@ -192,8 +209,9 @@ fn a_full_mesh_of_repeaters_delivers_each_datagram_once_and_does_not_storm() {
     assert!(
         converged(&subscriber, &publisher, Duration::from_secs(10)),
         "{:?}",
-        repeaters.iter().map(Repeater::stats).collect::<Vec<_>>()
+        all_stats()
     );
+    let publishing = started.elapsed().as_secs_f64();
     drop(publisher);
     // Within a keepalive period of the publisher stopping, nothing moves any more.
     std::thread::sleep(LOOP_MEMORY + Duration::from_millis(500));
@@ -202,9 +220,9 @@ fn a_full_mesh_of_repeaters_delivers_each_datagram_once_and_does_not_storm() {
     std::thread::sleep(Duration::from_secs(1));
     let (_, stray_near) = quiet_near.finish();
     let (_, stray_far) = quiet_far.finish();
-    let (near_copies, _) = on_near.finish();
-    let (far_copies, _) = on_far.finish();
-    let stats: Vec<_> = repeaters.iter().map(Repeater::stats).collect();
+    let (near_copies, near_data) = on_near.finish();
+    let (far_copies, far_data) = on_far.finish();
+    let stats = all_stats();
     assert_eq!(
         near_copies.len(),
         500,
@@ -226,5 +244,57 @@ fn a_full_mesh_of_repeaters_delivers_each_datagram_once_and_does_not_storm() {
         (0, 0),
         "traffic stopped: {stats:?}"
     );
-    assert!(stats.iter().map(|s| s.relayed_out).sum::<u64>() >= 500);
+    (near_data as f64 / publishing, far_data as f64 / publishing)
+}
+
+#[test]
+fn one_pair_delivers_each_datagram_once() {
+    let rates = relay_exactly_once(
+        47_360,
+        &[
+            (true, 47_362, vec![47_363], 1),
+            (false, 47_363, vec![47_362], 2),
+        ],
+    );
+    eprintln!(
+        "one pair: data datagrams/s near {:.0}, far {:.0}",
+        rates.0, rates.1
+    );
+}
+
+#[test]
+fn two_pairs_deliver_each_datagram_once() {
+    let rates = relay_exactly_once(
+        47_370,
+        &[
+            // A's forwarder (id 1) is peered with B's standby (id 4): B's own forwarder must
+            // still recognise the standby's emissions as relayed copies.
+            (true, 47_372, vec![47_374], 1),
+            (true, 47_373, vec![47_375], 2),
+            (false, 47_374, vec![47_372], 4),
+            (false, 47_375, vec![47_373], 3),
+        ],
+    );
+    eprintln!(
+        "two pairs: data datagrams/s near {:.0}, far {:.0}",
+        rates.0, rates.1
+    );
+}
+
+/// Four repeaters, each peered with both remote ones (what DHT discovery builds).
+#[test]
+fn a_full_mesh_of_repeaters_delivers_each_datagram_once_and_does_not_storm() {
+    let rates = relay_exactly_once(
+        47_350,
+        &[
+            (true, 47_352, vec![47_354, 47_355], 1),
+            (true, 47_353, vec![47_354, 47_355], 2),
+            (false, 47_354, vec![47_352, 47_353], 3),
+            (false, 47_355, vec![47_352, 47_353], 4),
+        ],
+    );
+    eprintln!(
+        "full mesh: data datagrams/s near {:.0}, far {:.0}",
+        rates.0, rates.1
+    );
 }
