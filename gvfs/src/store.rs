@@ -717,6 +717,11 @@ impl ZoneStore {
         }
         let mut changed = 0;
         for path in paths {
+            // A file being written over NFS is checked when its writes settle: a scan in the
+            // middle of a copy would publish half of it.
+            if self.pending_checks.contains_key(&path) {
+                continue;
+            }
             if self.check(&path) {
                 changed += 1;
             }
