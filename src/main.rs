@@ -553,12 +553,15 @@ fn subscribe(args: &SubArgs) -> Result<()> {
         std::thread::sleep(Duration::from_secs(1));
         let stats = subscriber.stats();
         let p = stats.protocol;
-        let live = subscriber.read(|s| {
-            s.streams()
-                .filter(|v| v.status == StreamStatus::Live)
-                .count()
+        // One look at the streams (the session lock) for both gauges.
+        let (live, silent) = subscriber.read(|s| {
+            s.streams().fold((0, 0), |(live, silent), v| {
+                (
+                    live + usize::from(v.status == StreamStatus::Live),
+                    silent + usize::from(v.silent),
+                )
+            })
         });
-        let silent = subscriber.read(|s| s.streams().filter(|v| v.silent).count());
         *metrics.lock() = tools::prometheus(
             &labels,
             &[

@@ -116,6 +116,23 @@ impl Memory {
     }
 }
 
+/// The entry of `key` in a map of at most `max` entries: when it is full and `key` new, the
+/// entries no longer `live` go first; `None` if it is still full (the newcomer is not kept).
+fn bounded_entry<K: std::hash::Hash + Eq, V>(
+    map: &mut HashMap<K, V>,
+    key: K,
+    max: usize,
+    live: impl Fn(&V) -> bool,
+) -> Option<std::collections::hash_map::Entry<'_, K, V>> {
+    if map.len() >= max && !map.contains_key(&key) {
+        map.retain(|_, value| live(value));
+        if map.len() >= max {
+            return None;
+        }
+    }
+    Some(map.entry(key))
+}
+
 fn digest(bytes: &[u8]) -> [u8; 16] {
     let mut out = [0u8; 16];
     out.copy_from_slice(&blake3::hash(bytes).as_bytes()[..16]);
@@ -251,25 +268,20 @@ impl Relay {
                 return Verdict::Unauthenticated;
             }
         }
+        // Bounded: a network has a handful of repeaters; the long gone are forgotten first.
         if let Some(source) = source {
-            if self.relay_senders.len() >= 256 && !self.relay_senders.contains_key(&source) {
-                self.relay_senders
-                    .retain(|_, heard| now.saturating_duration_since(*heard) < PEER_TIMEOUT);
-            }
-            if self.relay_senders.len() < 256 || self.relay_senders.contains_key(&source) {
-                self.relay_senders.insert(source, now);
+            if let Some(heard) = bounded_entry(&mut self.relay_senders, source, 256, |heard| {
+                now.saturating_duration_since(*heard) < PEER_TIMEOUT
+            }) {
+                *heard.or_insert(now) = now;
             }
         }
         if id != self.id {
-            // Bounded: a network has a handful of repeaters; forget the long gone first.
-            if self.neighbours.len() >= 256 && !self.neighbours.contains_key(&id) {
-                self.neighbours
-                    .retain(|_, heard| now.saturating_duration_since(*heard) < FORWARDER_TIMEOUT);
-                if self.neighbours.len() >= 256 {
-                    return Verdict::Hello;
-                }
+            if let Some(heard) = bounded_entry(&mut self.neighbours, id, 256, |heard| {
+                now.saturating_duration_since(*heard) < FORWARDER_TIMEOUT
+            }) {
+                *heard.or_insert(now) = now;
             }
-            self.neighbours.insert(id, now);
         }
         Verdict::Hello
     }
@@ -305,17 +317,12 @@ impl Relay {
     /// Records that `from` was heard (any datagram from a peer counts).
     fn heard(&mut self, now: Instant, from: SocketAddr, ids: Option<(u64, u64)>) {
         // Bounded: senders are checked by address only, so one peer host could use many ports.
-        if self.peers.len() >= MAX_PEER_STATES && !self.peers.contains_key(&from) {
-            self.peers
-                .retain(|_, p| now.saturating_duration_since(p.heard) < PEER_TIMEOUT);
-            if self.peers.len() >= MAX_PEER_STATES {
-                return;
-            }
-        }
-        let entry = self
-            .peers
-            .entry(from)
-            .or_insert(PeerState { heard: now, ids });
+        let Some(entry) = bounded_entry(&mut self.peers, from, MAX_PEER_STATES, |p| {
+            now.saturating_duration_since(p.heard) < PEER_TIMEOUT
+        }) else {
+            return;
+        };
+        let entry = entry.or_insert(PeerState { heard: now, ids });
         entry.heard = now;
         if ids.is_some() {
             entry.ids = ids;

@@ -305,22 +305,27 @@ pub(super) fn send_batch_to(
     socket: &UdpSocket,
     datagrams: &[(&[u8], std::net::SocketAddr)],
 ) -> io::Result<usize> {
-    send_mmsg(socket, datagrams, |(datagram, to)| {
-        (datagram, Some(socket2::SockAddr::from(*to)))
-    })
+    send_mmsg(
+        socket,
+        datagrams,
+        |(datagram, _)| datagram,
+        |(_, to)| Some(*to),
+    )
 }
 
 /// Sends the datagrams on a connected socket with `sendmmsg`; returns how many were sent.
 pub(super) fn send_batch<B: AsRef<[u8]>>(socket: &UdpSocket, datagrams: &[B]) -> io::Result<usize> {
-    send_mmsg(socket, datagrams, |datagram| (datagram.as_ref(), None))
+    send_mmsg(socket, datagrams, AsRef::as_ref, |_| None)
 }
 
 /// `sendmmsg` over `items`, `SEND_BATCH` at a time: each item gives its bytes and, on an
-/// unconnected socket, its destination. Headers and addresses live on the stack.
+/// unconnected socket, its destination (all items or none). Headers live on the stack; a
+/// connected send builds no addresses at all.
 fn send_mmsg<T>(
     socket: &UdpSocket,
     items: &[T],
-    describe: impl Fn(&T) -> (&[u8], Option<socket2::SockAddr>),
+    bytes: impl Fn(&T) -> &[u8],
+    destination: impl Fn(&T) -> Option<std::net::SocketAddr>,
 ) -> io::Result<usize> {
     let mut sent = 0;
     let mut iovecs = [libc::iovec {
@@ -330,21 +335,25 @@ fn send_mmsg<T>(
     // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
     let mut all_headers: [libc::mmsghdr; SEND_BATCH] = unsafe { mem::zeroed() };
     for chunk in items.chunks(SEND_BATCH) {
-        let mut names: [Option<socket2::SockAddr>; SEND_BATCH] = std::array::from_fn(|_| None);
+        // Collected before any header points into it (an empty Vec does not allocate).
+        let names: Vec<socket2::SockAddr> = chunk
+            .iter()
+            .filter_map(&destination)
+            .map(socket2::SockAddr::from)
+            .collect();
         let headers = all_headers.get_mut(..chunk.len()).unwrap_or_default();
-        for (((header, iov), item), name) in headers
+        for (index, ((header, iov), item)) in headers
             .iter_mut()
             .zip(iovecs.iter_mut())
             .zip(chunk)
-            .zip(names.iter_mut())
+            .enumerate()
         {
-            let (datagram, address) = describe(item);
-            *name = address;
+            let datagram = bytes(item);
             iov.iov_base = datagram.as_ptr() as *mut libc::c_void;
             iov.iov_len = datagram.len();
             header.msg_hdr.msg_iov = iov;
             header.msg_hdr.msg_iovlen = 1;
-            match name {
+            match names.get(index) {
                 Some(name) => {
                     header.msg_hdr.msg_name = name.as_ptr() as *mut libc::c_void;
                     header.msg_hdr.msg_namelen = name.len();
