@@ -4,8 +4,9 @@
 //! [`Snapshotter`](snapshotter::Snapshotter) cycles its leaves; a
 //! [`Subscriber`](subscriber::Subscriber) keeps a copy, and rebuilds from the cycle after a gap,
 //! a late start or a publisher restart. This facade re-exports the crates and carries the
-//! order-book model shared by the examples and the `grapevine` binary, and the stream
-//! [`repeater`] that relays topics between networks.
+//! order-book model shared by the examples and the `grapevine` command. The stream
+//! [`repeater`] relays topics between networks. The command-line tool lives in its own crate
+//! (`grapevine-cli`), so depending on this one pulls in no CLI, HTTP or signal handling.
 //!
 //! ```no_run
 //! use grapevine::core::net::MulticastConfig;
@@ -24,9 +25,9 @@
 //! ```
 
 pub mod order_book;
-pub mod repeater;
 
 pub use grapevine_core as core;
 pub use grapevine_publisher as publisher;
+pub use grapevine_repeater as repeater;
 pub use grapevine_snapshotter as snapshotter;
 pub use grapevine_subscriber as subscriber;

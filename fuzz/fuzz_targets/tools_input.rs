@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use grapevine_core::auth::{Keyring, Verifier};
-use grapevine_core::recording::RecordReader;
-use grapevine_core::spy::Spy;
+use grapevine_cli::recording::RecordReader;
+use grapevine_cli::spy::Spy;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

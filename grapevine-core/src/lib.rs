@@ -12,8 +12,6 @@
 //! - [`net`]: multicast sockets built with `socket2` (explicit interface, loopback by default),
 //!   batched `recvmmsg`/`sendmmsg` I/O, a start-up self-test and a tokio wrapper.
 //! - [`auth`]: keyed tags on datagrams, replay windows, key rotation.
-//! - [`spy`]: per-stream traffic statistics for monitoring tools; [`recording`]: the file
-//!   format of recorded traffic.
 //! - `sim` (feature `testing`): a seeded, simulated lossy network driving the state machines.
 //!
 //! The wire format is specified in `docs/PROTOCOL.md`.
@@ -23,10 +21,8 @@ pub mod codec;
 pub mod limit;
 pub mod net;
 pub mod proto;
-pub mod recording;
 #[cfg(any(test, feature = "testing"))]
 pub mod sim;
-pub mod spy;
 pub mod state;
 pub mod wire;
 

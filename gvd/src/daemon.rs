@@ -345,7 +345,7 @@ pub struct Daemon {
     kos: KosListener,
     dht: Option<crate::dht::DhtDiscovery>,
     repeater: Option<(
-        grapevine::repeater::Repeater,
+        grapevine_repeater::Repeater,
         Option<crate::dht::DhtDiscovery>,
     )>,
     zones: Zones,
@@ -440,14 +440,14 @@ impl Daemon {
                 let iface: InterfaceSpec = settings.iface.parse().map_err(|e| {
                     anyhow::anyhow!("bad repeater interface {:?}: {e}", settings.iface)
                 })?;
-                let mut options = grapevine::repeater::RepeaterOptions::new(
+                let mut options = grapevine_repeater::RepeaterOptions::new(
                     MulticastConfig::new(settings.group).on(iface),
                     settings.listen,
                     settings.peers.clone(),
                 );
                 options.topics = (!settings.topics.is_empty()).then(|| settings.topics.clone());
                 options.keyring = keyring.clone();
-                let repeater = grapevine::repeater::Repeater::start(options)
+                let repeater = grapevine_repeater::Repeater::start(options)
                     .context("cannot start the repeater")?;
                 // Repeaters of the same network find each other on the DHT under their own
                 // name.

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::wire::{Datagram, Message};
+use grapevine::core::wire::{Datagram, Message};
 
 /// Delta payloads kept per stream for decoding.
 pub const LATEST_KEPT: usize = 4;
@@ -110,7 +110,7 @@ impl Spy {
     ///
     /// ```
     /// use std::time::Instant;
-    /// use grapevine_core::spy::Spy;
+    /// use grapevine_cli::spy::Spy;
     /// let mut spy = Spy::default();
     /// spy.handle(Instant::now(), b"not a datagram");
     /// assert_eq!(spy.malformed, 1);
@@ -139,7 +139,7 @@ impl Spy {
         }
         stream.datagrams += 1;
         stream.bytes += bytes.len() as u64;
-        if header.flags() & crate::wire::FLAG_AUTH == 0 {
+        if header.flags() & grapevine::core::wire::FLAG_AUTH == 0 {
             stream.unsigned += 1;
         }
         for message in datagram.messages() {
@@ -188,8 +188,8 @@ impl Spy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{PublisherConfig, PublisherSession};
-    use crate::state::{KeyedMap, MapDelta};
+    use grapevine::core::proto::{PublisherConfig, PublisherSession};
+    use grapevine::core::state::{KeyedMap, MapDelta};
 
     #[test]
     fn counts_streams_gaps_and_late_arrivals() {

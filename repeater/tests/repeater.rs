@@ -6,13 +6,13 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use grapevine::core::net::MulticastConfig;
-use grapevine::core::state::{digest, KeyedMap, MapDelta};
-use grapevine::core::StreamStatus;
-use grapevine::publisher::{Publisher, PublisherOptions};
-use grapevine::repeater::{Repeater, RepeaterOptions, LOOP_MEMORY};
-use grapevine::snapshotter::{Snapshotter, SnapshotterOptions};
-use grapevine::subscriber::{Subscriber, SubscriberOptions};
+use grapevine_core::net::MulticastConfig;
+use grapevine_core::state::{digest, KeyedMap, MapDelta};
+use grapevine_core::StreamStatus;
+use grapevine_publisher::{Publisher, PublisherOptions};
+use grapevine_repeater::{Repeater, RepeaterOptions, LOOP_MEMORY};
+use grapevine_snapshotter::{Snapshotter, SnapshotterOptions};
+use grapevine_subscriber::{Subscriber, SubscriberOptions};
 
 type Map = KeyedMap<u32, u64>;
 
@@ -97,8 +97,8 @@ struct GroupCounter {
 
 impl GroupCounter {
     fn start(group: &MulticastConfig) -> Self {
-        use grapevine::core::net::{MulticastSocket, RecvBatch};
-        use grapevine::core::wire::{Datagram, Message};
+        use grapevine_core::net::{MulticastSocket, RecvBatch};
+        use grapevine_core::wire::{Datagram, Message};
         let socket = MulticastSocket::receiver(group).unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopping = std::sync::Arc::clone(&stop);

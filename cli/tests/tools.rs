@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use grapevine::core::recording::{RecordReader, RecordWriter};
 use grapevine::core::wire::{Datagram, Message};
+use grapevine_cli::recording::{RecordReader, RecordWriter};
 
 fn grapevine(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_grapevine"));

@@ -1,0 +1,95 @@
+//! `grapevine record`: every datagram of some groups, with receive times, into rotating files.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use grapevine::core::net::InterfaceSpec;
+use grapevine_cli::recording::{Record, RecordWriter};
+
+use crate::cmd::receive_all;
+use crate::interrupted;
+
+/// `grapevine record`.
+#[derive(Args, Debug)]
+pub struct RecordArgs {
+    /// The recording (rotated files get `.1`, `.2`, ... appended).
+    file: PathBuf,
+    /// Groups to record (repeat the flag for several).
+    #[arg(long = "group", required = true)]
+    groups: Vec<SocketAddr>,
+    /// Interface to join on; loopback unless set.
+    #[arg(long, env = "GRAPEVINE_IFACE", default_value = "lo")]
+    iface: InterfaceSpec,
+    /// Stop after this many seconds (default: until Ctrl-C).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Start a new file when this one reaches this many MiB.
+    #[arg(long)]
+    rotate_mib: Option<u64>,
+}
+
+fn segment_path(file: &Path, index: u32) -> PathBuf {
+    if index == 0 {
+        file.to_path_buf()
+    } else {
+        let mut name = file.as_os_str().to_owned();
+        name.push(format!(".{index}"));
+        PathBuf::from(name)
+    }
+}
+
+/// `grapevine record`: every datagram of the groups, with receive times, into a file.
+pub fn record(args: &RecordArgs) -> Result<()> {
+    let rx = receive_all(&args.groups, &args.iface)?;
+    let open = |index: u32| -> Result<RecordWriter<BufWriter<File>>> {
+        let path = segment_path(&args.file, index);
+        let file =
+            File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(RecordWriter::new(BufWriter::new(file))?)
+    };
+    let mut segment = 0u32;
+    let mut writer = open(segment)?;
+    let limit = args.rotate_mib.map(|m| m.max(1) << 20);
+    let started = Instant::now();
+    let stop_at = args.seconds.map(|s| started + Duration::from_secs_f64(s));
+    let (mut records, mut total_bytes) = (0u64, 0u64);
+    let mut next_progress = started + Duration::from_secs(1);
+    while stop_at.is_none_or(|t| Instant::now() < t) && !interrupted() {
+        if let Ok(received) = rx.recv_timeout(Duration::from_millis(100)) {
+            let written = writer.write(&Record {
+                time: received.time,
+                group: received.group,
+                payload: received.bytes,
+            })?;
+            records += 1;
+            total_bytes += written as u64;
+            if limit.is_some_and(|l| writer.written() >= l) {
+                writer.finish()?;
+                segment += 1;
+                writer = open(segment)?;
+            }
+        }
+        if Instant::now() >= next_progress {
+            next_progress += Duration::from_secs(1);
+            eprint!(
+                "\rrecording {}: {records} datagrams, {:.1} MiB, {} file(s)   ",
+                args.file.display(),
+                total_bytes as f64 / (1 << 20) as f64,
+                segment + 1
+            );
+        }
+    }
+    writer.finish()?;
+    eprintln!(
+        "\nrecorded {records} datagrams ({:.1} MiB) in {} file(s) starting at {}",
+        total_bytes as f64 / (1 << 20) as f64,
+        segment + 1,
+        args.file.display()
+    );
+    Ok(())
+}

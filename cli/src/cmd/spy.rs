@@ -1,0 +1,171 @@
+//! `grapevine spy`: per-stream rates, sequence, gaps, losses and snapshot cycles of live groups.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use grapevine::core::codec;
+use grapevine::core::net::InterfaceSpec;
+use grapevine::order_book::BookDelta;
+use grapevine_cli::spy::{Spy, StreamStats};
+
+use crate::cmd::receive_all;
+use crate::interrupted;
+
+/// Decoders the spy knows for message payloads.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Decoder {
+    /// Show payloads as hex.
+    None,
+    /// The order book of `grapevine pub` and the examples.
+    OrderBook,
+}
+
+/// `grapevine spy`.
+#[derive(Args, Debug)]
+pub struct SpyArgs {
+    /// Groups to watch (repeat the flag for several).
+    #[arg(long = "group", required = true)]
+    groups: Vec<SocketAddr>,
+    /// Interface to join on; loopback unless set.
+    #[arg(long, env = "GRAPEVINE_IFACE", default_value = "lo")]
+    iface: InterfaceSpec,
+    /// Seconds between reports.
+    #[arg(long, default_value_t = 1.0)]
+    interval: f64,
+    /// Stop after this many seconds (default: until Ctrl-C).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// How to show the latest message of each stream.
+    #[arg(long, value_enum, default_value = "none")]
+    decode: Decoder,
+    /// One JSON object per stream and report instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn decode_latest(decoder: Decoder, payload: &[u8]) -> serde_json::Value {
+    match decoder {
+        Decoder::OrderBook => match codec::decode::<BookDelta>(payload) {
+            Ok(delta) => serde_json::to_value(delta).unwrap_or_default(),
+            Err(e) => format!("undecodable: {e}").into(),
+        },
+        Decoder::None => payload
+            .iter()
+            .take(32)
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+            .into(),
+    }
+}
+
+/// `grapevine spy`: per topic and publisher, rates, sequence, losses and the snapshot cycle.
+pub fn spy(args: &SpyArgs) -> Result<()> {
+    let rx = receive_all(&args.groups, &args.iface)?;
+    let mut spy = Spy::default();
+    let started = Instant::now();
+    let interval = Duration::from_secs_f64(args.interval.max(0.05));
+    let stop_at = args.seconds.map(|s| started + Duration::from_secs_f64(s));
+    let tty = std::io::stdout().is_terminal() && !args.json;
+    let mut previous: BTreeMap<(u32, u32), StreamStats> = BTreeMap::new();
+    let mut last_report = started;
+    while stop_at.is_none_or(|t| Instant::now() < t) && !interrupted() {
+        let deadline = (last_report + interval).min(stop_at.unwrap_or(last_report + interval));
+        while let Ok(received) = rx.recv_deadline(deadline) {
+            spy.handle(received.at, &received.bytes);
+        }
+        let now = Instant::now();
+        let seconds = now.duration_since(last_report).as_secs_f64().max(1e-6);
+        last_report = now;
+        let mut out = std::io::stdout().lock();
+        if tty {
+            write!(out, "\x1b[2J\x1b[H")?;
+            writeln!(
+                out,
+                "grapevine spy  {}  {:.0} s  datagrams {}  malformed {}",
+                args.groups
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                started.elapsed().as_secs_f64(),
+                spy.datagrams,
+                spy.malformed
+            )?;
+            writeln!(
+                out,
+                "{:>8} {:>9} {:>18} {:>10} {:>10} {:>10} {:>6} {:>7} {:>13} {:>9}",
+                "TOPIC",
+                "PUBLISHER",
+                "SESSION",
+                "MSG/S",
+                "KB/S",
+                "LAST SEQ",
+                "GAPS",
+                "LOST",
+                "CYCLE",
+                "PERIOD"
+            )?;
+        }
+        for (&(topic, publisher), stream) in spy.streams() {
+            let before = previous.get(&(topic, publisher));
+            let delta = |f: fn(&StreamStats) -> u64| {
+                f(stream).saturating_sub(before.map_or(0, f)) as f64 / seconds
+            };
+            let rate = delta(|s| s.deltas);
+            let kbps = delta(|s| s.bytes) / 1000.0;
+            let cycle = stream
+                .cycle
+                .map_or_else(|| "-".to_string(), |(c, i)| format!("#{c}:{i}"));
+            let period = stream.cycle_period.map_or_else(
+                || "-".to_string(),
+                |p| format!("{:.0} ms", p.as_secs_f64() * 1e3),
+            );
+            let latest = stream.latest.back().map(|p| decode_latest(args.decode, p));
+            if args.json {
+                let line = serde_json::json!({
+                    "t": started.elapsed().as_secs_f64(),
+                    "topic": topic, "publisher": publisher, "session": format!("{:016x}", stream.session),
+                    "restarts": stream.restarts,
+                    "messages_per_second": rate, "kilobytes_per_second": kbps,
+                    "deltas": stream.deltas, "leaves": stream.leaves, "heartbeats": stream.heartbeats,
+                    "last_seq": stream.last_seq, "gaps": stream.gaps, "lost": stream.lost,
+                    "cycles": stream.cycles, "cycle": stream.cycle,
+                    "cycle_period_ms": stream.cycle_period.map(|p| p.as_secs_f64() * 1e3),
+                    "malformed": spy.malformed, "unsigned": stream.unsigned, "latest": latest,
+                });
+                writeln!(out, "{line}")?;
+            } else if tty {
+                writeln!(
+                    out,
+                    "{topic:>8} {publisher:>9} {:>18} {rate:>10.0} {kbps:>10.1} {:>10} {:>6} {:>7} {cycle:>13} {period:>9}",
+                    format!("{:016x}", stream.session),
+                    stream.last_seq,
+                    stream.gaps,
+                    stream.lost
+                )?;
+                if let Some(latest) = latest {
+                    writeln!(out, "{:>8} latest: {latest}", "")?;
+                }
+            } else {
+                writeln!(
+                    out,
+                    "topic {topic} publisher {publisher} session {:016x}: {rate:.0} msg/s {kbps:.1} kB/s seq {} gaps {} lost {} cycle {cycle} period {period} malformed {} unsigned {}{}",
+                    stream.session,
+                    stream.last_seq,
+                    stream.gaps,
+                    stream.lost,
+                    spy.malformed,
+                    stream.unsigned,
+                    latest.map(|l| format!(" latest {l}")).unwrap_or_default()
+                )?;
+            }
+        }
+        out.flush()?;
+        previous = spy.streams().map(|(k, v)| (*k, v.clone())).collect();
+    }
+    Ok(())
+}
