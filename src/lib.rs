@@ -26,6 +26,22 @@
 
 pub mod order_book;
 
+/// What a program using GrapeVine needs, in one import: `use grapevine::prelude::*;`.
+pub mod prelude {
+    pub use grapevine_core::auth::Keyring;
+    pub use grapevine_core::net::{InterfaceSpec, MulticastConfig};
+    pub use grapevine_core::proto::{SnapshotRate, StreamStatus, SubscriberEvent};
+    pub use grapevine_core::state::{
+        digest, next_in, short_hex, KeyedMap, LeafChanges, LeafMap, MapDelta, ReplicatedState,
+    };
+    pub use grapevine_publisher::{Publisher, PublisherError, PublisherOptions};
+    pub use grapevine_snapshotter::{Snapshotter, SnapshotterOptions};
+    pub use grapevine_subscriber::{
+        EventStream, Events, Progress, ProgressWatch, Replica, StreamProgress, Subscriber,
+        SubscriberOptions, Warning,
+    };
+}
+
 pub use grapevine_core as core;
 pub use grapevine_publisher as publisher;
 pub use grapevine_repeater as repeater;

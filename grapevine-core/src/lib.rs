@@ -30,4 +30,4 @@ pub use proto::{
     PublisherConfig, PublisherSession, SnapshotConfig, SnapshotRate, SnapshotSession, StreamStatus,
     SubscriberConfig, SubscriberEvent, SubscriberSession,
 };
-pub use state::{KeyedMap, MapDelta, ReplicatedState};
+pub use state::{KeyedMap, LeafChanges, LeafMap, MapDelta, ReplicatedState};

@@ -244,3 +244,221 @@ pub fn next_in<'a, K: Ord, V>(
         Some(after) => map.range((Bound::Excluded(after), Bound::Unbounded)).next(),
     }
 }
+
+/// The short way to a state: say what a leaf is and how one change alters it, and
+/// [`LeafMap<Self>`](LeafMap) is the [`ReplicatedState`] (ordered storage, snapshots walking it,
+/// `next_leaf`, owned application), with deltas of the form `(key, change)` so the key is
+/// stored once.
+///
+/// ```
+/// use grapevine_core::state::{LeafChanges, LeafMap, ReplicatedState};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Clone, Debug, Serialize, Deserialize)]
+/// enum Counter { Add(i64), Reset }
+///
+/// struct Counters;
+/// impl LeafChanges for Counters {
+///     type Key = String;
+///     type Leaf = i64;
+///     type Change = Counter;
+///     fn apply(change: &Counter, leaf: &mut Option<i64>) {
+///         match change {
+///             Counter::Add(n) => *leaf.get_or_insert(0) += n,
+///             Counter::Reset => *leaf = None,
+///         }
+///     }
+/// }
+///
+/// let mut state = LeafMap::<Counters>::default();
+/// state.apply(&("hits".into(), Counter::Add(2)));
+/// state.apply(&("hits".into(), Counter::Add(3)));
+/// assert_eq!(state.get(&"hits".into()), Some(&5));
+/// state.apply(&("hits".into(), Counter::Reset));
+/// assert!(state.is_empty());
+/// ```
+pub trait LeafChanges: Send + Sync + 'static {
+    /// Identity of a leaf.
+    type Key: Clone + Debug + Eq + Hash + Ord + Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// Value of a leaf.
+    type Leaf: Clone + Debug + PartialEq + Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// A change to one leaf (without its key: the delta is `(key, change)`).
+    type Change: Clone + Debug + Serialize + DeserializeOwned + Send + Sync + 'static;
+
+    /// Changes one leaf: `leaf` is `None` when absent; leave `None` (or set it) to remove it.
+    /// Deterministic and total, as [`ReplicatedState::apply`] requires.
+    fn apply(change: &Self::Change, leaf: &mut Option<Self::Leaf>);
+}
+
+/// A state of leaves in key order, changed as [`LeafChanges`] `C` says; see there.
+pub struct LeafMap<C: LeafChanges> {
+    entries: BTreeMap<C::Key, C::Leaf>,
+}
+
+impl<C: LeafChanges> LeafMap<C> {
+    /// The leaf of `key`.
+    pub fn get(&self, key: &C::Key) -> Option<&C::Leaf> {
+        self.entries.get(key)
+    }
+
+    /// The leaves, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&C::Key, &C::Leaf)> {
+        self.entries.iter()
+    }
+
+    /// The underlying map.
+    pub fn as_map(&self) -> &BTreeMap<C::Key, C::Leaf> {
+        &self.entries
+    }
+
+    fn change(&mut self, key: C::Key, change: &C::Change) -> bool {
+        // The leaf is taken out and put back so that `apply` sees a plain `Option`.
+        let mut leaf = self.entries.remove(&key);
+        C::apply(change, &mut leaf);
+        match leaf {
+            Some(leaf) => {
+                self.entries.insert(key, leaf);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl<C: LeafChanges> Default for LeafMap<C> {
+    fn default() -> Self {
+        Self {
+            entries: BTreeMap::new(),
+        }
+    }
+}
+
+impl<C: LeafChanges> Clone for LeafMap<C> {
+    fn clone(&self) -> Self {
+        Self {
+            entries: self.entries.clone(),
+        }
+    }
+}
+
+impl<C: LeafChanges> Debug for LeafMap<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.entries.iter()).finish()
+    }
+}
+
+impl<C: LeafChanges> PartialEq for LeafMap<C> {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries
+    }
+}
+
+impl<C: LeafChanges> FromIterator<(C::Key, C::Leaf)> for LeafMap<C> {
+    fn from_iter<I: IntoIterator<Item = (C::Key, C::Leaf)>>(iter: I) -> Self {
+        Self {
+            entries: iter.into_iter().collect(),
+        }
+    }
+}
+
+impl<C: LeafChanges> ReplicatedState for LeafMap<C> {
+    type Key = C::Key;
+    type Leaf = C::Leaf;
+    type Delta = (C::Key, C::Change);
+
+    fn delta_key(delta: &Self::Delta) -> &C::Key {
+        &delta.0
+    }
+
+    fn apply(&mut self, (key, change): &Self::Delta) {
+        self.change(key.clone(), change);
+    }
+
+    fn apply_owned(&mut self, (key, change): Self::Delta) -> bool {
+        self.change(key, &change)
+    }
+
+    fn leaf(&self, key: &C::Key) -> Option<&C::Leaf> {
+        self.entries.get(key)
+    }
+
+    fn leaves(&self) -> Box<dyn Iterator<Item = (&C::Key, &C::Leaf)> + '_> {
+        Box::new(self.entries.iter())
+    }
+
+    fn next_leaf(&self, after: Option<&C::Key>) -> Option<(&C::Key, &C::Leaf)> {
+        next_in(&self.entries, after)
+    }
+
+    fn put_leaf(&mut self, key: C::Key, leaf: C::Leaf) {
+        self.entries.insert(key, leaf);
+    }
+
+    fn remove_leaf(&mut self, key: &C::Key) -> Option<C::Leaf> {
+        self.entries.remove(key)
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    enum Change {
+        Add(i8),
+        Remove,
+    }
+
+    struct Counts;
+    impl LeafChanges for Counts {
+        type Key = u8;
+        type Leaf = i32;
+        type Change = Change;
+        fn apply(change: &Change, leaf: &mut Option<i32>) {
+            match change {
+                Change::Add(n) => *leaf.get_or_insert(0) += i32::from(*n),
+                Change::Remove => *leaf = None,
+            }
+        }
+    }
+
+    fn change() -> impl Strategy<Value = (u8, Change)> {
+        (
+            0u8..16,
+            prop_oneof![any::<i8>().prop_map(Change::Add), Just(Change::Remove)],
+        )
+    }
+
+    proptest! {
+        /// Applied by reference or owned, a leaf map holds what a plain map of the same
+        /// changes holds, reports presence right, and `next_leaf` walks every leaf in order.
+        #[test]
+        fn a_leaf_map_matches_a_plain_map(changes in proptest::collection::vec(change(), 0..200)) {
+            let mut by_ref = LeafMap::<Counts>::default();
+            let mut owned = LeafMap::<Counts>::default();
+            let mut model = BTreeMap::<u8, i32>::new();
+            for (key, change) in changes {
+                match change {
+                    Change::Add(n) => *model.entry(key).or_insert(0) += i32::from(n),
+                    Change::Remove => { model.remove(&key); }
+                }
+                by_ref.apply(&(key, change.clone()));
+                prop_assert_eq!(owned.apply_owned((key, change)), model.contains_key(&key));
+            }
+            prop_assert_eq!(by_ref.as_map(), &model);
+            prop_assert_eq!(owned.as_map(), &model);
+            let mut walked = Vec::new();
+            let mut after = None;
+            while let Some((key, leaf)) = owned.next_leaf(after.as_ref()) {
+                walked.push((*key, *leaf));
+                after = Some(*key);
+            }
+            prop_assert_eq!(walked, model.into_iter().collect::<Vec<_>>());
+        }
+    }
+}

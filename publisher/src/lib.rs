@@ -28,11 +28,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use grapevine_core::net::{MulticastConfig, MulticastSocket, NetError};
-use grapevine_core::proto::{
-    new_session_id, PublishError, PublisherConfig, PublisherSession, PublisherStats,
-};
-use grapevine_core::state::ReplicatedState;
+use grapevine_core::net::{MulticastSocket, NetError};
+use grapevine_core::proto::{new_session_id, PublisherSession};
+
+pub use grapevine_core::net::{InterfaceSpec, MulticastConfig};
+pub use grapevine_core::proto::{PublishError, PublisherConfig, PublisherStats};
+pub use grapevine_core::state::ReplicatedState;
 use parking_lot::{Condvar, Mutex};
 
 /// Settings of a [`Publisher`].
@@ -61,6 +62,14 @@ impl PublisherOptions {
             repair: None,
             session: PublisherConfig::new(topic),
         }
+    }
+
+    /// Sets this publisher's id within the topic (default 0). Publishers of one topic need
+    /// distinct ids; subscribers keep one stream per id.
+    #[must_use]
+    pub fn with_id(mut self, publisher: u32) -> Self {
+        self.session.publisher = publisher;
+        self
     }
 }
 
@@ -138,6 +147,7 @@ impl<S: ReplicatedState> Shared<S> {
 #[derive(Debug)]
 pub struct Publisher<S: ReplicatedState> {
     shared: SharedSession<S>,
+    publisher_id: u32,
     flusher: Option<JoinHandle<()>>,
     repairer: Option<JoinHandle<()>>,
 }
@@ -218,6 +228,7 @@ impl<S: ReplicatedState> Publisher<S> {
         };
         Ok(Self {
             shared,
+            publisher_id: options.session.publisher,
             flusher: Some(flusher),
             repairer,
         })
@@ -299,6 +310,14 @@ impl<S: ReplicatedState> Publisher<S> {
     /// Failed sends so far.
     pub fn send_errors(&self) -> u64 {
         self.shared.send_errors.load(Ordering::Relaxed)
+    }
+
+    /// This publisher's id within its topic (`options.session.publisher`, 0 unless set): what
+    /// subscribers key its stream by ([`Subscriber::wait_caught_up`], `stream(publisher)`).
+    ///
+    /// [`Subscriber::wait_caught_up`]: https://docs.rs/grapevine-subscriber
+    pub fn id(&self) -> u32 {
+        self.publisher_id
     }
 
     /// The session id.

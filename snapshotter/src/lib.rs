@@ -37,7 +37,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 use grapevine_core::net::{MulticastConfig, MulticastSocket, NetError};
-use grapevine_core::proto::{SnapshotConfig, SnapshotSession, SnapshotStats};
+use grapevine_core::proto::SnapshotSession;
+
+pub use grapevine_core::proto::{SnapshotConfig, SnapshotRate, SnapshotStats};
 use grapevine_core::state::ReplicatedState;
 use grapevine_publisher::{Publisher, SharedSession};
 use parking_lot::Mutex;

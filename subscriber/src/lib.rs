@@ -39,16 +39,24 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use grapevine_core::net::{MulticastConfig, MulticastSocket, NetError, RecvBatch};
-use grapevine_core::proto::{
-    SubscriberConfig, SubscriberEvent, SubscriberSession, SubscriberStats,
-};
-use grapevine_core::state::ReplicatedState;
+use grapevine_core::net::{MulticastSocket, NetError, RecvBatch};
+use grapevine_core::proto::SubscriberSession;
 use parking_lot::{Condvar, Mutex};
 
 mod inline;
+mod progress;
 
+pub use crossbeam_channel;
+pub use grapevine_core::net::{InterfaceSpec, MulticastConfig};
+pub use grapevine_core::proto::{
+    StreamStatus, StreamView, SubscriberConfig, SubscriberEvent, SubscriberStats,
+};
+pub use grapevine_core::state::{digest, ReplicatedState};
 pub use inline::InlineSubscriber;
+pub use progress::{Progress, ProgressWatch, Replica, StreamProgress, Warning};
+
+/// The blocking channel of a subscriber's events ([`Subscriber::events`]).
+pub type Events<K> = Receiver<SubscriberEvent<K>>;
 
 /// Settings of a [`Subscriber`].
 #[derive(Clone, Debug)]
@@ -103,6 +111,35 @@ impl SubscriberOptions {
             busy_poll: false,
         }
     }
+
+    /// Takes snapshots from a separate recovery group, joined only while recovering.
+    #[must_use]
+    pub fn with_recovery(mut self, recovery: MulticastConfig) -> Self {
+        self.recovery = Some(recovery);
+        self
+    }
+
+    /// Discards this fraction of received datagrams on purpose (demos and tests of recovery).
+    #[must_use]
+    pub fn with_injected_loss(mut self, fraction: f64) -> Self {
+        self.inject_loss = fraction;
+        self
+    }
+
+    /// Whether each applied delta produces a [`SubscriberEvent::Applied`] (default true; turn
+    /// it off when only state and progress matter, it saves an event per delta).
+    #[must_use]
+    pub fn with_applied_events(mut self, on: bool) -> Self {
+        self.session.emit_applied = on;
+        self
+    }
+
+    /// Verifies datagrams with this keyring (refusing unsigned ones).
+    #[must_use]
+    pub fn with_keyring(mut self, keyring: Arc<grapevine_core::auth::Keyring>) -> Self {
+        self.session.keyring = Some(keyring);
+        self
+    }
 }
 
 /// Why the subscriber could not start.
@@ -134,6 +171,8 @@ pub struct Stats {
     pub events_dropped: u64,
     /// Receive buffer the kernel granted.
     pub recv_buffer: usize,
+    /// Receive buffer asked for (`MulticastConfig::recv_buffer`).
+    pub recv_buffer_asked: usize,
     /// Times the recovery group was joined.
     pub recovery_joins: u64,
 }
@@ -151,8 +190,20 @@ struct Shared<S: ReplicatedState> {
     /// Deltas applied or found already reflected, for cheap progress polling.
     processed: AtomicU64,
     recv_buffer: usize,
+    recv_buffer_asked: usize,
     /// Where repair requests go, when repair is on.
     repair_sender: Option<MulticastSocket>,
+    /// Refreshed after every batch that changed a stream's standing; notifies `changed` too.
+    progress: tokio::sync::watch::Sender<Progress>,
+}
+
+impl<S: ReplicatedState> Shared<S> {
+    /// Publishes the session's progress if it moved, waking whoever waits for it.
+    fn refresh_progress(&self, session: &SubscriberSession<S>) {
+        if self.progress.send_if_modified(|p| p.refresh(session)) {
+            self.changed.notify_all();
+        }
+    }
 }
 
 enum EventSink<K> {
@@ -200,7 +251,9 @@ impl<S: ReplicatedState> Subscriber<S> {
         Self::start(options, EventSink::Blocking(sender), receiver)
     }
 
-    /// Joins the group and starts replicating; events go to the returned async stream.
+    /// Joins the group and starts replicating; events go to the returned async stream. Needs no
+    /// tokio runtime to be running (the subscriber has its own threads); the stream can be read
+    /// from any executor.
     ///
     /// # Errors
     ///
@@ -254,7 +307,9 @@ impl<S: ReplicatedState> Subscriber<S> {
             drop_next: AtomicU64::new(0),
             processed: AtomicU64::new(0),
             recv_buffer,
+            recv_buffer_asked: options.multicast.recv_buffer,
             repair_sender,
+            progress: tokio::sync::watch::Sender::new(Progress::default()),
         });
         let sink = Arc::new(sink);
         let mut threads = Vec::new();
@@ -351,8 +406,148 @@ impl<S: ReplicatedState> Subscriber<S> {
         true
     }
 
-    /// The events, for blocking use (`recv`, `recv_timeout`, `try_iter`).
-    pub fn events(&self) -> &Receiver<SubscriberEvent<S::Key>> {
+    /// Waits until `publisher`'s stream holds the publisher's state as of `seq` (the value
+    /// [`Publisher::publish`] returned for the delta of interest, in the publisher's current
+    /// session), at most `timeout`; returns whether it does. Unlike [`wait_live`](Self::wait_live),
+    /// which only says the replica is consistent up to what it processed, this says it has
+    /// processed `seq` and trusts every leaf. Wakes on progress, never polls.
+    ///
+    /// [`Publisher::publish`]: https://docs.rs/grapevine-publisher
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # use grapevine_core::state::KeyedMap;
+    /// # use grapevine_subscriber::{MulticastConfig, Subscriber, SubscriberOptions};
+    /// let options = SubscriberOptions::new(1, MulticastConfig::new("239.255.0.1:7000".parse()?));
+    /// let subscriber = Subscriber::<KeyedMap<String, u64>>::join(options)?;
+    /// // The publisher (id 0) reported seq 1000 for its last delta:
+    /// if subscriber.wait_caught_up(0, 1000, Duration::from_secs(5)) {
+    ///     let copy = subscriber.replica(0).expect("heard");
+    ///     println!("{} leaves as of seq {}", copy.state.len(), copy.progress.last_seq);
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn wait_caught_up(&self, publisher: u32, seq: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let caught_up = |session: &SubscriberSession<S>| {
+            session
+                .stream(publisher)
+                .is_some_and(|v| v.status == StreamStatus::Live && v.last_seq >= seq)
+        };
+        let mut session = self.shared.session.lock();
+        while !caught_up(&session) {
+            if self
+                .shared
+                .changed
+                .wait_until(&mut session, deadline)
+                .timed_out()
+            {
+                return caught_up(&session);
+            }
+        }
+        true
+    }
+
+    /// Completes when `publisher`'s stream is caught up to `seq` (as
+    /// [`wait_caught_up`](Self::wait_caught_up)); `false` if the subscriber is dropped first.
+    /// The future owns what it needs (spawn it freely) and needs no tokio runtime; bound it with
+    /// `tokio::time::timeout`.
+    pub fn caught_up(
+        &self,
+        publisher: u32,
+        seq: u64,
+    ) -> impl std::future::Future<Output = bool> + Send + 'static {
+        self.watch_progress().caught_up(publisher, seq)
+    }
+
+    /// How far every stream has come, as of the last received batch (no session lock taken).
+    pub fn progress(&self) -> Progress {
+        self.shared.progress.borrow().clone()
+    }
+
+    /// The [`Progress`] as it changes, for async code.
+    pub fn watch_progress(&self) -> ProgressWatch {
+        ProgressWatch {
+            receiver: self.shared.progress.subscribe(),
+        }
+    }
+
+    /// The publishers heard so far.
+    pub fn publishers(&self) -> Vec<u32> {
+        self.progress()
+            .streams()
+            .iter()
+            .map(|s| s.publisher)
+            .collect()
+    }
+
+    /// An owned copy of `publisher`'s state with its status, last `seq` and stale leaves.
+    /// Cloning happens under the session lock, which reception also needs: fine for
+    /// occasional reads, not for every event (read single leaves with [`leaf`](Self::leaf)).
+    pub fn replica(&self, publisher: u32) -> Option<Replica<S>>
+    where
+        S: Clone,
+    {
+        self.read(|session| {
+            session.stream(publisher).map(|v| Replica {
+                progress: StreamProgress {
+                    publisher: v.publisher,
+                    session: v.session,
+                    status: v.status,
+                    last_seq: v.last_seq,
+                    stale_leaves: v.stale.len(),
+                    silent: v.silent,
+                },
+                state: v.state.clone(),
+                stale: v.stale.iter().cloned().collect(),
+            })
+        })
+    }
+
+    /// One leaf of `publisher`'s state and whether it is trusted (not stale): what an
+    /// [`SubscriberEvent::Applied`] or [`SubscriberEvent::LeafRecovered`] for `key` changed.
+    pub fn leaf(&self, publisher: u32, key: &S::Key) -> Option<(S::Leaf, bool)> {
+        self.read(|session| {
+            let view = session.stream(publisher)?;
+            let leaf = view.state.leaf(key)?.clone();
+            Some((leaf, !view.stale.contains(key)))
+        })
+    }
+
+    /// Conditions worth acting on, from the counters (each is also logged through `tracing`).
+    pub fn warnings(&self) -> Vec<Warning> {
+        let stats = self.stats();
+        let p = stats.protocol;
+        let mut warnings = Vec::new();
+        if stats.recv_buffer < stats.recv_buffer_asked {
+            warnings.push(Warning::ReceiveBufferCapped {
+                asked: stats.recv_buffer_asked,
+                granted: stats.recv_buffer,
+            });
+        }
+        let counts = [
+            (
+                stats.kernel_drops,
+                Warning::KernelDrops as fn(u64) -> Warning,
+            ),
+            (p.unauthenticated, Warning::Unauthenticated),
+            (p.replayed + p.retired_session, Warning::Refused),
+            (stats.events_dropped, Warning::EventsDropped),
+            (stats.truncated, Warning::Truncated),
+        ];
+        warnings.extend(
+            counts
+                .into_iter()
+                .filter(|(count, _)| *count > 0)
+                .map(|(count, warning)| warning(count)),
+        );
+        warnings
+    }
+
+    /// The events, for blocking use (`recv`, `recv_timeout`, `try_iter`). A subscriber made
+    /// with [`join_async`](Self::join_async) delivers its events to its [`EventStream`]
+    /// instead: this channel is then closed and empty (`recv` returns an error at once).
+    pub fn events(&self) -> &Events<S::Key> {
         &self.events
     }
 
@@ -364,6 +559,7 @@ impl<S: ReplicatedState> Subscriber<S> {
             truncated: self.shared.truncated.load(Ordering::Relaxed),
             events_dropped: self.shared.events_dropped.load(Ordering::Relaxed),
             recv_buffer: self.shared.recv_buffer,
+            recv_buffer_asked: self.shared.recv_buffer_asked,
             recovery_joins: self.shared.recovery_joins.load(Ordering::Relaxed),
         }
     }
@@ -524,6 +720,7 @@ fn receive_loop<S: ReplicatedState>(
                 Ordering::Relaxed,
             );
             events.extend(std::iter::from_fn(|| session.poll_event()));
+            shared.refresh_progress(&session);
         }
         if !events.is_empty() {
             shared.changed.notify_all();
@@ -574,6 +771,7 @@ fn recovery_loop<S: ReplicatedState>(
                 session.handle_datagram(now, bytes);
             }
             events.extend(std::iter::from_fn(|| session.poll_event()));
+            shared.refresh_progress(&session);
         }
         if !events.is_empty() {
             shared.changed.notify_all();

@@ -540,3 +540,70 @@ fn flow_controlled_kilobyte_deltas_lose_nothing_the_kernel_delivered() {
     );
     assert_eq!(publisher.send_errors(), 0);
 }
+
+#[test]
+fn caught_up_waits_for_the_seq_and_no_longer() {
+    let live = group(24);
+    let mut options = SubscriberOptions::new(TOPIC, live.clone()).with_injected_loss(0.1);
+    options.session.emit_applied = false;
+    let subscriber = Subscriber::<Counters>::join(options).unwrap();
+    let publisher = start_publisher(&live, 3, Counters::default());
+    let _snapshots = start_snapshotter(&publisher, &live);
+    let mut progress = subscriber.watch_progress();
+    let mut last = 0;
+    for i in 0..2_000u32 {
+        last = publisher
+            .publish(CounterDelta::Add((i % 50) as u8, i64::from(i)))
+            .unwrap();
+    }
+    publisher.flush();
+    // A seq the publisher has not reached: the wait ends at its timeout, false.
+    let started = Instant::now();
+    assert!(!subscriber.wait_caught_up(3, last + 1, Duration::from_millis(300)));
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    // Another publisher id is not this one's stream.
+    assert!(!subscriber.wait_caught_up(4, 1, Duration::from_millis(50)));
+    assert!(
+        subscriber.wait_caught_up(3, last, WAIT),
+        "{:?}",
+        subscriber.progress()
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    assert!(runtime.block_on(subscriber.caught_up(3, last)));
+    assert!(runtime.block_on(progress.changed()));
+    let now = subscriber.progress();
+    let stream = now.stream(3).unwrap();
+    assert!(stream.caught_up_to(last) && !stream.caught_up_to(last + 1));
+    assert_eq!(subscriber.publishers(), vec![3]);
+    let replica = subscriber.replica(3).unwrap();
+    assert_eq!(replica.progress.status, StreamStatus::Live);
+    assert!(replica.stale.is_empty());
+    assert_eq!(
+        digest(&replica.state),
+        publisher.read(digest),
+        "caught up means equal"
+    );
+    let expected = publisher.read(|s| s.leaf(&49).cloned()).unwrap();
+    assert_eq!(subscriber.leaf(3, &49), Some((expected, true)));
+    // The next delta is not there until it is published.
+    let pending = runtime.block_on(async {
+        tokio::time::timeout(
+            Duration::from_millis(100),
+            subscriber.caught_up(3, last + 1),
+        )
+        .await
+    });
+    assert!(pending.is_err(), "caught up to a seq never published");
+    let next = publisher.publish(CounterDelta::Remove(7)).unwrap();
+    publisher.flush();
+    assert!(runtime.block_on(async {
+        tokio::time::timeout(WAIT, subscriber.caught_up(3, next))
+            .await
+            .unwrap_or(false)
+    }));
+    let stats = subscriber.stats().protocol;
+    assert_eq!(stats.joins, 1, "joining is not a recovery: {stats:?}");
+}

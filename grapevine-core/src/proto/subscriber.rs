@@ -224,11 +224,15 @@ pub struct SubscriberStats {
     pub streams_refused: u64,
     /// Deltas received (including duplicates).
     pub deltas_received: u64,
-    /// Deltas applied.
+    /// Deltas applied to the state one by one. Under loss this can be far below the deltas
+    /// published: see `superseded`.
     pub deltas_applied: u64,
     /// Duplicate or already-processed deltas.
     pub duplicates: u64,
-    /// Deltas skipped because a snapshot already reflected them.
+    /// Deltas not applied because a snapshot already carried their effect: while a stream
+    /// recovers, a leaf rebuilt from the snapshot cycle skips the deltas older than the leaf's
+    /// snapshot. Nothing is missing from the state; under heavy loss most deltas can end up
+    /// here rather than in `deltas_applied`.
     pub superseded: u64,
     /// Gaps declared.
     pub gaps: u64,
@@ -244,7 +248,11 @@ pub struct SubscriberStats {
     pub snapshot_replaced: u64,
     /// Leaves removed because a cycle showed them absent.
     pub snapshot_removed: u64,
-    /// Complete recoveries (stream back to live after a gap, late join or restart).
+    /// Streams that became live for the first time: the join of each publisher session
+    /// followed (a late join, a publisher's first start or its restart). Not counted as
+    /// recoveries.
+    pub joins: u64,
+    /// Complete recoveries: a stream that had been live went back to live after a gap.
     pub recoveries: u64,
     /// Duration of the last recovery.
     pub last_recovery: Option<Duration>,
@@ -386,6 +394,9 @@ struct Stream<S: ReplicatedState> {
     absent: SpanMap<S::Key, u64>,
     recovering_since: Option<Instant>,
     live: bool,
+    /// Whether this session of the stream was ever live: its first time is a join, not a
+    /// recovery.
+    joined: bool,
     last_heard: Instant,
     silent: bool,
 }
@@ -793,6 +804,7 @@ impl<S: ReplicatedState> Stream<S> {
             absent: SpanMap::new(),
             recovering_since: Some(now),
             live: false,
+            joined: false,
             last_heard: now,
             silent: false,
         }
@@ -1396,7 +1408,10 @@ impl<S: ReplicatedState> Stream<S> {
                 .recovering_since
                 .take()
                 .map(|t| now.saturating_duration_since(t));
-            if let Some(took) = recovery {
+            if !self.joined {
+                self.joined = true;
+                sink.stats.joins += 1;
+            } else if let Some(took) = recovery {
                 sink.stats.recoveries += 1;
                 sink.stats.last_recovery = Some(took);
             }
