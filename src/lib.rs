@@ -9,20 +9,20 @@
 //! (`grapevine-cli`), so depending on this one pulls in no CLI, HTTP or signal handling.
 //!
 //! ```no_run
-//! use grapevine::core::net::MulticastConfig;
-//! use grapevine::core::state::{KeyedMap, MapDelta};
-//! use grapevine::publisher::{Publisher, PublisherOptions};
-//! use grapevine::snapshotter::{Snapshotter, SnapshotterOptions};
-//! use grapevine::subscriber::{Subscriber, SubscriberOptions};
+//! use grapevine::prelude::*;
 //!
 //! let group = MulticastConfig::new("239.255.0.9:7009".parse()?); // loopback by default
 //! let subscriber = Subscriber::<KeyedMap<String, u64>>::join(SubscriberOptions::new(1, group.clone()))?;
 //! let publisher = Publisher::start(PublisherOptions::new(1, group.clone()), KeyedMap::<String, u64>::default())?;
 //! let _snapshots = Snapshotter::start(&publisher, SnapshotterOptions::new(group))?;
-//! publisher.publish(MapDelta::Put("ACME".into(), 101))?;
-//! subscriber.wait_live(std::time::Duration::from_secs(1));
+//! let seq = publisher.publish(MapDelta::Put("ACME".into(), 101))?;
+//! // Wakes when the replica holds `seq` (no polling); false after the timeout.
+//! let caught_up = subscriber.wait_caught_up(publisher.id(), seq, std::time::Duration::from_secs(1));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! Writing a state of your own: [`LeafChanges`](core::state::LeafChanges) and the guide,
+//! `docs/GUIDE.md`.
 
 pub mod order_book;
 
