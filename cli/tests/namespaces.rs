@@ -7,115 +7,85 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Read;
-use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use grapevine_test_support::{netns, run};
+
 const SUBSCRIBER_HOSTS: usize = 3;
-/// Hosts of `setup_routed_networks`: three per network.
-const ROUTED_HOSTS: usize = 6;
 const LOSSY_HOST: usize = 3;
 
+/// The topologies of these tests, on a [`netns::Lab`] that removes them afterwards.
 struct Lab {
-    prefix: String,
-    children: Vec<Child>,
+    lab: netns::Lab,
 }
 
 impl Lab {
+    /// Names start with `tag` (one per test: they run in parallel).
+    fn new(tag: &str) -> Self {
+        Self {
+            lab: netns::Lab::new(tag, &["nft"]),
+        }
+    }
+
     fn ns(&self, host: &str) -> String {
-        format!("{}{host}", self.prefix)
+        self.lab.ns(host)
     }
 
     fn veth(&self, side: char, i: usize) -> String {
-        format!("{}{side}{i}", self.prefix)
+        self.lab.link(side, i)
     }
 
-    fn setup(&self, subnet: u8) -> Result<(), String> {
-        let br = self.ns("br");
-        run(&["ip", "netns", "add", &br])?;
-        run(&[
-            "ip",
-            "-n",
-            &br,
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "mcast_snooping",
-            "0",
-        ])?;
-        run(&["ip", "-n", &br, "link", "set", "br0", "up"])?;
+    /// A publisher host and the subscriber hosts on one bridge, on 10.`subnet`.0.0/24.
+    fn setup(&mut self, subnet: u8) -> Result<(), String> {
+        let br = self.lab.add_bridge("br")?;
         for i in 0..=SUBSCRIBER_HOSTS {
-            let host = self.ns(&format!("h{i}"));
-            let (inner, outer) = (self.veth('v', i), self.veth('p', i));
-            run(&["ip", "netns", "add", &host])?;
             let addr = format!("10.{subnet}.0.{}/24", i + 1);
-            attach(&br, &host, &inner, &outer, &addr)?;
-            run(&["ip", "-n", &host, "link", "set", "lo", "up"])?;
-            run(&[
-                "ip",
-                "-n",
-                &host,
-                "route",
-                "add",
-                "224.0.0.0/4",
-                "dev",
-                &inner,
-            ])?;
+            self.lab.add_bridged_host(&br, i, &addr)?;
         }
         Ok(())
     }
 
-    /// Two hosts joined by one veth pair, with IPv6 unique-local addresses (no DAD wait).
-    fn setup_ipv6_pair(&self) -> Result<(), String> {
-        for i in 0..2 {
-            run(&["ip", "netns", "add", &self.ns(&format!("h{i}"))])?;
-        }
-        let (h0, h1) = (self.ns("h0"), self.ns("h1"));
+    /// Two hosts joined by one veth pair, with `addrs` (IPv6 ones without DAD wait);
+    /// multicast goes out of the link unless `multicast_on_lo`.
+    fn setup_pair(&mut self, addrs: [&str; 2], multicast_on_lo: bool) -> Result<(), String> {
+        let (h0, h1) = (self.lab.add_namespace("h0")?, self.lab.add_namespace("h1")?);
         let (v0, v1) = (self.veth('v', 0), self.veth('v', 1));
         run(&[
             "ip", "link", "add", &v0, "netns", &h0, "type", "veth", "peer", "name", &v1, "netns",
             &h1,
         ])?;
-        for (host, link, addr) in [(&h0, &v0, "fd47::1/64"), (&h1, &v1, "fd47::2/64")] {
-            run(&[
-                "ip", "-n", host, "-6", "addr", "add", addr, "dev", link, "nodad",
-            ])?;
+        for ((host, link), addr) in [(&h0, &v0), (&h1, &v1)].into_iter().zip(addrs) {
+            if addr.contains(':') {
+                run(&[
+                    "ip", "-n", host, "-6", "addr", "add", addr, "dev", link, "nodad",
+                ])?;
+            } else {
+                run(&["ip", "-n", host, "addr", "add", addr, "dev", link])?;
+            }
             run(&["ip", "-n", host, "link", "set", link, "up"])?;
-            run(&["ip", "-n", host, "link", "set", "lo", "up"])?;
+            if multicast_on_lo {
+                run(&["ip", "-n", host, "route", "add", "224.0.0.0/4", "dev", "lo"])?;
+            }
         }
         Ok(())
+    }
+
+    /// Two hosts joined by one veth pair, with IPv6 unique-local addresses.
+    fn setup_ipv6_pair(&mut self) -> Result<(), String> {
+        self.setup_pair(["fd47::1/64", "fd47::2/64"], false)
     }
 
     /// Two hosts joined by one IPv4 veth pair; each has multicast only on its own loopback, so
     /// they are two networks that multicast does not cross.
-    fn setup_two_networks(&self) -> Result<(), String> {
-        for i in 0..2 {
-            run(&["ip", "netns", "add", &self.ns(&format!("h{i}"))])?;
-        }
-        let (h0, h1) = (self.ns("h0"), self.ns("h1"));
-        let (v0, v1) = (self.veth('v', 0), self.veth('v', 1));
-        run(&[
-            "ip", "link", "add", &v0, "netns", &h0, "type", "veth", "peer", "name", &v1, "netns",
-            &h1,
-        ])?;
-        for (host, link, addr) in [(&h0, &v0, "10.233.0.1/24"), (&h1, &v1, "10.233.0.2/24")] {
-            run(&["ip", "-n", host, "addr", "add", addr, "dev", link])?;
-            run(&["ip", "-n", host, "link", "set", link, "up"])?;
-            run(&["ip", "-n", host, "link", "set", "lo", "up"])?;
-            run(&["ip", "-n", host, "route", "add", "224.0.0.0/4", "dev", "lo"])?;
-        }
-        Ok(())
+    fn setup_two_networks(&mut self) -> Result<(), String> {
+        self.setup_pair(["10.233.0.1/24", "10.233.0.2/24"], true)
     }
 
     /// Two bridged networks joined by a router that forwards unicast only (no multicast
     /// routing): hosts h0–h2 on 10.231.1.0/24, h3–h5 on 10.231.2.0/24; the router drops
     /// `wan_loss_percent` of what it forwards.
-    fn setup_routed_networks(&self, wan_loss_percent: u32) -> Result<(), String> {
-        let router = self.ns("rt");
-        run(&["ip", "netns", "add", &router])?;
-        run(&["ip", "-n", &router, "link", "set", "lo", "up"])?;
+    fn setup_routed_networks(&mut self, wan_loss_percent: u32) -> Result<(), String> {
+        let router = self.lab.add_namespace("rt")?;
         run(&[
             "ip",
             "netns",
@@ -125,50 +95,19 @@ impl Lab {
             "-qw",
             "net.ipv4.ip_forward=1",
         ])?;
-        for (net, bridge) in [(1u8, self.ns("brA")), (2, self.ns("brB"))] {
-            run(&["ip", "netns", "add", &bridge])?;
-            run(&[
-                "ip",
-                "-n",
-                &bridge,
-                "link",
-                "add",
-                "br0",
-                "type",
-                "bridge",
-                "mcast_snooping",
-                "0",
-            ])?;
-            run(&["ip", "-n", &bridge, "link", "set", "br0", "up"])?;
+        for net in [1u8, 2] {
+            let bridge = self.lab.add_bridge(if net == 1 { "brA" } else { "brB" })?;
             let (inner, outer) = (
                 self.veth('r', usize::from(net)),
                 self.veth('q', usize::from(net)),
             );
-            attach(
-                &bridge,
-                &router,
-                &inner,
-                &outer,
-                &format!("10.231.{net}.254/24"),
-            )?;
+            let gateway = format!("10.231.{net}.254");
+            self.lab
+                .attach(&bridge, &router, &inner, &outer, &format!("{gateway}/24"))?;
             for i in 0..3 {
                 let index = usize::from(net - 1) * 3 + i;
-                let host = self.ns(&format!("h{index}"));
-                run(&["ip", "netns", "add", &host])?;
-                let (inner, outer) = (self.veth('v', index), self.veth('p', index));
                 let addr = format!("10.231.{net}.{}/24", index + 1);
-                attach(&bridge, &host, &inner, &outer, &addr)?;
-                run(&["ip", "-n", &host, "link", "set", "lo", "up"])?;
-                run(&[
-                    "ip",
-                    "-n",
-                    &host,
-                    "route",
-                    "add",
-                    "224.0.0.0/4",
-                    "dev",
-                    &inner,
-                ])?;
+                let (host, _) = self.lab.add_bridged_host(&bridge, index, &addr)?;
                 run(&[
                     "ip",
                     "-n",
@@ -177,7 +116,7 @@ impl Lab {
                     "add",
                     "10.231.0.0/16",
                     "via",
-                    &format!("10.231.{net}.254"),
+                    &gateway,
                 ])?;
             }
         }
@@ -192,92 +131,16 @@ impl Lab {
         Ok(())
     }
 
+    /// Starts `grapevine args` on host `h{host}`.
     fn spawn(&mut self, host: usize, args: &[&str]) -> usize {
         let ns = self.ns(&format!("h{host}"));
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_grapevine")])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn grapevine in a namespace");
-        self.children.push(child);
-        self.children.len() - 1
+        self.lab.spawn(&ns, env!("CARGO_BIN_EXE_grapevine"), args)
     }
 
     /// Waits for child `index` (killing it past `deadline`) and returns its stdout.
     fn finish(&mut self, index: usize, deadline: Instant) -> String {
-        let child = &mut self.children[index];
-        while Instant::now() < deadline {
-            if child.try_wait().ok().flatten().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        let status = child.try_wait().ok().flatten();
-        let mut stdout = String::new();
-        if let Some(mut out) = child.stdout.take() {
-            let _ = out.read_to_string(&mut stdout);
-        }
-        let mut stderr = String::new();
-        if let Some(mut err) = child.stderr.take() {
-            let _ = err.read_to_string(&mut stderr);
-        }
-        if !stderr.is_empty() || status.is_none_or(|s| !s.success()) {
-            stdout.push_str(&format!("\n[exit {status:?}; stderr: {stderr}]"));
-        }
-        stdout
+        self.lab.finish(index, deadline)
     }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        // Deleting a namespace deletes the links inside it.
-        for host in (0..=SUBSCRIBER_HOSTS.max(ROUTED_HOSTS))
-            .map(|i| format!("h{i}"))
-            .chain(["br", "brA", "brB", "rt"].map(String::from))
-        {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.ns(&host)])
-                .output();
-        }
-    }
-}
-
-/// Joins namespace `ns` to the bridge `br0` of namespace `bridge` with a veth pair (`inner` in
-/// `ns`, with address `addr`; `outer` in the bridge).
-fn attach(bridge: &str, ns: &str, inner: &str, outer: &str, addr: &str) -> Result<(), String> {
-    run(&[
-        "ip", "link", "add", inner, "netns", ns, "type", "veth", "peer", "name", outer, "netns",
-        bridge,
-    ])?;
-    run(&[
-        "ip", "-n", bridge, "link", "set", outer, "master", "br0", "up",
-    ])?;
-    run(&["ip", "-n", ns, "addr", "add", addr, "dev", inner])?;
-    run(&["ip", "-n", ns, "link", "set", inner, "up"])?;
-    Ok(())
-}
-
-fn run(args: &[&str]) -> Result<Output, String> {
-    let output = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
-    if !output.status.success() {
-        return Err(format!(
-            "{}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    Ok(output)
 }
 
 /// The last JSON line a `grapevine sub --json` printed.
@@ -299,28 +162,11 @@ fn published_digest(output: &str) -> String {
         .to_string()
 }
 
-fn can_run() -> Result<(), String> {
-    // `id -u` rather than libc: this test crate needs no unsafe code.
-    let uid = run(&["id", "-u"])?;
-    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-        return Err("not root".into());
-    }
-    run(&["ip", "-V"]).map_err(|e| format!("no iproute2: {e}"))?;
-    run(&["nft", "--version"]).map_err(|e| format!("no nftables: {e}"))?;
-    Ok(())
-}
-
 #[test]
 #[ignore = "needs root, iproute2 and nftables to create network namespaces; .ci/run installs them and runs it with --include-ignored"]
 fn hosts_on_a_bridge_converge_with_loss_at_one() {
-    if let Err(why) = can_run() {
-        panic!("cannot run: {why} (needs root, ip, nft)");
-    }
     let pid = std::process::id();
-    let mut lab = Lab {
-        prefix: format!("gv{}", pid % 100_000),
-        children: Vec::new(),
-    };
+    let mut lab = Lab::new("gv");
     let subnet = 100 + (pid % 100) as u8;
     if let Err(why) = lab.setup(subnet) {
         panic!("cannot create namespaces: {why}");
@@ -416,13 +262,7 @@ fn hosts_on_a_bridge_converge_with_loss_at_one() {
 #[test]
 #[ignore = "needs root, iproute2 and nftables to create network namespaces; .ci/run installs them and runs it with --include-ignored"]
 fn ipv6_group_between_two_hosts() {
-    if let Err(why) = can_run() {
-        panic!("cannot run: {why} (needs root, ip, nft)");
-    }
-    let mut lab = Lab {
-        prefix: format!("gw{}", std::process::id() % 100_000),
-        children: Vec::new(),
-    };
+    let mut lab = Lab::new("gw");
     if let Err(why) = lab.setup_ipv6_pair() {
         panic!("cannot create namespaces: {why}");
     }
@@ -472,13 +312,7 @@ fn ipv6_group_between_two_hosts() {
 #[test]
 #[ignore = "needs root, iproute2 and nftables to create network namespaces; .ci/run installs them and runs it with --include-ignored"]
 fn two_networks_joined_by_repeaters() {
-    if let Err(why) = can_run() {
-        panic!("cannot run: {why} (needs root, ip, nft)");
-    }
-    let mut lab = Lab {
-        prefix: format!("gr{}", std::process::id() % 100_000),
-        children: Vec::new(),
-    };
+    let mut lab = Lab::new("gr");
     if let Err(why) = lab.setup_two_networks() {
         panic!("cannot create namespaces: {why}");
     }
@@ -548,13 +382,7 @@ fn two_networks_joined_by_repeaters() {
 #[test]
 #[ignore = "needs root, iproute2 and nftables to create network namespaces; .ci/run installs them and runs it with --include-ignored"]
 fn a_full_mesh_of_repeaters_between_routed_networks_delivers_once() {
-    if let Err(why) = can_run() {
-        panic!("cannot run: {why} (needs root, ip, nft)");
-    }
-    let mut lab = Lab {
-        prefix: format!("gm{}", std::process::id() % 100_000),
-        children: Vec::new(),
-    };
+    let mut lab = Lab::new("gm");
     if let Err(why) = lab.setup_routed_networks(5) {
         panic!("cannot create namespaces: {why}");
     }
