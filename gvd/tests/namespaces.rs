@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::built;
+use grapevine_test_support::netns;
 use gvd::daemon::NodesFile;
 
 const HOSTS: usize = 3;
@@ -19,69 +20,21 @@ const ELP_DELAY_MS: u64 = 200;
 const NODE_TTL: u64 = 3;
 
 struct Lab {
-    prefix: String,
+    lab: netns::Lab,
     dir: PathBuf,
-    children: Vec<Child>,
 }
 
 impl Lab {
     fn ns(&self, name: &str) -> String {
-        format!("{}{name}", self.prefix)
+        self.lab.ns(name)
     }
 
-    fn setup(&self) -> Result<(), String> {
-        let br = self.ns("br");
-        run(&["ip", "netns", "add", &br])?;
-        run(&[
-            "ip",
-            "-n",
-            &br,
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "mcast_snooping",
-            "0",
-        ])?;
-        run(&["ip", "-n", &br, "link", "set", "br0", "up"])?;
+    /// Three hosts on one bridge, 10.231.0.1–3.
+    fn setup(&mut self) -> Result<(), String> {
+        let br = self.lab.add_bridge("br")?;
         for i in 0..HOSTS {
-            let host = self.ns(&format!("h{i}"));
-            let (inner, outer) = (
-                format!("{}v{i}", self.prefix),
-                format!("{}p{i}", self.prefix),
-            );
-            run(&["ip", "netns", "add", &host])?;
-            run(&[
-                "ip", "link", "add", &inner, "type", "veth", "peer", "name", &outer,
-            ])?;
-            run(&["ip", "link", "set", &inner, "netns", &host])?;
-            run(&["ip", "link", "set", &outer, "netns", &br])?;
-            run(&[
-                "ip", "-n", &br, "link", "set", &outer, "master", "br0", "up",
-            ])?;
-            run(&[
-                "ip",
-                "-n",
-                &host,
-                "addr",
-                "add",
-                &format!("10.231.0.{}/24", i + 1),
-                "dev",
-                &inner,
-            ])?;
-            run(&["ip", "-n", &host, "link", "set", &inner, "up"])?;
-            run(&["ip", "-n", &host, "link", "set", "lo", "up"])?;
-            run(&[
-                "ip",
-                "-n",
-                &host,
-                "route",
-                "add",
-                "224.0.0.0/4",
-                "dev",
-                &inner,
-            ])?;
+            self.lab
+                .add_bridged_host(&br, i, &format!("10.231.0.{}/24", i + 1))?;
         }
         Ok(())
     }
@@ -90,22 +43,23 @@ impl Lab {
         self.dir.join(format!("h{i}")).join("nodes.json")
     }
 
+    /// Starts host `i`'s gvd (child `i` of the lab).
     fn start(&mut self, i: usize, drivers: &PathBuf) {
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns(&format!("h{i}")),
-                env!("CARGO_BIN_EXE_gvd"),
-                "run",
-            ])
+        let child = self.spawn(i, drivers);
+        self.lab.adopt(child);
+    }
+
+    fn spawn(&self, i: usize, drivers: &PathBuf) -> Child {
+        self.lab
+            .exec(&self.ns(&format!("h{i}")), env!("CARGO_BIN_EXE_gvd"))
+            .arg("run")
             .args([
                 "--name",
                 &format!("host{i}"),
                 "--group",
                 "239.255.79.20:47920",
             ])
-            .args(["--iface", &format!("{}v{i}", self.prefix)])
+            .args(["--iface", &self.lab.link('v', i)])
             .args([
                 "--elp-delay-ms",
                 &ELP_DELAY_MS.to_string(),
@@ -122,8 +76,7 @@ impl Lab {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start gvd in a namespace");
-        self.children.push(child);
+            .expect("start gvd in a namespace")
     }
 
     /// A zone on all three hosts, each holding it in its own directory.
@@ -150,10 +103,8 @@ impl Lab {
 
     /// Starts host `i`'s gvd again (after it was stopped), in the place of the old process.
     fn restart(&mut self, i: usize, drivers: &PathBuf) {
-        self.start(i, drivers);
-        let restarted = self.children.pop().expect("just started");
-        let old = std::mem::replace(&mut self.children[i], restarted);
-        drop(old);
+        let child = self.spawn(i, drivers);
+        self.lab.replace(i, child);
     }
 
     fn list(&self, i: usize) -> Option<NodesFile> {
@@ -187,53 +138,17 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for name in (0..HOSTS)
-            .map(|i| format!("h{i}"))
-            .chain(["br".to_string()])
-        {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.ns(&name)])
-                .output();
-        }
+        // The namespaces and processes go with `self.lab`.
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn run(args: &[&str]) -> Result<(), String> {
-    let output = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
     }
 }
 
 #[test]
 #[ignore = "needs root, iproute2 and libnfs-utils (namespaces, a real NFS client); .ci/run installs them and runs it with --include-ignored"]
 fn three_hosts_discover_each_other_and_a_dead_one_leaves() {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n");
-    if !matches!(root, Ok(true)) || run(&["ip", "-V"]).is_err() {
-        panic!("cannot run: needs root and iproute2");
-    }
-    let pid = std::process::id();
     let mut lab = Lab {
-        prefix: format!("gd{}", pid % 100_000),
-        dir: std::env::temp_dir().join(format!("gvd-ns-{pid}")),
-        children: Vec::new(),
+        lab: netns::Lab::new("gd", &[]),
+        dir: std::env::temp_dir().join(format!("gvd-ns-{}", std::process::id())),
     };
     if let Err(why) = lab.setup() {
         panic!("cannot create namespaces: {why}");
@@ -374,9 +289,9 @@ fn three_hosts_discover_each_other_and_a_dead_one_leaves() {
 
         // host2 is down while host0 takes a write; it catches up when it returns.
         let _ = Command::new("kill")
-            .args(["-TERM", &lab.children[2].id().to_string()])
+            .args(["-TERM", &lab.lab.child(2).id().to_string()])
             .status();
-        let _ = lab.children[2].wait();
+        let _ = lab.lab.child(2).wait();
         let away = lab.dir.join("away.bin");
         std::fs::write(&away, b"written while host2 was down").unwrap();
         let copied = Command::new("ip")
@@ -412,8 +327,8 @@ fn three_hosts_discover_each_other_and_a_dead_one_leaves() {
         }
     }
 
-    let _ = lab.children[2].kill();
-    let _ = lab.children[2].wait();
+    let _ = lab.lab.child(2).kill();
+    let _ = lab.lab.child(2).wait();
     let limit = Duration::from_millis(ELP_DELAY_MS * (NODE_TTL + 1) + 500);
     for i in 0..2 {
         let took = lab.wait(i, limit, &["host0", "host1"]);
