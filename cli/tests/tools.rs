@@ -3,8 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use grapevine_test_support::{scratch, stdout_of};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
@@ -15,13 +16,6 @@ fn grapevine(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_grapevine"));
     command.args(args);
     command
-}
-
-fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("grapevine-tools-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 struct Running(Child);
@@ -92,11 +86,7 @@ fn record_then_replay_reproduces_the_state() {
     let replay = grapevine(&["replay", file.to_str().unwrap(), "--to-state", "--json"])
         .output()
         .unwrap();
-    assert!(
-        replay.status.success(),
-        "{}",
-        String::from_utf8_lossy(&replay.stderr)
-    );
+    stdout_of(&replay);
     assert_eq!(replayed_digests(&replay), vec![digest.clone()]);
 
     // Cut in the middle of a record: replays up to the damage and says where.
@@ -178,11 +168,7 @@ fn spy_sees_topics_rates_and_an_injected_gap() {
     ])
     .output()
     .unwrap();
-    assert!(
-        replay.status.success(),
-        "{}",
-        String::from_utf8_lossy(&replay.stderr)
-    );
+    stdout_of(&replay);
     let mut spy = spy;
     let mut stdout = String::new();
     spy.0

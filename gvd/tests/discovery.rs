@@ -6,6 +6,7 @@
 mod common;
 
 use common::built;
+use grapevine_test_support::stdout_of;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -132,11 +133,7 @@ fn nodes_find_each_other_and_notice_departures() {
             .env("GV_NODES_PATH", &cluster.nodes[0].nodes_path)
             .output()
             .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        stdout_of(&output);
         String::from_utf8(output.stdout).unwrap()
     };
     let table = gvctl(&["nodes"]);

@@ -5,6 +5,7 @@
 mod common;
 
 use common::built;
+use grapevine_test_support::stdout_of;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -49,11 +50,7 @@ impl Setup {
             command.env("GV_ECHO_FAULT", fault);
         }
         let output = command.output().unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        stdout_of(&output);
         serde_json::from_slice(&output.stdout).unwrap()
     }
 }

@@ -5,9 +5,9 @@
 
 mod common;
 
+use grapevine_test_support::{scratch, stdout_of};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{built, ended, Gvd};
@@ -17,13 +17,6 @@ use grapevine_kos::proto::{decode, encode_frame, ErrorKind, Reply, Request, PROT
 use grapevine_kos::{Kos, KosError};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("gvd-kos-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// One gvd with the echo driver; returns it and its KOS address once announced.
 fn echo_node(dir: &std::path::Path, group: &str, extra: &[&str]) -> (Gvd, SocketAddr) {
@@ -133,11 +126,7 @@ fn a_kos_on_one_host_calls_a_vdev_on_another() {
         .env("GV_NODES_PATH", a.nodes_path())
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    stdout_of(&output);
     assert_eq!(
         String::from_utf8_lossy(&output.stdout).trim(),
         "dlrow olleh"

@@ -7,6 +7,7 @@
 
 mod common;
 
+use grapevine_test_support::stdout_of;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -184,11 +185,7 @@ fn three_hosts_discover_each_other_and_a_dead_one_leaves() {
         .env("GV_NODES_PATH", lab.nodes_path(0))
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    stdout_of(&output);
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "secapseman");
 
     // GrapeVineFS: written through host0's NFS server with a real NFS client, read back
@@ -213,11 +210,7 @@ fn three_hosts_discover_each_other_and_a_dead_one_leaves() {
             .arg(url(0))
             .output()
             .unwrap();
-        assert!(
-            copied.status.success(),
-            "{}",
-            String::from_utf8_lossy(&copied.stderr)
-        );
+        stdout_of(&copied);
         let started = Instant::now();
         let replicated = loop {
             let read = Command::new("ip")
@@ -300,11 +293,7 @@ fn three_hosts_discover_each_other_and_a_dead_one_leaves() {
             .arg(url(0).replace("payload.bin", "away.bin"))
             .output()
             .unwrap();
-        assert!(
-            copied.status.success(),
-            "{}",
-            String::from_utf8_lossy(&copied.stderr)
-        );
+        stdout_of(&copied);
         lab.restart(2, &drivers);
         wait("host2 caught up", &|| {
             std::fs::read(lab.zone_dir(2).join("away.bin"))

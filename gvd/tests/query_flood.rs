@@ -5,6 +5,7 @@
 
 mod common;
 
+use grapevine_test_support::scratch;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,13 +16,6 @@ use gvd::query::{Query, QueryKey};
 
 fn read_self(path: &std::path::Path) -> NodeRecord {
     NodesFile::read(path).unwrap().nodes[0].record.clone()
-}
-
-fn scratch(tag: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("gvd-query-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// Datagrams seen on `group` during `window`, while `during` runs on another thread.

@@ -2,6 +2,7 @@
 //! zone are refused on the wire, whichever side names them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+use grapevine_test_support::scratch;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -17,13 +18,6 @@ use grapevine_kos::proto::{encode_frame, frame_len, FRAME_HEADER_LEN};
 use grapevine_kos::secure::PortKey;
 use parking_lot::Mutex;
 use serde::Serialize;
-
-fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("gvfs-hostile-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// The replication messages as a peer that ignores the rules would encode them: same variants
 /// and field order, paths as plain strings.

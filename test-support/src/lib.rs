@@ -109,3 +109,23 @@ impl Drop for Reaped {
         let _ = self.0.wait();
     }
 }
+
+/// An empty directory for this test process under the system temp dir (emptied if a
+/// previous run left it).
+pub fn scratch(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("grapevine-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create a scratch directory");
+    dir
+}
+
+/// The stdout of a command that must have succeeded; panics with its stderr otherwise.
+pub fn stdout_of(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
