@@ -9,12 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use grapevine_core::net::{resolve_interface, InterfaceSpec, MulticastConfig};
-use grapevine_core::proto::{SnapshotRate, StreamStatus, SubscriberEvent};
+use grapevine_core::proto::StreamStatus;
 use grapevine_core::state::{MapDelta, ReplicatedState};
-use grapevine_publisher::{Publisher, PublisherOptions};
-use grapevine_snapshotter::{Snapshotter, SnapshotterOptions};
-use grapevine_subscriber::{Subscriber, SubscriberOptions};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::elp::{
     liveness, Liveness, NodeRecord, NodeTable, NodeVdev, TransitionCounts, Transitions, VdevList,
@@ -22,167 +19,14 @@ use crate::elp::{
 };
 use crate::inventory::{driver_files, scan, search_path, Inventory};
 use crate::kos_server::{inventory_path, KosListener, KosSettings};
+use crate::peers::{zone_access, zone_offers, Peer, QueryAction, QueryPlanner};
 use crate::query::Query;
-use grapevine_fs::remote::Member;
-use grapevine_fs::service::{ZoneConfig, Zones, ZonesSettings};
+use crate::topic::{ReplicatedTopic, TopicSettings};
+use grapevine_fs::service::{Zones, ZonesSettings};
 use grapevine_kos::nodes::ZoneStatus;
 
+pub use crate::config::{Config, RepeaterConfig};
 pub use grapevine_kos::nodes::{NodeEntry, NodesFile, NODES_FILE_VERSION};
-
-/// The repeater role of a gvd (docs/GVD.md): relays topics of a local group to repeaters on
-/// other networks.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RepeaterConfig {
-    /// The local group relayed.
-    pub group: SocketAddr,
-    /// Its interface. Default loopback.
-    #[serde(default = "loopback")]
-    pub iface: String,
-    /// Unicast address to receive from remote repeaters on.
-    pub listen: SocketAddr,
-    /// Remote repeaters known in advance (those found through the DHT are added).
-    #[serde(default)]
-    pub peers: Vec<SocketAddr>,
-    /// Topics relayed; all when empty.
-    #[serde(default)]
-    pub topics: Vec<u32>,
-}
-
-fn loopback() -> String {
-    "lo".into()
-}
-
-/// gvd's settings. Read from a TOML file, then overridden by environment and flags.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// This node's name. Default: the host name.
-    pub name: String,
-    /// Where the node id is kept. Default `/var/lib/gvd`.
-    pub state_dir: PathBuf,
-    /// The node list for local readers. Default `<state_dir>/nodes.json`.
-    pub nodes_path: Option<PathBuf>,
-    /// Colon-separated directories of VDRIVERs. Default `/usr/lib/gvd/vdrivers`.
-    pub vdriver_path: String,
-    /// Multicast group of the ELP topic. Default `239.255.71.71:7171`.
-    pub group: SocketAddr,
-    /// Multicast group of the VDEV topic. Default: the ELP group's address, next port.
-    pub vdev_group: Option<SocketAddr>,
-    /// UDP port for QUERYs (snapshot requests from peers); 0 picks a free one. Default 7173.
-    pub query_port: u16,
-    /// Interface to announce on (name or address). Default loopback.
-    pub iface: String,
-    /// Announcement period, milliseconds. Default 1000.
-    pub elp_delay_ms: u64,
-    /// A node silent for this many of its periods is dead. Default 5.
-    pub node_ttl: u32,
-    /// TCP port of the KOS listener, on the interface's address; 0 picks a free one (it is
-    /// announced in the ELP record). Default 7174.
-    pub kos_port: u16,
-    /// Most KOS connections (agent processes) at once. Default 64.
-    pub max_agents: usize,
-    /// Most KOS connections at once from one address, so that one client cannot hold every
-    /// agent. Default 8.
-    pub max_agents_per_source: usize,
-    /// Longest a driver call may run before its agent gives up and ends, ms. Default 30 000.
-    pub call_timeout_ms: u64,
-    /// Largest KOS request frame, bytes. Default 16 MiB.
-    pub max_frame: usize,
-    /// TCP port of the zone replication server; 0 picks a free one. Default 7175.
-    pub repl_port: u16,
-    /// Replication zones (`[[zones]]`); this node serves those that list it as a member.
-    pub zones: Vec<ZoneConfig>,
-    /// How long a file written over NFS must be quiet before it replicates, ms. Default 200.
-    pub zone_debounce_ms: u64,
-    /// How often zone directories are scanned for changes made outside NFS, ms. Default 5000.
-    pub zone_scan_interval_ms: u64,
-    /// How often drivers are asked again for their VDEVs when no driver file changed and no
-    /// SIGHUP came, milliseconds. Default 10 000.
-    pub rescan_interval_ms: u64,
-    /// The network's key file (`<id>:<64 hex digits>` lines): ELP and VDEV datagrams are signed
-    /// with it and unsigned or forged ones ignored. Default none.
-    pub key_file: Option<PathBuf>,
-    /// The repeater role (`[repeater]`). Default none.
-    pub repeater: Option<RepeaterConfig>,
-    /// DHT bootstrap nodes (`host:port`): when given, this node announces itself on the DHT
-    /// under `network` and lists the nodes of the same network found there. Default none.
-    pub dht_bootstrap: Vec<String>,
-    /// Address the DHT node binds to. Default 0.0.0.0.
-    pub dht_bind: std::net::Ipv4Addr,
-    /// The network name looked up on the DHT. Default "grapevine".
-    pub network: String,
-    /// How often to announce and look up on the DHT, ms. Default 30 000.
-    pub dht_interval_ms: u64,
-    /// Fraction of received ELP and VDEV datagrams to drop on purpose, to measure how
-    /// detection behaves under loss. Default 0.
-    pub inject_loss: f64,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            name: std::fs::read_to_string("/etc/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "gvd".into()),
-            state_dir: PathBuf::from("/var/lib/gvd"),
-            nodes_path: None,
-            vdriver_path: "/usr/lib/gvd/vdrivers".into(),
-            group: SocketAddr::from(([239, 255, 71, 71], 7171)),
-            vdev_group: None,
-            query_port: 7173,
-            kos_port: 7174,
-            max_agents: 64,
-            max_agents_per_source: 8,
-            call_timeout_ms: 30_000,
-            max_frame: grapevine_kos::proto::DEFAULT_MAX_FRAME,
-            repl_port: 7175,
-            zones: Vec::new(),
-            zone_debounce_ms: 200,
-            zone_scan_interval_ms: 5_000,
-            iface: "lo".into(),
-            elp_delay_ms: 1000,
-            node_ttl: 5,
-            rescan_interval_ms: 10_000,
-            key_file: None,
-            repeater: None,
-            dht_bootstrap: Vec::new(),
-            dht_bind: std::net::Ipv4Addr::UNSPECIFIED,
-            network: "grapevine".into(),
-            dht_interval_ms: 30_000,
-            inject_loss: 0.0,
-        }
-    }
-}
-
-impl Config {
-    /// Reads a TOML file.
-    ///
-    /// # Errors
-    ///
-    /// When the file cannot be read or has unknown keys or bad values.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("bad configuration in {}", path.display()))
-    }
-
-    /// The VDEV topic's group.
-    pub fn vdev_group(&self) -> SocketAddr {
-        self.vdev_group.unwrap_or_else(|| {
-            let mut group = self.group;
-            group.set_port(self.group.port().wrapping_add(1));
-            group
-        })
-    }
-
-    /// The node list path.
-    pub fn nodes_path(&self) -> PathBuf {
-        self.nodes_path
-            .clone()
-            .unwrap_or_else(|| self.state_dir.join("nodes.json"))
-    }
-}
 
 /// Writes `contents` to `path` atomically: a temporary file in the same directory, synced,
 /// then renamed over the old one, so readers see the old or the new file, never a torn one.
@@ -194,21 +38,12 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("nodes"),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    // Removed on drop when anything below fails.
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    file.write_all(contents)?;
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 /// The node id kept in `state_dir/node-id`, created at the first start.
@@ -249,86 +84,6 @@ pub struct DaemonStats {
     pub rescans: u64,
 }
 
-/// One GrapeVine topic gvd both publishes and follows.
-struct Topic<S: ReplicatedState> {
-    publisher: Publisher<S>,
-    snapshotter: Snapshotter,
-    subscriber: Subscriber<S>,
-}
-
-/// How a topic of gvd runs.
-struct TopicSettings {
-    heartbeat: Duration,
-    cycle_pause: Duration,
-    inject_loss: f64,
-    keyring: Option<Arc<grapevine_core::auth::Keyring>>,
-}
-
-impl<S: ReplicatedState> Topic<S> {
-    /// Starts by publishing `first` as the session's first delta, before the snapshotter
-    /// starts: peers that hear `seq` 1 of a session know they missed nothing and list the
-    /// node at once, and the first snapshot cycle already carries it.
-    fn start(
-        topic: u32,
-        multicast: &MulticastConfig,
-        first: S::Delta,
-        node: u64,
-        settings: &TopicSettings,
-    ) -> Result<Self> {
-        // Joined first, so that this node hears its own first cycle too.
-        let mut options = SubscriberOptions::new(topic, multicast.clone());
-        options.batch = 8;
-        options.inject_loss = settings.inject_loss;
-        options.session.keyring = settings.keyring.clone();
-        let subscriber = Subscriber::join(options)
-            .with_context(|| format!("cannot join {}", multicast.group))?;
-        let mut options = PublisherOptions::new(topic, multicast.clone());
-        // Publisher ids are 32 bits: the low half of the node id (a collision is 1 in 4 billion
-        // per pair of nodes).
-        options.session.publisher = node as u32;
-        options.session.heartbeat_interval = settings.heartbeat;
-        options.session.keyring = settings.keyring.clone();
-        let publisher = Publisher::start(options, S::default())
-            .with_context(|| format!("cannot publish on {}", multicast.group))?;
-        publisher.publish(first)?;
-        publisher.flush();
-        let mut snapshot = SnapshotterOptions::new(multicast.clone());
-        snapshot.snapshot.rate = SnapshotRate::LeavesPerSecond(1000);
-        snapshot.snapshot.cycle_pause = settings.cycle_pause;
-        snapshot.snapshot.keyring = settings.keyring.clone();
-        let snapshotter = Snapshotter::start(&publisher, snapshot)?;
-        Ok(Self {
-            publisher,
-            snapshotter,
-            subscriber,
-        })
-    }
-
-    /// Nobody reads the events (the state is read directly); drain them so none pile up.
-    fn drain_events(&self) {
-        for event in self.subscriber.events().try_iter() {
-            if let SubscriberEvent::PublisherRestarted { publisher, .. } = event {
-                tracing::debug!(publisher, "node restarted");
-            }
-        }
-    }
-
-    fn shutdown(self) {
-        self.snapshotter.shutdown();
-        self.publisher.shutdown();
-        self.subscriber.shutdown();
-    }
-}
-
-/// What this node knows of one peer, read from both topics.
-struct Peer {
-    record: NodeRecord,
-    liveness: Liveness,
-    elp_live: bool,
-    vdevs: Option<VdevList>,
-    vdevs_live: bool,
-}
-
 /// A running gvd: announces this node, follows the others, keeps the node list file and
 /// answers QUERYs. [`run`] drives it; tests and benches may drive several in one process.
 pub struct Daemon {
@@ -338,8 +93,8 @@ pub struct Daemon {
     address: IpAddr,
     delay: Duration,
     directories: Vec<PathBuf>,
-    elp: Topic<NodeTable>,
-    vdevs: Topic<VdevTable>,
+    elp: ReplicatedTopic<NodeTable>,
+    vdevs: ReplicatedTopic<VdevTable>,
     query_socket: UdpSocket,
     query_port: u16,
     kos: KosListener,
@@ -355,7 +110,7 @@ pub struct Daemon {
     last_rescan: Instant,
     rescan_requested: Arc<AtomicBool>,
     next_announce: Instant,
-    queried: HashMap<(u64, u32), Instant>,
+    queries: QueryPlanner,
     query_key: Option<crate::query::QueryKey>,
     query_sources: grapevine_core::limit::SourceLimiter<IpAddr>,
     /// When a cycle was last asked for on behalf of a QUERY, per topic.
@@ -378,7 +133,7 @@ impl Daemon {
             .parse()
             .map_err(|e| anyhow::anyhow!("bad interface {:?}: {e}", config.iface))?;
         let address = resolve_interface(&iface, config.group.is_ipv6())?.addr;
-        let delay = Duration::from_millis(config.elp_delay_ms.max(10));
+        let delay = config.elp_delay();
         let elp_group = MulticastConfig::new(config.group).on(iface.clone());
         let vdev_group = MulticastConfig::new(config.vdev_group()).on(iface);
         // ELP: announced every period, and a cycle every period so that late joiners need no
@@ -416,7 +171,7 @@ impl Daemon {
             max_agents_per_source: config.max_agents_per_source,
             key_file: config.key_file.clone(),
             port_key: port_key.clone(),
-            call_timeout: Duration::from_millis(config.call_timeout_ms),
+            call_timeout: config.call_timeout(),
             max_frame: config.max_frame,
             node_id: node,
             inventory_path: inventory_path(&config.state_dir),
@@ -431,7 +186,7 @@ impl Daemon {
                 bind: config.dht_bind,
                 network: config.network.clone(),
                 port: kos_port,
-                interval: Duration::from_millis(config.dht_interval_ms.max(100)),
+                interval: config.dht_interval(),
             })?)
         };
         let repeater = match &config.repeater {
@@ -459,7 +214,7 @@ impl Daemon {
                         bind: config.dht_bind,
                         network: format!("{}#repeater", config.network),
                         port: repeater.listen_address().port(),
-                        interval: Duration::from_millis(config.dht_interval_ms.max(100)),
+                        interval: config.dht_interval(),
                     })?)
                 };
                 tracing::info!(listen = %repeater.listen_address(), "repeater started");
@@ -473,8 +228,8 @@ impl Daemon {
             meta_dir: config.state_dir.join("zones"),
             address,
             repl_port: config.repl_port,
-            debounce: Duration::from_millis(config.zone_debounce_ms),
-            scan_interval: Duration::from_millis(config.zone_scan_interval_ms.max(100)),
+            debounce: config.zone_debounce(),
+            scan_interval: config.zone_scan_interval(),
             peer_timeout: Duration::from_secs(5),
             port_key: port_key.clone(),
         })?;
@@ -486,7 +241,7 @@ impl Daemon {
             repl: zones.repl_port(),
         };
         let record = record(node, config, address, ports, zones.statuses(), &inventory);
-        let elp = Topic::start(
+        let elp = ReplicatedTopic::start(
             ELP_TOPIC,
             &elp_group,
             MapDelta::Put(node, record),
@@ -498,7 +253,7 @@ impl Daemon {
                 keyring: keyring.clone(),
             },
         )?;
-        let vdevs = Topic::start(
+        let vdevs = ReplicatedTopic::start(
             VDEV_TOPIC,
             &vdev_group,
             MapDelta::Put(node, vdev_list(&inventory)),
@@ -532,7 +287,7 @@ impl Daemon {
             last_rescan: now,
             rescan_requested: Arc::new(AtomicBool::new(false)),
             next_announce: now + delay,
-            queried: HashMap::new(),
+            queries: QueryPlanner::new(node, delay),
             query_key: keyring.as_deref().and_then(crate::query::QueryKey::new),
             // A node asks a peer again only after a period: a few per second per address is
             // plenty for a host running several nodes.
@@ -708,7 +463,7 @@ impl Daemon {
         // inside a driver are picked up by the periodic rescan.
         let files = driver_files(&self.directories);
         let asked = self.rescan_requested.swap(false, Ordering::Relaxed);
-        let interval = Duration::from_millis(self.config.rescan_interval_ms.max(100));
+        let interval = self.config.rescan_interval();
         if !asked && files == self.driver_files && now < self.last_rescan + interval {
             return Ok(());
         }
@@ -827,6 +582,55 @@ impl Daemon {
         }
     }
 
+    /// Tells the zones which versions live members announce, who their members are, and who
+    /// may pull here.
+    fn offer_zones(&self, peers: &BTreeMap<u64, Peer>) {
+        let (offers, members) = zone_offers(self.node, peers, self.zones.forwarded());
+        for offer in offers {
+            self.zones
+                .offer(&offer.zone, offer.node, offer.address, offer.version);
+        }
+        for (zone, members) in members {
+            self.zones.set_members(&zone, members);
+        }
+        self.zones
+            .set_access(zone_access(self.node, &self.config.zones, peers));
+    }
+
+    /// Sends the QUERYs the planner finds due.
+    fn ask_for_missing(&mut self, peers: &BTreeMap<u64, Peer>, now: Instant) {
+        for action in self.queries.due(peers, now) {
+            match action {
+                QueryAction::LocalCycle { topic: ELP_TOPIC } => {
+                    self.elp.snapshotter.request_cycle()
+                }
+                QueryAction::LocalCycle { .. } => self.vdevs.snapshotter.request_cycle(),
+                QueryAction::Send {
+                    topic,
+                    node,
+                    target,
+                } => {
+                    let query = Query {
+                        topic,
+                        to: node,
+                        from: self.node,
+                    };
+                    let sent = match &self.query_key {
+                        Some(key) => self.query_socket.send_to(
+                            &query.encode_signed(key, std::time::SystemTime::now()),
+                            target,
+                        ),
+                        None => self.query_socket.send_to(&query.encode(), target),
+                    };
+                    match sent {
+                        Ok(_) => self.stats.queries_sent += 1,
+                        Err(error) => tracing::debug!(%error, %target, "QUERY not sent"),
+                    }
+                }
+            }
+        }
+    }
+
     /// Every node with a record on the ELP topic, with its liveness and VDEVs.
     fn peers(&self, now: Instant) -> BTreeMap<u64, Peer> {
         let ttl = self.config.node_ttl;
@@ -866,130 +670,6 @@ impl Daemon {
         });
         peers
     }
-
-    /// Members announcing a zone version newer than what was pulled from them get pulled.
-    fn offer_zones(&self, peers: &BTreeMap<u64, Peer>) {
-        // Every zone served without being held gets its list, empty when no member is alive.
-        let mut members: BTreeMap<String, Vec<Member>> = self
-            .zones
-            .forwarded()
-            .map(|name| (name.to_string(), Vec::new()))
-            .collect();
-        for (node, peer) in peers {
-            if *node == self.node || peer.liveness != Liveness::Alive || peer.record.repl_port == 0
-            {
-                continue;
-            }
-            let Some(ip) = first_ip(&peer.record) else {
-                continue;
-            };
-            for zone in peer.record.zones.iter().filter(|z| z.member) {
-                let address = SocketAddr::new(ip, peer.record.repl_port);
-                self.zones.offer(&zone.name, *node, address, zone.version);
-                members.entry(zone.name.clone()).or_default().push(Member {
-                    node: *node,
-                    address,
-                });
-            }
-        }
-        for (zone, members) in members {
-            self.zones.set_members(&zone, members);
-        }
-        self.zones.set_access(self.access(peers));
-    }
-
-    /// Who may pull which zone here: a live node that announces membership and that this
-    /// node's configuration names as a member; any live node may forward operations.
-    fn access(&self, peers: &BTreeMap<u64, Peer>) -> grapevine_fs::repl::Access {
-        let mut access = grapevine_fs::repl::Access::default();
-        for (node, peer) in peers {
-            if *node == self.node || peer.liveness == Liveness::Dead {
-                continue;
-            }
-            let addresses: Vec<IpAddr> = peer
-                .record
-                .addresses
-                .iter()
-                .filter_map(|a| a.parse().ok())
-                .collect();
-            access.nodes.extend(addresses.iter().copied());
-            for zone in peer.record.zones.iter().filter(|z| z.member) {
-                let listed = self
-                    .config
-                    .zones
-                    .iter()
-                    .any(|z| z.name == zone.name && z.members.contains(&peer.record.name));
-                if listed {
-                    access
-                        .members
-                        .entry(zone.name.clone())
-                        .or_default()
-                        .extend(addresses.iter().copied());
-                }
-            }
-        }
-        access
-    }
-
-    /// Sends a QUERY for each topic a live peer has something this node lacks on: a VDEV list
-    /// older than its `unique`, or a stream being rebuilt. At most one per peer and topic per
-    /// half period.
-    fn ask_for_missing(&mut self, peers: &BTreeMap<u64, Peer>, now: Instant) {
-        for (node, peer) in peers {
-            if peer.liveness == Liveness::Dead {
-                continue;
-            }
-            let vdevs_missing = !peer.vdevs_live
-                || peer
-                    .vdevs
-                    .as_ref()
-                    .is_none_or(|v| v.unique != peer.record.unique);
-            for (topic, wanted) in [(ELP_TOPIC, !peer.elp_live), (VDEV_TOPIC, vdevs_missing)] {
-                if !wanted {
-                    continue;
-                }
-                let last = self.queried.get(&(*node, topic));
-                if last.is_some_and(|t| now < *t + self.delay / 2) {
-                    continue;
-                }
-                self.queried.insert((*node, topic), now);
-                if *node == self.node {
-                    // Its own leaf missed (loss on the loop back): no need for the network.
-                    match topic {
-                        ELP_TOPIC => self.elp.snapshotter.request_cycle(),
-                        _ => self.vdevs.snapshotter.request_cycle(),
-                    }
-                    continue;
-                }
-                let Some(address) = first_ip(&peer.record) else {
-                    continue;
-                };
-                let query = Query {
-                    topic,
-                    to: *node,
-                    from: self.node,
-                };
-                let target = SocketAddr::new(address, peer.record.query_port);
-                let sent = match &self.query_key {
-                    Some(key) => self.query_socket.send_to(
-                        &query.encode_signed(key, std::time::SystemTime::now()),
-                        target,
-                    ),
-                    None => self.query_socket.send_to(&query.encode(), target),
-                };
-                match sent {
-                    Ok(_) => self.stats.queries_sent += 1,
-                    Err(error) => tracing::debug!(%error, %target, "QUERY not sent"),
-                }
-            }
-        }
-        self.queried.retain(|(node, _), _| peers.contains_key(node));
-    }
-}
-
-/// The first address a node announces that parses.
-fn first_ip(record: &NodeRecord) -> Option<IpAddr> {
-    record.addresses.iter().find_map(|a| a.parse().ok())
 }
 
 /// The ports a node announces.
@@ -1060,7 +740,7 @@ pub fn run(
     rescan: &Arc<AtomicBool>,
 ) -> Result<()> {
     let mut daemon = Daemon::start(config, probe_exe)?;
-    let step = Duration::from_millis(config.elp_delay_ms.max(10)) / 4;
+    let step = config.elp_delay() / 4;
     while !stop.load(Ordering::Relaxed) {
         if rescan.swap(false, Ordering::Relaxed) {
             tracing::info!("rescanning the drivers (SIGHUP)");

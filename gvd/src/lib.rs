@@ -2,8 +2,8 @@
 //! `VDRIVER_PATH`, checks each one in a child process, lists the virtual devices they expose
 //! and computes `unique`) and runs echolocation: every node announces its record on the ELP
 //! topic and keeps the list of live nodes in a file for local readers. It serves KOS clients
-//! (crate `grapevine-kos`) through one agent process per connection. GrapeVineFS builds on
-//! this.
+//! (crate `grapevine-kos`) through one agent process per connection, and GrapeVineFS zones
+//! (crate `grapevine-fs`) over NFS.
 //!
 //! # Layout
 //!
@@ -16,16 +16,22 @@
 //! - [`kos_server`]: the KOS listener, which starts an agent process per connection.
 //! - [`dht`]: finding nodes on other networks through a BEP-5 DHT (`mainline`).
 //! - [`agent`]: the agent: the CONN protocol's server side, on the drivers it loads.
-//! - [`daemon`]: configuration, the node id, the [`daemon::Daemon`] that announces, follows,
-//!   answers QUERYs and keeps the node list file.
+//! - [`config`]: the settings schema, its validation and the durations it implies.
+//! - [`peers`]: the peer table's decisions without I/O (QUERYs due, zone offers, who may pull).
+//! - [`daemon`]: the node id and the [`daemon::Daemon`] that announces, follows, answers
+//!   QUERYs and keeps the node list file; `topic` bundles a topic's publisher, snapshotter and
+//!   subscriber.
 
 pub mod agent;
+pub mod config;
 pub mod daemon;
 pub mod dht;
 pub mod elp;
 pub mod inventory;
 pub mod kos_server;
+pub mod peers;
 pub mod query;
+mod topic;
 pub mod vdriver;
 
 /// The key gvd's TCP ports (KOS, replication) authenticate with, derived from the network key

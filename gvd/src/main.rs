@@ -208,6 +208,7 @@ impl RunArgs {
         if let Some(v) = self.node_ttl {
             config.node_ttl = v;
         }
+        config.validate()?;
         Ok(config)
     }
 }

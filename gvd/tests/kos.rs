@@ -145,7 +145,10 @@ fn a_kos_on_one_host_calls_a_vdev_on_another() {
 #[test]
 fn agents_end_with_their_connection_and_crashes_stay_inside() {
     let dir = scratch("agents");
-    let (mut node, address) = echo_node(&dir, "239.255.79.41:47941", &["--call-timeout-ms", "300"]);
+    // Long enough that a panicking call answers before it under load (300 ms did not, once, in a
+    // full parallel run), short against the 5 s sleep below.
+    let (mut node, address) =
+        echo_node(&dir, "239.255.79.41:47941", &["--call-timeout-ms", "2000"]);
     let options = ConnectOptions::default();
 
     // Closing the connection ends its agent.

@@ -973,12 +973,14 @@ impl ZoneStore {
             path: self.index_path.clone(),
             reason: e.to_string(),
         })?;
-        let tmp = self.index_path.with_extension("tmp");
+        let dir = self.index_path.parent().unwrap_or(Path::new("."));
         let write = || -> std::io::Result<()> {
-            let mut file = std::fs::File::create(&tmp)?;
+            // A temporary file in the same directory, removed on drop if anything fails.
+            let mut file = tempfile::NamedTempFile::new_in(dir)?;
             file.write_all(&bytes)?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &self.index_path)
+            file.as_file().sync_all()?;
+            file.persist(&self.index_path).map_err(|e| e.error)?;
+            Ok(())
         };
         write().map_err(io(&self.index_path))
     }
