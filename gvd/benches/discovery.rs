@@ -115,10 +115,13 @@ fn run(s: &Settings, loss: f64, group_port: u16, drivers: &Path) -> Run {
         }
         let report = Arc::clone(report);
         let stop = Arc::clone(&stop);
-        let step = Duration::from_millis(s.elp_delay_ms) / 4;
         threads.push(std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                daemon.step(Instant::now() + step).unwrap();
+                let wait = daemon
+                    .poll_timeout()
+                    .saturating_duration_since(Instant::now());
+                std::thread::sleep(wait.min(Duration::from_millis(20)));
+                daemon.step(Instant::now()).unwrap();
                 let complete = daemon
                     .node_list()
                     .is_some_and(|l| l.nodes.len() == n && l.nodes.iter().all(|e| e.vdevs_current));

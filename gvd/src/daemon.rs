@@ -1,6 +1,6 @@
 //! The daemon loop: inventory, echolocation, and the node list file.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +21,7 @@ use crate::inventory::{driver_files, scan, search_path, Inventory};
 use crate::kos_server::{inventory_path, KosListener, KosSettings};
 use crate::peers::{zone_access, zone_offers, Peer, QueryAction, QueryPlanner};
 use crate::query::Query;
+use crate::query_server::{QueryServer, QueryService};
 use crate::topic::{ReplicatedTopic, TopicSettings};
 use grapevine_fs::service::{Zones, ZonesSettings};
 use grapevine_kos::nodes::ZoneStatus;
@@ -112,9 +113,10 @@ pub struct Daemon {
     next_announce: Instant,
     queries: QueryPlanner,
     query_key: Option<crate::query::QueryKey>,
-    query_sources: grapevine_core::limit::SourceLimiter<IpAddr>,
-    /// When a cycle was last asked for on behalf of a QUERY, per topic.
-    cycle_asked: HashMap<u32, Instant>,
+    /// Answers the query port on its own thread.
+    query_server: QueryServer,
+    /// When the last round ran: the next is due a quarter period later.
+    last_step: Instant,
     transitions: Transitions,
     written: Option<NodesFile>,
     stats: DaemonStats,
@@ -265,6 +267,14 @@ impl Daemon {
                 keyring: keyring.clone(),
             },
         )?;
+        let query_key = keyring.as_deref().and_then(crate::query::QueryKey::new);
+        let query_socket_for_server = query_socket
+            .try_clone()
+            .context("cannot share the query port")?;
+        let (elp_cycles, vdev_cycles) = (
+            elp.snapshotter.cycle_requester(),
+            vdevs.snapshotter.cycle_requester(),
+        );
         let now = Instant::now();
         let daemon = Self {
             node,
@@ -288,11 +298,20 @@ impl Daemon {
             rescan_requested: Arc::new(AtomicBool::new(false)),
             next_announce: now + delay,
             queries: QueryPlanner::new(node, delay),
-            query_key: keyring.as_deref().and_then(crate::query::QueryKey::new),
-            // A node asks a peer again only after a period: a few per second per address is
-            // plenty for a host running several nodes.
-            query_sources: grapevine_core::limit::SourceLimiter::new(10.0, 10.0, 4096),
-            cycle_asked: HashMap::new(),
+            query_key: query_key.clone(),
+            query_server: QueryServer::start(
+                query_socket_for_server,
+                QueryService {
+                    node,
+                    key: query_key,
+                    period: delay,
+                    elp: elp_cycles,
+                    vdevs: vdev_cycles,
+                },
+            )
+            .context("cannot start the query port's thread")?,
+            // The first round is due at once.
+            last_step: now.checked_sub(delay).unwrap_or(now),
             transitions: Transitions::default(),
             written: None,
             stats: DaemonStats::default(),
@@ -319,7 +338,13 @@ impl Daemon {
 
     /// Counters.
     pub fn stats(&self) -> DaemonStats {
-        self.stats
+        let queries = self.query_server.counters();
+        DaemonStats {
+            queries_answered: queries.answered.load(Ordering::Relaxed),
+            queries_rejected: queries.rejected.load(Ordering::Relaxed),
+            queries_limited: queries.limited.load(Ordering::Relaxed),
+            ..self.stats
+        }
     }
 
     /// The node list as last computed.
@@ -342,14 +367,21 @@ impl Daemon {
         (datagrams, bytes)
     }
 
-    /// One round: rescan if due, announce if due, answer queries until `until`, refresh the
-    /// node list, ask peers for what is missing, and rewrite the file if it changed.
+    /// When [`step`](Self::step) is due next: the next announcement, or a quarter period
+    /// after the last round (liveness, queries and the node file are refreshed that often).
+    pub fn poll_timeout(&self) -> Instant {
+        self.next_announce.min(self.last_step + self.delay / 4)
+    }
+
+    /// One round, without blocking: rescan if due, announce if due, refresh the node list,
+    /// ask peers for what is missing, and rewrite the file if it changed. (QUERYs are
+    /// answered on their own thread meanwhile.)
     ///
     /// # Errors
     ///
     /// When publishing fails (the publisher was shut down).
-    pub fn step(&mut self, until: Instant) -> Result<()> {
-        let now = Instant::now();
+    pub fn step(&mut self, now: Instant) -> Result<()> {
+        self.last_step = now;
         self.rescan_if_due(now)?;
         // A zone that changed is announced at once: its version is what makes members pull.
         let zone_versions = self.zones.versions();
@@ -363,7 +395,6 @@ impl Daemon {
                 .publish(MapDelta::Put(self.node, self.record()))?;
             self.next_announce = now + self.delay;
         }
-        self.answer_queries(until);
         // Reaps agents that ended, so none lingers as a zombie.
         self.kos.agents();
         let now = Instant::now();
@@ -506,80 +537,6 @@ impl Daemon {
             self.zones.statuses(),
             &self.inventory,
         )
-    }
-
-    /// Serves the query port until `until`.
-    fn answer_queries(&mut self, until: Instant) {
-        let mut buffer = [0u8; 64];
-        loop {
-            let wait = until.saturating_duration_since(Instant::now());
-            if wait.is_zero() {
-                return;
-            }
-            // A zero timeout means "block forever" to the socket: wait at least a millisecond.
-            let _ = self
-                .query_socket
-                .set_read_timeout(Some(wait.max(Duration::from_millis(1))));
-            let (len, from) = match self.query_socket.recv_from(&mut buffer) {
-                Ok(received) => received,
-                Err(error)
-                    if matches!(
-                        error.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "query port receive failed");
-                    std::thread::sleep(wait.min(Duration::from_millis(10)));
-                    continue;
-                }
-            };
-            let decoded = Query::decode_checked(
-                &buffer[..len],
-                self.query_key.as_ref(),
-                std::time::SystemTime::now(),
-            );
-            match decoded {
-                Ok(query) if query.to == self.node => {
-                    let snapshotter = match query.topic {
-                        ELP_TOPIC => &self.elp.snapshotter,
-                        VDEV_TOPIC => &self.vdevs.snapshotter,
-                        _ => {
-                            self.stats.queries_rejected += 1;
-                            continue;
-                        }
-                    };
-                    let now = Instant::now();
-                    if !self.query_sources.admit(now, from.ip(), 1.0) {
-                        self.stats.queries_limited += 1;
-                        continue;
-                    }
-                    // One cycle answers every QUERY that arrives while it is due: ask for
-                    // another only after a quarter of the announcement period.
-                    let recent = self
-                        .cycle_asked
-                        .get(&query.topic)
-                        .is_some_and(|at| now.saturating_duration_since(*at) < self.delay / 4);
-                    if recent {
-                        self.stats.queries_limited += 1;
-                        continue;
-                    }
-                    self.cycle_asked.insert(query.topic, now);
-                    tracing::debug!(%from, topic = query.topic, "QUERY answered");
-                    snapshotter.request_cycle();
-                    self.stats.queries_answered += 1;
-                }
-                Ok(_) => self.stats.queries_rejected += 1,
-                Err(error) => {
-                    self.stats.queries_rejected += 1;
-                    tracing::debug!(%from, %error, "not a QUERY");
-                }
-            }
-        }
     }
 
     /// Tells the zones which versions live members announce, who their members are, and who
@@ -740,13 +697,21 @@ pub fn run(
     rescan: &Arc<AtomicBool>,
 ) -> Result<()> {
     let mut daemon = Daemon::start(config, probe_exe)?;
-    let step = config.elp_delay() / 4;
+    // Signals are noticed within this.
+    const SIGNAL_CHECK: Duration = Duration::from_millis(50);
     while !stop.load(Ordering::Relaxed) {
         if rescan.swap(false, Ordering::Relaxed) {
             tracing::info!("rescanning the drivers (SIGHUP)");
             daemon.rescan_flag().store(true, Ordering::Relaxed);
         }
-        daemon.step(Instant::now() + step)?;
+        let now = Instant::now();
+        if now >= daemon.poll_timeout() {
+            daemon.step(now)?;
+        }
+        let wait = daemon
+            .poll_timeout()
+            .saturating_duration_since(Instant::now());
+        std::thread::sleep(wait.min(SIGNAL_CHECK));
     }
     daemon.shutdown();
     Ok(())

@@ -31,6 +31,7 @@ pub mod inventory;
 pub mod kos_server;
 pub mod peers;
 pub mod query;
+mod query_server;
 mod topic;
 pub mod vdriver;
 

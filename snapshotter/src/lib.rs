@@ -79,9 +79,24 @@ pub enum SnapshotterError {
     Thread(#[source] std::io::Error),
 }
 
+#[derive(Debug)]
 enum Command {
     Stop,
     RequestCycle,
+}
+
+/// Asks a [`Snapshotter`] for a cycle now; cheap to clone and send to other threads.
+#[derive(Clone, Debug)]
+pub struct CycleRequester(Option<Sender<Command>>);
+
+impl CycleRequester {
+    /// As [`Snapshotter::request_cycle`].
+    pub fn request_cycle(&self) {
+        if let Some(commands) = &self.0 {
+            // A full queue already holds a request: this one adds nothing.
+            let _ = commands.try_send(Command::RequestCycle);
+        }
+    }
 }
 
 /// A running snapshot cycle for one publisher.
@@ -151,6 +166,12 @@ impl Snapshotter {
         if let Some(commands) = &self.commands {
             let _ = commands.try_send(Command::RequestCycle);
         }
+    }
+
+    /// A handle that asks for cycles from another thread (a query server, say), as
+    /// [`request_cycle`](Self::request_cycle) does; it does nothing once the snapshotter stopped.
+    pub fn cycle_requester(&self) -> CycleRequester {
+        CycleRequester(self.commands.clone())
     }
 
     /// Stops the cycle and returns the final counters.
