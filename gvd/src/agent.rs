@@ -8,6 +8,9 @@
 //! outlives the call timeout, or when gvd is gone.
 //!
 //! [`AgentSession`] is the protocol logic without I/O; [`serve`] runs it on a socket.
+//!
+//! Its length (over 600 lines) is ~150 lines of unit tests kept beside the sans-IO session they
+//! test.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};

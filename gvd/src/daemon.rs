@@ -1,4 +1,8 @@
 //! The daemon loop: inventory, echolocation, and the node list file.
+//!
+//! It is over 600 lines because it wires every subsystem (topics, KOS, zones, DHT, repeater, query
+//! port) and keeps the node list; the decisions live in `peers`, `config`, `topic` and
+//! `query_server`.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};

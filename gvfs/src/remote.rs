@@ -2,6 +2,10 @@
 //! every operation to a member, over the member's replication port. [`FsOp`] is the operation,
 //! [`execute`] runs it on a member's [`ZoneFs`], and [`ProxyFs`] is the non-member's file
 //! system, which picks the member that answers fastest and moves to another when it fails.
+//!
+//! It is over 600 lines because the forwarded operations, their execution on a member and the
+//! non-member's failover belong to one protocol; splitting them would scatter each operation over
+//! three files.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

