@@ -120,10 +120,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Ctrl-C / SIGTERM end `pub` and `sub` cleanly: the publisher flushes what is batched.
     let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let interrupted = Arc::clone(&interrupted);
-        if let Err(error) = ctrlc::set_handler(move || interrupted.store(true, Ordering::Relaxed)) {
-            eprintln!("warning: cannot handle Ctrl-C: {error}");
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal while the first is being handled ends the process at once.
+        let registered =
+            signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&interrupted))
+                .and_then(|_| signal_hook::flag::register(signal, Arc::clone(&interrupted)));
+        if let Err(error) = registered {
+            eprintln!("warning: cannot handle signal {signal}: {error}");
         }
     }
     let _ = STOP.set(interrupted);

@@ -40,10 +40,7 @@ use crate::wire::{DATAGRAM_HEADER_LEN, FLAG_AUTH};
 /// window, since many subscribers share the id: per-source rate limits bound replays).
 pub const REQUEST_SENDER: u8 = 2;
 
-/// Length of the trailer of a signed datagram.
-pub const AUTH_TRAILER_LEN: usize = 26;
-/// Length of the trailer of a datagram signed with a publisher's own ed25519 key.
-pub const SIG_TRAILER_LEN: usize = 74;
+pub use crate::wire::{AUTH_TRAILER_LEN, SIG_TRAILER_LEN};
 const SIGNATURE_LEN: usize = 64;
 const TAG_LEN: usize = 16;
 /// Counters this far or more below the highest one seen are refused as replays.
@@ -107,20 +104,10 @@ impl fmt::Debug for Keyring {
     }
 }
 
-fn hex32(hex: &str) -> Option<[u8; 32]> {
-    let hex = hex.trim();
-    if hex.len() != 64 {
-        return None;
-    }
+fn hex32(text: &str) -> Option<[u8; 32]> {
     let mut key = [0u8; 32];
-    for (i, byte) in key.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
+    hex::decode_to_slice(text.trim(), &mut key).ok()?;
     Some(key)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Keyring {
@@ -158,16 +145,19 @@ impl Keyring {
     pub fn to_file_text(&self) -> String {
         let mut text = String::new();
         for (id, key) in &self.keys {
-            text.push_str(&format!("{id}:{}\n", hex(&key.0)));
+            text.push_str(&format!("{id}:{}\n", hex::encode(key.0)));
         }
         if let Some((id, secret)) = &self.secret {
             text.push_str(&format!(
                 "ed25519-secret {id}:{}\n",
-                hex(&secret.to_bytes())
+                hex::encode(secret.to_bytes())
             ));
         } else {
             for (id, public) in &self.public {
-                text.push_str(&format!("ed25519-public {id}:{}\n", hex(public.as_bytes())));
+                text.push_str(&format!(
+                    "ed25519-public {id}:{}\n",
+                    hex::encode(public.as_bytes())
+                ));
             }
         }
         text

@@ -280,13 +280,8 @@ impl<S: ReplicatedState> Subscriber<S> {
         let repair_sender = match &options.repair {
             Some(repair) => {
                 options.session.repair = true;
-                // Randomly seeded by std (each subscriber waits a different time before asking).
-                options.session.repair_seed = {
-                    use std::hash::{BuildHasher, Hasher};
-                    std::collections::hash_map::RandomState::new()
-                        .build_hasher()
-                        .finish()
-                };
+                // Each subscriber waits a different time before asking.
+                options.session.repair_seed = rand::random();
                 Some(MulticastSocket::sender(repair)?)
             }
             None => None,
@@ -853,33 +848,23 @@ fn take_one(counter: &AtomicU64) -> bool {
         .is_ok()
 }
 
-/// Drops a fraction of datagrams (xorshift, seeded from the OS): deliberate loss for demos and
-/// tests, no cryptographic quality needed.
+/// Drops a fraction of datagrams: deliberate loss for demos and tests.
 struct LossInjector {
-    threshold: u64,
-    state: u64,
+    fraction: f64,
+    rng: rand::rngs::SmallRng,
 }
 
 impl LossInjector {
     fn new(fraction: f64) -> Self {
-        use std::hash::{BuildHasher, Hasher};
-        let seed = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish()
-            | 1;
+        use rand::SeedableRng;
         Self {
-            threshold: (fraction.clamp(0.0, 1.0) * u64::MAX as f64) as u64,
-            state: seed,
+            fraction: fraction.clamp(0.0, 1.0),
+            rng: rand::rngs::SmallRng::from_entropy(),
         }
     }
 
     fn drop_next(&mut self) -> bool {
-        if self.threshold == 0 {
-            return false;
-        }
-        self.state ^= self.state << 13;
-        self.state ^= self.state >> 7;
-        self.state ^= self.state << 17;
-        self.state < self.threshold
+        use rand::Rng;
+        self.fraction > 0.0 && self.rng.gen_bool(self.fraction)
     }
 }

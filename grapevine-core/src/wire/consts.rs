@@ -50,8 +50,13 @@ pub const MAX_REPAIR_RANGE: u64 = 4096;
 pub const FLAG_PROBE: u8 = 0x01;
 /// Datagram flag: the datagram ends with an authentication trailer (see `auth`).
 pub const FLAG_AUTH: u8 = 0x02;
-/// Datagram flag: signed with the publisher's own ed25519 key (`auth::SIG_TRAILER_LEN` bytes
-/// of trailer).
+/// Datagram flag: signed with the publisher's own ed25519 key ([`SIG_TRAILER_LEN`] bytes of
+/// trailer).
 pub const FLAG_SIG: u8 = 0x04;
+/// Length of the trailer of a datagram with [`FLAG_AUTH`] (a shared-key tag; `auth` makes and
+/// checks it).
+pub const AUTH_TRAILER_LEN: usize = 26;
+/// Length of the trailer of a datagram with [`FLAG_SIG`].
+pub const SIG_TRAILER_LEN: usize = 74;
 /// Every datagram flag this version defines.
 pub const KNOWN_DATAGRAM_FLAGS: u8 = FLAG_PROBE | FLAG_AUTH | FLAG_SIG;

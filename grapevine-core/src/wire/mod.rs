@@ -327,8 +327,8 @@ impl<'a> Datagram<'a> {
         // A signed datagram's trailer is checked by `auth`, not parsed as messages.
         let trailer = match (header.flags & FLAG_AUTH != 0, header.flags & FLAG_SIG != 0) {
             (false, false) => 0,
-            (true, false) => crate::auth::AUTH_TRAILER_LEN,
-            (false, true) => crate::auth::SIG_TRAILER_LEN,
+            (true, false) => AUTH_TRAILER_LEN,
+            (false, true) => SIG_TRAILER_LEN,
             (true, true) => return Err(DecodeError::ReservedBits(header.flags)),
         };
         let body = split(
