@@ -7,8 +7,8 @@
 use std::ffi::{c_char, CStr, CString};
 use std::path::{Path, PathBuf};
 
-/// The ABI version this build speaks.
-pub const ABI_VERSION: u32 = 1;
+pub use gv_vdriver_abi::ABI_VERSION;
+use gv_vdriver_abi::{AbiVersionFn, CallFn, GvVdev as RawVdev, ListFn, NameFn};
 
 /// Most VDEVs one driver may expose.
 const MAX_VDEVS: u32 = 65_536;
@@ -53,26 +53,6 @@ pub enum DriverError {
         reason: String,
     },
 }
-
-#[repr(C)]
-struct RawVdev {
-    name: *const c_char,
-    kind: *const c_char,
-    attributes: *const c_char,
-}
-
-type AbiVersionFn = unsafe extern "C" fn() -> u32;
-type NameFn = unsafe extern "C" fn() -> *const c_char;
-type ListFn = unsafe extern "C" fn(*mut RawVdev, u32) -> i32;
-type CallFn = unsafe extern "C" fn(
-    *const c_char,
-    *const c_char,
-    *const u8,
-    usize,
-    *mut u8,
-    usize,
-    *mut usize,
-) -> i32;
 
 /// A loaded driver. The library stays loaded as long as this lives, which keeps every
 /// function pointer taken from it valid.

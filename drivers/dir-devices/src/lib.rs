@@ -7,17 +7,10 @@
 
 use std::ffi::{c_char, CString};
 use std::io::{Read, Seek, SeekFrom};
-use std::panic::catch_unwind;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-/// A VDEV as the ABI lays it out.
-#[repr(C)]
-pub struct GvVdev {
-    name: *const c_char,
-    kind: *const c_char,
-    attributes: *const c_char,
-}
+use gv_vdriver_abi::{serve_list, GvVdev, ABI_VERSION};
 
 /// The strings of the last listing, kept alive until the next one (as the ABI allows).
 static LISTED: Mutex<Vec<(CString, CString)>> = Mutex::new(Vec::new());
@@ -47,7 +40,7 @@ fn devices() -> Vec<(String, u64)> {
 /// The ABI version this driver implements.
 #[no_mangle]
 pub extern "C" fn gv_vdriver_abi_version() -> u32 {
-    1
+    ABI_VERSION
 }
 
 /// The driver's name.
@@ -63,34 +56,27 @@ pub extern "C" fn gv_vdriver_name() -> *const c_char {
 /// `out` must point to `cap` writable `GvVdev`s (or be null with `cap` 0).
 #[no_mangle]
 pub unsafe extern "C" fn gv_vdriver_list(out: *mut GvVdev, cap: u32) -> i32 {
-    let listed = catch_unwind(|| {
-        let Ok(mut listed) = LISTED.lock() else {
-            return -1;
-        };
-        listed.clear();
-        for (name, size) in devices() {
-            let (Ok(name), Ok(attributes)) = (
-                CString::new(name),
-                CString::new(format!("{{\"size\":{size}}}")),
-            ) else {
-                continue;
-            };
-            listed.push((name, attributes));
-        }
-        for (i, (name, attributes)) in listed.iter().enumerate().take(cap as usize) {
-            // SAFETY: the caller provides `cap` writable entries and i < cap; the strings live
-            // in LISTED until the next listing.
-            unsafe {
-                out.add(i).write(GvVdev {
-                    name: name.as_ptr(),
-                    kind: c"block".as_ptr(),
-                    attributes: attributes.as_ptr(),
-                });
+    // SAFETY: the caller's contract, forwarded unchanged; the strings live in LISTED until the
+    // next listing.
+    unsafe {
+        serve_list(out, cap, || {
+            let mut listed = LISTED.lock().map_err(|_| -1)?;
+            listed.clear();
+            for (name, size) in devices() {
+                let (Ok(name), Ok(attributes)) = (
+                    CString::new(name),
+                    CString::new(format!("{{\"size\":{size}}}")),
+                ) else {
+                    continue;
+                };
+                listed.push((name, attributes));
             }
-        }
-        i32::try_from(listed.len()).unwrap_or(i32::MAX)
-    });
-    listed.unwrap_or(-1)
+            Ok(listed
+                .iter()
+                .map(|(name, attributes)| GvVdev::new(name, c"block", attributes))
+                .collect())
+        })
+    }
 }
 
 /// Calls `size` or `read` on a device.
@@ -111,7 +97,7 @@ pub unsafe extern "C" fn gv_vdriver_call(
 ) -> i32 {
     // SAFETY: the caller's contract, forwarded unchanged.
     unsafe {
-        gv_vdriver_kit::serve_call(
+        gv_vdriver_abi::serve_call(
             vdev,
             function,
             args,

@@ -8,16 +8,9 @@
 #![allow(unsafe_code)]
 
 use std::ffi::{c_char, CStr};
-use std::panic::catch_unwind;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A VDEV as the ABI lays it out.
-#[repr(C)]
-pub struct GvVdev {
-    name: *const c_char,
-    kind: *const c_char,
-    attributes: *const c_char,
-}
+use gv_vdriver_abi::{serve_call, serve_list, GvVdev, ABI_VERSION};
 
 const VDEVS: [(&CStr, &CStr, &CStr); 2] = [
     (c"echo0", c"echo", c"{\"functions\":[\"echo\",\"reverse\"]}"),
@@ -34,9 +27,9 @@ fn fault() -> String {
 #[no_mangle]
 pub extern "C" fn gv_vdriver_abi_version() -> u32 {
     if fault() == "abi" {
-        99
+        ABI_VERSION + 98
     } else {
-        1
+        ABI_VERSION
     }
 }
 
@@ -53,26 +46,21 @@ pub extern "C" fn gv_vdriver_name() -> *const c_char {
 /// `out` must point to `cap` writable `GvVdev`s (or be null with `cap` 0).
 #[no_mangle]
 pub unsafe extern "C" fn gv_vdriver_list(out: *mut GvVdev, cap: u32) -> i32 {
-    let listed = catch_unwind(|| {
-        match fault().as_str() {
-            "error" => return -1,
-            "panic" => panic!("gv-echo: asked to panic"),
-            "abort" => std::process::abort(),
-            _ => {}
-        }
-        for (i, (name, kind, attributes)) in VDEVS.iter().enumerate().take(cap as usize) {
-            // SAFETY: the caller provides `cap` writable entries and i < cap.
-            unsafe {
-                out.add(i).write(GvVdev {
-                    name: name.as_ptr(),
-                    kind: kind.as_ptr(),
-                    attributes: attributes.as_ptr(),
-                });
+    // SAFETY: the caller's contract, forwarded unchanged; the strings are static.
+    unsafe {
+        serve_list(out, cap, || {
+            match fault().as_str() {
+                "error" => return Err(-1),
+                "panic" => panic!("gv-echo: asked to panic"),
+                "abort" => std::process::abort(),
+                _ => {}
             }
-        }
-        VDEVS.len() as i32
-    });
-    listed.unwrap_or(-1)
+            Ok(VDEVS
+                .iter()
+                .map(|(name, kind, attributes)| GvVdev::new(name, kind, attributes))
+                .collect())
+        })
+    }
 }
 
 /// Calls a function of a VDEV.
@@ -93,7 +81,7 @@ pub unsafe extern "C" fn gv_vdriver_call(
 ) -> i32 {
     // SAFETY: the caller's contract, forwarded unchanged.
     unsafe {
-        gv_vdriver_kit::serve_call(
+        serve_call(
             vdev,
             function,
             args,
