@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use grapevine_kos::proto::{decode, encode_frame, frame_len, FRAME_HEADER_LEN};
-use grapevine_kos::secure::{AsyncLink, PortKey, Purpose};
+use grapevine_gvd_schema::frame::{decode, encode_frame, frame_len, FRAME_HEADER_LEN};
+use grapevine_gvd_schema::secure::{AsyncLink, PortKey, Purpose};
 use nfsserve::nfs::{
     fattr3, fileid3, filename3, ftype3, nfs_fh3, nfspath3, nfsstat3, nfstime3, sattr3, set_atime,
     set_gid3, set_mode3, set_mtime, set_size3, set_uid3, specdata3,

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use grapevine_kos::proto::{decode, encode_frame, frame_len, FRAME_HEADER_LEN};
-use grapevine_kos::secure::{self, Link, PortKey, Purpose};
+use grapevine_gvd_schema::frame::{decode, encode_frame, frame_len, FRAME_HEADER_LEN};
+use grapevine_gvd_schema::secure::{self, Link, PortKey, Purpose};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
@@ -172,7 +172,7 @@ pub struct Access {
 pub type SharedAccess = Arc<parking_lot::RwLock<Option<Access>>>;
 
 /// Serves the zones' changes and data to pulling peers, a thread per connection. With a
-/// network key, a peer must complete the handshake of [`grapevine_kos::secure`] first; with
+/// network key, a peer must complete the handshake of [`grapevine_gvd_schema::secure`] first; with
 /// [`Access`] rules, only a zone's members may pull it.
 pub struct ReplServer {
     address: SocketAddr,

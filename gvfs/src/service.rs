@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use grapevine_kos::nodes::ZoneStatus;
+use grapevine_gvd_schema::nodes::ZoneStatus;
 use nfsserve::tcp::{NFSTcp, NFSTcpListener};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::nfs::ZoneFs;
 use crate::remote::{Member, ProxyFs};
-use grapevine_kos::secure::PortKey;
+use grapevine_gvd_schema::secure::PortKey;
 
 use crate::repl::{pull, ReplServer, ServedZone, ZoneMap};
 use crate::store::ZoneStore;

@@ -14,8 +14,8 @@ use grapevine_fs::nfs::ZoneFs;
 use grapevine_fs::repl::{pull, ReplServer, ServedZone};
 use grapevine_fs::store::{Entry, Kind, ZoneStore};
 use grapevine_fs::version::VersionVector;
-use grapevine_kos::proto::{encode_frame, frame_len, FRAME_HEADER_LEN};
-use grapevine_kos::secure::PortKey;
+use grapevine_gvd_schema::frame::{encode_frame, frame_len, FRAME_HEADER_LEN};
+use grapevine_gvd_schema::secure::PortKey;
 use parking_lot::Mutex;
 use serde::Serialize;
 

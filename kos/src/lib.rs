@@ -16,9 +16,9 @@
 //! ```
 
 pub mod client;
-pub mod nodes;
 pub mod proto;
-pub mod secure;
+
+pub use grapevine_gvd_schema::{nodes, secure};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -136,7 +136,10 @@ impl Kos {
     ///
     /// [`KosError::NodeList`].
     pub fn nodes(&self) -> Result<NodesFile, KosError> {
-        NodesFile::read(&self.nodes_path)
+        NodesFile::read(&self.nodes_path).map_err(|e| KosError::NodeList {
+            path: e.path,
+            reason: e.reason,
+        })
     }
 
     /// Opens `vdev` on `node` (a name or hex id), or on the only node exposing it. The node's

@@ -15,18 +15,16 @@
 //! # Ok::<(), grapevine_kos::proto::ProtoError>(())
 //! ```
 
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{Deserialize, Serialize};
+
+pub use grapevine_gvd_schema::frame::{
+    decode, encode_frame, frame_len, FrameError as ProtoError, DEFAULT_MAX_FRAME, FRAME_HEADER_LEN,
+};
 
 use crate::nodes::Vdev;
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
-
-/// Largest frame body accepted by default (16 MiB).
-pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
-
-/// Length of the frame header.
-pub const FRAME_HEADER_LEN: usize = 4;
 
 /// What a KOS sends.
 #[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
@@ -160,76 +158,11 @@ pub enum ErrorKind {
     Internal,
 }
 
-/// Why bytes are not a frame or a message.
-#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ProtoError {
-    /// The length prefix exceeds the limit.
-    #[error("frame of {len} bytes, at most {max} allowed")]
-    FrameTooLarge {
-        /// Announced body length.
-        len: u64,
-        /// The limit.
-        max: usize,
-    },
-    /// The body is not a message of this version.
-    #[error("undecodable message: {0}")]
-    Decode(String),
-    /// The message cannot be encoded (too large for a frame).
-    #[error("cannot encode: {0}")]
-    Encode(String),
-}
-
-/// The body length announced by a frame header, checked against `max`.
-///
-/// # Errors
-///
-/// [`ProtoError::FrameTooLarge`].
-pub fn frame_len(header: [u8; FRAME_HEADER_LEN], max: usize) -> Result<usize, ProtoError> {
-    let len = u32::from_be_bytes(header);
-    match usize::try_from(len) {
-        Ok(len) if len <= max => Ok(len),
-        _ => Err(ProtoError::FrameTooLarge {
-            len: u64::from(len),
-            max,
-        }),
-    }
-}
-
-/// Appends `message` as one frame to `out`.
-///
-/// # Errors
-///
-/// [`ProtoError::Encode`] when it cannot be encoded or exceeds 4 GiB.
-pub fn encode_frame<T: Serialize>(message: &T, out: &mut Vec<u8>) -> Result<(), ProtoError> {
-    let start = out.len();
-    out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
-    let encoded = postcard::to_extend(message, std::mem::take(out));
-    let mut buffer = encoded.map_err(|e| ProtoError::Encode(e.to_string()))?;
-    let len = u32::try_from(buffer.len() - start - FRAME_HEADER_LEN)
-        .map_err(|_| ProtoError::Encode("message over 4 GiB".into()))?;
-    buffer[start..start + FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
-    *out = buffer;
-    Ok(())
-}
-
-/// Decodes a frame body; trailing bytes are an error.
-///
-/// # Errors
-///
-/// [`ProtoError::Decode`].
-pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProtoError> {
-    match postcard::take_from_bytes(body) {
-        Ok((value, [])) => Ok(value),
-        Ok((_, rest)) => Err(ProtoError::Decode(format!("{} trailing bytes", rest.len()))),
-        Err(e) => Err(ProtoError::Decode(e.to_string())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use serde::de::DeserializeOwned;
 
     fn roundtrip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(message: &T) {
         let mut wire = vec![9, 9];

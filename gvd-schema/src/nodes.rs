@@ -6,7 +6,15 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::KosError;
+/// The node list file cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("node list {path}: {reason}")]
+pub struct NodeListError {
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// What is wrong with it.
+    pub reason: String,
+}
 
 /// The schema version of the node list file.
 pub const NODES_FILE_VERSION: u32 = 2;
@@ -153,9 +161,9 @@ impl NodesFile {
     ///
     /// # Errors
     ///
-    /// [`KosError::NodeList`] when the file is missing, unreadable, or of another schema.
-    pub fn read(path: &Path) -> Result<Self, KosError> {
-        let bad = |reason: String| KosError::NodeList {
+    /// [`NodeListError`] when the file is missing, unreadable, or of another schema.
+    pub fn read(path: &Path) -> Result<Self, NodeListError> {
+        let bad = |reason: String| NodeListError {
             path: path.to_path_buf(),
             reason,
         };
@@ -182,7 +190,7 @@ impl NodesFile {
     /// hex id). Nodes without a KOS listener are left out.
     ///
     /// ```
-    /// use grapevine_kos::nodes::NodesFile;
+    /// use grapevine_gvd_schema::nodes::NodesFile;
     /// let list: NodesFile = serde_json::from_str(r#"{"version":2,"local_node":1,"nodes":[
     ///   {"node_id":1,"name":"a","addresses":["127.0.0.1"],"query_port":7173,"kos_port":7174,"repl_port":0,"zones":[],
     ///    "unique":"x","elp_delay_ms":1000,"liveness":"alive","vdevs_current":true,

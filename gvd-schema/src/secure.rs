@@ -15,7 +15,7 @@
 //! ```
 //! use std::io::{Read, Write};
 //! use std::net::{TcpListener, TcpStream};
-//! use grapevine_kos::secure::{accept, connect, PortKey, Purpose};
+//! use grapevine_gvd_schema::secure::{accept, connect, PortKey, Purpose};
 //!
 //! let key = PortKey::from_network_key(b"a network key of the operator's choosing");
 //! let listener = TcpListener::bind("127.0.0.1:0")?;
