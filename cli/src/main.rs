@@ -129,6 +129,7 @@ fn main() -> ExitCode {
             eprintln!("warning: cannot handle signal {signal}: {error}");
         }
     }
+    // Set once, in main, before any command runs.
     let _ = STOP.set(interrupted);
     let result = match cli.command {
         Command::Demo(args) => cmd::demo::demo(&args),

@@ -25,6 +25,7 @@ pub fn serve_metrics(
                 if let Some(header) = content_type.clone() {
                     response.add_header(header);
                 }
+                // A scraper that went away gets nothing; the next scrape is answered.
                 let _ = request.respond(response);
             }
         })?;

@@ -311,7 +311,7 @@ impl Devices for DriverDevices {
 
 /// Limits of an agent.
 #[derive(Clone, Debug)]
-pub struct AgentLimits {
+pub struct AgentOptions {
     /// Largest request frame.
     pub max_frame: usize,
     /// Longest a driver call may run before the agent gives up and ends.
@@ -339,6 +339,7 @@ struct Writer {
 impl Writer {
     /// Ends the connection both ways, which also wakes the thread reading it.
     fn shut(&self) {
+        // The peer may have closed first; either way the connection is over.
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
     }
 
@@ -363,7 +364,7 @@ pub fn serve(
     link: Link,
     session: AgentSession,
     devices: DriverDevices,
-    limits: &AgentLimits,
+    limits: &AgentOptions,
 ) -> std::io::Result<Ended> {
     let socket = link.socket().try_clone()?;
     socket.set_nodelay(true)?;
@@ -396,6 +397,7 @@ pub fn serve(
                     (&call_started, epoch),
                     &connected,
                 );
+                // The supervisor may be gone already (the agent is ending).
                 let _ = ended_out.send(outcome);
                 writer.shut();
             })?;
@@ -422,6 +424,7 @@ pub fn serve(
                         ErrorKind::Timeout,
                         format!("a driver call did not return within {timeout:?}; the agent ends"),
                     ));
+                    // The supervisor may be gone already (the agent is ending).
                     let _ = ended_out.send(Ended::CallTimedOut);
                     writer.shut();
                     return;
@@ -520,10 +523,12 @@ fn work(
 }
 
 /// Ends the process when gvd (its parent) is gone: an agent outliving its daemon would be an
-/// orphan nobody counts.
+/// orphan nobody counts. (A watch thread rather than `prctl(PR_SET_PDEATHSIG)`: that signal
+/// follows the *thread* that spawned the agent, not gvd, and would kill healthy agents when
+/// that thread ends.)
 pub fn exit_with_parent() {
     let parent = std::os::unix::process::parent_id();
-    let _ = std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("kos-parent-watch".into())
         .spawn(move || loop {
             std::thread::sleep(Duration::from_millis(500));
@@ -532,6 +537,9 @@ pub fn exit_with_parent() {
                 std::process::exit(0);
             }
         });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot watch gvd: this agent may outlive it");
+    }
 }
 
 #[cfg(test)]

@@ -22,12 +22,12 @@ use crate::elp::{
     VdevTable, ELP_TOPIC, VDEV_TOPIC,
 };
 use crate::inventory::{driver_files, scan, search_path, Inventory};
-use crate::kos_server::{inventory_path, KosListener, KosSettings};
+use crate::kos_server::{inventory_path, KosListener, KosOptions};
 use crate::peers::{zone_access, zone_offers, Peer, QueryAction, QueryPlanner};
 use crate::query::Query;
 use crate::query_server::{QueryServer, QueryService};
-use crate::topic::{ReplicatedTopic, TopicSettings};
-use grapevine_fs::service::{Zones, ZonesSettings};
+use crate::topic::{ReplicatedTopic, TopicOptions};
+use grapevine_fs::service::{Zones, ZonesOptions};
 use grapevine_kos::nodes::ZoneStatus;
 
 pub use crate::config::{Config, RepeaterConfig};
@@ -171,7 +171,7 @@ impl Daemon {
                  replication; set key_file (docs/SECURITY.md)"
             );
         }
-        let kos = KosListener::start(KosSettings {
+        let kos = KosListener::start(KosOptions {
             address: SocketAddr::new(address, config.kos_port),
             max_agents: config.max_agents,
             max_agents_per_source: config.max_agents_per_source,
@@ -187,7 +187,7 @@ impl Daemon {
         let dht = if config.dht_bootstrap.is_empty() {
             None
         } else {
-            Some(crate::dht::DhtDiscovery::start(crate::dht::DhtSettings {
+            Some(crate::dht::DhtDiscovery::start(crate::dht::DhtOptions {
                 bootstrap: config.dht_bootstrap.clone(),
                 bind: config.dht_bind,
                 network: config.network.clone(),
@@ -215,7 +215,7 @@ impl Daemon {
                 let finder = if config.dht_bootstrap.is_empty() {
                     None
                 } else {
-                    Some(crate::dht::DhtDiscovery::start(crate::dht::DhtSettings {
+                    Some(crate::dht::DhtDiscovery::start(crate::dht::DhtOptions {
                         bootstrap: config.dht_bootstrap.clone(),
                         bind: config.dht_bind,
                         network: format!("{}#repeater", config.network),
@@ -227,7 +227,7 @@ impl Daemon {
                 Some((repeater, finder))
             }
         };
-        let zones = Zones::start(&ZonesSettings {
+        let zones = Zones::start(&ZonesOptions {
             node,
             node_name: config.name.clone(),
             zones: config.zones.clone(),
@@ -252,7 +252,7 @@ impl Daemon {
             &elp_group,
             MapDelta::Put(node, record),
             node,
-            &TopicSettings {
+            &TopicOptions {
                 heartbeat: delay * 2,
                 cycle_pause: delay,
                 inject_loss: config.inject_loss,
@@ -264,7 +264,7 @@ impl Daemon {
             &vdev_group,
             MapDelta::Put(node, vdev_list(&inventory)),
             node,
-            &TopicSettings {
+            &TopicOptions {
                 heartbeat: delay * 2,
                 cycle_pause: delay * 10,
                 inject_loss: config.inject_loss,
@@ -480,6 +480,7 @@ impl Daemon {
 
     /// Says goodbye (so that peers drop this node now rather than after the TTL) and stops.
     pub fn shutdown(self) {
+        // A goodbye is a courtesy: peers drop this node after the TTL anyway.
         let _ = self.elp.publisher.publish(MapDelta::Remove(self.node));
         self.elp.publisher.flush();
         self.elp.shutdown();

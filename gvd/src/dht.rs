@@ -23,7 +23,7 @@ pub fn network_hash(network: &str) -> Id {
 
 /// Settings of [`DhtDiscovery`].
 #[derive(Clone, Debug)]
-pub struct DhtSettings {
+pub struct DhtOptions {
     /// Bootstrap nodes (`host:port`); a private one for a private DHT.
     pub bootstrap: Vec<String>,
     /// Address to bind the DHT node to.
@@ -50,7 +50,7 @@ impl DhtDiscovery {
     /// # Errors
     ///
     /// When the DHT node cannot bind its socket.
-    pub fn start(settings: DhtSettings) -> Result<Self> {
+    pub fn start(settings: DhtOptions) -> Result<Self> {
         let dht = Dht::builder()
             .bootstrap(&settings.bootstrap)
             .bind_address(settings.bind)
@@ -82,6 +82,7 @@ impl Drop for DhtDiscovery {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
+            // A panic in the thread was already reported by the panic hook.
             let _ = thread.join();
         }
     }
@@ -89,7 +90,7 @@ impl Drop for DhtDiscovery {
 
 fn discovery_loop(
     dht: &Dht,
-    settings: &DhtSettings,
+    settings: &DhtOptions,
     found: &Mutex<Vec<SocketAddr>>,
     stop: &AtomicBool,
 ) {

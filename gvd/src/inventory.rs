@@ -108,7 +108,9 @@ pub fn probe(probe_exe: &Path, path: &Path, timeout: Duration) -> Result<DriverI
             Ok(Some(status)) => break status,
             Ok(None) if started.elapsed() < timeout => std::thread::sleep(Duration::from_millis(5)),
             Ok(None) => {
+                // It may have ended already: then there is nothing to kill.
                 let _ = child.kill();
+                // Reaps it; an error means it was reaped already.
                 let _ = child.wait();
                 return Err(format!("did not answer within {timeout:?}"));
             }
@@ -118,9 +120,11 @@ pub fn probe(probe_exe: &Path, path: &Path, timeout: Duration) -> Result<DriverI
     let mut stdout = String::new();
     let mut stderr = String::new();
     if let Some(mut out) = child.stdout.take() {
+        // What could be read is reported; the rest is lost with the process.
         let _ = out.read_to_string(&mut stdout);
     }
     if let Some(mut err) = child.stderr.take() {
+        // What could be read is reported; the rest is lost with the process.
         let _ = err.read_to_string(&mut stderr);
     }
     if !status.success() {

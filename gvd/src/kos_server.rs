@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 
 /// Settings of the listener and of the agents it starts.
 #[derive(Clone, Debug)]
-pub struct KosSettings {
+pub struct KosOptions {
     /// Where to listen.
     pub address: SocketAddr,
     /// Most agents alive at once; further connections are refused with an error.
@@ -68,7 +68,7 @@ impl KosListener {
     /// # Errors
     ///
     /// When the address cannot be bound.
-    pub fn start(settings: KosSettings) -> Result<Self> {
+    pub fn start(settings: KosOptions) -> Result<Self> {
         let listener = TcpListener::bind(settings.address)
             .with_context(|| format!("cannot listen for KOS on {}", settings.address))?;
         let address = listener.local_addr()?;
@@ -130,10 +130,13 @@ impl KosListener {
         // Wake the blocking accept.
         let _ = TcpStream::connect_timeout(&self.address, Duration::from_millis(200));
         if let Some(thread) = self.thread.take() {
+            // A panic in the thread was already reported by the panic hook.
             let _ = thread.join();
         }
         for (mut agent, _) in self.agents.lock().drain(..) {
+            // It may have ended already: then there is nothing to kill.
             let _ = agent.kill();
+            // Reaps it; an error means it was reaped already.
             let _ = agent.wait();
         }
     }
@@ -158,7 +161,7 @@ fn reap(agents: &mut Vec<(Child, IpAddr)>) {
 
 fn accept_loop(
     listener: &TcpListener,
-    settings: &KosSettings,
+    settings: &KosOptions,
     stop: &AtomicBool,
     agents: &Mutex<Vec<(Child, IpAddr)>>,
     (accepted, refused, failed): &(Arc<AtomicU64>, Arc<AtomicU64>, Arc<AtomicU64>),
@@ -234,8 +237,10 @@ fn refuse(stream: TcpStream, message: String, key: Option<&PortKey>, refusing: &
     if encode_frame(&reply, &mut frame).is_err() {
         return;
     }
+    // Without the timeout the connection still works, only slower to notice a dead peer.
     let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
     let Some(key) = key.cloned() else {
+        // A refusal to a client that went away needs no answer.
         let _ = (&stream).write_all(&frame);
         return;
     };
@@ -248,6 +253,7 @@ fn refuse(stream: TcpStream, message: String, key: Option<&PortKey>, refusing: &
         .name("kos-refuse".into())
         .spawn(move || {
             if let Ok(mut link) = grapevine_kos::secure::accept(stream, Some(&key), Purpose::Kos) {
+                // A refusal to a client that went away needs no answer.
                 let _ = link.write_all(&frame);
             }
             counter.fetch_sub(1, Ordering::AcqRel);
@@ -261,7 +267,7 @@ fn refuse(stream: TcpStream, message: String, key: Option<&PortKey>, refusing: &
 
 fn spawn_agent(
     stream: TcpStream,
-    settings: &KosSettings,
+    settings: &KosOptions,
     peer: &SocketAddr,
 ) -> std::io::Result<Child> {
     let socket = OwnedFd::from(stream);

@@ -291,7 +291,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let session = gvd::agent::AgentSession::new(node_id, std::process::id());
             let devices = gvd::agent::DriverDevices::new(inventory);
-            let limits = gvd::agent::AgentLimits {
+            let limits = gvd::agent::AgentOptions {
                 max_frame,
                 call_timeout: std::time::Duration::from_millis(call_timeout_ms),
             };

@@ -20,7 +20,7 @@ pub(crate) struct ReplicatedTopic<S: ReplicatedState> {
 }
 
 /// How a topic of gvd runs.
-pub(crate) struct TopicSettings {
+pub(crate) struct TopicOptions {
     pub(crate) heartbeat: Duration,
     pub(crate) cycle_pause: Duration,
     pub(crate) inject_loss: f64,
@@ -36,7 +36,7 @@ impl<S: ReplicatedState> ReplicatedTopic<S> {
         multicast: &MulticastConfig,
         first: S::Delta,
         node: u64,
-        settings: &TopicSettings,
+        settings: &TopicOptions,
     ) -> Result<Self> {
         // Joined first, so that this node hears its own first cycle too.
         let mut options = SubscriberOptions::new(topic, multicast.clone());

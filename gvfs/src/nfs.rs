@@ -215,7 +215,8 @@ impl NFSFileSystem for ZoneFs {
         path_setattr(&disk, &setattr).await?;
         if let set_size3::size(_) = setattr.size {
             if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&disk) {
-                let _ = file.sync_all();
+                // A truncation acknowledged to the client must survive a crash, as writes do.
+                file.sync_all().map_err(status)?;
             }
             let size = std::fs::metadata(&disk).map_or(0, |m| m.len());
             self.store

@@ -212,11 +212,15 @@ impl ReplServer {
                         let runtime = runtime.clone();
                         let key = key.clone();
                         let access = Arc::clone(&access);
-                        let _ = std::thread::Builder::new()
+                        let spawned = std::thread::Builder::new()
                             .name("gvfs-repl-peer".into())
                             .spawn(move || {
                                 serve_peer(stream, &zones, &runtime, key.as_ref(), &access);
                             });
+                        if let Err(error) = spawned {
+                            // Out of threads: this peer's connection is dropped; it pulls again.
+                            tracing::warn!(%error, "cannot serve a replication peer");
+                        }
                     }
                 })?
         };
@@ -242,8 +246,10 @@ impl ReplServer {
 impl Drop for ReplServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // Wakes the accept loop so it sees the stop flag; failing means it is gone already.
         let _ = TcpStream::connect_timeout(&self.address, Duration::from_millis(200));
         if let Some(thread) = self.thread.take() {
+            // A panic in the thread was already reported by the panic hook.
             let _ = thread.join();
         }
     }
@@ -256,6 +262,7 @@ fn serve_peer(
     key: Option<&PortKey>,
     access: &SharedAccess,
 ) {
+    // Latency only: the connection works without it.
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
     // A peer that goes quiet is dropped.
@@ -488,6 +495,7 @@ fn apply_plan(
                     Some(tmp)
                 }
                 Err(error) => {
+                    // Cleanup: a leftover temporary is harmless and replaced next time.
                     let _ = std::fs::remove_file(&tmp);
                     return Err(error);
                 }
@@ -508,6 +516,7 @@ fn apply_plan(
             }
         };
         if let Some(tmp) = &fetched {
+            // Cleanup: a leftover temporary is harmless and replaced next time.
             let _ = std::fs::remove_file(tmp);
         }
         // One path that cannot be applied now (a directory still holding files its peer

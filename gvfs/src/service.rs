@@ -47,7 +47,7 @@ pub struct ZoneConfig {
 
 /// Settings of [`Zones`].
 #[derive(Clone, Debug)]
-pub struct ZonesSettings {
+pub struct ZonesOptions {
     /// This node's id.
     pub node: u64,
     /// This node's name (membership is by name).
@@ -208,10 +208,13 @@ async fn relay_allowed(
             tracing::warn!(zone, %peer, "NFS client not in nfs_clients: refused");
             continue;
         }
+        // Latency only: the connection works without it.
         let _ = client.set_nodelay(true);
         tokio::spawn(async move {
             if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
+                // Latency only: the connection works without it.
                 let _ = server.set_nodelay(true);
+                // Ends when either side closes; an error ends only this proxied connection.
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
             }
         });
@@ -232,7 +235,7 @@ impl Zones {
     /// # Errors
     ///
     /// [`ZonesError`] when a store, a server or a thread cannot start.
-    pub fn start(settings: &ZonesSettings) -> Result<Self, ZonesError> {
+    pub fn start(settings: &ZonesOptions) -> Result<Self, ZonesError> {
         let io = |what: &str| {
             let what = what.to_string();
             move |source| ZonesError::Io { what, source }
@@ -447,6 +450,7 @@ impl Zones {
             return;
         }
         pulling.insert(peer_node, version);
+        // A zone whose puller ended takes no offers; it is shutting down.
         let _ = zone.offers.send(Offer {
             peer_node,
             address,
@@ -467,7 +471,7 @@ fn spawn_worker(
     zone: String,
     store: Arc<Mutex<ZoneStore>>,
     (offers, pulling): (Receiver<Offer>, Arc<Mutex<HashMap<u64, u64>>>),
-    settings: ZonesSettings,
+    settings: ZonesOptions,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()

@@ -1017,6 +1017,7 @@ where
 /// Makes a rename durable.
 pub(crate) fn sync_dir(dir: &Path) {
     if let Ok(dir) = std::fs::File::open(dir) {
+        // Some file systems cannot sync a directory (tmpfs, some FUSE); the rename stands.
         let _ = dir.sync_all();
     }
 }

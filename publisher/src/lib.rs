@@ -341,9 +341,11 @@ impl<S: ReplicatedState> Publisher<S> {
         self.shared.stopping.store(true, Ordering::Relaxed);
         self.shared.wake.notify_all();
         if let Some(flusher) = self.flusher.take() {
+            // A panic in the thread was already reported by the panic hook.
             let _ = flusher.join();
         }
         if let Some(repairer) = self.repairer.take() {
+            // A panic in the thread was already reported by the panic hook.
             let _ = repairer.join();
         }
     }
@@ -379,6 +381,7 @@ fn flush_loop<S: ReplicatedState>(shared: &Shared<S>) {
             .poll_timeout()
             .unwrap_or(now + Duration::from_millis(100));
         if deadline > now {
+            // Timing out is the normal way out: the caller checks its own deadline.
             let _ = shared.wake.wait_until(&mut session, deadline);
         }
     }

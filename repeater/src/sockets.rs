@@ -422,6 +422,7 @@ impl Drop for Repeater {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         for thread in self.threads.drain(..) {
+            // A panic in the thread was already reported by the panic hook.
             let _ = thread.join();
         }
     }

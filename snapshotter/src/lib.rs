@@ -164,6 +164,7 @@ impl Snapshotter {
     /// what a node does when a peer says it needs a snapshot. Never raises the rate.
     pub fn request_cycle(&self) {
         if let Some(commands) = &self.commands {
+            // A full queue already holds a request: this one adds nothing.
             let _ = commands.try_send(Command::RequestCycle);
         }
     }
@@ -182,9 +183,11 @@ impl Snapshotter {
 
     fn stop(&mut self) {
         if let Some(commands) = self.commands.take() {
+            // A snapshotter thread that already ended needs no stop.
             let _ = commands.send(Command::Stop);
         }
         if let Some(thread) = self.thread.take() {
+            // A panic in the thread was already reported by the panic hook.
             let _ = thread.join();
         }
     }

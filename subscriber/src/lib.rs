@@ -586,6 +586,7 @@ impl<S: ReplicatedState> Subscriber<S> {
     fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         for thread in self.threads.drain(..) {
+            // A panic in the thread was already reported by the panic hook.
             let _ = thread.join();
         }
     }

@@ -86,10 +86,12 @@ pub fn finish(child: &mut Child, deadline: Instant) -> String {
     let status = child.wait().ok();
     let mut stdout = String::new();
     if let Some(mut out) = child.stdout.take() {
+        // What could be read is reported; the rest is lost with the process.
         let _ = out.read_to_string(&mut stdout);
     }
     let mut stderr = String::new();
     if let Some(mut err) = child.stderr.take() {
+        // What could be read is reported; the rest is lost with the process.
         let _ = err.read_to_string(&mut stderr);
     }
     if !stderr.is_empty() || status.is_none_or(|s| !s.success()) {
@@ -106,6 +108,7 @@ impl Drop for Reaped {
     fn drop(&mut self) {
         // Already ended is fine: kill fails, wait reaps.
         let _ = self.0.kill();
+        // Reaps it; an error means it was reaped already.
         let _ = self.0.wait();
     }
 }
@@ -114,6 +117,7 @@ impl Drop for Reaped {
 /// previous run left it).
 pub fn scratch(tag: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("grapevine-test-{tag}-{}", std::process::id()));
+    // Cleanup: a leftover temporary is harmless and replaced next time.
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create a scratch directory");
     dir

@@ -175,7 +175,9 @@ impl Lab {
     /// Puts `child` in the place of child `index` (a restart); the old one is killed.
     pub fn replace(&mut self, index: usize, child: Child) {
         let mut old = std::mem::replace(&mut self.children[index], child);
+        // It may have ended already: then there is nothing to kill.
         let _ = old.kill();
+        // Reaps it; an error means it was reaped already.
         let _ = old.wait();
     }
 
@@ -190,6 +192,7 @@ impl Drop for Lab {
         for child in &mut self.children {
             // A child that already ended only needs reaping.
             let _ = child.kill();
+            // Reaps it; an error means it was reaped already.
             let _ = child.wait();
         }
         // Deleting a namespace deletes the links inside it; bridges last.

@@ -84,7 +84,9 @@ pub(super) fn latency(args: &LatencyArgs) -> Result<()> {
         } else {
             ping_grapevine(args, pong, total)
         };
+        // It may have ended already: then there is nothing to kill.
         let _ = child.kill();
+        // Reaps it; an error means it was reaped already.
         let _ = child.wait();
         let mut times = times?;
         times.drain(..(WARM_UP as usize).min(times.len()));

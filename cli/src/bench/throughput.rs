@@ -262,6 +262,7 @@ fn throughput_raw(
     let seconds = started.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::Relaxed);
+    // A panic in the thread was already reported by the panic hook.
     let _ = reader.join();
     Ok(Measured {
         sent: datagrams * per_datagram,

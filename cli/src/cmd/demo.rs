@@ -197,5 +197,6 @@ fn report(started: Instant, published: u64, subscribers: &[Subscriber<OrderBook>
         subscribers.len()
     );
     println!("{line}");
+    // A closed stdout only loses the progress line.
     let _ = std::io::stdout().flush();
 }

@@ -305,6 +305,7 @@ impl MulticastSocket {
     pub fn sender(config: &MulticastConfig) -> Result<Self, NetError> {
         let (socket, interface) = Self::open(config)?;
         let err = io_error(config.group, interface.name.clone());
+        // The kernel may cap it: the size granted is read back and reported.
         let _ = socket.set_send_buffer_size(config.send_buffer);
         match (config.group.ip(), interface.addr) {
             (IpAddr::V4(_), IpAddr::V4(iface)) => {
