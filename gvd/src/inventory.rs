@@ -66,6 +66,23 @@ pub fn driver_files(directories: &[PathBuf]) -> Vec<PathBuf> {
     files
 }
 
+/// What identifies the driver files as they are now: each path with its size and modification
+/// time, so that a library replaced in place (same name, new build) counts as a change too.
+pub type DriverStamps = Vec<(PathBuf, u64, Option<std::time::SystemTime>)>;
+
+/// The [`DriverStamps`] of `directories`.
+pub fn driver_stamps(directories: &[PathBuf]) -> DriverStamps {
+    driver_files(directories)
+        .into_iter()
+        .map(|path| {
+            let meta = std::fs::metadata(&path).ok();
+            let len = meta.as_ref().map_or(0, std::fs::Metadata::len);
+            let modified = meta.and_then(|m| m.modified().ok());
+            (path, len, modified)
+        })
+        .collect()
+}
+
 /// Inventories every driver of `directories`, probing each with `probe_exe probe-driver FILE`
 /// (the `gvd` binary) so that a crashing driver only ends its probe.
 pub fn scan(directories: &[PathBuf], probe_exe: &Path) -> Inventory {
@@ -186,6 +203,21 @@ pub fn unique(drivers: &[DriverInventory]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_driver_replaced_in_place_changes_the_stamps() {
+        let dir = std::env::temp_dir().join(format!("gvd-stamps-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let directories = vec![dir.clone()];
+        std::fs::write(dir.join("a.so"), b"first build").unwrap();
+        std::fs::write(dir.join("notes.txt"), b"not a driver").unwrap();
+        let before = driver_stamps(&directories);
+        assert_eq!(before.len(), 1);
+        assert_eq!(before, driver_stamps(&directories), "nothing changed");
+        std::fs::write(dir.join("a.so"), b"second, longer build").unwrap();
+        assert_ne!(before, driver_stamps(&directories));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn driver(name: &str, vdevs: &[&str]) -> DriverInventory {
         DriverInventory {
