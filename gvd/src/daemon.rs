@@ -497,8 +497,8 @@ impl Daemon {
     fn rescan_if_due(&mut self, now: Instant) -> Result<()> {
         // Driver files appearing, disappearing or replaced in place, or SIGHUP, rescan at once
         // (a stat per file and period: `notify` would add a thread and a dependency for no
-        // gain at this rate); VDEVs that change
-        // inside a driver are picked up by the periodic rescan.
+        // gain at this rate); VDEVs that change inside a driver are picked up by the periodic
+        // rescan.
         let files = driver_stamps(&self.directories);
         let asked = self.rescan_requested.swap(false, Ordering::Relaxed);
         let interval = self.config.rescan_interval();
