@@ -3,6 +3,7 @@
 mod bench;
 mod cmd;
 mod metrics;
+mod values;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -56,10 +57,10 @@ enum Command {
 #[derive(Args, Clone, Debug)]
 struct NetArgs {
     /// Multicast group and port of the live stream.
-    #[arg(long, env = "GRAPEVINE_GROUP", default_value = "239.255.70.86:7086")]
+    #[arg(long, env = "GRAPEVINE_GROUP", default_value = "239.255.70.86:7086", value_parser = crate::values::group)]
     group: SocketAddr,
     /// Separate group for snapshots, joined by subscribers only while recovering.
-    #[arg(long, env = "GRAPEVINE_RECOVERY_GROUP")]
+    #[arg(long, env = "GRAPEVINE_RECOVERY_GROUP", value_parser = crate::values::group)]
     recovery_group: Option<SocketAddr>,
     /// Interface (name or address) to join and send on; loopback unless set.
     #[arg(long, env = "GRAPEVINE_IFACE", default_value = "lo")]
@@ -116,7 +117,10 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: in a log file they are escape-code clutter.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    end_quietly_on_broken_pipes();
     let cli = Cli::parse();
     // Ctrl-C / SIGTERM end `pub` and `sub` cleanly: the publisher flushes what is batched.
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -143,14 +147,34 @@ fn main() -> ExitCode {
         Command::Bench { command } => bench::run(&command).map(|()| true),
         Command::Keygen(args) => cmd::keygen::keygen(&args).map(|()| true),
     };
+    // Exit codes: 0 success, 1 a runtime failure (or a demo that did not converge), 2 a usage
+    // error (clap's, before any command runs).
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::from(2)
+            ExitCode::from(1)
         }
     }
+}
+
+/// `grapevine sub | head` closes the pipe early: printing then fails, and `println!` panics.
+/// That is the reader's choice, not an error: end at once, quietly, as `cat` does.
+fn end_quietly_on_broken_pipes() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default_hook(info);
+    }));
 }
 
 static STOP: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();

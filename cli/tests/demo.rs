@@ -45,6 +45,10 @@ fn demo_rejects_bad_arguments() {
         .args(["demo", "--loss", "1.5"])
         .output()
         .expect("run grapevine demo");
-    assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("--loss must be in [0, 1)"));
+    assert_eq!(output.status.code(), Some(2), "a usage error");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--loss") && stderr.contains("must be in [0, 1)"),
+        "{stderr}"
+    );
 }

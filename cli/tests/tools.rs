@@ -112,7 +112,7 @@ fn record_then_replay_reproduces_the_state() {
     let replay = grapevine(&["replay", garbage.to_str().unwrap(), "--to-state"])
         .output()
         .unwrap();
-    assert_eq!(replay.status.code(), Some(2));
+    assert_eq!(replay.status.code(), Some(1), "a runtime error");
     assert!(String::from_utf8_lossy(&replay.stderr).contains("not a recording"));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -25,7 +25,7 @@ pub(crate) struct LatencyArgs {
     #[arg(long)]
     busy_poll: bool,
     /// Group of the pings; the pongs go to the next port.
-    #[arg(long, default_value = "239.255.77.3:47710")]
+    #[arg(long, default_value = "239.255.77.3:47710", value_parser = crate::values::group)]
     group: SocketAddr,
     /// Print one JSON object instead of text.
     #[arg(long)]

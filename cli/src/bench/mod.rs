@@ -39,13 +39,13 @@ pub(crate) struct ThroughputArgs {
     #[arg(long, default_value_t = 64)]
     payload: usize,
     /// Seconds per measurement.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, value_parser = crate::values::seconds, allow_negative_numbers = true)]
     seconds: f64,
     /// Distinct keys the messages update.
     #[arg(long, default_value_t = 10_000)]
     keys: u32,
     /// Group and port (loopback).
-    #[arg(long, default_value = "239.255.77.1:47700")]
+    #[arg(long, default_value = "239.255.77.1:47700", value_parser = crate::values::group)]
     group: SocketAddr,
     /// Bytes of messages the sender may be ahead of the receiver (a credit window, so that
     /// the figure is the rate sustained without loss); 0 sends open-loop, as fast as it can.
@@ -54,7 +54,7 @@ pub(crate) struct ThroughputArgs {
     /// A snapshotter cycles the state on the publisher's group at this many leaves per
     /// second, as in a deployment (its datagrams share the link and the subscriber's
     /// socket); 0 runs none.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = crate::values::rate_u32, allow_negative_numbers = true)]
     snapshot_rate: u32,
     /// Also run GrapeVine with every datagram signed and verified, and report the cost.
     #[arg(long)]
@@ -77,13 +77,13 @@ pub(crate) struct RecoveryArgs {
     #[arg(long, default_value_t = 64)]
     payload: usize,
     /// Snapshot rate in leaves per second.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, value_parser = crate::values::rate_u32, allow_negative_numbers = true)]
     snapshot_rate: u32,
     /// Forced gaps to measure.
     #[arg(long, default_value_t = 30)]
     rounds: u32,
     /// Group and port (loopback).
-    #[arg(long, default_value = "239.255.77.2:47701")]
+    #[arg(long, default_value = "239.255.77.2:47701", value_parser = crate::values::group)]
     group: SocketAddr,
     /// Turn on repair by request (a repair group on the next port): the lost datagram is
     /// asked for and resent instead of waiting for the snapshot cycle.

@@ -22,29 +22,26 @@ pub(crate) struct DemoArgs {
     #[arg(long, default_value_t = 3)]
     subscribers: usize,
     /// Fraction of datagrams each subscriber drops on receipt (0..1).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = crate::values::fraction, allow_negative_numbers = true)]
     loss: f64,
     /// Updates to publish.
     #[arg(long, default_value_t = 200_000)]
     updates: u64,
     /// Seconds over which to publish them.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, value_parser = crate::values::seconds, allow_negative_numbers = true)]
     seconds: f64,
     /// Instruments in the order book.
     #[arg(long, default_value_t = 8)]
     instruments: u16,
     /// Snapshot rate in leaves per second.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 50_000, value_parser = crate::values::rate_u32, allow_negative_numbers = true)]
     snapshot_rate: u32,
     /// Seconds to wait for convergence after publishing stops.
-    #[arg(long, default_value_t = 15.0)]
+    #[arg(long, default_value_t = 15.0, value_parser = crate::values::seconds, allow_negative_numbers = true)]
     settle: f64,
 }
 
 pub(crate) fn demo(args: &DemoArgs) -> Result<bool> {
-    if !(0.0..1.0).contains(&args.loss) {
-        bail!("--loss must be in [0, 1), got {}", args.loss);
-    }
     if args.subscribers == 0 {
         bail!("--subscribers must be at least 1");
     }

@@ -18,10 +18,10 @@ pub(crate) struct PubArgs {
     #[command(flatten)]
     net: NetArgs,
     /// Updates per second.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = crate::values::rate, allow_negative_numbers = true)]
     rate: u64,
     /// Stop after this many seconds (default: run until killed).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::values::seconds, allow_negative_numbers = true)]
     seconds: Option<f64>,
     /// Stop publishing updates after this many, but keep sending heartbeats and snapshots.
     #[arg(long)]
@@ -30,7 +30,7 @@ pub(crate) struct PubArgs {
     #[arg(long, default_value_t = 8)]
     instruments: u16,
     /// Snapshot rate in leaves per second.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 50_000, value_parser = crate::values::rate_u32, allow_negative_numbers = true)]
     snapshot_rate: u32,
     /// Publisher id (several publishers may share a topic).
     #[arg(long, default_value_t = 0)]

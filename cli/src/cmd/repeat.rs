@@ -14,16 +14,16 @@ use crate::interrupted;
 #[derive(Args, Debug)]
 pub struct RepeatArgs {
     /// The local group relayed.
-    #[arg(long, env = "GRAPEVINE_GROUP", default_value = "239.255.70.86:7086")]
+    #[arg(long, env = "GRAPEVINE_GROUP", default_value = "239.255.70.86:7086", value_parser = crate::values::group)]
     group: SocketAddr,
     /// Interface of the local group; loopback unless set.
     #[arg(long, env = "GRAPEVINE_IFACE", default_value = "lo")]
     iface: InterfaceSpec,
     /// Unicast address to receive from the remote repeaters on.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::values::endpoint)]
     listen: SocketAddr,
     /// A remote repeater (repeat the flag for several).
-    #[arg(long = "peer", required = true)]
+    #[arg(long = "peer", required = true, value_parser = crate::values::endpoint)]
     peers: Vec<SocketAddr>,
     /// A topic to relay (repeat the flag for several; all when none is given).
     #[arg(long = "topic")]
@@ -32,7 +32,7 @@ pub struct RepeatArgs {
     #[arg(long, env = "GRAPEVINE_KEY_FILE")]
     key_file: Option<PathBuf>,
     /// Stop after this many seconds (default: until Ctrl-C).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::values::seconds, allow_negative_numbers = true)]
     seconds: Option<f64>,
     /// This repeater's id in its network's forwarder election (the lowest forwards; default
     /// random): give the preferred repeater the lowest.

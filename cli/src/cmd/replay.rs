@@ -25,13 +25,13 @@ pub struct ReplayArgs {
     #[arg(required = true)]
     files: Vec<PathBuf>,
     /// Send everything to this group instead of the recorded ones.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::values::group)]
     group: Option<SocketAddr>,
     /// Interface to send on; loopback unless set.
     #[arg(long, env = "GRAPEVINE_IFACE", default_value = "lo")]
     iface: InterfaceSpec,
     /// Playback speed: 1 is as recorded, 2 twice as fast.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::values::speed, allow_negative_numbers = true)]
     speed: f64,
     /// As fast as possible.
     #[arg(long)]

@@ -28,16 +28,16 @@ pub enum Decoder {
 #[derive(Args, Debug)]
 pub struct SpyArgs {
     /// Groups to watch (repeat the flag for several).
-    #[arg(long = "group", required = true)]
+    #[arg(long = "group", required = true, value_parser = crate::values::group)]
     groups: Vec<SocketAddr>,
     /// Interface to join on; loopback unless set.
     #[arg(long, env = "GRAPEVINE_IFACE", default_value = "lo")]
     iface: InterfaceSpec,
     /// Seconds between reports.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::values::positive_seconds, allow_negative_numbers = true)]
     interval: f64,
     /// Stop after this many seconds (default: until Ctrl-C).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::values::seconds, allow_negative_numbers = true)]
     seconds: Option<f64>,
     /// How to show the latest message of each stream.
     #[arg(long, value_enum, default_value = "none")]

@@ -19,10 +19,10 @@ pub(crate) struct SubArgs {
     #[command(flatten)]
     net: NetArgs,
     /// Stop after this many seconds (default: run until killed).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::values::seconds, allow_negative_numbers = true)]
     seconds: Option<f64>,
     /// Fraction of datagrams to drop on receipt, to watch recovery.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::values::fraction, allow_negative_numbers = true)]
     loss: f64,
     /// Print one JSON object per second instead of text.
     #[arg(long)]

@@ -1,0 +1,153 @@
+//! Bad input to the `grapevine` command is a one-line error with a non-zero exit and no
+//! backtrace: usage errors (2) before anything runs, runtime errors (1); a closed pipe ends
+//! quietly; an existing recording is never overwritten unless asked.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use grapevine_test_support::scratch;
+
+fn grapevine(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_grapevine"));
+    command.args(args).env_remove("GRAPEVINE_GROUP");
+    command
+}
+
+#[test]
+fn bad_values_are_usage_errors_that_say_what_is_allowed() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["pub", "--seconds", "nan"], "out of range"),
+        (&["pub", "--seconds", "inf"], "out of range"),
+        (&["pub", "--seconds", "1e30"], "out of range"),
+        (&["pub", "--seconds", "-1"], "out of range"),
+        (&["demo", "--settle", "nan"], "out of range"),
+        (
+            &["replay", "x.gvrec", "--speed", "1e-300"],
+            "speed 1e-300 is out of range",
+        ),
+        (&["sub", "--loss", "2"], "must be in [0, 1)"),
+        (&["sub", "--loss", "NaN"], "must be in [0, 1)"),
+        (&["demo", "--loss", "1.5"], "must be in [0, 1)"),
+        (&["pub", "--rate", "0"], "a rate of 0 never sends anything"),
+        (
+            &["pub", "--snapshot-rate", "0"],
+            "a rate of 0 never sends anything",
+        ),
+        (&["pub", "--group", "239.255.1.1"], "is not ADDRESS:PORT"),
+        (
+            &["sub", "--group", "10.0.0.1:7000"],
+            "not a multicast address",
+        ),
+        (&["spy", "--group", "239.255.1.1:0"], "port other than 0"),
+        (
+            &["spy", "--group", "239.255.1.1:7000", "--interval", "0"],
+            "too short",
+        ),
+        (
+            &["repeat", "--listen", "127.0.0.1:0", "--peer", "127.0.0.1:7"],
+            "must not be 0",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = grapevine(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        let lines = stderr.lines().filter(|l| !l.trim().is_empty()).count();
+        assert!(lines <= 2, "{args:?}: one line (and clap's hint): {stderr}");
+    }
+}
+
+#[test]
+fn a_runtime_failure_exits_1_with_one_line() {
+    let dir = scratch("inputs-runtime");
+    let missing = dir.join("missing.gvrec");
+    let output = grapevine(&["replay", missing.to_str().unwrap(), "--to-state"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn an_existing_recording_is_not_overwritten_without_force() {
+    let dir = scratch("inputs-record");
+    let file = dir.join("feed.gvrec");
+    std::fs::write(&file, b"precious").unwrap();
+    let output = grapevine(&[
+        "record",
+        file.to_str().unwrap(),
+        "--group",
+        "239.255.73.91:47391",
+        "--seconds",
+        "0.2",
+    ])
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("exists") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+    let output = grapevine(&[
+        "record",
+        file.to_str().unwrap(),
+        "--group",
+        "239.255.73.91:47391",
+        "--seconds",
+        "0.2",
+        "--force",
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_ne!(std::fs::read(&file).unwrap(), b"precious");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_closed_pipe_ends_the_command_quietly() {
+    // `pub` prints a line at start and a report every second: read the first byte, close the
+    // pipe, and the publisher must end at its next report, with status 0 and no panic.
+    let mut child = grapevine(&["pub", "--group", "239.255.73.92:47392", "--seconds", "20"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).unwrap();
+    drop(stdout);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still running after its reader left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(status.code(), Some(0), "{stderr}");
+}
