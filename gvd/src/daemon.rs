@@ -151,6 +151,9 @@ impl Daemon {
             })?;
         let query_port = query_socket.local_addr()?.port();
         let directories = search_path(&config.vdriver_path);
+        for missing in directories.iter().filter(|d| !d.is_dir()) {
+            tracing::warn!(directory = %missing.display(), "VDRIVER directory not found (vdriver_path)");
+        }
         let inventory = scan(&directories, probe_exe);
         write_inventory(&config.state_dir, &inventory);
         let keyring = config
@@ -320,11 +323,21 @@ impl Daemon {
             written: None,
             stats: DaemonStats::default(),
         };
+        let zones: Vec<&str> = config.zones.iter().map(|z| z.name.as_str()).collect();
         tracing::info!(
             node = format!("{node:016x}"),
+            name = %config.name,
+            iface = %config.iface,
+            address = %address,
             group = %config.group,
+            vdev_group = %config.vdev_group(),
             query_port,
-            unique = %daemon.inventory.unique,
+            kos = %daemon.kos.address(),
+            repl_port = daemon.zones.repl_port(),
+            zones = ?zones,
+            drivers = daemon.inventory.drivers.len(),
+            skipped_drivers = daemon.inventory.skipped.len(),
+            keyed = keyring.is_some(),
             "gvd started"
         );
         Ok(daemon)
@@ -480,6 +493,7 @@ impl Daemon {
 
     /// Says goodbye (so that peers drop this node now rather than after the TTL) and stops.
     pub fn shutdown(self) {
+        tracing::info!(node = format!("{:016x}", self.node), "gvd stopping");
         // A goodbye is a courtesy: peers drop this node after the TTL anyway.
         let _ = self.elp.publisher.publish(MapDelta::Remove(self.node));
         self.elp.publisher.flush();
@@ -487,6 +501,7 @@ impl Daemon {
         self.vdevs.shutdown();
         self.kos.shutdown();
         self.zones.shutdown();
+        tracing::info!("gvd stopped");
     }
 
     /// The KOS listener (its address, agents and counters).

@@ -217,7 +217,14 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // Start and stop lines and state changes; nfsserve's per-request chatter only
+                // when something is wrong.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new(
+                    "info,grapevine_core=warn,grapevine_publisher=warn,grapevine_subscriber=warn,\
+                     grapevine_snapshotter=warn,nfsserve=error",
+                )
+                }),
         )
         .with_writer(std::io::stderr)
         // Colours only on a terminal: in a log file they are escape-code clutter.
