@@ -125,6 +125,16 @@ pub struct NodesFile {
     /// (`address:kos_port`); empty without a DHT.
     #[serde(default)]
     pub remote_peers: Vec<String>,
+    /// The pid of the gvd that writes it (0 in files of earlier releases).
+    #[serde(default)]
+    pub pid: u32,
+    /// When it was last written, in milliseconds since the Unix epoch: gvd rewrites it at least
+    /// once per announcement period, so an old time means gvd stopped or hangs.
+    #[serde(default)]
+    pub written_at_ms: u64,
+    /// gvd's announcement period, milliseconds: how often `written_at_ms` moves.
+    #[serde(default)]
+    pub period_ms: u64,
 }
 
 /// One node of the node list.
@@ -157,6 +167,24 @@ pub struct VdevLocation {
 }
 
 impl NodesFile {
+    /// Why this list cannot be trusted to be current at `now_ms` (milliseconds since the Unix
+    /// epoch): not rewritten for three announcement periods (gvd stopped, hangs, or its disk is
+    /// full). `None` when it is current, or when it comes from a release that did not say.
+    pub fn staleness(&self, now_ms: u64) -> Option<String> {
+        if self.written_at_ms == 0 || self.period_ms == 0 {
+            return None;
+        }
+        let age = now_ms.saturating_sub(self.written_at_ms);
+        (age > 3 * self.period_ms.max(1_000)).then(|| {
+            format!(
+                "the node list was last written {:.1} s ago by gvd pid {}: gvd is not running \
+                 (or is stuck), so this list is out of date",
+                age as f64 / 1000.0,
+                self.pid
+            )
+        })
+    }
+
     /// Reads and checks a node list file.
     ///
     /// # Errors
@@ -175,6 +203,12 @@ impl NodesFile {
                 "schema version {}, this KOS reads {NODES_FILE_VERSION}",
                 list.version
             )));
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        if let Some(reason) = list.staleness(now_ms) {
+            return Err(bad(reason));
         }
         Ok(list)
     }

@@ -51,6 +51,41 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Locks `state_dir` for this process (released when the file is closed, even by a crash).
+///
+/// # Errors
+///
+/// Another gvd holds it, or the directory cannot be created.
+fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("cannot create the state directory {}", state_dir.display()))?;
+    let path = state_dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(anyhow::anyhow!(
+            "another gvd is running on the state directory {} (give each gvd its own \
+             --state-dir)",
+            state_dir.display()
+        )),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(anyhow::Error::new(error).context(format!("cannot lock {}", path.display())))
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// The node id kept in `state_dir/node-id`, created at the first start.
 ///
 /// # Errors
@@ -123,6 +158,11 @@ pub struct Daemon {
     last_step: Instant,
     transitions: Transitions,
     written: Option<NodesFile>,
+    /// Held while this gvd runs: a second one on the same state directory would share its
+    /// node id and both would flap in every list.
+    _state_lock: std::fs::File,
+    /// When the node list was last written.
+    last_written: Instant,
     stats: DaemonStats,
 }
 
@@ -133,6 +173,7 @@ impl Daemon {
     ///
     /// When the state directory, the interface or a socket cannot be set up.
     pub fn start(config: &Config, probe_exe: &Path) -> Result<Self> {
+        let state_lock = lock_state_dir(&config.state_dir)?;
         let node = node_id(&config.state_dir)?;
         let iface: InterfaceSpec = config
             .iface
@@ -321,6 +362,8 @@ impl Daemon {
             last_step: now.checked_sub(delay).unwrap_or(now),
             transitions: Transitions::default(),
             written: None,
+            _state_lock: state_lock,
+            last_written: now,
             stats: DaemonStats::default(),
         };
         let zones: Vec<&str> = config.zones.iter().map(|z| z.name.as_str()).collect();
@@ -476,12 +519,22 @@ impl Daemon {
                 .as_ref()
                 .map(|d| d.peers().iter().map(ToString::to_string).collect())
                 .unwrap_or_default(),
+            pid: std::process::id(),
+            written_at_ms: 0,
+            period_ms: self.config.elp_delay_ms,
         };
-        if self.written.as_ref() != Some(&file) {
-            let json = serde_json::to_vec_pretty(&file)?;
+        // Rewritten when it changed, and at least once a period so readers can tell a running
+        // gvd from a stopped one by `written_at_ms`.
+        if self.written.as_ref() != Some(&file) || now >= self.last_written + self.delay {
+            let mut stamped = file.clone();
+            stamped.written_at_ms = unix_ms();
+            let json = serde_json::to_vec_pretty(&stamped)?;
             let path = self.config.nodes_path();
             match write_atomically(&path, &json) {
-                Ok(()) => self.written = Some(file),
+                Ok(()) => {
+                    self.written = Some(file);
+                    self.last_written = now;
+                }
                 Err(error) => {
                     // Kept for the next round: a full disk is retried, not fatal.
                     tracing::error!(%error, path = %path.display(), "cannot write the node list");

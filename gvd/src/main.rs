@@ -213,6 +213,11 @@ impl RunArgs {
     }
 }
 
+/// A configuration that cannot be used (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadConfiguration(String);
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -234,7 +239,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::from(2)
+            // 2: the configuration (file, environment, flags) is wrong; 1: running failed.
+            if error.downcast_ref::<BadConfiguration>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
         }
     }
 }
@@ -242,7 +252,9 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => {
-            let config = args.config()?;
+            let config = args
+                .config()
+                .map_err(|e| anyhow::Error::new(BadConfiguration(format!("{e:#}"))))?;
             let stop = Arc::new(AtomicBool::new(false));
             let rescan = Arc::new(AtomicBool::new(false));
             for signal in [SIGINT, SIGTERM] {

@@ -69,7 +69,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::from(2)
+            // Runtime failures; usage errors are clap's (2).
+            ExitCode::from(1)
         }
     }
 }
@@ -212,6 +213,21 @@ fn zone_table(list: &NodesFile) -> Vec<String> {
     lines
 }
 
+/// Why the list is not what a running gvd sees now: its writer is gone, or it stopped
+/// refreshing the file.
+fn not_current(list: &NodesFile) -> Option<String> {
+    if list.pid != 0 && !std::path::Path::new(&format!("/proc/{}", list.pid)).exists() {
+        return Some(format!(
+            "gvd (pid {}) is not running: the node list is what it last saw",
+            list.pid
+        ));
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    list.staleness(now_ms)
+}
+
 fn run(cli: Cli) -> Result<()> {
     if let Command::Call {
         node,
@@ -232,6 +248,9 @@ fn run(cli: Cli) -> Result<()> {
     })?;
     let list: NodesFile = serde_json::from_slice(&text)
         .with_context(|| format!("{} is not a gvd node list", cli.nodes_path.display()))?;
+    if let Some(reason) = not_current(&list) {
+        bail!("{reason} ({})", cli.nodes_path.display());
+    }
     match cli.command {
         Command::Nodes => {
             if cli.json {

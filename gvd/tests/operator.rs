@@ -1,0 +1,155 @@
+//! What an operator sees: gvd says what it runs with when it starts and that it stopped, warns
+//! about a VDRIVER directory that does not exist, and keeps colours out of non-terminals.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use grapevine_test_support::{run, scratch};
+
+#[test]
+fn gvd_logs_one_start_line_and_one_stop_line() {
+    let dir = scratch("gvd-logs");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gvd"))
+        .args(["run", "--name", "logger", "--group", "239.255.79.61:47961"])
+        .args(["--query-port", "0", "--kos-port", "0", "--repl-port", "0"])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--vdriver-path")
+        .arg(dir.join("no-such-directory"))
+        .env_remove("RUST_LOG")
+        .env_remove("GVD_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, received) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("gvd started")) {
+        let line = received
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no start line: {seen:#?}"));
+        seen.push(line);
+    }
+    run(&["kill", "-TERM", &child.id().to_string()]).unwrap();
+    let status = child.wait().unwrap();
+    seen.extend(received.iter());
+    let text = seen.join("\n");
+    assert!(status.success(), "{text}");
+    let started = seen.iter().find(|l| l.contains("gvd started")).unwrap();
+    for field in [
+        "node=",
+        "name=logger",
+        "iface=lo",
+        "group=239.255.79.61:47961",
+        "query_port=",
+        "kos=",
+        "zones=",
+        "drivers=0",
+        "keyed=false",
+    ] {
+        assert!(started.contains(field), "{field} missing from {started}");
+    }
+    assert!(text.contains("VDRIVER directory not found"), "{text}");
+    assert_eq!(text.matches("gvd started").count(), 1, "{text}");
+    assert_eq!(text.matches("gvd stopped").count(), 1, "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "no colour codes in a pipe: {text}"
+    );
+    assert!(
+        !text.contains("publisher started"),
+        "library chatter filtered: {text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn gvd(dir: &std::path::Path, name: &str, group: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gvd"));
+    command
+        .args([
+            "run",
+            "--name",
+            name,
+            "--group",
+            group,
+            "--elp-delay-ms",
+            "200",
+        ])
+        .args(["--query-port", "0", "--kos-port", "0", "--repl-port", "0"])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--vdriver-path")
+        .arg(dir.join("drivers"))
+        .env_remove("GVD_CONFIG")
+        .stdout(Stdio::null());
+    command
+}
+
+fn gvctl_nodes(dir: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_gvctl"))
+        .arg("nodes")
+        .env("GV_NODES_PATH", dir.join("state").join("nodes.json"))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn gvctl_says_when_gvd_is_not_running() {
+    let dir = scratch("gvd-stopped");
+    std::fs::create_dir_all(dir.join("drivers")).unwrap();
+    let mut child = gvd(&dir, "stopper", "239.255.79.62:47962")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let listed = grapevine_test_support::wait_until(Duration::from_secs(10), || {
+        let output = gvctl_nodes(&dir);
+        output.status.success() && String::from_utf8_lossy(&output.stdout).contains("stopper")
+    });
+    assert!(listed, "gvctl nodes lists the node while gvd runs");
+    run(&["kill", "-TERM", &child.id().to_string()]).unwrap();
+    assert!(child.wait().unwrap().success());
+    let output = gvctl_nodes(&dir);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is not running"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_second_gvd_on_the_same_state_directory_is_refused() {
+    let dir = scratch("gvd-twice");
+    std::fs::create_dir_all(dir.join("drivers")).unwrap();
+    let first = gvd(&dir, "first", "239.255.79.63:47963")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = grapevine_test_support::Reaped(first);
+    assert!(grapevine_test_support::wait_until(
+        Duration::from_secs(10),
+        || dir.join("state").join("nodes.json").exists()
+    ));
+    let second = gvd(&dir, "second", "239.255.79.63:47963")
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another gvd is running on the state directory"),
+        "{stderr}"
+    );
+    drop(first);
+    let _ = std::fs::remove_dir_all(&dir);
+}
