@@ -247,7 +247,7 @@ mod tests {
         Record {
             time: SystemTime::UNIX_EPOCH
                 + Duration::from_nanos(1_700_000_000_000_000_000 + u64::from(i)),
-            group: if i % 2 == 0 {
+            group: if i.is_multiple_of(2) {
                 "239.1.2.3:7000".parse().unwrap_or_else(|_| unreachable!())
             } else {
                 "[ff02::1]:7001".parse().unwrap_or_else(|_| unreachable!())

@@ -44,7 +44,7 @@ fn main() -> std::io::Result<()> {
         let mut input = Vec::new();
         for (i, datagram) in traffic.iter().enumerate() {
             // Drop and repeat some, as a lossy network would.
-            if (i as u64 + seed) % 4 == 0 {
+            if (i as u64 + seed).is_multiple_of(4) {
                 continue;
             }
             let copies = if i % 7 == 0 { 2 } else { 1 };
