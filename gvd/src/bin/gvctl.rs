@@ -210,6 +210,29 @@ fn zone_table(list: &NodesFile) -> Vec<String> {
             nfs_url(n, z),
         ));
     }
+    // Configured members that no listed node announces: offline (stopped, cut off, or not
+    // started yet). Their data is safe on the others; they catch up when back.
+    let mut configured: std::collections::BTreeMap<&str, std::collections::BTreeSet<&str>> =
+        std::collections::BTreeMap::new();
+    for (_, z) in &rows {
+        configured
+            .entry(z.name.as_str())
+            .or_default()
+            .extend(z.members.iter().map(String::as_str));
+    }
+    for (zone, members) in configured {
+        let heard: Vec<&str> = rows
+            .iter()
+            .filter(|(_, z)| z.name == zone)
+            .map(|(n, _)| n.record.name.as_str())
+            .collect();
+        for member in members.into_iter().filter(|m| !heard.contains(m)) {
+            lines.push(format!(
+                "{zone:<16} {:>10} {member:<12} {:>8} {:>10} {:>10} {:>9}  -  (offline: not heard)",
+                "-", "-", "-", "-", "-"
+            ));
+        }
+    }
     lines
 }
 
@@ -412,5 +435,17 @@ mod tests {
         assert!(!lines[1].contains("over free space"));
         assert!(lines[2].contains("forwards to a"), "{lines:?}");
         assert!(!lines[2].contains("over free space"), "{lines:?}");
+    }
+
+    #[test]
+    fn configured_members_not_heard_are_listed_offline() {
+        let text = r#"{"version":2,"local_node":1,"nodes":[{"node_id":1,"name":"a","addresses":["127.0.0.1"],"query_port":7173,"kos_port":7174,"repl_port":0,"zones":[{"name":"z1","member":true,"quota_bytes":1048576,"members":["a","c"],"version":1,"used_bytes":0,"free_bytes":1073741824,"nfs_port":2049,"conflicts":0}],"unique":"x","elp_delay_ms":1000,"liveness":"alive","vdevs_current":true,"vdevs":[]}]}"#;
+        let list: NodesFile = serde_json::from_str(text).unwrap();
+        let lines = zone_table(&list);
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(
+            lines[2].contains(" c ") && lines[2].contains("offline"),
+            "{lines:?}"
+        );
     }
 }
