@@ -28,6 +28,9 @@ struct Cli {
 enum Command {
     /// Run the daemon: announce this node, track the others, keep the node list file.
     Run(Box<RunArgs>),
+    /// Check the configuration `run` would use (file, then environment, then flags): print it
+    /// merged, as TOML, and exit 0; or say what is wrong and exit 2.
+    CheckConfig(Box<RunArgs>),
     /// Find the VDRIVERs in VDRIVER_PATH, check each, and print the VDEVs and `unique`.
     Inventory {
         /// Colon-separated directories of driver libraries.
@@ -262,6 +265,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             signal_hook::flag::register(SIGHUP, Arc::clone(&rescan))?;
             daemon::run(&config, &std::env::current_exe()?, &stop, &rescan)
+        }
+        Command::CheckConfig(args) => {
+            let config = args
+                .config()
+                .map_err(|e| anyhow::Error::new(BadConfiguration(format!("{e:#}"))))?;
+            print!("{}", toml::to_string_pretty(&config)?);
+            Ok(())
         }
         Command::Inventory { vdriver_path, json } => {
             let exe = std::env::current_exe()?;

@@ -153,3 +153,30 @@ fn a_second_gvd_on_the_same_state_directory_is_refused() {
     drop(first);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn check_config_prints_the_merged_settings_or_says_what_is_wrong() {
+    let output = Command::new(env!("CARGO_BIN_EXE_gvd"))
+        .args(["check-config", "--name", "checked", "--elp-delay-ms", "250"])
+        .env_remove("GVD_CONFIG")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        text.contains("name = \"checked\"") && text.contains("elp_delay_ms = 250"),
+        "{text}"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_gvd"))
+        .args(["check-config", "--node-ttl", "0"])
+        .env_remove("GVD_CONFIG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("node_ttl = 0 is out of range"), "{stderr}");
+}
