@@ -52,6 +52,13 @@ enum Command {
         #[command(subcommand)]
         command: bench::BenchCommand,
     },
+    /// Print a shell completion script (e.g. `grapevine completions bash > /etc/bash_completion.d/grapevine`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff: `grapevine manpage | man -l -`).
+    Manpage,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -146,12 +153,35 @@ fn main() -> ExitCode {
         Command::Repeat(args) => cmd::repeat::repeat(&args).map(|()| true),
         Command::Bench { command } => bench::run(&command).map(|()| true),
         Command::Keygen(args) => cmd::keygen::keygen(&args).map(|()| true),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "grapevine",
+                &mut std::io::stdout(),
+            );
+            Ok(true)
+        }
+        Command::Manpage => clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+            .render(&mut std::io::stdout())
+            .map(|()| true)
+            .map_err(anyhow::Error::from),
     };
     // Exit codes: 0 success, 1 a runtime failure (or a demo that did not converge), 2 a usage
     // error (clap's, before any command runs).
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
+        Err(error)
+            if error.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            // The reader went away (`| head`): its choice, not a failure.
+            ExitCode::SUCCESS
+        }
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::from(1)

@@ -151,3 +151,21 @@ fn a_closed_pipe_ends_the_command_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(status.code(), Some(0), "{stderr}");
 }
+
+#[test]
+fn completions_and_a_manual_page_are_generated() {
+    let bash = grapevine(&["completions", "bash"]).output().unwrap();
+    assert!(bash.status.success());
+    let script = String::from_utf8_lossy(&bash.stdout);
+    assert!(
+        script.contains("_grapevine()") && script.contains("record"),
+        "{script}"
+    );
+    let man = grapevine(&["manpage"]).output().unwrap();
+    assert!(man.status.success());
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        page.contains(".TH grapevine 1") && page.contains("spy"),
+        "{page}"
+    );
+}
