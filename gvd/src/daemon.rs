@@ -772,6 +772,10 @@ pub fn run(
     rescan: &Arc<AtomicBool>,
 ) -> Result<()> {
     let mut daemon = Daemon::start(config, probe_exe)?;
+    // systemd (Type=notify, contrib/gvd.service): ready once announcing; a no-op elsewhere.
+    if let Err(error) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::debug!(%error, "readiness not notified");
+    }
     // Signals are noticed within this.
     const SIGNAL_CHECK: Duration = Duration::from_millis(50);
     while !stop.load(Ordering::Relaxed) {
@@ -787,6 +791,9 @@ pub fn run(
             .poll_timeout()
             .saturating_duration_since(Instant::now());
         std::thread::sleep(wait.min(SIGNAL_CHECK));
+    }
+    if let Err(error) = sd_notify::notify(&[sd_notify::NotifyState::Stopping]) {
+        tracing::debug!(%error, "stopping not notified");
     }
     daemon.shutdown();
     Ok(())

@@ -180,3 +180,27 @@ fn check_config_prints_the_merged_settings_or_says_what_is_wrong() {
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("node_ttl = 0 is out of range"), "{stderr}");
 }
+
+#[test]
+fn gvd_tells_systemd_when_it_is_ready_and_when_it_stops() {
+    let dir = scratch("gvd-notify");
+    std::fs::create_dir_all(dir.join("drivers")).unwrap();
+    let socket_path = dir.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut child = gvd(&dir, "notified", "239.255.79.64:47964")
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buffer = [0u8; 256];
+    let len = socket.recv(&mut buffer).expect("a readiness message");
+    assert!(String::from_utf8_lossy(&buffer[..len]).contains("READY=1"));
+    run(&["kill", "-TERM", &child.id().to_string()]).unwrap();
+    let len = socket.recv(&mut buffer).expect("a stopping message");
+    assert!(String::from_utf8_lossy(&buffer[..len]).contains("STOPPING=1"));
+    assert!(child.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
