@@ -77,40 +77,42 @@ struct RunArgs {
     /// TOML configuration file (keys as the long flags, with underscores).
     #[arg(long, env = "GVD_CONFIG")]
     config: Option<PathBuf>,
-    /// This node's name.
+    /// This node's name [default: the host name].
     #[arg(long, env = "GVD_NAME")]
     name: Option<String>,
-    /// Directory for the node id.
+    /// Directory for the node id, the node list and zone metadata [default: /var/lib/gvd].
     #[arg(long, env = "GVD_STATE_DIR")]
     state_dir: Option<PathBuf>,
-    /// The node list file for local readers.
+    /// The node list file for local readers [default: <state-dir>/nodes.json].
     #[arg(long, env = "GV_NODES_PATH")]
     nodes_path: Option<PathBuf>,
-    /// Colon-separated directories of VDRIVERs.
+    /// Colon-separated directories of VDRIVERs [default: /usr/lib/gvd/vdrivers].
     #[arg(long, env = "VDRIVER_PATH")]
     vdriver_path: Option<String>,
-    /// Multicast group of the ELP topic.
+    /// Multicast group of the ELP (echolocation: node announcements) topic
+    /// [default: 239.255.71.71:7171].
     #[arg(long, env = "GVD_GROUP")]
     group: Option<SocketAddr>,
     /// Multicast group of the VDEV topic (default: the ELP group's address, next port).
     #[arg(long, env = "GVD_VDEV_GROUP")]
     vdev_group: Option<SocketAddr>,
-    /// UDP port for QUERYs from peers (0 picks a free one).
+    /// UDP port for QUERYs from peers (0 picks a free one) [default: 7173].
     #[arg(long, env = "GVD_QUERY_PORT")]
     query_port: Option<u16>,
-    /// Ask drivers for their VDEVs this often (ms) even without file changes or SIGHUP.
+    /// Ask drivers for their VDEVs (virtual devices) this often (ms) even without file changes
+    /// or SIGHUP [default: 10000].
     #[arg(long, env = "GVD_RESCAN_INTERVAL_MS")]
     rescan_interval_ms: Option<u64>,
-    /// TCP port for KOS connections (0 picks a free one).
+    /// TCP port for KOS (remote client) connections (0 picks a free one) [default: 7174].
     #[arg(long, env = "GVD_KOS_PORT")]
     kos_port: Option<u16>,
-    /// Most KOS connections (agent processes) at once.
+    /// Most KOS connections (agent processes) at once [default: 64].
     #[arg(long, env = "GVD_MAX_AGENTS")]
     max_agents: Option<usize>,
-    /// Most KOS connections at once from one client address.
+    /// Most KOS connections at once from one client address [default: 8].
     #[arg(long, env = "GVD_MAX_AGENTS_PER_SOURCE")]
     max_agents_per_source: Option<usize>,
-    /// Longest a driver call may run before its agent gives up, ms.
+    /// Longest a driver call may run before its agent gives up, ms [default: 30000].
     #[arg(long, env = "GVD_CALL_TIMEOUT_MS")]
     call_timeout_ms: Option<u64>,
     /// The network's key file: ELP and VDEV datagrams are signed and verified with it, and
@@ -125,22 +127,22 @@ struct RunArgs {
         value_delimiter = ','
     )]
     dht_bootstrap: Vec<String>,
-    /// The network name looked up on the DHT.
+    /// The network name looked up on the DHT [default: grapevine].
     #[arg(long, env = "GVD_NETWORK")]
     network: Option<String>,
-    /// TCP port of the zone replication server (0 picks a free one).
+    /// TCP port of the zone replication server (0 picks a free one) [default: 7175].
     #[arg(long, env = "GVD_REPL_PORT")]
     repl_port: Option<u16>,
     /// Drop this fraction of received ELP/VDEV datagrams (for loss experiments).
     #[arg(long, env = "GVD_INJECT_LOSS", hide = true)]
     inject_loss: Option<f64>,
-    /// Interface to announce on (loopback unless set).
+    /// Interface to announce on, a name or an address [default: lo].
     #[arg(long, env = "GVD_IFACE")]
     iface: Option<String>,
-    /// Announcement period in milliseconds.
+    /// Announcement period in milliseconds (10 to 3600000) [default: 1000].
     #[arg(long, env = "ELP_DELAY")]
     elp_delay_ms: Option<u64>,
-    /// Periods of silence after which a node is dead.
+    /// Periods of silence after which a node is dead (1 to 1000) [default: 5].
     #[arg(long, env = "NODE_TTL")]
     node_ttl: Option<u32>,
 }

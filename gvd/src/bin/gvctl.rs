@@ -11,7 +11,7 @@ use gvd::daemon::NodesFile;
 
 /// Inspect the GrapeVine network as the local gvd sees it.
 #[derive(Debug, Parser)]
-#[command(name = "gvctl", version, about)]
+#[command(name = "gvctl", version)]
 struct Cli {
     /// The node list file gvd writes.
     #[arg(
