@@ -415,7 +415,7 @@ impl<S: ReplicatedState> Subscriber<S> {
     /// ```no_run
     /// # use std::time::Duration;
     /// # use grapevine_core::state::KeyedMap;
-    /// # use grapevine_subscriber::{MulticastConfig, Subscriber, SubscriberOptions};
+    /// # use grapevine_subscriber::{MulticastConfig, ReplicatedState, Subscriber, SubscriberOptions};
     /// let options = SubscriberOptions::new(1, MulticastConfig::new("239.255.0.1:7000".parse()?));
     /// let subscriber = Subscriber::<KeyedMap<String, u64>>::join(options)?;
     /// // The publisher (id 0) reported seq 1000 for its last delta:
