@@ -654,7 +654,7 @@ fn receive_loop<S: ReplicatedState>(
         if reported_drops > warned_drops && last_warning.elapsed() >= Duration::from_secs(1) {
             tracing::warn!(
                 dropped = reported_drops - warned_drops,
-                "kernel dropped datagrams: receive buffer full (this subscriber is too slow)"
+                "kernel dropped datagrams: the receive buffer was full (this subscriber is too slow) or they failed the UDP checksum"
             );
             warned_drops = reported_drops;
             last_warning = Instant::now();

@@ -173,23 +173,33 @@ fn report(started: Instant, published: u64, subscribers: &[Subscriber<OrderBook>
     let elapsed = started.elapsed().as_secs_f64();
     let mut live = 0;
     let (mut applied, mut gaps, mut lost, mut recoveries, mut stale) = (0, 0, 0, 0, 0);
+    let mut leaves = 0;
     for subscriber in subscribers {
         let p = subscriber.stats().protocol;
         applied += p.deltas_applied;
         gaps += p.gaps;
         lost += p.messages_lost;
         recoveries += p.recoveries;
-        let (is_live, stale_now) = subscriber.read(|s| {
+        let (is_live, stale_now, leaves_now) = subscriber.read(|s| {
             (
                 s.is_live(),
                 s.streams().map(|v| v.stale.len()).sum::<usize>(),
+                s.streams().map(|v| v.state.len()).sum::<usize>(),
             )
         });
         live += usize::from(is_live);
         stale += stale_now;
+        leaves += leaves_now;
     }
+    // Under steady loss a stream is rarely wholly live, yet almost every leaf is trusted:
+    // show both.
+    let trusted = if leaves == 0 {
+        100.0
+    } else {
+        100.0 * (leaves - stale.min(leaves)) as f64 / leaves as f64
+    };
     let line = format!(
-        "[{elapsed:5.1}s] published {published} ({:.0}/s) | live {live}/{} | applied {applied} gaps {gaps} lost {lost} recoveries {recoveries} stale now {stale} | snapshot cycles {cycles}",
+        "[{elapsed:5.1}s] published {published} ({:.0}/s) | live {live}/{} leaves trusted {trusted:.2} % (stale now {stale}) | applied {applied} gaps {gaps} lost {lost} recoveries {recoveries} | snapshot cycles {cycles}",
         published as f64 / elapsed.max(1e-9),
         subscribers.len()
     );

@@ -102,7 +102,7 @@ pub(crate) fn subscribe(args: &SubArgs) -> Result<()> {
                 ),
                 (
                     "grapevine_subscriber_kernel_drops_total",
-                    "Datagrams the kernel dropped (receive buffer full).",
+                    "Datagrams the kernel dropped (receive buffer full, or a bad UDP checksum).",
                     stats.kernel_drops,
                 ),
                 (
@@ -172,7 +172,8 @@ pub(crate) fn subscribe(args: &SubArgs) -> Result<()> {
                         serde_json::json!({
                             "t": started.elapsed().as_secs_f64(),
                             "publisher": view.publisher,
-                            "session": view.session,
+                            // Hex, as in the text output and `spy --json`.
+                            "session": format!("{:016x}", view.session),
                             "status": status,
                             "publisher_silent": view.silent,
                             "seq": view.last_seq,
@@ -235,12 +236,13 @@ pub(crate) fn subscribe(args: &SubArgs) -> Result<()> {
         }
         if !args.json {
             println!(
-                "applied {} gaps {} lost {} recoveries {} (last {:?}) malformed {} kernel drops {} rcvbuf {} unauthenticated {} replayed {} retired-session {}",
+                "applied {} gaps {} lost {} recoveries {} (last {}) malformed {} kernel drops {} rcvbuf {} unauthenticated {} replayed {} retired-session {}",
                 p.deltas_applied,
                 p.gaps,
                 p.messages_lost,
                 p.recoveries,
-                p.last_recovery,
+                p.last_recovery
+                    .map_or_else(|| "none".to_string(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3)),
                 p.malformed,
                 stats.kernel_drops,
                 stats.recv_buffer,
