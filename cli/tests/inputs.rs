@@ -169,3 +169,27 @@ fn completions_and_a_manual_page_are_generated() {
         "{page}"
     );
 }
+
+#[test]
+fn ipv6_on_loopback_works_or_says_why_once() {
+    let output = grapevine(&[
+        "pub",
+        "--group",
+        "[ff15::4756:21]:47421",
+        "--seconds",
+        "0.3",
+    ])
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if output.status.success() {
+        return; // this host routes IPv6 multicast on loopback
+    }
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no IPv6 multicast route"), "{stderr}");
+    assert!(stderr.contains("ip -6 route add multicast"), "{stderr}");
+    assert!(
+        stderr.matches("unreachable").count() <= 1,
+        "said once: {stderr}"
+    );
+}

@@ -93,12 +93,12 @@ pub enum ReplReply {
 #[non_exhaustive]
 pub enum PullError {
     /// The peer could not be reached or stopped answering (slow peers time out).
-    #[error("peer {peer}: {source}")]
+    #[error("peer {peer}: {error}")]
     Io {
         /// The peer.
         peer: SocketAddr,
         /// What happened.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The peer answered something unusable.
     #[error("peer {peer}: {reason}")]
@@ -399,7 +399,7 @@ pub fn pull(
     timeout: Duration,
     key: Option<&PortKey>,
 ) -> Result<PullOutcome, PullError> {
-    let io = |source| PullError::Io { peer, source };
+    let io = |error| PullError::Io { peer, error };
     let stream = TcpStream::connect_timeout(&peer, timeout).map_err(io)?;
     stream.set_nodelay(true).map_err(io)?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
@@ -546,7 +546,7 @@ fn fetch(
     into: &PathBuf,
     peer: SocketAddr,
 ) -> Result<(), PullError> {
-    let io = |source| PullError::Io { peer, source };
+    let io = |error| PullError::Io { peer, error };
     let path = ZonePath::new(path).map_err(|e| PullError::Protocol {
         peer,
         reason: e.to_string(),

@@ -109,20 +109,20 @@ pub struct Zones {
 #[non_exhaustive]
 pub enum ZonesError {
     /// A zone's store.
-    #[error("zone {zone}: {source}")]
+    #[error("zone {zone}: {error}")]
     Store {
         /// The zone.
         zone: String,
         /// What failed.
-        source: crate::store::StoreError,
+        error: crate::store::StoreError,
     },
     /// Sockets or threads.
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Io {
         /// What was being set up.
         what: String,
         /// What failed.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -238,7 +238,7 @@ impl Zones {
     pub fn start(settings: &ZonesOptions) -> Result<Self, ZonesError> {
         let io = |what: &str| {
             let what = what.to_string();
-            move |source| ZonesError::Io { what, source }
+            move |error| ZonesError::Io { what, error }
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -259,9 +259,9 @@ impl Zones {
                 &config.path,
                 &settings.meta_dir.join(&config.name),
             )
-            .map_err(|source| ZonesError::Store {
+            .map_err(|error| ZonesError::Store {
                 zone: config.name.clone(),
-                source,
+                error,
             })?;
             let free = free_bytes(&config.path);
             if free < config.quota_bytes {

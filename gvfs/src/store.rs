@@ -167,12 +167,12 @@ struct Index {
 #[non_exhaustive]
 pub enum StoreError {
     /// File system error.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// Where.
         path: PathBuf,
         /// What.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A path that may not be used in a zone (malformed, or leading outside it).
     #[error(transparent)]
@@ -188,9 +188,9 @@ pub enum StoreError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
+    move |error| StoreError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -568,7 +568,7 @@ impl ZoneStore {
         match std::fs::remove_file(&disk) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(StoreError::Io { path: disk, source }),
+            Err(error) => return Err(StoreError::Io { path: disk, error }),
         }
         self.pending_checks.remove(path);
         if self.check(path) {

@@ -164,7 +164,7 @@ impl Connection {
     /// [`KosError`]: unreachable, refused (too many connections, version mismatch), timeout.
     pub fn connect(address: SocketAddr, options: &ConnectOptions) -> Result<Self, KosError> {
         let stream = TcpStream::connect_timeout(&address, options.connect_timeout)
-            .map_err(|e| KosError::Connect { address, source: e })?;
+            .map_err(|e| KosError::Connect { address, error: e })?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(options.reply_timeout))?;
         let stream = crate::secure::connect(stream, options.key.as_ref(), Purpose::Kos)
@@ -307,7 +307,7 @@ impl AsyncConnection {
         )
         .await
         .map_err(|_| KosError::Timeout)?
-        .map_err(|e| KosError::Connect { address, source: e })?;
+        .map_err(|e| KosError::Connect { address, error: e })?;
         stream.set_nodelay(true)?;
         let stream = AsyncLink::connect(stream, options.key.as_ref(), Purpose::Kos)
             .await

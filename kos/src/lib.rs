@@ -60,12 +60,12 @@ pub enum KosError {
         nodes: Vec<String>,
     },
     /// The node's KOS listener could not be reached.
-    #[error("cannot connect to {address}: {source}")]
+    #[error("cannot connect to {address}: {error}")]
     Connect {
         /// Where.
         address: SocketAddr,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The node does not hold our network key, or we do not hold its key.
     #[error("authentication failed: {0}")]

@@ -203,7 +203,7 @@ impl<S: ReplicatedState> Publisher<S> {
                         op: "spawning the flusher thread",
                         group: options.multicast.group,
                         interface: "-".into(),
-                        source: e,
+                        error: e,
                     })
                 })?
         };
@@ -220,7 +220,7 @@ impl<S: ReplicatedState> Publisher<S> {
                                 op: "spawning the repair thread",
                                 group: options.multicast.group,
                                 interface: "-".into(),
-                                source: e,
+                                error: e,
                             })
                         })?,
                 )

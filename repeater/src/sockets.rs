@@ -119,12 +119,12 @@ pub enum RepeaterError {
     #[error(transparent)]
     Net(#[from] NetError),
     /// The unicast socket or a thread.
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Io {
         /// What was being set up.
         what: String,
         /// What failed.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -147,7 +147,7 @@ impl Repeater {
     pub fn start(options: RepeaterOptions) -> Result<Self, RepeaterError> {
         let io = |what: &str| {
             let what = what.to_string();
-            move |source| RepeaterError::Io { what, source }
+            move |error| RepeaterError::Io { what, error }
         };
         let receiver = MulticastSocket::receiver(&options.local)?;
         let sender = Arc::new(MulticastSocket::sender(&options.local)?);

@@ -124,6 +124,19 @@ impl Default for MulticastConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NetError {
+    /// No IPv6 multicast route out of the interface (Linux loopback has none by default).
+    #[error(
+        "cannot send to {group} on {interface}: no IPv6 multicast route there (Linux gives \
+         loopback none by default). Add one as root (`ip -6 route add multicast ff00::/8 dev \
+         {interface} table local` and `ip link set {interface} multicast on`), or use an \
+         interface with IPv6 multicast (--iface)"
+    )]
+    NoIpv6MulticastRoute {
+        /// The group.
+        group: SocketAddr,
+        /// The interface.
+        interface: String,
+    },
     /// The group address is not a multicast address.
     #[error("{0} is not a multicast address (IPv4 224.0.0.0/4, IPv6 ff00::/8)")]
     NotMulticast(IpAddr),
@@ -139,7 +152,9 @@ pub enum NetError {
         family: &'static str,
     },
     /// A socket call failed.
-    #[error("{op} failed for {group} on {interface}: {source}")]
+    // The OS error is part of the message and not also a `source`: chains printed with
+    // `{:#}` would show it twice.
+    #[error("{op} failed for {group} on {interface}: {error}")]
     Io {
         /// What was being done.
         op: &'static str,
@@ -148,7 +163,7 @@ pub enum NetError {
         /// The interface.
         interface: String,
         /// The OS error.
-        source: io::Error,
+        error: io::Error,
     },
     /// The self-test sent probes but none came back.
     #[error(
@@ -186,7 +201,7 @@ pub fn resolve_interface(spec: &InterfaceSpec, ipv6: bool) -> Result<ResolvedInt
         op: "listing interfaces",
         group: SocketAddr::from(([0, 0, 0, 0], 0)),
         interface: spec.to_string(),
-        source: e,
+        error: e,
     })?;
     let matches_spec = |iface: &if_addrs::Interface| match spec {
         InterfaceSpec::Loopback => iface.is_loopback(),
@@ -358,7 +373,18 @@ impl MulticastSocket {
         };
         socket
             .connect(&SockAddr::from(connect_to))
-            .map_err(err("connect"))?;
+            .map_err(|error| {
+                // Linux gives loopback no IPv6 multicast route: say so, and how to add one,
+                // rather than a bare "Network is unreachable".
+                if config.group.is_ipv6() && error.kind() == io::ErrorKind::NetworkUnreachable {
+                    NetError::NoIpv6MulticastRoute {
+                        group: config.group,
+                        interface: interface.name.clone(),
+                    }
+                } else {
+                    err("connect")(error)
+                }
+            })?;
         Ok(Self {
             socket: socket.into(),
             group: config.group,
@@ -378,12 +404,12 @@ impl MulticastSocket {
         } else {
             Domain::IPV4
         };
-        let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP)).map_err(|source| {
+        let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP)).map_err(|error| {
             NetError::Io {
                 op: "socket",
                 group: config.group,
                 interface: interface.name.clone(),
-                source,
+                error,
             }
         })?;
         Ok((socket, interface))
@@ -614,11 +640,11 @@ fn io_error(
 ) -> impl Fn(&'static str) -> Box<dyn FnOnce(io::Error) -> NetError> {
     move |op| {
         let interface = interface.clone();
-        Box::new(move |source| NetError::Io {
+        Box::new(move |error| NetError::Io {
             op,
             group,
             interface,
-            source,
+            error,
         })
     }
 }
