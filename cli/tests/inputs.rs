@@ -193,3 +193,60 @@ fn ipv6_on_loopback_works_or_says_why_once() {
         "said once: {stderr}"
     );
 }
+
+#[test]
+fn spy_decodes_gvd_node_records() {
+    use grapevine::core::net::MulticastConfig;
+    use grapevine::core::state::{KeyedMap, MapDelta};
+    use grapevine::publisher::{Publisher, PublisherOptions};
+    use grapevine_gvd_schema::nodes::{NodeRecord, ELP_TOPIC};
+
+    let group = "239.255.73.93:47393";
+    let spy = grapevine(&[
+        "spy",
+        "--group",
+        group,
+        "--decode",
+        "gvd",
+        "--json",
+        "--seconds",
+        "2",
+        "--interval",
+        "0.5",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let spy = grapevine_test_support::Reaped(spy);
+    let options = PublisherOptions::new(ELP_TOPIC, MulticastConfig::new(group.parse().unwrap()));
+    let publisher = Publisher::start(options, KeyedMap::<u64, NodeRecord>::default()).unwrap();
+    let record = NodeRecord {
+        node_id: 7,
+        name: "spied-node".into(),
+        addresses: vec!["127.0.0.1".into()],
+        query_port: 7173,
+        kos_port: 7174,
+        repl_port: 0,
+        zones: Vec::new(),
+        unique: "u".into(),
+        elp_delay_ms: 100,
+    };
+    // Announced every 100 ms, as gvd does, until the spy has reported.
+    let mut spy = spy;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        publisher.publish(MapDelta::Put(7, record.clone())).unwrap();
+        publisher.flush();
+        std::thread::sleep(Duration::from_millis(100));
+        if spy.0.try_wait().unwrap().is_some() {
+            break;
+        }
+    }
+    let output =
+        grapevine_test_support::finish(&mut spy.0, Instant::now() + Duration::from_secs(5));
+    assert!(
+        output.contains("spied-node"),
+        "the record decoded: {output}"
+    );
+}

@@ -6,6 +6,21 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+/// gvd's topic of echolocation packets (node records, one leaf per node).
+pub const ELP_TOPIC: u32 = 0x0045_4c50;
+
+/// gvd's topic of VDEV lists (one leaf per node).
+pub const VDEV_TOPIC: u32 = 0x5644_4556;
+
+/// A node's VDEVs as published on the VDEV topic.
+#[derive(Clone, Debug, Default, Deserialize, Eq, PartialEq, Serialize)]
+pub struct VdevList {
+    /// The `unique` these VDEVs hash to.
+    pub unique: String,
+    /// The VDEVs, by driver then name.
+    pub vdevs: Vec<NodeVdev>,
+}
+
 /// The node list file cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("node list {path}: {reason}")]

@@ -7,24 +7,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use grapevine_core::state::KeyedMap;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-pub use grapevine_kos::nodes::{Liveness, NodeRecord, NodeVdev};
-
-/// The topic of echolocation packets.
-pub const ELP_TOPIC: u32 = 0x0045_4c50;
-
-/// The topic of VDEV lists.
-pub const VDEV_TOPIC: u32 = 0x5644_4556;
-
-/// A node's VDEVs as published on the VDEV topic.
-#[derive(Clone, Debug, Default, Deserialize, Eq, PartialEq, Serialize)]
-pub struct VdevList {
-    /// The `unique` these VDEVs hash to.
-    pub unique: String,
-    /// The VDEVs, by driver then name.
-    pub vdevs: Vec<NodeVdev>,
-}
+pub use grapevine_gvd_schema::nodes::{
+    Liveness, NodeRecord, NodeVdev, VdevList, ELP_TOPIC, VDEV_TOPIC,
+};
 
 /// The ELP topic's state: one record per node.
 pub type NodeTable = KeyedMap<u64, NodeRecord>;

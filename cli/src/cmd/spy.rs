@@ -22,6 +22,9 @@ pub enum Decoder {
     None,
     /// The order book of `grapevine pub` and the examples.
     OrderBook,
+    /// gvd's own topics: node records on the ELP topic, VDEV lists on the VDEV topic (other
+    /// topics as hex).
+    Gvd,
 }
 
 /// `grapevine spy`.
@@ -47,8 +50,25 @@ pub struct SpyArgs {
     json: bool,
 }
 
-fn decode_latest(decoder: Decoder, payload: &[u8]) -> serde_json::Value {
+fn decode_latest(decoder: Decoder, topic: u32, payload: &[u8]) -> serde_json::Value {
+    use grapevine::core::state::MapDelta;
+    use grapevine_gvd_schema::nodes::{NodeRecord, VdevList, ELP_TOPIC, VDEV_TOPIC};
+    fn json<T: serde::Serialize>(
+        decoded: Result<T, grapevine::core::wire::DecodeError>,
+    ) -> serde_json::Value {
+        match decoded {
+            Ok(value) => serde_json::to_value(value).unwrap_or_default(),
+            Err(e) => format!("undecodable: {e}").into(),
+        }
+    }
     match decoder {
+        Decoder::Gvd if topic == ELP_TOPIC => {
+            json(codec::decode::<MapDelta<u64, NodeRecord>>(payload))
+        }
+        Decoder::Gvd if topic == VDEV_TOPIC => {
+            json(codec::decode::<MapDelta<u64, VdevList>>(payload))
+        }
+        Decoder::Gvd => decode_latest(Decoder::None, topic, payload),
         Decoder::OrderBook => match codec::decode::<BookDelta>(payload) {
             Ok(delta) => serde_json::to_value(delta).unwrap_or_default(),
             Err(e) => format!("undecodable: {e}").into(),
@@ -124,7 +144,10 @@ pub fn spy(args: &SpyArgs) -> Result<()> {
                 || "-".to_string(),
                 |p| format!("{:.0} ms", p.as_secs_f64() * 1e3),
             );
-            let latest = stream.latest.back().map(|p| decode_latest(args.decode, p));
+            let latest = stream
+                .latest
+                .back()
+                .map(|p| decode_latest(args.decode, topic, p));
             if args.json {
                 let line = serde_json::json!({
                     "t": started.elapsed().as_secs_f64(),
