@@ -35,7 +35,7 @@ enum Command {
     /// Subscribe to an order book and print top of book and counters every second.
     Sub(cmd::subscribe::SubArgs),
     /// Check that multicast flows on the group and interface.
-    Selftest(NetArgs),
+    Selftest(cmd::selftest::SelftestArgs),
     /// Watch groups: per topic and publisher, rates, sequence, gaps, losses, snapshot cycles.
     Spy(cmd::spy::SpyArgs),
     /// Record every datagram of some groups, with receive times, into a file.
