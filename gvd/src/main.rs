@@ -22,6 +22,18 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text, or as one JSON object per line (for log collectors).
+    #[arg(long, global = true, env = "GVD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -224,23 +236,26 @@ impl RunArgs {
 struct BadConfiguration(String);
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // Start and stop lines and state changes; nfsserve's per-request chatter only
-                // when something is wrong.
-                .unwrap_or_else(|_| {
-                    tracing_subscriber::EnvFilter::new(
-                    "info,grapevine_core=warn,grapevine_publisher=warn,grapevine_subscriber=warn,\
-                     grapevine_snapshotter=warn,nfsserve=error",
-                )
-                }),
+    let cli = Cli::parse();
+    // Start and stop lines and state changes; library chatter and nfsserve's per-request
+    // lines only when something is wrong.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "info,grapevine_core=warn,grapevine_publisher=warn,grapevine_subscriber=warn,\
+             grapevine_snapshotter=warn,nfsserve=error",
         )
-        .with_writer(std::io::stderr)
+    });
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
         // Colours only on a terminal: in a log file they are escape-code clutter.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match run(Cli::parse()) {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");

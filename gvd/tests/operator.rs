@@ -204,3 +204,35 @@ fn gvd_tells_systemd_when_it_is_ready_and_when_it_stops() {
     assert!(child.wait().unwrap().success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = scratch("gvd-json-logs");
+    std::fs::create_dir_all(dir.join("drivers")).unwrap();
+    let mut child = gvd(&dir, "jsonlog", "239.255.79.65:47965")
+        .arg("--log-format")
+        .arg("json")
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut started = false;
+    for line in lines.by_ref().take(20) {
+        let line = line.unwrap();
+        let object: serde_json::Value = serde_json::from_str(&line).expect("a JSON object");
+        if object["fields"]["message"] == "gvd started" {
+            assert_eq!(object["fields"]["name"], "jsonlog");
+            started = true;
+            break;
+        }
+    }
+    assert!(started, "a JSON start line");
+    run(&["kill", "-TERM", &child.id().to_string()]).unwrap();
+    for line in lines {
+        serde_json::from_str::<serde_json::Value>(&line.unwrap()).expect("a JSON object");
+    }
+    assert!(child.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
