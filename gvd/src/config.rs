@@ -83,6 +83,11 @@ pub struct Config {
     /// The network's key file (`<id>:<64 hex digits>` lines): ELP and VDEV datagrams are signed
     /// with it and unsigned or forged ones ignored. Default none.
     pub key_file: Option<PathBuf>,
+    /// Serve the status page, JSON status and Prometheus metrics (docs/GVD.md). Default true.
+    pub admin: bool,
+    /// Where to serve them; port 0 picks a free one. Anything but loopback needs `key_file`
+    /// (requests then carry the token of `gvd admin-token`). Default `127.0.0.1:7176`.
+    pub admin_address: SocketAddr,
     /// The repeater role (`[repeater]`). Default none.
     pub repeater: Option<RepeaterConfig>,
     /// DHT bootstrap nodes (`host:port`): when given, this node announces itself on the DHT
@@ -131,6 +136,8 @@ impl Default for Config {
             network: "grapevine".into(),
             dht_interval_ms: 30_000,
             inject_loss: 0.0,
+            admin: true,
+            admin_address: SocketAddr::from(([127, 0, 0, 1], 7176)),
         }
     }
 }
@@ -208,6 +215,13 @@ impl Config {
                 self.vdev_group()
             );
         }
+        if self.admin && !self.admin_address.ip().is_loopback() && self.key_file.is_none() {
+            bail!(
+                "admin_address {} is not loopback: set key_file (its requests then need the \
+                 token of `gvd admin-token`), or keep it on 127.0.0.1",
+                self.admin_address
+            );
+        }
         if let Some(repeater) = &self.repeater {
             if !repeater.group.ip().is_multicast() {
                 bail!(
@@ -278,7 +292,7 @@ mod tests {
     #[test]
     fn absurd_values_are_rejected_with_the_setting_named() {
         type Breakage = fn(&mut Config);
-        let cases: [(&str, Breakage); 7] = [
+        let cases: [(&str, Breakage); 8] = [
             ("elp_delay_ms", |c| c.elp_delay_ms = 0),
             ("node_ttl", |c| c.node_ttl = 0),
             ("dht_interval_ms", |c| c.dht_interval_ms = 5),
@@ -288,6 +302,9 @@ mod tests {
                 c.group = "10.0.0.1:7171".parse().unwrap()
             }),
             ("name", |c| c.name.clear()),
+            ("admin_address", |c| {
+                c.admin_address = "0.0.0.0:7176".parse().unwrap();
+            }),
         ];
         for (named, break_it) in cases {
             let mut config = Config::default();

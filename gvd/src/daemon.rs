@@ -158,6 +158,13 @@ pub struct Daemon {
     last_step: Instant,
     transitions: Transitions,
     written: Option<NodesFile>,
+    /// What the admin endpoint shows, refreshed every round.
+    admin_status: crate::admin::SharedStatus,
+    /// The admin endpoint, when enabled and its address was free.
+    admin: Option<crate::admin::AdminServer>,
+    started: Instant,
+    /// Datagrams sent as of the last sample, and when.
+    last_sample: (Instant, u64),
     /// Held while this gvd runs: a second one on the same state directory would share its
     /// node id and both would flap in every list.
     _state_lock: std::fs::File,
@@ -323,6 +330,28 @@ impl Daemon {
             elp.snapshotter.cycle_requester(),
             vdevs.snapshotter.cycle_requester(),
         );
+        let admin_status = crate::admin::SharedStatus::default();
+        let admin = if config.admin {
+            let token = if config.admin_address.ip().is_loopback() {
+                None
+            } else {
+                keyring.as_deref().and_then(crate::admin::token)
+            };
+            match crate::admin::AdminServer::start(
+                config.admin_address,
+                admin_status.clone(),
+                token,
+            ) {
+                Ok(server) => Some(server),
+                Err(error) => {
+                    // Not fatal: the daemon's job does not depend on its status page.
+                    tracing::warn!(address = %config.admin_address, %error, "admin endpoint not started");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let now = Instant::now();
         let daemon = Self {
             node,
@@ -362,6 +391,10 @@ impl Daemon {
             last_step: now.checked_sub(delay).unwrap_or(now),
             transitions: Transitions::default(),
             written: None,
+            admin_status: admin_status.clone(),
+            admin,
+            started: now,
+            last_sample: (now, 0),
             _state_lock: state_lock,
             last_written: now,
             stats: DaemonStats::default(),
@@ -381,6 +414,9 @@ impl Daemon {
             drivers = daemon.inventory.drivers.len(),
             skipped_drivers = daemon.inventory.skipped.len(),
             keyed = keyring.is_some(),
+            admin = %daemon
+                .admin_address()
+                .map_or_else(|| "off".to_string(), |a| format!("http://{a}/")),
             "gvd started"
         );
         Ok(daemon)
@@ -541,7 +577,94 @@ impl Daemon {
                 }
             }
         }
+        self.refresh_admin(now);
         Ok(())
+    }
+
+    /// Where the admin endpoint listens, when it runs.
+    pub fn admin_address(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(crate::admin::AdminServer::address)
+    }
+
+    /// Publishes this round's status for the admin endpoint.
+    fn refresh_admin(&mut self, now: Instant) {
+        if self.admin.is_none() {
+            return;
+        }
+        let (sent, _) = self.sent();
+        let elapsed = now
+            .saturating_duration_since(self.last_sample.0)
+            .as_secs_f64();
+        let sent_per_second = if elapsed > 0.0 {
+            sent.saturating_sub(self.last_sample.1) as f64 / elapsed
+        } else {
+            0.0
+        };
+        self.last_sample = (now, sent);
+        let nodes = self.written.clone();
+        let own = self.zones.statuses();
+        let newest = |zone: &str| {
+            nodes
+                .iter()
+                .flat_map(|f| f.nodes.iter())
+                .flat_map(|n| n.record.zones.iter())
+                .filter(|z| z.member && z.name == zone)
+                .map(|z| z.version)
+                .max()
+                .unwrap_or(0)
+        };
+        let zone_lag = own
+            .iter()
+            .filter(|z| z.member)
+            .map(|z| newest(&z.name).saturating_sub(z.version))
+            .sum();
+        let alive = nodes.as_ref().map_or(0, |f| {
+            f.nodes
+                .iter()
+                .filter(|n| n.liveness == Liveness::Alive)
+                .count()
+        });
+        let mut streams = Vec::new();
+        let mut topics = crate::admin::TopicCounters::default();
+        for (topic, subscriber_stats, rows) in [
+            (
+                "elp",
+                self.elp.subscriber.stats().protocol,
+                self.elp.subscriber.read(|s| stream_rows("elp", s)),
+            ),
+            (
+                "vdev",
+                self.vdevs.subscriber.stats().protocol,
+                self.vdevs.subscriber.read(|s| stream_rows("vdev", s)),
+            ),
+        ] {
+            debug_assert!(rows.iter().all(|r| r.topic == topic));
+            topics.gaps += subscriber_stats.gaps;
+            topics.lost += subscriber_stats.messages_lost;
+            topics.recoveries += subscriber_stats.recoveries;
+            topics.datagrams += subscriber_stats.datagrams;
+            streams.extend(rows);
+        }
+        let stats = self.stats();
+        let mut status = self.admin_status.lock();
+        status.node = format!("{:016x}", self.node);
+        status.name = self.config.name.clone();
+        status.uptime_seconds = now.saturating_duration_since(self.started).as_secs_f64();
+        status.nodes = nodes;
+        status.zones = own;
+        status.streams = streams;
+        status.topics = topics;
+        status.stats = stats;
+        let uptime = status.uptime_seconds;
+        crate::admin::record_sample(
+            &mut status,
+            crate::admin::Sample {
+                t: uptime,
+                sent_per_second,
+                alive,
+                zone_lag,
+            },
+        );
     }
 
     /// Says goodbye (so that peers drop this node now rather than after the TTL) and stops.
@@ -702,6 +825,23 @@ impl Daemon {
         });
         peers
     }
+}
+
+/// The admin page's rows for the streams of one topic.
+fn stream_rows<S: ReplicatedState>(
+    topic: &'static str,
+    session: &grapevine_core::proto::SubscriberSession<S>,
+) -> Vec<crate::admin::StreamRow> {
+    session
+        .streams()
+        .map(|v| crate::admin::StreamRow {
+            topic,
+            publisher: v.publisher,
+            status: format!("{:?}", v.status).to_lowercase(),
+            last_seq: v.last_seq,
+            stale: v.stale.len(),
+        })
+        .collect()
 }
 
 /// The ports a node announces.

@@ -17,11 +17,13 @@
 //! - [`dht`]: finding nodes on other networks through a BEP-5 DHT (`mainline`).
 //! - [`agent`]: the agent: the CONN protocol's server side, on the drivers it loads.
 //! - [`config`]: the settings schema, its validation and the durations it implies.
+//! - [`admin`]: the status page, JSON status and Prometheus metrics endpoint.
 //! - [`peers`]: the peer table's decisions without I/O (QUERYs due, zone offers, who may pull).
 //! - [`daemon`]: the node id and the [`daemon::Daemon`] that announces, follows, answers
 //!   QUERYs and keeps the node list file; `topic` bundles a topic's publisher, snapshotter and
 //!   subscriber.
 
+pub mod admin;
 pub mod agent;
 pub mod config;
 pub mod daemon;

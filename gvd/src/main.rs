@@ -40,6 +40,13 @@ enum LogFormat {
 enum Command {
     /// Run the daemon: announce this node, track the others, keep the node list file.
     Run(Box<RunArgs>),
+    /// Print the bearer token the admin endpoint asks for when it is not on loopback (derived
+    /// from the network key file).
+    AdminToken {
+        /// The network's key file.
+        #[arg(long, env = "GVD_KEY_FILE")]
+        key_file: PathBuf,
+    },
     /// Check the configuration `run` would use (file, then environment, then flags): print it
     /// merged, as TOML, and exit 0; or say what is wrong and exit 2.
     CheckConfig(Box<RunArgs>),
@@ -157,6 +164,13 @@ struct RunArgs {
     /// Periods of silence after which a node is dead (1 to 1000) [default: 5].
     #[arg(long, env = "NODE_TTL")]
     node_ttl: Option<u32>,
+    /// Where to serve the status page, JSON status and metrics (port 0 picks a free one;
+    /// not loopback needs key_file) [default: 127.0.0.1:7176].
+    #[arg(long, env = "GVD_ADMIN_ADDRESS")]
+    admin_address: Option<SocketAddr>,
+    /// Do not serve the status page, JSON status and metrics.
+    #[arg(long, env = "GVD_NO_ADMIN")]
+    no_admin: bool,
 }
 
 impl RunArgs {
@@ -225,6 +239,12 @@ impl RunArgs {
         if let Some(v) = self.node_ttl {
             config.node_ttl = v;
         }
+        if let Some(v) = self.admin_address {
+            config.admin_address = v;
+        }
+        if self.no_admin {
+            config.admin = false;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -282,6 +302,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             signal_hook::flag::register(SIGHUP, Arc::clone(&rescan))?;
             daemon::run(&config, &std::env::current_exe()?, &stop, &rescan)
+        }
+        Command::AdminToken { key_file } => {
+            let keyring = grapevine_core::auth::Keyring::from_file(&key_file)?;
+            let token = gvd::admin::token(&keyring)
+                .ok_or_else(|| anyhow::anyhow!("{} holds no shared key", key_file.display()))?;
+            println!("{token}");
+            Ok(())
         }
         Command::CheckConfig(args) => {
             let config = args
