@@ -131,6 +131,21 @@ fn a_kos_on_one_host_calls_a_vdev_on_another() {
         String::from_utf8_lossy(&output.stdout).trim(),
         "dlrow olleh"
     );
+    // Binary arguments, and the answer in hex.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_gvctl"))
+        .args([
+            "call",
+            "b",
+            "echo0",
+            "echo",
+            "--args-hex",
+            "00ff10",
+            "--hex",
+        ])
+        .env("GV_NODES_PATH", a.nodes_path())
+        .output()
+        .unwrap();
+    assert!(stdout_of(&output).contains("00ff10"));
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_gvctl"))
         .args(["call", "b", "echo0", "nosuchfunction"])
         .env("GV_NODES_PATH", a.nodes_path())

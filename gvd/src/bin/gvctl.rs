@@ -55,6 +55,12 @@ enum Command {
         function: String,
         /// Arguments, joined with spaces and sent as bytes.
         args: Vec<String>,
+        /// Binary arguments instead, as hex digits (e.g. 00000000000000100000000000000040).
+        #[arg(long, conflicts_with_all = ["args", "args_file"])]
+        args_hex: Option<String>,
+        /// Binary arguments instead, read from a file (`-`: standard input).
+        #[arg(long, conflicts_with = "args")]
+        args_file: Option<PathBuf>,
         /// Print the answer in hex (default: as text when it is UTF-8).
         #[arg(long)]
         hex: bool,
@@ -80,7 +86,7 @@ fn call(
     node: &str,
     vdev: &str,
     function: &str,
-    args: &[String],
+    args: &[u8],
     hex: bool,
     timeout_ms: u64,
 ) -> Result<()> {
@@ -98,7 +104,7 @@ fn call(
     }
     let opened = kos.open(Some(node), vdev)?;
     let started = std::time::Instant::now();
-    let answer = kos.call(&opened, function, args.join(" ").as_bytes())?;
+    let answer = kos.call(&opened, function, args)?;
     let took = started.elapsed();
     let text = if hex {
         None
@@ -257,11 +263,26 @@ fn run(cli: Cli) -> Result<()> {
         vdev,
         function,
         args,
+        args_hex,
+        args_file,
         hex,
         timeout_ms,
     } = &cli.command
     {
-        return call(&cli, node, vdev, function, args, *hex, *timeout_ms);
+        let bytes = match (args_hex, args_file) {
+            (Some(digits), _) => hex::decode(digits.trim())
+                .context("--args-hex is not an even number of hex digits")?,
+            (None, Some(path)) if path.as_os_str() == "-" => {
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)?;
+                bytes
+            }
+            (None, Some(path)) => {
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
+            }
+            (None, None) => args.join(" ").into_bytes(),
+        };
+        return call(&cli, node, vdev, function, &bytes, *hex, *timeout_ms);
     }
     let text = std::fs::read(&cli.nodes_path).with_context(|| {
         format!(
@@ -378,6 +399,7 @@ fn run(cli: Cli) -> Result<()> {
                         "local_node": list.local_node,
                         "local": local.map(|n| &n.record),
                         "nodes": list.nodes.len(),
+                        "others": list.nodes.iter().filter(|n| n.record.node_id != list.local_node).count(),
                         "suspect": list.nodes.iter().filter(|n| n.liveness == gvd::elp::Liveness::Suspect).count(),
                     })
                 );
@@ -396,7 +418,15 @@ fn run(cli: Cli) -> Result<()> {
                     list.local_node
                 ),
             }
-            println!("{} nodes known", list.nodes.len());
+            let others = list
+                .nodes
+                .iter()
+                .filter(|n| n.record.node_id != list.local_node);
+            let suspect = others
+                .clone()
+                .filter(|n| n.liveness == gvd::elp::Liveness::Suspect)
+                .count();
+            println!("{} other nodes known ({suspect} suspect)", others.count());
         }
     }
     Ok(())
