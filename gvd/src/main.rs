@@ -38,6 +38,13 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Print a shell completion script (e.g. `gvd completions bash`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff: `gvd manpage | man -l -`).
+    Manpage,
     /// Run the daemon: announce this node, track the others, keep the node list file.
     Run(Box<RunArgs>),
     /// Print the bearer token the admin endpoint asks for when it is not on loopback (derived
@@ -290,7 +297,26 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "gvd",
+                &mut std::io::stdout(),
+            );
+            return Ok(());
+        }
+        Command::Manpage => {
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut std::io::stdout())?;
+            return Ok(());
+        }
+        _ => {}
+    }
     match cli.command {
+        // Answered above, before anything else is read.
+        Command::Completions { .. } | Command::Manpage => Ok(()),
         Command::Run(args) => {
             let config = args
                 .config()

@@ -236,3 +236,19 @@ fn json_logs_are_one_object_per_line() {
     assert!(child.wait().unwrap().success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn gvd_and_gvctl_have_completions_and_manual_pages() {
+    for (binary, name) in [
+        (env!("CARGO_BIN_EXE_gvd"), "gvd"),
+        (env!("CARGO_BIN_EXE_gvctl"), "gvctl"),
+    ] {
+        let bash = Command::new(binary)
+            .args(["completions", "bash"])
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&bash.stdout).contains(&format!("_{name}()")));
+        let man = Command::new(binary).arg("manpage").output().unwrap();
+        assert!(String::from_utf8_lossy(&man.stdout).contains(&format!(".TH {name} 1")));
+    }
+}

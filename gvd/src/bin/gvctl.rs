@@ -34,6 +34,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Print a shell completion script (e.g. `gvctl completions bash`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff: `gvctl manpage | man -l -`).
+    Manpage,
     /// Every live or suspect node.
     Nodes,
     /// The VDEVs of every node, or of one (by name or hex id).
@@ -258,6 +265,23 @@ fn not_current(list: &NodesFile) -> Option<String> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "gvctl",
+                &mut std::io::stdout(),
+            );
+            return Ok(());
+        }
+        Command::Manpage => {
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut std::io::stdout())?;
+            return Ok(());
+        }
+        _ => {}
+    }
     if let Command::Call {
         node,
         vdev,
@@ -296,6 +320,8 @@ fn run(cli: Cli) -> Result<()> {
         bail!("{reason} ({})", cli.nodes_path.display());
     }
     match cli.command {
+        // Answered above, before anything else is read.
+        Command::Completions { .. } | Command::Manpage => {}
         Command::Nodes => {
             if cli.json {
                 println!("{}", serde_json::to_string(&list.nodes)?);
