@@ -156,6 +156,7 @@ fn ping_raw(args: &LatencyArgs, pong: SocketAddr, total: u64) -> Result<Vec<Dura
         Duration::from_millis(100)
     };
     for i in 0..total {
+        super::check_interrupted()?;
         message[..8].copy_from_slice(&i.to_be_bytes());
         let t0 = Instant::now();
         sender.send(&message)?;
@@ -185,6 +186,7 @@ fn ping_grapevine(args: &LatencyArgs, pong: SocketAddr, total: u64) -> Result<Ve
     let payload = payload_bytes(args.payload);
     let mut times = Vec::with_capacity(total as usize);
     for i in 0..total {
+        super::check_interrupted()?;
         let key = (i % 1024) as u32;
         let t0 = Instant::now();
         publisher.publish(MapDelta::Put(key, payload.clone()))?;

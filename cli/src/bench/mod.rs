@@ -94,6 +94,14 @@ pub(crate) struct RecoveryArgs {
     json: bool,
 }
 
+/// Ends a bench at Ctrl-C: an error, so no partial figure is printed as if it were whole.
+fn check_interrupted() -> Result<()> {
+    if crate::interrupted() {
+        anyhow::bail!("interrupted: no figures");
+    }
+    Ok(())
+}
+
 pub(crate) fn run(command: &BenchCommand) -> Result<()> {
     if cfg!(debug_assertions) {
         eprintln!(

@@ -81,6 +81,7 @@ pub(super) fn recovery(args: &RecoveryArgs) -> Result<()> {
         // Cheap checks first: the digest of the whole state is computed under the subscriber's
         // lock, and computing it too often would itself delay the subscriber.
         while !(subscriber.is_live() && converged(want)) {
+            super::check_interrupted()?;
             if t0.elapsed() > Duration::from_secs(60) {
                 bail!("no recovery within 60 s: {:?}", subscriber.stats());
             }

@@ -29,7 +29,12 @@ pub(super) fn throughput(args: &ThroughputArgs) -> Result<()> {
         (args.window / (args.payload as u64 + 32)).max(1)
     };
     let group = MulticastConfig::new(args.group);
+    eprintln!(
+        "measuring GrapeVine, then raw UDP with the same packing: {:.1} s each ...",
+        duration.as_secs_f64()
+    );
     let (gv, per_datagram) = throughput_grapevine(args, &group, duration, window, None)?;
+    super::check_interrupted()?;
     let signed = if args.auth {
         let keyring = Arc::new(Keyring::single(1, rand::random()));
         let mut signed_group = args.group;
@@ -59,6 +64,7 @@ pub(super) fn throughput(args: &ThroughputArgs) -> Result<()> {
         duration,
         window,
     )?;
+    super::check_interrupted()?;
     let ratio = gv.rate() / raw.rate().max(1.0);
     if args.json {
         println!(
@@ -161,7 +167,7 @@ pub(super) fn throughput_between(
     let started = Instant::now();
     let mut sent = 0u64;
     let mut key = 0u32;
-    while started.elapsed() < duration {
+    while started.elapsed() < duration && !crate::interrupted() {
         if window > 0 && sent.saturating_sub(subscriber.processed()) > window {
             // The receiver lags: flush what is batched and let it catch up.
             publisher.flush();
@@ -251,7 +257,7 @@ fn throughput_raw(
     let cpu_before = process_cpu_seconds();
     let started = Instant::now();
     let mut datagrams = 0u64;
-    while started.elapsed() < duration {
+    while started.elapsed() < duration && !crate::interrupted() {
         let sent = datagrams * per_datagram;
         if window > 0 && sent.saturating_sub(received.load(Ordering::Relaxed)) > window {
             std::thread::yield_now();
