@@ -194,31 +194,13 @@ fn ipv6_on_loopback_works_or_says_why_once() {
     );
 }
 
-#[test]
-fn spy_decodes_gvd_node_records() {
+/// Publishes a gvd-like node record on `group` until `until` returns, then returns its output.
+fn publish_records_while(group: &str, spy: &mut std::process::Child) -> String {
     use grapevine::core::net::MulticastConfig;
     use grapevine::core::state::{KeyedMap, MapDelta};
     use grapevine::publisher::{Publisher, PublisherOptions};
     use grapevine_gvd_schema::nodes::{NodeRecord, ELP_TOPIC};
 
-    let group = "239.255.73.93:47393";
-    let spy = grapevine(&[
-        "spy",
-        "--group",
-        group,
-        "--decode",
-        "gvd",
-        "--json",
-        "--seconds",
-        "2",
-        "--interval",
-        "0.5",
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let spy = grapevine_test_support::Reaped(spy);
     let options = PublisherOptions::new(ELP_TOPIC, MulticastConfig::new(group.parse().unwrap()));
     let publisher = Publisher::start(options, KeyedMap::<u64, NodeRecord>::default()).unwrap();
     let record = NodeRecord {
@@ -232,19 +214,66 @@ fn spy_decodes_gvd_node_records() {
         unique: "u".into(),
         elp_delay_ms: 100,
     };
-    // Announced every 100 ms, as gvd does, until the spy has reported.
-    let mut spy = spy;
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline {
+    // Announced every 100 ms, as gvd does, until the spy has ended.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline && spy.try_wait().unwrap().is_none() {
         publisher.publish(MapDelta::Put(7, record.clone())).unwrap();
         publisher.flush();
         std::thread::sleep(Duration::from_millis(100));
-        if spy.0.try_wait().unwrap().is_some() {
-            break;
-        }
     }
-    let output =
-        grapevine_test_support::finish(&mut spy.0, Instant::now() + Duration::from_secs(5));
+    grapevine_test_support::finish(spy, Instant::now() + Duration::from_secs(5))
+}
+
+#[test]
+fn spy_via_gvd_watches_the_groups_in_the_node_list() {
+    let dir = scratch("spy-via-gvd");
+    let nodes = dir.join("nodes.json");
+    std::fs::write(
+        &nodes,
+        r#"{"version":2,"local_node":1,"nodes":[],"groups":[{"name":"elp","group":"239.255.73.94:47394","iface":"lo"}]}"#,
+    )
+    .unwrap();
+    let mut spy = grapevine(&[
+        "spy",
+        "--via-gvd",
+        nodes.to_str().unwrap(),
+        "--json",
+        "--seconds",
+        "2",
+        "--interval",
+        "0.5",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let output = publish_records_while("239.255.73.94:47394", &mut spy);
+    assert!(
+        output.contains("spied-node"),
+        "decoded as gvd's without --decode: {output}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn spy_decodes_gvd_node_records() {
+    let mut spy = grapevine(&[
+        "spy",
+        "--group",
+        "239.255.73.93:47393",
+        "--decode",
+        "gvd",
+        "--json",
+        "--seconds",
+        "2",
+        "--interval",
+        "0.5",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let output = publish_records_while("239.255.73.93:47393", &mut spy);
     assert!(
         output.contains("spied-node"),
         "the record decoded: {output}"

@@ -150,6 +150,21 @@ pub struct NodesFile {
     /// gvd's announcement period, milliseconds: how often `written_at_ms` moves.
     #[serde(default)]
     pub period_ms: u64,
+    /// The multicast groups this gvd uses (its ELP and VDEV topics, a relayed group), for
+    /// tools such as `grapevine spy --via-gvd`.
+    #[serde(default)]
+    pub groups: Vec<GroupEntry>,
+}
+
+/// A multicast group a gvd uses.
+#[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
+pub struct GroupEntry {
+    /// What it carries: `elp`, `vdev` or `relayed`.
+    pub name: String,
+    /// `address:port`.
+    pub group: SocketAddr,
+    /// The interface it is joined on (name or address).
+    pub iface: String,
 }
 
 /// One node of the node list.

@@ -555,6 +555,7 @@ impl Daemon {
                 .as_ref()
                 .map(|d| d.peers().iter().map(ToString::to_string).collect())
                 .unwrap_or_default(),
+            groups: self.groups(),
             pid: std::process::id(),
             written_at_ms: 0,
             period_ms: self.config.elp_delay_ms,
@@ -579,6 +580,24 @@ impl Daemon {
         }
         self.refresh_admin(now);
         Ok(())
+    }
+
+    /// The multicast groups this node uses, for the node list.
+    fn groups(&self) -> Vec<grapevine_gvd_schema::nodes::GroupEntry> {
+        use grapevine_gvd_schema::nodes::GroupEntry;
+        let entry = |name: &str, group: SocketAddr, iface: &str| GroupEntry {
+            name: name.into(),
+            group,
+            iface: iface.into(),
+        };
+        let mut groups = vec![
+            entry("elp", self.config.group, &self.config.iface),
+            entry("vdev", self.config.vdev_group(), &self.config.iface),
+        ];
+        if let Some(repeater) = &self.config.repeater {
+            groups.push(entry("relayed", repeater.group, &repeater.iface));
+        }
+        groups
     }
 
     /// Where the admin endpoint listens, when it runs.

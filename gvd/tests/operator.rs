@@ -118,6 +118,17 @@ fn gvctl_says_when_gvd_is_not_running() {
         output.status.success() && String::from_utf8_lossy(&output.stdout).contains("stopper")
     });
     assert!(listed, "gvctl nodes lists the node while gvd runs");
+    // The groups it uses are in the list, for `grapevine spy --via-gvd`.
+    let list: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("state").join("nodes.json")).unwrap())
+            .unwrap();
+    let groups: Vec<&str> = list["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["group"].as_str().unwrap())
+        .collect();
+    assert_eq!(groups, ["239.255.79.62:47962", "239.255.79.62:47963"]);
     run(&["kill", "-TERM", &child.id().to_string()]).unwrap();
     assert!(child.wait().unwrap().success());
     let output = gvctl_nodes(&dir);

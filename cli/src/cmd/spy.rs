@@ -31,8 +31,12 @@ pub enum Decoder {
 #[derive(Args, Debug)]
 pub struct SpyArgs {
     /// Groups to watch (repeat the flag for several).
-    #[arg(long = "group", required = true, value_parser = crate::values::group)]
+    #[arg(long = "group", required_unless_present = "via_gvd", value_parser = crate::values::group)]
     groups: Vec<SocketAddr>,
+    /// Also watch every group the local gvd uses, read from its node list file (give the
+    /// file, or `GV_NODES_PATH`); implies `--decode gvd` unless another decoder is given.
+    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    via_gvd: Option<std::path::PathBuf>,
     /// Interface to join on; loopback unless set.
     #[arg(long, env = "GRAPEVINE_IFACE", default_value = "lo")]
     iface: InterfaceSpec,
@@ -42,9 +46,10 @@ pub struct SpyArgs {
     /// Stop after this many seconds (default: until Ctrl-C).
     #[arg(long, value_parser = crate::values::seconds, allow_negative_numbers = true)]
     seconds: Option<f64>,
-    /// How to show the latest message of each stream.
-    #[arg(long, value_enum, default_value = "none")]
-    decode: Decoder,
+    /// How to show the latest message of each stream (default: `gvd` with --via-gvd, else
+    /// `none`).
+    #[arg(long, value_enum)]
+    decode: Option<Decoder>,
     /// One JSON object per stream and report instead of text.
     #[arg(long)]
     json: bool,
@@ -84,7 +89,46 @@ fn decode_latest(decoder: Decoder, topic: u32, payload: &[u8]) -> serde_json::Va
 
 /// `grapevine spy`: per topic and publisher, rates, sequence, losses and the snapshot cycle.
 pub fn spy(args: &SpyArgs) -> Result<()> {
-    let rx = receive_all(&args.groups, &args.iface)?;
+    let mut groups = args.groups.clone();
+    let mut iface = args.iface.clone();
+    if let Some(given) = &args.via_gvd {
+        let path = if given.as_os_str().is_empty() {
+            std::env::var_os("GV_NODES_PATH").map_or_else(
+                || "/var/lib/gvd/nodes.json".into(),
+                std::path::PathBuf::from,
+            )
+        } else {
+            given.clone()
+        };
+        let list = grapevine_gvd_schema::nodes::NodesFile::read(&path)?;
+        if list.groups.is_empty() {
+            anyhow::bail!(
+                "{} lists no groups (a gvd of an earlier release?)",
+                path.display()
+            );
+        }
+        for entry in &list.groups {
+            groups.push(entry.group);
+            eprintln!(
+                "watching {} ({}) on {}",
+                entry.group, entry.name, entry.iface
+            );
+        }
+        if let Some(first) = list.groups.first() {
+            iface = first
+                .iface
+                .parse()
+                .map_err(|e| anyhow::anyhow!("gvd's interface {:?}: {e}", first.iface))?;
+        }
+    }
+    groups.sort();
+    groups.dedup();
+    let decoder = args.decode.unwrap_or(if args.via_gvd.is_some() {
+        Decoder::Gvd
+    } else {
+        Decoder::None
+    });
+    let rx = receive_all(&groups, &iface)?;
     let mut spy = Spy::default();
     let started = Instant::now();
     let interval = Duration::from_secs_f64(args.interval.max(0.05));
@@ -147,7 +191,7 @@ pub fn spy(args: &SpyArgs) -> Result<()> {
             let latest = stream
                 .latest
                 .back()
-                .map(|p| decode_latest(args.decode, topic, p));
+                .map(|p| decode_latest(decoder, topic, p));
             if args.json {
                 let line = serde_json::json!({
                     "t": started.elapsed().as_secs_f64(),
