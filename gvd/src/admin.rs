@@ -86,7 +86,7 @@ pub struct AdminStatus {
 /// The status the daemon publishes and the endpoint reads.
 pub type SharedStatus = Arc<Mutex<AdminStatus>>;
 
-/// Adds a sample, keeping the last [`HISTORY`].
+/// Adds a sample, keeping the most recent few hundred.
 pub fn record_sample(status: &mut AdminStatus, sample: Sample) {
     if status.history.len() == HISTORY {
         status.history.pop_front();
