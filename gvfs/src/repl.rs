@@ -8,10 +8,10 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -30,6 +30,11 @@ pub const CHUNK: u32 = 1 << 20;
 pub const WINDOW: usize = 8;
 /// Largest request frame the server reads.
 const MAX_REQUEST: usize = 64 << 10;
+/// Most replication connections served at once, and from one address: a stranger opening
+/// connections cannot take every thread.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Most replication connections served at once from one address.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
 /// Largest reply frame the client reads (a long change list).
 const MAX_REPLY: usize = 256 << 20;
 
@@ -163,9 +168,9 @@ pub type ZoneMap = Arc<HashMap<String, ServedZone>>;
 #[derive(Clone, Debug, Default)]
 pub struct Access {
     /// Addresses of the members of each zone.
-    pub members: HashMap<String, std::collections::HashSet<std::net::IpAddr>>,
+    pub members: HashMap<String, std::collections::HashSet<IpAddr>>,
     /// Addresses of every node.
-    pub nodes: std::collections::HashSet<std::net::IpAddr>,
+    pub nodes: std::collections::HashSet<IpAddr>,
 }
 
 /// The access rules a server applies; `None`: not set yet, or not enforced.
@@ -179,6 +184,47 @@ pub struct ReplServer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     access: SharedAccess,
+    refused: Arc<AtomicU64>,
+}
+
+/// Connections being served, in total and per source address.
+#[derive(Debug, Default)]
+struct Slots {
+    per_source: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection's place in [`Slots`], given back when it ends.
+struct Slot {
+    slots: Arc<Slots>,
+    source: IpAddr,
+}
+
+impl Slots {
+    fn take(self: &Arc<Self>, source: IpAddr) -> Option<Slot> {
+        let mut per_source = self.per_source.lock();
+        let total: usize = per_source.values().sum();
+        let from_source = per_source.get(&source).copied().unwrap_or(0);
+        if total >= MAX_CONNECTIONS || from_source >= MAX_CONNECTIONS_PER_SOURCE {
+            return None;
+        }
+        *per_source.entry(source).or_default() += 1;
+        Some(Slot {
+            slots: Arc::clone(self),
+            source,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut per_source = self.slots.per_source.lock();
+        if let Some(count) = per_source.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                per_source.remove(&self.source);
+            }
+        }
+    }
 }
 
 impl ReplServer {
@@ -197,9 +243,12 @@ impl ReplServer {
         let address = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let access: SharedAccess = Arc::default();
+        let refused = Arc::new(AtomicU64::new(0));
+        let slots = Arc::new(Slots::default());
         let thread = {
             let stop = Arc::clone(&stop);
             let access = Arc::clone(&access);
+            let refused = Arc::clone(&refused);
             std::thread::Builder::new()
                 .name("gvfs-repl".into())
                 .spawn(move || {
@@ -208,6 +257,16 @@ impl ReplServer {
                             return;
                         }
                         let Ok(stream) = stream else { continue };
+                        let source = stream
+                            .peer_addr()
+                            .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+                        let Some(slot) = slots.take(source) else {
+                            // Dropped at once: the peer retries at its next pull.
+                            if refused.fetch_add(1, Ordering::Relaxed) % 100 == 0 {
+                                tracing::warn!(%source, "replication connections at their limit; refused");
+                            }
+                            continue;
+                        };
                         let zones = Arc::clone(&zones);
                         let runtime = runtime.clone();
                         let key = key.clone();
@@ -216,6 +275,7 @@ impl ReplServer {
                             .name("gvfs-repl-peer".into())
                             .spawn(move || {
                                 serve_peer(stream, &zones, &runtime, key.as_ref(), &access);
+                                drop(slot);
                             });
                         if let Err(error) = spawned {
                             // Out of threads: this peer's connection is dropped; it pulls again.
@@ -229,12 +289,19 @@ impl ReplServer {
             stop,
             thread: Some(thread),
             access,
+            refused,
         })
     }
 
     /// Where it listens.
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// Connections refused because [`MAX_CONNECTIONS`] or [`MAX_CONNECTIONS_PER_SOURCE`] were
+    /// being served.
+    pub fn refused_connections(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// Sets who may ask what (applied to every request from then on).
@@ -292,7 +359,7 @@ fn serve_peer(
 /// Why `peer` may not make `request`, if it may not.
 fn refusal(
     request: &ReplRequest,
-    peer: Option<std::net::IpAddr>,
+    peer: Option<IpAddr>,
     access: &SharedAccess,
 ) -> Option<String> {
     let access = access.read();

@@ -332,3 +332,47 @@ fn only_members_pull_a_zone() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn one_address_cannot_hold_every_replication_connection() {
+    use grapevine_fs::repl::MAX_CONNECTIONS_PER_SOURCE;
+    use std::io::Read;
+    let dir = scratch("slots");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (server, _root) = serve_zone(&dir, &runtime);
+    // Idle connections (no handshake, no request) hold their slots.
+    let held: Vec<TcpStream> = (0..MAX_CONNECTIONS_PER_SOURCE)
+        .map(|_| TcpStream::connect(server.address()).unwrap())
+        .collect();
+    let mut refused = TcpStream::connect(server.address()).unwrap();
+    refused
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    // Closed at once by the server: end of stream (or a reset), not a timeout.
+    let read = refused.read(&mut byte);
+    assert!(
+        matches!(read, Ok(0))
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut),
+        "{read:?}"
+    );
+    assert!(grapevine_test_support::wait_until(
+        Duration::from_secs(5),
+        || server.refused_connections() >= 1
+    ));
+    // A slot given back is taken again.
+    drop(held);
+    let served = grapevine_test_support::wait_until(Duration::from_secs(5), || {
+        let mut again = TcpStream::connect(server.address()).unwrap();
+        again
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        // Served: the server waits for the handshake, so the read times out.
+        matches!(again.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut)
+    });
+    assert!(served, "slots are given back when connections end");
+    let _ = std::fs::remove_dir_all(&dir);
+}
