@@ -262,7 +262,7 @@ impl ReplServer {
                             .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
                         let Some(slot) = slots.take(source) else {
                             // Dropped at once: the peer retries at its next pull.
-                            if refused.fetch_add(1, Ordering::Relaxed) % 100 == 0 {
+                            if refused.fetch_add(1, Ordering::Relaxed).is_multiple_of(100) {
                                 tracing::warn!(%source, "replication connections at their limit; refused");
                             }
                             continue;
@@ -357,11 +357,7 @@ fn serve_peer(
 }
 
 /// Why `peer` may not make `request`, if it may not.
-fn refusal(
-    request: &ReplRequest,
-    peer: Option<IpAddr>,
-    access: &SharedAccess,
-) -> Option<String> {
+fn refusal(request: &ReplRequest, peer: Option<IpAddr>, access: &SharedAccess) -> Option<String> {
     let access = access.read();
     let access = access.as_ref()?;
     let Some(peer) = peer else {
