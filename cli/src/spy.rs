@@ -99,10 +99,35 @@ impl StreamStats {
 #[derive(Debug, Default)]
 pub struct Spy {
     streams: BTreeMap<(u32, u32), StreamStats>,
+    /// Repeaters heard on the group (their hellos), by id.
+    repeaters: BTreeMap<u64, RepeaterSeen>,
     /// Datagrams that are not GrapeVine datagrams (or are damaged).
     pub malformed: u64,
     /// Every datagram.
     pub datagrams: u64,
+}
+
+/// What the spy heard from one repeater.
+#[derive(Clone, Debug, Default)]
+struct RepeaterSeen {
+    hellos: u64,
+    last: Option<Instant>,
+    signed: bool,
+}
+
+/// A repeater on the watched group, as [`Spy::repeaters`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RepeaterState {
+    /// Its id.
+    pub id: u64,
+    /// Hellos heard.
+    pub hellos: u64,
+    /// Time since its last hello.
+    pub silent_for: Option<Duration>,
+    /// Whether it is the network's forwarder (relays local traffic out).
+    pub forwarder: bool,
+    /// Whether its hellos are signed.
+    pub signed: bool,
 }
 
 impl Spy {
@@ -122,6 +147,17 @@ impl Spy {
             return;
         };
         let header = datagram.header();
+        if header.flags() & grapevine::core::wire::FLAG_PROBE != 0 {
+            // Repeaters announce themselves with probe datagrams (docs/PROTOCOL.md §9); other
+            // probes are self-tests. Neither is a stream.
+            if header.publisher() == grapevine::repeater::HELLO_PUBLISHER {
+                let seen = self.repeaters.entry(header.session()).or_default();
+                seen.hellos += 1;
+                seen.last = Some(now);
+                seen.signed = header.flags() & grapevine::core::wire::FLAG_AUTH != 0;
+            }
+            return;
+        }
         let stream = self
             .streams
             .entry((header.topic(), header.publisher()))
@@ -179,6 +215,32 @@ impl Spy {
         }
     }
 
+    /// Repeaters heard on the group, by id, and which of them is the network's forwarder as of
+    /// `now` (the lowest id heard within the election window), as the repeaters elect it.
+    pub fn repeaters(&self, now: Instant) -> Vec<RepeaterState> {
+        let recent = |seen: &RepeaterSeen| {
+            seen.last.is_some_and(|t| {
+                now.saturating_duration_since(t) < grapevine::repeater::FORWARDER_TIMEOUT
+            })
+        };
+        let forwarder = self
+            .repeaters
+            .iter()
+            .filter(|(_, seen)| recent(seen))
+            .map(|(id, _)| *id)
+            .min();
+        self.repeaters
+            .iter()
+            .map(|(id, seen)| RepeaterState {
+                id: *id,
+                hellos: seen.hellos,
+                silent_for: seen.last.map(|t| now.saturating_duration_since(t)),
+                forwarder: Some(*id) == forwarder,
+                signed: seen.signed,
+            })
+            .collect()
+    }
+
     /// Every (topic, publisher) seen, with its counters.
     pub fn streams(&self) -> impl Iterator<Item = (&(u32, u32), &StreamStats)> {
         self.streams.iter()
@@ -190,6 +252,27 @@ mod tests {
     use super::*;
     use grapevine::core::proto::{PublisherConfig, PublisherSession};
     use grapevine::core::state::{KeyedMap, MapDelta};
+
+    #[test]
+    fn repeaters_and_their_forwarder_are_shown_not_counted_as_streams() {
+        use grapevine::repeater::{Relay, FORWARDER_TIMEOUT};
+        let now = Instant::now();
+        let mut spy = Spy::default();
+        let (mut low, mut high) = (Relay::with_id(3, None, None), Relay::with_id(9, None, None));
+        spy.handle(now, &low.hello());
+        spy.handle(now, &high.hello());
+        spy.handle(now, &high.hello());
+        assert_eq!(spy.streams().count(), 0, "hellos are not streams");
+        let seen = spy.repeaters(now);
+        assert_eq!(seen.len(), 2);
+        assert!(seen[0].id == 3 && seen[0].forwarder && seen[0].hellos == 1);
+        assert!(seen[1].id == 9 && !seen[1].forwarder && seen[1].hellos == 2);
+        // The forwarder goes silent: the other takes over, as the repeaters' election does.
+        let later = now + FORWARDER_TIMEOUT;
+        spy.handle(later, &high.hello());
+        let seen = spy.repeaters(later);
+        assert!(!seen[0].forwarder && seen[1].forwarder, "{seen:?}");
+    }
 
     #[test]
     fn counts_streams_gaps_and_late_arrivals() {

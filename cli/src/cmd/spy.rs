@@ -231,6 +231,34 @@ pub fn spy(args: &SpyArgs) -> Result<()> {
                 )?;
             }
         }
+        for repeater in spy.repeaters(now) {
+            let silent = repeater
+                .silent_for
+                .map_or_else(|| "-".to_string(), |d| format!("{:.1} s", d.as_secs_f64()));
+            let role = if repeater.forwarder {
+                "forwarder"
+            } else {
+                "standing by"
+            };
+            if args.json {
+                let line = serde_json::json!({
+                    "t": started.elapsed().as_secs_f64(),
+                    "repeater": format!("{:016x}", repeater.id),
+                    "role": role, "hellos": repeater.hellos,
+                    "silent_seconds": repeater.silent_for.map(|d| d.as_secs_f64()),
+                    "signed": repeater.signed,
+                });
+                writeln!(out, "{line}")?;
+            } else {
+                writeln!(
+                    out,
+                    "repeater {:016x}: {role}, {} hellos, last {silent} ago{}",
+                    repeater.id,
+                    repeater.hellos,
+                    if repeater.signed { ", signed" } else { "" }
+                )?;
+            }
+        }
         out.flush()?;
         previous = spy.streams().map(|(k, v)| (*k, v.clone())).collect();
     }
