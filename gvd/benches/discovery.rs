@@ -104,6 +104,8 @@ fn run(s: &Settings, loss: f64, group_port: u16, drivers: &Path) -> Run {
             elp_delay_ms: s.elp_delay_ms,
             node_ttl: s.node_ttl,
             inject_loss: loss,
+            // Fifty status pages in one process would only compete for one port.
+            admin: false,
             ..Config::default()
         };
         let started = Instant::now();
