@@ -2,10 +2,10 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, IsTerminal};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -92,9 +92,20 @@ pub fn replay(args: &ReplayArgs) -> Result<()> {
     let first = records.first().map(|r| r.time);
     let started = Instant::now();
     let mut sent = 0u64;
+    let total = records.iter().filter(wanted).count();
+    // Progress redrawn in place on a terminal only: in a log file it would be clutter.
+    let terminal = std::io::stderr().is_terminal();
+    let mut next_progress = started + Duration::from_secs(1);
     for record in records.iter().filter(wanted) {
         if interrupted() {
             break;
+        }
+        if terminal && Instant::now() >= next_progress {
+            next_progress += Duration::from_secs(1);
+            eprint!(
+                "\rreplaying: {sent}/{total} datagrams ({:.0} %)   ",
+                100.0 * sent as f64 / total.max(1) as f64
+            );
         }
         if let (false, Some(first)) = (args.max, first) {
             let offset = record.time.duration_since(first).unwrap_or_default();
@@ -116,6 +127,9 @@ pub fn replay(args: &ReplayArgs) -> Result<()> {
         };
         socket.send(&record.payload)?;
         sent += 1;
+    }
+    if terminal {
+        eprintln!();
     }
     eprintln!(
         "replayed {sent} datagrams in {:.2} s",
