@@ -19,7 +19,7 @@ use grapevine::subscriber::SubscriberOptions;
 
 /// Replicated state over UDP multicast.
 #[derive(Debug, Parser)]
-#[command(name = "grapevine", version, about)]
+#[command(name = "grapevine", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
