@@ -192,6 +192,21 @@ fn ipv6_on_loopback_works_or_says_why_once() {
         stderr.matches("unreachable").count() <= 1,
         "said once: {stderr}"
     );
+    // A subscriber there would wait in silence: it says why instead.
+    let output = grapevine(&[
+        "sub",
+        "--group",
+        "[ff15::4756:21]:47421",
+        "--seconds",
+        "0.3",
+    ])
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no IPv6 multicast route on loopback"),
+        "{stderr}"
+    );
 }
 
 /// Publishes a gvd-like node record on `group` until `until` returns, then returns its output.

@@ -294,6 +294,18 @@ impl MulticastSocket {
                 socket
                     .join_multicast_v6(&group, interface.index)
                     .map_err(err("IPV6_JOIN_GROUP"))?;
+                if interface.addr.is_loopback() && !ipv6_route_exists(config.group, interface.index)
+                {
+                    // Joining works, but nothing on this host can send to the group there: a
+                    // subscriber would wait in silence.
+                    tracing::warn!(
+                        group = %config.group,
+                        interface = %interface.name,
+                        "no IPv6 multicast route on loopback: no publisher on this host can send \
+                         to this group (add one as root: `ip -6 route add multicast ff00::/8 dev \
+                         lo table local` and `ip link set lo multicast on`)"
+                    );
+                }
             }
             (IpAddr::V4(_), IpAddr::V6(_)) => {
                 return Err(NetError::NoAddress {
@@ -574,6 +586,25 @@ pub fn recv_batch_on(
 /// The OS error of the first datagram when none was sent.
 pub fn send_batch_to(socket: &UdpSocket, datagrams: &[(&[u8], SocketAddr)]) -> io::Result<usize> {
     batch::send_batch_to(socket, datagrams)
+}
+
+/// Whether this host can send to IPv6 `group` out of interface `index` (a route exists).
+fn ipv6_route_exists(group: SocketAddr, index: u32) -> bool {
+    let SocketAddr::V6(group) = group else {
+        return true;
+    };
+    let scoped = std::net::SocketAddrV6::new(*group.ip(), group.port(), 0, index);
+    // As a sender would: the multicast interface set, then connect.
+    let Ok(probe) = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)) else {
+        return true;
+    };
+    if probe.set_multicast_if_v6(index).is_err() {
+        return true;
+    }
+    !matches!(
+        probe.connect(&SockAddr::from(scoped)),
+        Err(e) if e.kind() == io::ErrorKind::NetworkUnreachable
+    )
 }
 
 /// Checks that multicast actually flows on the configured group and interface: joins, sends
