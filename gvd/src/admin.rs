@@ -94,10 +94,21 @@ pub fn record_sample(status: &mut AdminStatus, sample: Sample) {
     status.history.push_back(sample);
 }
 
-/// The running endpoint; it stops with the process (its thread blocks in `accept`).
+/// The running endpoint; stopped when dropped.
 pub struct AdminServer {
     address: SocketAddr,
-    _thread: JoinHandle<()>,
+    server: Arc<tiny_http::Server>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(thread) = self.thread.take() {
+            // A panic in the thread was already reported by the panic hook.
+            let _ = thread.join();
+        }
+    }
 }
 
 impl AdminServer {
@@ -111,12 +122,14 @@ impl AdminServer {
         status: SharedStatus,
         token: Option<String>,
     ) -> Result<Self, String> {
-        let server = tiny_http::Server::http(address).map_err(|e| e.to_string())?;
+        let server = Arc::new(tiny_http::Server::http(address).map_err(|e| e.to_string())?);
         let address = server.server_addr().to_ip().ok_or("not an IP address")?;
+        let serving = Arc::clone(&server);
         let thread = std::thread::Builder::new()
             .name("gvd-admin".into())
             .spawn(move || {
-                for request in server.incoming_requests() {
+                // Ends when `unblock` is called (on drop).
+                for request in serving.incoming_requests() {
                     let response = answer(&request, &status, token.as_deref());
                     // A client that went away gets nothing; the next one is answered.
                     let _ = request.respond(response);
@@ -125,7 +138,8 @@ impl AdminServer {
             .map_err(|e| e.to_string())?;
         Ok(Self {
             address,
-            _thread: thread,
+            server,
+            thread: Some(thread),
         })
     }
 
