@@ -145,7 +145,7 @@ fn nodes_find_each_other_and_notice_departures() {
     let vdevs: serde_json::Value =
         serde_json::from_str(&gvctl(&["vdevs", "node1", "--json"])).unwrap();
     assert_eq!(vdevs.as_array().unwrap().len(), 2, "{vdevs}");
-    assert!(gvctl(&["status"]).contains("3 nodes known"));
+    assert!(gvctl(&["status"]).contains("2 other nodes known (0 suspect)"));
     for node in &list.nodes {
         let vdevs: Vec<&str> = node.vdevs.iter().map(|v| v.vdev.name.as_str()).collect();
         assert_eq!(vdevs, vec!["counter0", "echo0"], "{}", node.record.name);
