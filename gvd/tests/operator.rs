@@ -13,7 +13,7 @@ use grapevine_test_support::{run, scratch};
 #[test]
 fn gvd_logs_one_start_line_and_one_stop_line() {
     let dir = scratch("gvd-logs");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gvd"))
+    let child = Command::new(env!("CARGO_BIN_EXE_gvd"))
         .args(["run", "--name", "logger", "--group", "239.255.79.61:47961"])
         .args(["--query-port", "0", "--kos-port", "0", "--repl-port", "0"])
         .arg("--state-dir")
@@ -26,8 +26,10 @@ fn gvd_logs_one_start_line_and_one_stop_line() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Killed and reaped whatever the test does (a failed assertion included).
+    let mut child = grapevine_test_support::Reaped(child);
     let (lines, received) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
+    let stderr = child.0.stderr.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if lines.send(line).is_err() {
@@ -42,8 +44,8 @@ fn gvd_logs_one_start_line_and_one_stop_line() {
             .unwrap_or_else(|_| panic!("no start line: {seen:#?}"));
         seen.push(line);
     }
-    run(&["kill", "-TERM", &child.id().to_string()]).unwrap();
-    let status = child.wait().unwrap();
+    run(&["kill", "-TERM", &child.0.id().to_string()]).unwrap();
+    let status = child.0.wait().unwrap();
     seen.extend(received.iter());
     let text = seen.join("\n");
     assert!(status.success(), "{text}");
@@ -109,10 +111,12 @@ fn gvctl_nodes(dir: &std::path::Path) -> std::process::Output {
 fn gvctl_says_when_gvd_is_not_running() {
     let dir = scratch("gvd-stopped");
     std::fs::create_dir_all(dir.join("drivers")).unwrap();
-    let mut child = gvd(&dir, "stopper", "239.255.79.62:47962")
+    let child = gvd(&dir, "stopper", "239.255.79.62:47962")
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Killed and reaped whatever the test does (a failed assertion included).
+    let mut child = grapevine_test_support::Reaped(child);
     let listed = grapevine_test_support::wait_until(Duration::from_secs(10), || {
         let output = gvctl_nodes(&dir);
         output.status.success() && String::from_utf8_lossy(&output.stdout).contains("stopper")
@@ -129,8 +133,8 @@ fn gvctl_says_when_gvd_is_not_running() {
         .map(|g| g["group"].as_str().unwrap())
         .collect();
     assert_eq!(groups, ["239.255.79.62:47962", "239.255.79.62:47963"]);
-    run(&["kill", "-TERM", &child.id().to_string()]).unwrap();
-    assert!(child.wait().unwrap().success());
+    run(&["kill", "-TERM", &child.0.id().to_string()]).unwrap();
+    assert!(child.0.wait().unwrap().success());
     let output = gvctl_nodes(&dir);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
@@ -201,18 +205,20 @@ fn gvd_tells_systemd_when_it_is_ready_and_when_it_stops() {
     socket
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let mut child = gvd(&dir, "notified", "239.255.79.64:47964")
+    let child = gvd(&dir, "notified", "239.255.79.64:47964")
         .env("NOTIFY_SOCKET", &socket_path)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Killed and reaped whatever the test does (a failed assertion included).
+    let mut child = grapevine_test_support::Reaped(child);
     let mut buffer = [0u8; 256];
     let len = socket.recv(&mut buffer).expect("a readiness message");
     assert!(String::from_utf8_lossy(&buffer[..len]).contains("READY=1"));
-    run(&["kill", "-TERM", &child.id().to_string()]).unwrap();
+    run(&["kill", "-TERM", &child.0.id().to_string()]).unwrap();
     let len = socket.recv(&mut buffer).expect("a stopping message");
     assert!(String::from_utf8_lossy(&buffer[..len]).contains("STOPPING=1"));
-    assert!(child.wait().unwrap().success());
+    assert!(child.0.wait().unwrap().success());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -220,14 +226,16 @@ fn gvd_tells_systemd_when_it_is_ready_and_when_it_stops() {
 fn json_logs_are_one_object_per_line() {
     let dir = scratch("gvd-json-logs");
     std::fs::create_dir_all(dir.join("drivers")).unwrap();
-    let mut child = gvd(&dir, "jsonlog", "239.255.79.65:47965")
+    let child = gvd(&dir, "jsonlog", "239.255.79.65:47965")
         .arg("--log-format")
         .arg("json")
         .env_remove("RUST_LOG")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    // Killed and reaped whatever the test does (a failed assertion included).
+    let mut child = grapevine_test_support::Reaped(child);
+    let stderr = child.0.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let mut started = false;
     for line in lines.by_ref().take(20) {
@@ -240,11 +248,11 @@ fn json_logs_are_one_object_per_line() {
         }
     }
     assert!(started, "a JSON start line");
-    run(&["kill", "-TERM", &child.id().to_string()]).unwrap();
+    run(&["kill", "-TERM", &child.0.id().to_string()]).unwrap();
     for line in lines {
         serde_json::from_str::<serde_json::Value>(&line.unwrap()).expect("a JSON object");
     }
-    assert!(child.wait().unwrap().success());
+    assert!(child.0.wait().unwrap().success());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
