@@ -331,4 +331,14 @@ fn sustained_loss_converges_with_many_datagrams_per_cycle() {
     net.run_for(Duration::from_secs(5), |_, _| {});
     let cycles = net.snapshot().stats().cycles;
     assert!(net.converged(), "not converged after {cycles} cycles");
+    // One publisher, no restart: its stream's counters are the session's.
+    for subscriber in net.subscribers() {
+        let stats = subscriber.stats();
+        let counters = subscriber.stream(0).unwrap().counters;
+        assert!(stats.gaps > 0, "30 % loss caused no gap");
+        assert_eq!(
+            (counters.gaps, counters.messages_lost, counters.recoveries),
+            (stats.gaps, stats.messages_lost, stats.recoveries)
+        );
+    }
 }

@@ -98,6 +98,11 @@ fn a_lost_delta_makes_only_its_leaf_stale_until_its_snapshot() {
     let view = s.stream(0).unwrap();
     assert_eq!(view.status, StreamStatus::Live);
     assert_eq!(view.state, p.state());
+    let counters = view.counters;
+    assert_eq!(
+        (counters.gaps, counters.messages_lost, counters.recoveries),
+        (1, 1, 1)
+    );
 }
 
 #[test]
@@ -174,6 +179,11 @@ fn heartbeat_reveals_a_lost_tail() {
     assert_eq!(s.stats().gaps, 1);
     assert_eq!(s.stats().messages_lost, 1);
     assert_eq!(status(&s), StreamStatus::Recovering);
+    let counters = s.stream(0).unwrap().counters;
+    assert_eq!(
+        (counters.gaps, counters.messages_lost, counters.recoveries),
+        (1, 1, 0)
+    );
 }
 
 /// Fuzz find: two heartbeats claiming ~2^64 lost messages overflowed the lost counter.

@@ -48,7 +48,9 @@ pub struct Vdev {
 /// What a node announces about itself every period (its ELP record).
 #[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
 pub struct NodeRecord {
-    /// Stable node id (persisted in the state directory).
+    /// Stable node id (persisted in the state directory); 16 hex digits in JSON, as in every
+    /// table, and a plain integer on the wire.
+    #[serde(with = "hex_id")]
     pub node_id: u64,
     /// Human name.
     pub name: String,
@@ -132,7 +134,8 @@ pub enum Liveness {
 pub struct NodesFile {
     /// Schema version of this file.
     pub version: u32,
-    /// The node that wrote it.
+    /// The node that wrote it (hex, as `node_id`).
+    #[serde(with = "hex_id")]
     pub local_node: u64,
     /// Every node alive or suspect, by node id.
     pub nodes: Vec<NodeEntry>,
@@ -154,6 +157,101 @@ pub struct NodesFile {
     /// tools such as `grapevine spy --via-gvd`.
     #[serde(default)]
     pub groups: Vec<GroupEntry>,
+    /// What the writer's own zones are doing (pulls, stalls, unsettled writes): local
+    /// figures, not announced to peers.
+    #[serde(default)]
+    pub zone_activity: Vec<ZoneActivity>,
+}
+
+/// Node ids in human-readable formats (JSON) are 16 hex digits, the way every table prints
+/// them: a decimal u64 is unreadable and past 2^53 loses digits in JavaScript. Binary formats
+/// (postcard on the wire) keep the integer. Reading accepts the decimal integer of files
+/// written by earlier releases too.
+pub mod hex_id {
+    use serde::{de, Deserializer, Serializer};
+
+    /// Writes `id`: hex text for people, an integer for machines.
+    ///
+    /// # Errors
+    ///
+    /// Those of the serializer.
+    pub fn serialize<S: Serializer>(id: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.serialize_str(&format!("{id:016x}"))
+        } else {
+            serializer.serialize_u64(*id)
+        }
+    }
+
+    /// Reads an id written by [`serialize`] (or a plain integer).
+    ///
+    /// # Errors
+    ///
+    /// Neither an integer nor hex text of at most 16 digits.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+        struct Id;
+        impl de::Visitor<'_> for Id {
+            type Value = u64;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a node id: 16 hex digits")
+            }
+            fn visit_u64<E: de::Error>(self, id: u64) -> Result<u64, E> {
+                Ok(id)
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<u64, E> {
+                if text.is_empty() || text.len() > 16 {
+                    return Err(E::invalid_value(de::Unexpected::Str(text), &self));
+                }
+                u64::from_str_radix(text, 16)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Str(text), &self))
+            }
+        }
+        if deserializer.is_human_readable() {
+            deserializer.deserialize_any(Id)
+        } else {
+            deserializer.deserialize_u64(Id)
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 before it): the clock of `written_at_ms` and
+/// `since_ms`.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The replication work of one zone this node holds.
+#[derive(Clone, Debug, Default, Deserialize, Eq, PartialEq, Serialize)]
+pub struct ZoneActivity {
+    /// The zone.
+    pub name: String,
+    /// Pulls wanted or under way (at most one per peer).
+    pub pulls_pending: u64,
+    /// Pulls completed since gvd started.
+    pub pulls_done: u64,
+    /// Pulls that failed since gvd started (each is retried at the peer's next announcement).
+    pub pulls_failed: u64,
+    /// Peers whose last pull failed: their changes are not arriving.
+    pub stalls: Vec<ZoneStall>,
+    /// Files written through NFS that are not quiet yet (not offered to peers until they are).
+    pub unsettled_writes: u64,
+    /// Symbolic links in the zone directory: never replicated.
+    pub skipped_links: u64,
+}
+
+/// A peer this node cannot pull a zone from.
+#[derive(Clone, Debug, Default, Deserialize, Eq, PartialEq, Serialize)]
+pub struct ZoneStall {
+    /// The peer's node id, in hex.
+    pub peer: String,
+    /// Why its last pull failed.
+    pub cause: String,
+    /// Failed pulls in a row.
+    pub failures: u64,
+    /// When the first of them failed, in milliseconds since the Unix epoch.
+    pub since_ms: u64,
 }
 
 /// A multicast group a gvd uses.
@@ -234,10 +332,7 @@ impl NodesFile {
                 list.version
             )));
         }
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        if let Some(reason) = list.staleness(now_ms) {
+        if let Some(reason) = list.staleness(unix_ms()) {
             return Err(bad(reason));
         }
         Ok(list)
@@ -255,8 +350,8 @@ impl NodesFile {
     ///
     /// ```
     /// use grapevine_gvd_schema::nodes::NodesFile;
-    /// let list: NodesFile = serde_json::from_str(r#"{"version":2,"local_node":1,"nodes":[
-    ///   {"node_id":1,"name":"a","addresses":["127.0.0.1"],"query_port":7173,"kos_port":7174,"repl_port":0,"zones":[],
+    /// let list: NodesFile = serde_json::from_str(r#"{"version":2,"local_node":"0000000000000001","nodes":[
+    ///   {"node_id":"0000000000000001","name":"a","addresses":["127.0.0.1"],"query_port":7173,"kos_port":7174,"repl_port":0,"zones":[],
     ///    "unique":"x","elp_delay_ms":1000,"liveness":"alive","vdevs_current":true,
     ///    "vdevs":[{"driver":"echo","vdev":{"name":"echo0","kind":"echo","attributes":"{}"}}]}]}"#)?;
     /// let found = list.locate(None, "echo0");
@@ -285,5 +380,60 @@ impl NodesFile {
                     })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(node_id: u64) -> NodeRecord {
+        NodeRecord {
+            node_id,
+            name: "a".into(),
+            addresses: vec!["127.0.0.1".into()],
+            query_port: 1,
+            kos_port: 2,
+            repl_port: 3,
+            zones: Vec::new(),
+            unique: "u".into(),
+            elp_delay_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn node_ids_are_hex_in_json_and_integers_on_the_wire() {
+        let id = 0xfedc_ba98_7654_3210;
+        let json = serde_json::to_value(record(id)).unwrap();
+        assert_eq!(json["node_id"], "fedcba9876543210");
+        let back: NodeRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(back.node_id, id);
+        let wire = postcard::to_allocvec(&record(id)).unwrap();
+        assert_eq!(
+            postcard::from_bytes::<NodeRecord>(&wire).unwrap(),
+            record(id)
+        );
+        // 10 bytes of varint, not 16 characters of text.
+        assert!(wire.len() < 40, "{}", wire.len());
+    }
+
+    #[test]
+    fn node_lists_of_earlier_releases_with_decimal_ids_still_read() {
+        let mut json = serde_json::to_value(record(5)).unwrap();
+        json["node_id"] = 18_364_758_544_493_064_720u64.into();
+        let back: NodeRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(back.node_id, 0xfedc_ba98_7654_3210);
+    }
+
+    #[test]
+    fn malformed_node_ids_are_refused() {
+        for bad in ["", "xyz", "00000000000000001", "-1"] {
+            let mut json = serde_json::to_value(record(5)).unwrap();
+            json["node_id"] = bad.into();
+            assert!(
+                serde_json::from_value::<NodeRecord>(json).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::daemon::{DaemonStats, NodesFile};
-use grapevine_gvd_schema::nodes::ZoneStatus;
+use grapevine_gvd_schema::nodes::{ZoneActivity, ZoneStatus};
 
 /// Samples kept for the page's charts (one per round, a round is a quarter period).
 const HISTORY: usize = 240;
@@ -26,6 +26,8 @@ pub struct Sample {
     pub t: f64,
     /// Datagrams this node sent per second (ELP and VDEV topics, snapshots included).
     pub sent_per_second: f64,
+    /// Messages per second received in order, all followed streams together.
+    pub messages_per_second: f64,
     /// Nodes alive.
     pub alive: usize,
     /// Versions this node is behind the newest member, summed over its zones.
@@ -39,12 +41,29 @@ pub struct StreamRow {
     pub topic: &'static str,
     /// Publisher id (the low half of its node id).
     pub publisher: u32,
+    /// The publisher's session (a restart starts a new one); hex in JSON, as everywhere.
+    #[serde(serialize_with = "hex_u64")]
+    pub session: u64,
     /// `joining`, `recovering` or `live`.
     pub status: String,
+    /// Nothing heard from the publisher for its timeout.
+    pub silent: bool,
     /// Last sequence number processed.
     pub last_seq: u64,
+    /// Messages per second processed in order since the previous round.
+    pub messages_per_second: f64,
     /// Leaves not trusted yet.
     pub stale: usize,
+    /// Gaps in this session of the stream.
+    pub gaps: u64,
+    /// Messages lost in them.
+    pub lost: u64,
+    /// Recoveries completed.
+    pub recoveries: u64,
+}
+
+fn hex_u64<S: serde::Serializer>(value: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&format!("{value:016x}"))
 }
 
 /// Counters of the topics this node follows.
@@ -262,19 +281,80 @@ pub fn prometheus(status: &AdminStatus) -> String {
             status.zones.iter().map(|z| z.conflicts).sum(),
         ),
     ];
-    let labels = format!("node=\"{}\"", status.node);
+    let node = format!("node=\"{}\"", status.node);
     let mut out = String::new();
     for (name, help, value) in lines {
-        let kind = if name.ends_with("_total") {
-            "counter"
-        } else {
-            "gauge"
-        };
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}}} {value}\n"
-        ));
+        family(&mut out, name, help, &[(node.clone(), value)]);
     }
+    // Per zone this node holds (zone names are validated config: letters, digits, `-_.`).
+    let activity = status
+        .nodes
+        .as_ref()
+        .map_or(&[][..], |n| n.zone_activity.as_slice());
+    let per_zone: [(&str, &str, fn(&ZoneActivity) -> u64); 6] = [
+        (
+            "gvd_zone_pulls_pending",
+            "Pulls wanted or under way.",
+            |a| a.pulls_pending,
+        ),
+        ("gvd_zone_pulls_done_total", "Pulls completed.", |a| {
+            a.pulls_done
+        }),
+        ("gvd_zone_pulls_failed_total", "Pulls that failed.", |a| {
+            a.pulls_failed
+        }),
+        (
+            "gvd_zone_stalled_peers",
+            "Peers whose last pull failed.",
+            |a| a.stalls.len() as u64,
+        ),
+        (
+            "gvd_zone_unsettled_writes",
+            "NFS writes not settled yet.",
+            |a| a.unsettled_writes,
+        ),
+        (
+            "gvd_zone_skipped_links",
+            "Symbolic links never replicated.",
+            |a| a.skipped_links,
+        ),
+    ];
+    for (name, help, value) in per_zone {
+        let samples: Vec<(String, u64)> = activity
+            .iter()
+            .map(|a| (format!("{node},zone=\"{}\"", a.name), value(a)))
+            .collect();
+        family(&mut out, name, help, &samples);
+    }
+    let versions: Vec<(String, u64)> = status
+        .zones
+        .iter()
+        .filter(|z| z.member)
+        .map(|z| (format!("{node},zone=\"{}\"", z.name), z.version))
+        .collect();
+    family(
+        &mut out,
+        "gvd_zone_version",
+        "This node's version of the zone.",
+        &versions,
+    );
     out
+}
+
+/// One metric family: its help, its type (from the `_total` suffix) and its samples.
+fn family(out: &mut String, name: &str, help: &str, samples: &[(String, u64)]) {
+    if samples.is_empty() {
+        return;
+    }
+    let kind = if name.ends_with("_total") {
+        "counter"
+    } else {
+        "gauge"
+    };
+    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+    for (labels, value) in samples {
+        out.push_str(&format!("{name}{{{labels}}} {value}\n"));
+    }
 }
 
 /// How often the page refreshes.
@@ -282,3 +362,60 @@ pub const REFRESH: Duration = Duration::from_secs(1);
 
 /// The status page: one file, no external resources; it polls `/api/status` and draws.
 const PAGE: &str = include_str!("admin.html");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_have_one_family_per_name_and_one_sample_per_zone() {
+        let mut status = AdminStatus {
+            node: "00000000000000a1".into(),
+            ..AdminStatus::default()
+        };
+        let activity = |name: &str, failed: u64| ZoneActivity {
+            name: name.into(),
+            pulls_failed: failed,
+            ..ZoneActivity::default()
+        };
+        status.nodes = Some(crate::daemon::NodesFile {
+            version: 2,
+            local_node: 0xa1,
+            nodes: Vec::new(),
+            remote_peers: Vec::new(),
+            pid: 1,
+            written_at_ms: 1,
+            period_ms: 1000,
+            groups: Vec::new(),
+            zone_activity: vec![activity("photos", 3), activity("music", 0)],
+        });
+        let text = prometheus(&status);
+        assert_eq!(
+            text.matches("# TYPE gvd_zone_pulls_failed_total counter")
+                .count(),
+            1
+        );
+        assert!(
+            text.contains(
+                "gvd_zone_pulls_failed_total{node=\"00000000000000a1\",zone=\"photos\"} 3\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "gvd_zone_pulls_failed_total{node=\"00000000000000a1\",zone=\"music\"} 0\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE gvd_zone_pulls_pending gauge"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gvd_nodes_alive{node=\"00000000000000a1\"} 0\n"),
+            "{text}"
+        );
+        // No zone version without zones.
+        assert!(!text.contains("gvd_zone_version"), "{text}");
+    }
+}

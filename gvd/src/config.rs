@@ -222,6 +222,27 @@ impl Config {
                 self.admin_address
             );
         }
+        let mut zone_names = std::collections::BTreeSet::new();
+        for zone in &self.zones {
+            // The name becomes an NFS export, a metadata directory and a metric label.
+            let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+            if zone.name.is_empty()
+                || zone.name.len() > 64
+                || zone.name.starts_with('.')
+                || !zone.name.chars().all(allowed)
+            {
+                bail!(
+                    "zone name {:?}: use 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'",
+                    zone.name
+                );
+            }
+            if !zone_names.insert(zone.name.as_str()) {
+                bail!("zone {} is defined twice", zone.name);
+            }
+            if zone.members.is_empty() {
+                bail!("zone {} has no members", zone.name);
+            }
+        }
         if let Some(repeater) = &self.repeater {
             if !repeater.group.ip().is_multicast() {
                 bail!(
@@ -312,6 +333,32 @@ mod tests {
             let error = config.validate().unwrap_err().to_string();
             assert!(error.contains(named), "{named}: {error}");
         }
+    }
+
+    #[test]
+    fn zone_names_that_could_leave_their_directory_are_refused() {
+        let zone = |name: &str| -> ZoneConfig {
+            toml::from_str(&format!(
+                "name = {name:?}\nquota_bytes = 1\nmembers = [\"a\"]\npath = \"/tmp/z\"\n"
+            ))
+            .unwrap()
+        };
+        for bad in ["", "../etc", "a/b", ".hidden", "zone name", &"z".repeat(65)] {
+            let mut config = Config::default();
+            config.zones = vec![zone(bad)];
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains("zone name"), "{bad:?}: {error}");
+        }
+        let mut config = Config::default();
+        config.zones = vec![zone("photos-2026.v1_a")];
+        config.validate().unwrap();
+        config.zones.push(zone("photos-2026.v1_a"));
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("defined twice"), "{error}");
+        config.zones = vec![zone("empty")];
+        config.zones[0].members.clear();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("no members"), "{error}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! port) and keeps the node list; the decisions live in `peers`, `config`, `topic` and
 //! `query_server`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +28,7 @@ use crate::query::Query;
 use crate::query_server::{QueryServer, QueryService};
 use crate::topic::{ReplicatedTopic, TopicOptions};
 use grapevine_fs::service::{Zones, ZonesOptions};
-use grapevine_kos::nodes::ZoneStatus;
+use grapevine_kos::nodes::{unix_ms, ZoneStatus};
 
 pub use crate::config::{Config, RepeaterConfig};
 pub use grapevine_kos::nodes::{NodeEntry, NodesFile, NODES_FILE_VERSION};
@@ -77,13 +77,6 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File> {
             Err(anyhow::Error::new(error).context(format!("cannot lock {}", path.display())))
         }
     }
-}
-
-/// Milliseconds since the Unix epoch (0 before it).
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The node id kept in `state_dir/node-id`, created at the first start.
@@ -165,6 +158,8 @@ pub struct Daemon {
     started: Instant,
     /// Datagrams sent as of the last sample, and when.
     last_sample: (Instant, u64),
+    /// Each followed stream's session and last `seq` at the previous round, for its rate.
+    stream_marks: HashMap<(&'static str, u32), (u64, u64)>,
     /// Held while this gvd runs: a second one on the same state directory would share its
     /// node id and both would flap in every list.
     _state_lock: std::fs::File,
@@ -395,6 +390,7 @@ impl Daemon {
             admin,
             started: now,
             last_sample: (now, 0),
+            stream_marks: HashMap::new(),
             _state_lock: state_lock,
             last_written: now,
             stats: DaemonStats::default(),
@@ -556,6 +552,7 @@ impl Daemon {
                 .map(|d| d.peers().iter().map(ToString::to_string).collect())
                 .unwrap_or_default(),
             groups: self.groups(),
+            zone_activity: self.zones.activity(),
             pid: std::process::id(),
             written_at_ms: 0,
             period_ms: self.config.elp_delay_ms,
@@ -620,6 +617,7 @@ impl Daemon {
             0.0
         };
         self.last_sample = (now, sent);
+        let seconds_since_last_round = elapsed;
         let nodes = self.written.clone();
         let own = self.zones.statuses();
         let newest = |zone: &str| {
@@ -661,6 +659,21 @@ impl Daemon {
             topics.datagrams += subscriber_stats.datagrams;
             streams.extend(rows);
         }
+        // Messages per second since the last round, from how far `seq` moved (a new session
+        // starts over: no rate for its first round).
+        let mut marks = HashMap::with_capacity(streams.len());
+        for row in &mut streams {
+            let key = (row.topic, row.publisher);
+            if let Some(&(session, seq)) = self.stream_marks.get(&key) {
+                if session == row.session && seconds_since_last_round > 0.0 {
+                    row.messages_per_second =
+                        row.last_seq.saturating_sub(seq) as f64 / seconds_since_last_round;
+                }
+            }
+            marks.insert(key, (row.session, row.last_seq));
+        }
+        self.stream_marks = marks;
+        let messages_per_second = streams.iter().map(|r| r.messages_per_second).sum();
         let stats = self.stats();
         let mut status = self.admin_status.lock();
         status.node = format!("{:016x}", self.node);
@@ -677,6 +690,7 @@ impl Daemon {
             crate::admin::Sample {
                 t: uptime,
                 sent_per_second,
+                messages_per_second,
                 alive,
                 zone_lag,
             },
@@ -853,9 +867,15 @@ fn stream_rows<S: ReplicatedState>(
         .map(|v| crate::admin::StreamRow {
             topic,
             publisher: v.publisher,
+            session: v.session,
             status: format!("{:?}", v.status).to_lowercase(),
+            silent: v.silent,
             last_seq: v.last_seq,
+            messages_per_second: 0.0,
             stale: v.stale.len(),
+            gaps: v.counters.gaps,
+            lost: v.counters.messages_lost,
+            recoveries: v.counters.recoveries,
         })
         .collect()
 }

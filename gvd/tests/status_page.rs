@@ -22,7 +22,7 @@ fn start(dir: &Path, name: &str, admin: u16) -> Gvd {
     std::fs::write(
         &config,
         format!(
-            "repl_port = 0\n[[zones]]\nname = \"photos\"\nquota_bytes = 8000000\n\
+            "repl_port = 0\nzone_scan_interval_ms = 300\n[[zones]]\nname = \"photos\"\nquota_bytes = 8000000\n\
              members = [\"a\", \"b\", \"c\"]\npath = \"{}\"\n",
             dir.join(format!("{name}-data")).display()
         ),
@@ -95,8 +95,30 @@ fn the_status_page_shows_the_cluster_in_a_browser() {
         "the JSON status lists the cluster: {}",
         get(ports[0], "/api/status")
     );
+    // A file put straight into b's zone directory is found by b's scan and pulled by a: a's
+    // zone activity counts the pull.
+    std::fs::write(dir.join("b-data").join("hello.txt"), b"hello").unwrap();
+    let pulled = wait_until(Duration::from_secs(20), || {
+        std::fs::read(dir.join("a-data").join("hello.txt")).is_ok_and(|b| b == b"hello")
+            && get(ports[0], "/api/status").contains("\"pulls_done\":")
+            && !get(ports[0], "/api/status").contains("\"pulls_done\":0")
+    });
+    assert!(
+        pulled,
+        "a pulled b's file: {}",
+        get(ports[0], "/api/status")
+    );
     let metrics = get(ports[0], "/metrics");
     assert!(metrics.contains("gvd_nodes_alive{node="), "{metrics}");
+    assert!(
+        metrics.contains("gvd_zone_pulls_done_total{node=") && metrics.contains("zone=\"photos\"}"),
+        "{metrics}"
+    );
+    let status = get(ports[0], "/api/status");
+    assert!(
+        status.contains("\"messages_per_second\":") && status.contains("\"session\":\""),
+        "streams carry their rate and hex session: {status}"
+    );
 
     let rendered = Command::new(chromium)
         .args([
@@ -139,7 +161,25 @@ fn the_status_page_shows_the_cluster_in_a_browser() {
         dom.contains("<td class=\"live\">live</td>"),
         "streams followed: {dom}"
     );
-    assert!(dom.contains("<polyline"), "charts drawn: {dom}");
+    assert_eq!(
+        dom.matches("></polyline>").count(),
+        4,
+        "four charts drawn: {dom}"
+    );
+    assert!(
+        dom.contains("<td class=\"pulls\">0 pending, ")
+            || dom.contains("<td class=\"pulls stalled\">"),
+        "this node's pulls in its zone row: {dom}"
+    );
+    assert!(
+        !dom.contains("<td class=\"pulls\">0 pending, 0 done"),
+        "the pull of b's file counted: {dom}"
+    );
+    assert!(dom.contains("<td class=\"rate\">"), "stream rates: {dom}");
+    assert!(
+        dom.contains("<td class=\"publisher\">b</td>"),
+        "publishers by node name: {dom}"
+    );
     assert!(
         dom.contains("<span id=\"error\"></span>"),
         "no error shown: {dom}"

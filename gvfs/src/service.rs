@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use grapevine_gvd_schema::nodes::ZoneStatus;
+use grapevine_gvd_schema::nodes::{ZoneActivity, ZoneStall, ZoneStatus};
 use nfsserve::tcp::{NFSTcp, NFSTcpListener};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -85,7 +85,40 @@ struct Zone {
     store: Arc<Mutex<ZoneStore>>,
     nfs_port: u16,
     offers: Sender<Offer>,
-    pulling: Arc<Mutex<HashMap<u64, u64>>>,
+    pulls: Arc<Mutex<PullBook>>,
+}
+
+/// A zone's pulls: which are wanted, and how the finished ones went.
+#[derive(Default)]
+struct PullBook {
+    /// Peer → the version wanted from it, while its pull is queued or running.
+    wanted: HashMap<u64, u64>,
+    done: u64,
+    failed: u64,
+    /// Peers whose last pull failed.
+    stalls: HashMap<u64, ZoneStall>,
+}
+
+impl PullBook {
+    fn finished(&mut self, peer: u64, outcome: Result<(), String>) {
+        self.wanted.remove(&peer);
+        match outcome {
+            Ok(()) => {
+                self.done += 1;
+                self.stalls.remove(&peer);
+            }
+            Err(cause) => {
+                self.failed += 1;
+                let stall = self.stalls.entry(peer).or_insert_with(|| ZoneStall {
+                    peer: format!("{peer:016x}"),
+                    since_ms: grapevine_gvd_schema::nodes::unix_ms(),
+                    ..ZoneStall::default()
+                });
+                stall.cause = cause;
+                stall.failures += 1;
+            }
+        }
+    }
 }
 
 /// A zone this node does not hold but serves, by forwarding to a member.
@@ -286,11 +319,11 @@ impl Zones {
                 )))?;
             tracing::info!(zone = config.name, nfs_port, path = %config.path.display(), "zone served");
             let (offers, queue) = crossbeam_channel::unbounded();
-            let pulling = Arc::new(Mutex::new(HashMap::new()));
+            let pulls = Arc::new(Mutex::new(PullBook::default()));
             spawn_worker(
                 config.name.clone(),
                 Arc::clone(&store),
-                (queue, Arc::clone(&pulling)),
+                (queue, Arc::clone(&pulls)),
                 settings.clone(),
                 Arc::clone(&stop),
             )
@@ -312,7 +345,7 @@ impl Zones {
                 store,
                 nfs_port,
                 offers,
-                pulling,
+                pulls,
             });
         }
         let mut proxies = Vec::new();
@@ -420,6 +453,34 @@ impl Zones {
             .collect()
     }
 
+    /// What each zone this node holds is doing: pulls, stalls, writes not settled yet.
+    pub fn activity(&self) -> Vec<ZoneActivity> {
+        self.zones
+            .iter()
+            .map(|zone| {
+                let (unsettled_writes, skipped_links) = {
+                    let store = zone.store.lock();
+                    (
+                        store.unsettled_writes() as u64,
+                        store.skipped_links() as u64,
+                    )
+                };
+                let pulls = zone.pulls.lock();
+                let mut stalls: Vec<ZoneStall> = pulls.stalls.values().cloned().collect();
+                stalls.sort_by(|a, b| a.peer.cmp(&b.peer));
+                ZoneActivity {
+                    name: zone.config.name.clone(),
+                    pulls_pending: pulls.wanted.len() as u64,
+                    pulls_done: pulls.done,
+                    pulls_failed: pulls.failed,
+                    stalls,
+                    unsettled_writes,
+                    skipped_links,
+                }
+            })
+            .collect()
+    }
+
     /// Who may pull which zone from this node, and forward operations to it (by address, from
     /// the node list); until called, the replication port serves anyone who completes its
     /// handshake.
@@ -445,11 +506,11 @@ impl Zones {
         if version <= zone.store.lock().seen(peer_node) {
             return;
         }
-        let mut pulling = zone.pulling.lock();
-        if pulling.get(&peer_node).is_some_and(|v| *v >= version) {
+        let mut pulls = zone.pulls.lock();
+        if pulls.wanted.get(&peer_node).is_some_and(|v| *v >= version) {
             return;
         }
-        pulling.insert(peer_node, version);
+        pulls.wanted.insert(peer_node, version);
         // A zone whose puller ended takes no offers; it is shutting down.
         let _ = zone.offers.send(Offer {
             peer_node,
@@ -470,7 +531,7 @@ impl Zones {
 fn spawn_worker(
     zone: String,
     store: Arc<Mutex<ZoneStore>>,
-    (offers, pulling): (Receiver<Offer>, Arc<Mutex<HashMap<u64, u64>>>),
+    (offers, pulls): (Receiver<Offer>, Arc<Mutex<PullBook>>),
     settings: ZonesOptions,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<()> {
@@ -489,23 +550,31 @@ fn spawn_worker(
                     // From several members at once: one thread per peer (at most one pull per
                     // peer runs, see `offer`).
                     for offer in latest.into_values() {
-                        let job = (Arc::clone(&store), zone.clone(), Arc::clone(&pulling));
+                        let job = (Arc::clone(&store), zone.clone(), Arc::clone(&pulls));
                         let timeout = settings.peer_timeout;
                         let key = settings.port_key.clone();
                         let spawned = std::thread::Builder::new()
                             .name(format!("gvfs-pull-{zone}"))
                             .spawn(move || {
-                                let (store, zone, pulling) = job;
-                                match pull(&store, &zone, (offer.address, offer.peer_node), timeout, key.as_ref()) {
-                                    Ok(outcome) => tracing::debug!(zone, peer = %offer.address, ?outcome, wanted = offer.version, "pull done"),
-                                    Err(error) => tracing::warn!(zone, %error, "pull failed; retried at the next announcement"),
-                                }
+                                let (store, zone, pulls) = job;
+                                let result = match pull(&store, &zone, (offer.address, offer.peer_node), timeout, key.as_ref()) {
+                                    Ok(outcome) => {
+                                        tracing::debug!(zone, peer = %offer.address, ?outcome, wanted = offer.version, "pull done");
+                                        Ok(())
+                                    }
+                                    Err(error) => {
+                                        tracing::warn!(zone, %error, "pull failed; retried at the next announcement");
+                                        Err(error.to_string())
+                                    }
+                                };
                                 // Offers of this peer are taken again (a failed pull is retried).
-                                pulling.lock().remove(&offer.peer_node);
+                                pulls.lock().finished(offer.peer_node, result);
                             });
                         if let Err(error) = spawned {
                             tracing::error!(zone, %error, "cannot start a pull");
-                            pulling.lock().remove(&offer.peer_node);
+                            pulls
+                                .lock()
+                                .finished(offer.peer_node, Err(format!("cannot start a pull: {error}")));
                         }
                     }
                 }
@@ -522,4 +591,32 @@ fn spawn_worker(
             }
         })
         .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_pull_is_a_stall_until_a_pull_from_that_peer_succeeds() {
+        let mut book = PullBook::default();
+        book.wanted.insert(7, 3);
+        book.wanted.insert(9, 1);
+        book.finished(7, Err("peer 127.0.0.1:1: timed out".into()));
+        book.wanted.insert(7, 4);
+        book.finished(7, Err("peer 127.0.0.1:1: refused".into()));
+        assert_eq!((book.done, book.failed), (0, 2));
+        let stall = &book.stalls[&7];
+        assert_eq!(stall.peer, "0000000000000007");
+        assert_eq!(stall.failures, 2);
+        assert_eq!(stall.cause, "peer 127.0.0.1:1: refused");
+        assert!(stall.since_ms > 0);
+        // Another peer's success does not clear it; its own does.
+        book.finished(9, Ok(()));
+        assert!(book.stalls.contains_key(&7));
+        book.finished(7, Ok(()));
+        assert!(book.stalls.is_empty());
+        assert!(book.wanted.is_empty());
+        assert_eq!((book.done, book.failed), (2, 2));
+    }
 }

@@ -403,6 +403,11 @@ impl ZoneStore {
         self.skipped_links.len()
     }
 
+    /// Files written through NFS whose writes have not settled yet.
+    pub fn unsettled_writes(&self) -> usize {
+        self.pending_checks.len()
+    }
+
     /// Conflicts kept so far.
     pub fn conflicts(&self) -> u64 {
         self.index.conflicts

@@ -18,5 +18,6 @@ pub use publisher::{
 pub use reassembly::{FragmentKey, Reassembler, ReassemblyError, CHUNK_OVERHEAD, MESSAGE_OVERHEAD};
 pub use snapshot::{SnapshotConfig, SnapshotRate, SnapshotSession, SnapshotStats};
 pub use subscriber::{
-    StreamStatus, StreamView, SubscriberConfig, SubscriberEvent, SubscriberSession, SubscriberStats,
+    StreamCounters, StreamStatus, StreamView, SubscriberConfig, SubscriberEvent, SubscriberSession,
+    SubscriberStats,
 };

@@ -403,6 +403,8 @@ struct Stream<S: ReplicatedState> {
     joined: bool,
     last_heard: Instant,
     silent: bool,
+    /// This session's counters (the session-wide ones are in [`SubscriberStats`]).
+    counters: StreamCounters,
 }
 
 /// Output shared by the streams of a session.
@@ -435,6 +437,21 @@ pub struct StreamView<'a, S: ReplicatedState> {
     /// (a publisher stopped, or a cut on the way, a repeater's WAN link say). Set when the
     /// timeout is handled, cleared by the next datagram.
     pub silent: bool,
+    /// Gaps, losses and recoveries of this stream's current session.
+    pub counters: StreamCounters,
+}
+
+/// What happened to one stream in its current session (a publisher restart starts again from
+/// zero); [`SubscriberStats`] adds up every stream.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+#[non_exhaustive]
+pub struct StreamCounters {
+    /// Gaps declared.
+    pub gaps: u64,
+    /// Messages declared lost in those gaps.
+    pub messages_lost: u64,
+    /// Recoveries completed (the first time live is a join, not counted here).
+    pub recoveries: u64,
 }
 
 /// The sans-IO subscriber of one topic: replicates the state of every publisher of the topic.
@@ -811,6 +828,7 @@ impl<S: ReplicatedState> Stream<S> {
             joined: false,
             last_heard: now,
             silent: false,
+            counters: StreamCounters::default(),
         }
     }
 
@@ -829,6 +847,7 @@ impl<S: ReplicatedState> Stream<S> {
             last_seq: self.tracking.as_ref().map_or(0, |t| t.expected - 1),
             last_heard: self.last_heard,
             silent: self.silent,
+            counters: self.counters,
         }
     }
 
@@ -972,6 +991,8 @@ impl<S: ReplicatedState> Stream<S> {
         tracing::debug!(publisher = self.publisher, first, lost, "gap");
         sink.stats.gaps += 1;
         sink.stats.messages_lost = sink.stats.messages_lost.saturating_add(lost);
+        self.counters.gaps += 1;
+        self.counters.messages_lost = self.counters.messages_lost.saturating_add(lost);
         sink.events.push_back(SubscriberEvent::Gap {
             publisher: self.publisher,
             first,
@@ -1418,6 +1439,7 @@ impl<S: ReplicatedState> Stream<S> {
             } else if let Some(took) = recovery {
                 sink.stats.recoveries += 1;
                 sink.stats.last_recovery = Some(took);
+                self.counters.recoveries += 1;
             }
             tracing::debug!(publisher = self.publisher, ?recovery, "live");
             sink.events.push_back(SubscriberEvent::Live {

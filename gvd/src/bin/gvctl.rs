@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use grapevine_kos::client::ConnectOptions;
+use grapevine_kos::nodes::unix_ms;
 use grapevine_kos::Kos;
 use gvd::daemon::NodesFile;
 
@@ -246,6 +247,48 @@ fn zone_table(list: &NodesFile) -> Vec<String> {
             ));
         }
     }
+    lines.extend(activity_lines(list));
+    lines
+}
+
+/// What the local node's zones are doing, below the table: pulls, stalls and their cause,
+/// writes not settled, skipped symbolic links.
+fn activity_lines(list: &NodesFile) -> Vec<String> {
+    let local = list
+        .nodes
+        .iter()
+        .find(|n| n.record.node_id == list.local_node)
+        .map_or("this node", |n| n.record.name.as_str());
+    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let mut lines = Vec::new();
+    for zone in &list.zone_activity {
+        let mut parts = vec![format!(
+            "pulls {} pending, {} done, {} failed",
+            zone.pulls_pending, zone.pulls_done, zone.pulls_failed
+        )];
+        if zone.unsettled_writes > 0 {
+            parts.push(format!(
+                "{} not settled",
+                plural(zone.unsettled_writes, "write", "writes")
+            ));
+        }
+        if zone.skipped_links > 0 {
+            parts.push(format!(
+                "{} skipped (never replicated)",
+                plural(zone.skipped_links, "symbolic link", "symbolic links")
+            ));
+        }
+        lines.push(format!("{} on {local}: {}", zone.name, parts.join("; ")));
+        for stall in &zone.stalls {
+            let since = unix_ms().saturating_sub(stall.since_ms) / 1000;
+            lines.push(format!(
+                "  STALLED: nothing pulled from node {} for {since} s ({}): {}",
+                stall.peer,
+                plural(stall.failures, "failure", "failures"),
+                stall.cause
+            ));
+        }
+    }
     lines
 }
 
@@ -258,10 +301,7 @@ fn not_current(list: &NodesFile) -> Option<String> {
             list.pid
         ));
     }
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    list.staleness(now_ms)
+    list.staleness(unix_ms())
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -364,7 +404,7 @@ fn run(cli: Cli) -> Result<()> {
                         n.vdevs.iter().map(|v| {
                             serde_json::json!({
                                 "node": n.record.name,
-                                "node_id": n.record.node_id,
+                                "node_id": format!("{:016x}", n.record.node_id),
                                 "driver": v.driver,
                                 "name": v.vdev.name,
                                 "kind": v.vdev.kind,
@@ -403,6 +443,12 @@ fn run(cli: Cli) -> Result<()> {
                         let mut value = serde_json::to_value(z).unwrap_or_default();
                         value["node"] = n.record.name.clone().into();
                         value["nfs"] = nfs_url(n, z).into();
+                        let activity = list.zone_activity.iter().find(|a| a.name == z.name);
+                        if let (true, Some(activity)) =
+                            (n.record.node_id == list.local_node, activity)
+                        {
+                            value["activity"] = serde_json::to_value(activity).unwrap_or_default();
+                        }
                         value
                     })
                     .collect();
@@ -422,7 +468,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!(
                     "{}",
                     serde_json::json!({
-                        "local_node": list.local_node,
+                        "local_node": format!("{:016x}", list.local_node),
                         "local": local.map(|n| &n.record),
                         "nodes": list.nodes.len(),
                         "others": list.nodes.iter().filter(|n| n.record.node_id != list.local_node).count(),
@@ -491,6 +537,25 @@ mod tests {
         assert!(!lines[1].contains("over free space"));
         assert!(lines[2].contains("forwards to a"), "{lines:?}");
         assert!(!lines[2].contains("over free space"), "{lines:?}");
+    }
+
+    #[test]
+    fn the_local_zones_show_their_pulls_and_stalls_with_the_cause() {
+        let text = r#"{"version":2,"local_node":1,"nodes":[{"node_id":1,"name":"a","addresses":["127.0.0.1"],"query_port":7173,"kos_port":7174,"repl_port":0,"zones":[{"name":"z1","member":true,"quota_bytes":1048576,"members":["a"],"version":1,"used_bytes":0,"free_bytes":1073741824,"nfs_port":2049,"conflicts":0}],"unique":"x","elp_delay_ms":1000,"liveness":"alive","vdevs_current":true,"vdevs":[]}],
+            "zone_activity":[{"name":"z1","pulls_pending":1,"pulls_done":4,"pulls_failed":3,"unsettled_writes":2,"skipped_links":1,
+            "stalls":[{"peer":"00000000000000b2","cause":"peer 127.0.0.2:7175: connection refused","failures":3,"since_ms":1}]}]}"#;
+        let list: NodesFile = serde_json::from_str(text).unwrap();
+        let lines = zone_table(&list);
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert_eq!(
+            lines[2],
+            "z1 on a: pulls 1 pending, 4 done, 3 failed; 2 writes not settled; 1 symbolic link skipped (never replicated)"
+        );
+        assert!(
+            lines[3].starts_with("  STALLED: nothing pulled from node 00000000000000b2 for ")
+                && lines[3].ends_with("(3 failures): peer 127.0.0.2:7175: connection refused"),
+            "{lines:?}"
+        );
     }
 
     #[test]
