@@ -294,3 +294,65 @@ fn spy_decodes_gvd_node_records() {
         "the record decoded: {output}"
     );
 }
+
+#[test]
+fn spy_decodes_any_topic_with_a_schema_file_and_refuses_a_bad_schema() {
+    use grapevine_gvd_schema::nodes::ELP_TOPIC;
+    let dir = scratch("spy-schema");
+    let schemas = dir.join("topics.schema");
+    std::fs::write(
+        &schemas,
+        format!(
+            "# gvd's node records, written out as an application would its own type\n\
+             {ELP_TOPIC} = mapdelta<u64, {{node_id: u64, name: string, addresses: [string], \
+             query_port: u16, kos_port: u16, repl_port: u16, zones: [unit], unique: string, \
+             elp_delay_ms: u64}}>\n"
+        ),
+    )
+    .unwrap();
+    let mut spy = grapevine(&[
+        "spy",
+        "--group",
+        "239.255.73.95:47395",
+        "--schema-file",
+        schemas.to_str().unwrap(),
+        "--json",
+        "--seconds",
+        "2",
+        "--interval",
+        "0.5",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let output = publish_records_while("239.255.73.95:47395", &mut spy);
+    assert!(
+        output.contains(r#""latest":{"Put":[7,{"addresses":["127.0.0.1"],"elp_delay_ms":100,"#)
+            && output.contains(r#""name":"spied-node""#),
+        "decoded by the schema: {output}"
+    );
+
+    std::fs::write(&schemas, "7 = mapdelta<u64 string>\n").unwrap();
+    let refused = grapevine(&[
+        "spy",
+        "--group",
+        "239.255.73.95:47395",
+        "--schema-file",
+        schemas.to_str().unwrap(),
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("topics.schema:1") && stderr.contains("expected ','"),
+        "{stderr}"
+    );
+    let usage = grapevine(&["spy", "--group", "239.255.73.95:47395", "--schema", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&usage.stderr).contains("expected TOPIC=TYPE"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use grapevine::core::codec;
 use grapevine::core::net::InterfaceSpec;
 use grapevine::order_book::BookDelta;
+use grapevine_cli::payload_schema::Schema;
 use grapevine_cli::spy::{Spy, StreamStats};
 
 use crate::cmd::receive_all;
@@ -50,9 +51,51 @@ pub struct SpyArgs {
     /// `none`).
     #[arg(long, value_enum)]
     decode: Option<Decoder>,
+    /// Decode a topic's payloads with a schema, `TOPIC=TYPE` (repeat for several topics), e.g.
+    /// `--schema '7=mapdelta<u64, {price: f64, qty: u32}>'`: the type language is in
+    /// `grapevine_cli::payload_schema` (integers, floats, string, bytes, option<T>, [T],
+    /// map<K, V>, tuples, {structs}, enum {…}, mapdelta<K, V>). Takes precedence over --decode.
+    #[arg(long = "schema", value_name = "TOPIC=TYPE", value_parser = topic_schema)]
+    schemas: Vec<(u32, Schema)>,
+    /// A file of `TOPIC = TYPE` lines (`#` comments), as --schema.
+    #[arg(long, value_name = "FILE")]
+    schema_file: Option<std::path::PathBuf>,
     /// One JSON object per stream and report instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// `TOPIC=TYPE`.
+fn topic_schema(text: &str) -> Result<(u32, Schema), String> {
+    let (topic, schema) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected TOPIC=TYPE"))?;
+    let topic = topic
+        .trim()
+        .parse()
+        .map_err(|e| format!("topic {:?}: {e}", topic.trim()))?;
+    let schema = schema.trim().parse().map_err(|e| format!("{e}"))?;
+    Ok((topic, schema))
+}
+
+/// The schemas of --schema and --schema-file, by topic.
+fn schemas(args: &SpyArgs) -> Result<BTreeMap<u32, Schema>> {
+    let mut schemas: BTreeMap<u32, Schema> = BTreeMap::new();
+    if let Some(path) = &args.schema_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("schema file {}: {e}", path.display()))?;
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (topic, schema) = topic_schema(line)
+                .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), number + 1))?;
+            schemas.insert(topic, schema);
+        }
+    }
+    schemas.extend(args.schemas.iter().cloned());
+    Ok(schemas)
 }
 
 fn decode_latest(decoder: Decoder, topic: u32, payload: &[u8]) -> serde_json::Value {
@@ -128,6 +171,7 @@ pub fn spy(args: &SpyArgs) -> Result<()> {
     } else {
         Decoder::None
     });
+    let schemas = schemas(args)?;
     let rx = receive_all(&groups, &iface)?;
     let mut spy = Spy::default();
     let started = Instant::now();
@@ -188,10 +232,12 @@ pub fn spy(args: &SpyArgs) -> Result<()> {
                 || "-".to_string(),
                 |p| format!("{:.0} ms", p.as_secs_f64() * 1e3),
             );
-            let latest = stream
-                .latest
-                .back()
-                .map(|p| decode_latest(decoder, topic, p));
+            let latest = stream.latest.back().map(|p| match schemas.get(&topic) {
+                Some(schema) => schema
+                    .decode(p)
+                    .unwrap_or_else(|e| format!("undecodable: {e}").into()),
+                None => decode_latest(decoder, topic, p),
+            });
             if args.json {
                 let line = serde_json::json!({
                     "t": started.elapsed().as_secs_f64(),
