@@ -4,30 +4,44 @@ use std::net::SocketAddr;
 
 use anyhow::Result;
 
-/// Serves `render()` as a Prometheus text endpoint (any path) until the process ends.
+/// Serves `render()` as a Prometheus text endpoint (any path, GET) until the process ends.
 pub fn serve_metrics(
     address: SocketAddr,
-    render: impl Fn() -> String + Send + 'static,
+    render: impl Fn() -> String + Send + Sync + 'static,
 ) -> Result<()> {
-    let server = tiny_http::Server::http(address)
+    let listener = std::net::TcpListener::bind(address)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .map_err(|e| anyhow::anyhow!("cannot serve metrics on {address}: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let render = std::sync::Arc::new(render);
+    let app = axum::Router::new().fallback(axum::routing::get(move || {
+        let render = std::sync::Arc::clone(&render);
+        async move {
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4",
+                )],
+                render(),
+            )
+        }
+    }));
     eprintln!("metrics on http://{address}/metrics");
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
-            let content_type = tiny_http::Header::from_bytes(
-                &b"Content-Type"[..],
-                &b"text/plain; version=0.0.4"[..],
-            )
-            .ok();
-            for request in server.incoming_requests() {
-                let mut response = tiny_http::Response::from_string(render());
-                if let Some(header) = content_type.clone() {
-                    response.add_header(header);
+            runtime.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        if let Err(error) = axum::serve(listener, app).await {
+                            eprintln!("metrics endpoint stopped: {error}");
+                        }
+                    }
+                    Err(error) => eprintln!("metrics endpoint stopped: {error}"),
                 }
-                // A scraper that went away gets nothing; the next scrape is answered.
-                let _ = request.respond(response);
-            }
+            });
         })?;
     Ok(())
 }

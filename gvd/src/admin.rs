@@ -113,16 +113,20 @@ pub fn record_sample(status: &mut AdminStatus, sample: Sample) {
     status.history.push_back(sample);
 }
 
-/// The running endpoint; stopped when dropped.
+/// The running endpoint (axum on a current-thread runtime of its own thread); stopped when
+/// dropped.
 pub struct AdminServer {
     address: SocketAddr,
-    server: Arc<tiny_http::Server>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Drop for AdminServer {
     fn drop(&mut self) {
-        self.server.unblock();
+        if let Some(stop) = self.stop.take() {
+            // The thread may have ended already (its runtime failed): nothing to stop.
+            let _ = stop.send(());
+        }
         if let Some(thread) = self.thread.take() {
             // A panic in the thread was already reported by the panic hook.
             let _ = thread.join();
@@ -135,29 +139,49 @@ impl AdminServer {
     ///
     /// # Errors
     ///
-    /// The address cannot be bound.
+    /// The address cannot be bound, or the thread cannot start.
     pub fn start(
         address: SocketAddr,
         status: SharedStatus,
         token: Option<String>,
     ) -> Result<Self, String> {
-        let server = Arc::new(tiny_http::Server::http(address).map_err(|e| e.to_string())?);
-        let address = server.server_addr().to_ip().ok_or("not an IP address")?;
-        let serving = Arc::clone(&server);
+        let listener = std::net::TcpListener::bind(address).map_err(|e| e.to_string())?;
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let address = listener.local_addr().map_err(|e| e.to_string())?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let app = router(status, token);
         let thread = std::thread::Builder::new()
             .name("gvd-admin".into())
             .spawn(move || {
-                // Ends when `unblock` is called (on drop).
-                for request in serving.incoming_requests() {
-                    let response = answer(&request, &status, token.as_deref());
-                    // A client that went away gets nothing; the next one is answered.
-                    let _ = request.respond(response);
-                }
+                runtime.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => listener,
+                        Err(error) => {
+                            tracing::error!(%error, "admin endpoint stopped");
+                            return;
+                        }
+                    };
+                    // Not a graceful shutdown: a browser's idle keep-alive connection must not
+                    // hold gvd's exit. Dropping the runtime ends the connections.
+                    tokio::select! {
+                        served = axum::serve(listener, app) => {
+                            if let Err(error) = served {
+                                tracing::error!(%error, "admin endpoint stopped");
+                            }
+                        }
+                        _ = stopped => {}
+                    }
+                });
             })
             .map_err(|e| e.to_string())?;
         Ok(Self {
             address,
-            server,
+            stop: Some(stop),
             thread: Some(thread),
         })
     }
@@ -175,54 +199,74 @@ pub fn token(keyring: &grapevine_core::auth::Keyring) -> Option<String> {
         .map(|key| blake3::hash(&key).to_hex()[..32].to_string())
 }
 
-type Response = tiny_http::Response<std::io::Cursor<Vec<u8>>>;
+/// The endpoint's routes: GET only (axum answers 405 to other methods, 404 to other paths),
+/// every one behind the token check when a token is set.
+fn router(status: SharedStatus, token: Option<String>) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/", get(page))
+        .route("/index.html", get(page))
+        .route("/api/status", get(api_status))
+        .route("/metrics", get(metrics))
+        .with_state(status)
+        .layer(axum::middleware::from_fn_with_state(
+            token.map(Arc::<str>::from),
+            authorise,
+        ))
+}
 
-fn answer(request: &tiny_http::Request, status: &SharedStatus, token: Option<&str>) -> Response {
+async fn authorise(
+    axum::extract::State(token): axum::extract::State<Option<Arc<str>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
     if let Some(token) = token {
         let expected = format!("Bearer {token}");
         let presented = request
             .headers()
-            .iter()
-            .find(|h| h.field.equiv("Authorization"))
-            .map(|h| h.value.as_str().to_string());
+            .get(axum::http::header::AUTHORIZATION)
+            .map(axum::http::HeaderValue::as_bytes);
         let authorised = presented.is_some_and(|p| {
             use subtle::ConstantTimeEq;
-            p.len() == expected.len() && bool::from(p.as_bytes().ct_eq(expected.as_bytes()))
+            p.len() == expected.len() && bool::from(p.ct_eq(expected.as_bytes()))
         });
         if !authorised {
-            return respond(
-                401,
-                "text/plain",
+            return (
+                axum::http::StatusCode::UNAUTHORIZED,
                 "a bearer token is needed (gvd admin-token)\n",
-            );
+            )
+                .into_response();
         }
     }
-    if request.method() != &tiny_http::Method::Get {
-        return respond(405, "text/plain", "GET only\n");
-    }
-    let path = request.url().split('?').next().unwrap_or("/");
-    match path {
-        "/" | "/index.html" => respond(200, "text/html; charset=utf-8", PAGE),
-        "/api/status" => {
-            let json = serde_json::to_string(&*status.lock()).unwrap_or_else(|_| "{}".into());
-            respond(200, "application/json", &json)
-        }
-        "/metrics" => respond(
-            200,
-            "text/plain; version=0.0.4",
-            &prometheus(&status.lock()),
-        ),
-        _ => respond(404, "text/plain", "not found\n"),
-    }
+    next.run(request).await
 }
 
-fn respond(code: u16, content_type: &str, body: &str) -> Response {
-    let mut response = tiny_http::Response::from_string(body).with_status_code(code);
-    if let Ok(header) = tiny_http::Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes())
-    {
-        response.add_header(header);
-    }
-    response
+async fn page() -> axum::response::Html<&'static str> {
+    axum::response::Html(PAGE)
+}
+
+async fn api_status(
+    axum::extract::State(status): axum::extract::State<SharedStatus>,
+) -> impl axum::response::IntoResponse {
+    let json = serde_json::to_string(&*status.lock()).unwrap_or_else(|_| "{}".into());
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        json,
+    )
+}
+
+async fn metrics(
+    axum::extract::State(status): axum::extract::State<SharedStatus>,
+) -> impl axum::response::IntoResponse {
+    let text = prometheus(&status.lock());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
 }
 
 /// The Prometheus text of a status.
@@ -366,6 +410,72 @@ const PAGE: &str = include_str!("admin.html");
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tower::ServiceExt;
+
+    /// Status code and body of one request to the router.
+    fn call(app: &axum::Router, method: &str, path: &str, auth: Option<&str>) -> (u16, String) {
+        let mut request = axum::http::Request::builder().method(method).uri(path);
+        if let Some(auth) = auth {
+            request = request.header("Authorization", auth);
+        }
+        let request = request.body(axum::body::Body::empty()).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let response = app.clone().oneshot(request).await.unwrap();
+            let code = response.status().as_u16();
+            let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (code, String::from_utf8_lossy(&body).into_owned())
+        })
+    }
+
+    #[test]
+    fn with_a_token_every_path_needs_it_and_only_get_is_served() {
+        let status = SharedStatus::default();
+        status.lock().name = "node-a".into();
+        let app = router(status, Some("0123abcd".into()));
+        for path in ["/", "/api/status", "/metrics", "/nothing"] {
+            assert_eq!(call(&app, "GET", path, None).0, 401, "{path}");
+            assert_eq!(
+                call(&app, "GET", path, Some("Bearer 0123abce")).0,
+                401,
+                "{path}"
+            );
+            assert_eq!(
+                call(&app, "GET", path, Some("Bearer 0123abcd0")).0,
+                401,
+                "{path}"
+            );
+        }
+        let (code, body) = call(&app, "GET", "/api/status", Some("Bearer 0123abcd"));
+        assert_eq!(code, 200);
+        assert!(body.contains("\"name\":\"node-a\""), "{body}");
+        assert_eq!(
+            call(&app, "POST", "/api/status", Some("Bearer 0123abcd")).0,
+            405
+        );
+        assert_eq!(
+            call(&app, "GET", "/nothing", Some("Bearer 0123abcd")).0,
+            404
+        );
+        let (code, page) = call(&app, "GET", "/", Some("Bearer 0123abcd"));
+        assert_eq!(code, 200);
+        assert!(page.starts_with("<!doctype html>"), "{page}");
+    }
+
+    #[test]
+    fn without_a_token_loopback_readers_need_none() {
+        let app = router(SharedStatus::default(), None);
+        let (code, metrics) = call(&app, "GET", "/metrics", None);
+        assert_eq!(code, 200);
+        assert!(
+            metrics.contains("# TYPE gvd_nodes_alive gauge"),
+            "{metrics}"
+        );
+    }
 
     #[test]
     fn metrics_have_one_family_per_name_and_one_sample_per_zone() {
