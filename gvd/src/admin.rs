@@ -335,7 +335,8 @@ pub fn prometheus(status: &AdminStatus) -> String {
         .nodes
         .as_ref()
         .map_or(&[][..], |n| n.zone_activity.as_slice());
-    let per_zone: [(&str, &str, fn(&ZoneActivity) -> u64); 6] = [
+    type ZoneFigure = fn(&ZoneActivity) -> u64;
+    let per_zone: [(&str, &str, ZoneFigure); 6] = [
         (
             "gvd_zone_pulls_pending",
             "Pulls wanted or under way.",
@@ -488,7 +489,7 @@ mod tests {
             pulls_failed: failed,
             ..ZoneActivity::default()
         };
-        status.nodes = Some(crate::daemon::NodesFile {
+        status.nodes = Some(NodesFile {
             version: 2,
             local_node: 0xa1,
             nodes: Vec::new(),

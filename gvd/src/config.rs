@@ -344,13 +344,17 @@ mod tests {
             .unwrap()
         };
         for bad in ["", "../etc", "a/b", ".hidden", "zone name", &"z".repeat(65)] {
-            let mut config = Config::default();
-            config.zones = vec![zone(bad)];
+            let config = Config {
+                zones: vec![zone(bad)],
+                ..Config::default()
+            };
             let error = config.validate().unwrap_err().to_string();
             assert!(error.contains("zone name"), "{bad:?}: {error}");
         }
-        let mut config = Config::default();
-        config.zones = vec![zone("photos-2026.v1_a")];
+        let mut config = Config {
+            zones: vec![zone("photos-2026.v1_a")],
+            ..Config::default()
+        };
         config.validate().unwrap();
         config.zones.push(zone("photos-2026.v1_a"));
         let error = config.validate().unwrap_err().to_string();
