@@ -178,6 +178,22 @@ struct RunArgs {
     /// Do not serve the status page, JSON status and metrics.
     #[arg(long, env = "GVD_NO_ADMIN")]
     no_admin: bool,
+    /// Largest KOS request frame, bytes (1024 to 2^30) [default: 16777216].
+    #[arg(long, env = "GVD_MAX_FRAME")]
+    max_frame: Option<usize>,
+    /// How long a file written over NFS must be quiet before it replicates, ms [default: 200].
+    #[arg(long, env = "GVD_ZONE_DEBOUNCE_MS")]
+    zone_debounce_ms: Option<u64>,
+    /// How often zone directories are scanned for changes made outside NFS, ms
+    /// [default: 5000].
+    #[arg(long, env = "GVD_ZONE_SCAN_INTERVAL_MS")]
+    zone_scan_interval_ms: Option<u64>,
+    /// Address the DHT node binds to [default: 0.0.0.0].
+    #[arg(long, env = "GVD_DHT_BIND")]
+    dht_bind: Option<std::net::Ipv4Addr>,
+    /// How often to announce and look up on the DHT, ms [default: 30000].
+    #[arg(long, env = "GVD_DHT_INTERVAL_MS")]
+    dht_interval_ms: Option<u64>,
 }
 
 impl RunArgs {
@@ -251,6 +267,21 @@ impl RunArgs {
         }
         if self.no_admin {
             config.admin = false;
+        }
+        if let Some(v) = self.max_frame {
+            config.max_frame = v;
+        }
+        if let Some(v) = self.zone_debounce_ms {
+            config.zone_debounce_ms = v;
+        }
+        if let Some(v) = self.zone_scan_interval_ms {
+            config.zone_scan_interval_ms = v;
+        }
+        if let Some(v) = self.dht_bind {
+            config.dht_bind = v;
+        }
+        if let Some(v) = self.dht_interval_ms {
+            config.dht_interval_ms = v;
         }
         config.validate()?;
         Ok(config)

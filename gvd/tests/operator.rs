@@ -172,7 +172,21 @@ fn a_second_gvd_on_the_same_state_directory_is_refused() {
 #[test]
 fn check_config_prints_the_merged_settings_or_says_what_is_wrong() {
     let output = Command::new(env!("CARGO_BIN_EXE_gvd"))
-        .args(["check-config", "--name", "checked", "--elp-delay-ms", "250"])
+        .args([
+            "check-config",
+            "--name",
+            "checked",
+            "--elp-delay-ms",
+            "250",
+            "--zone-debounce-ms",
+            "900",
+            "--zone-scan-interval-ms",
+            "7000",
+            "--max-frame",
+            "65536",
+            "--dht-interval-ms",
+            "60000",
+        ])
         .env_remove("GVD_CONFIG")
         .output()
         .unwrap();
@@ -182,10 +196,16 @@ fn check_config_prints_the_merged_settings_or_says_what_is_wrong() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(
-        text.contains("name = \"checked\"") && text.contains("elp_delay_ms = 250"),
-        "{text}"
-    );
+    for setting in [
+        "name = \"checked\"",
+        "elp_delay_ms = 250",
+        "zone_debounce_ms = 900",
+        "zone_scan_interval_ms = 7000",
+        "max_frame = 65536",
+        "dht_interval_ms = 60000",
+    ] {
+        assert!(text.contains(setting), "{setting}: {text}");
+    }
     let output = Command::new(env!("CARGO_BIN_EXE_gvd"))
         .args(["check-config", "--node-ttl", "0"])
         .env_remove("GVD_CONFIG")
