@@ -158,8 +158,8 @@ pub struct Daemon {
     started: Instant,
     /// Datagrams sent as of the last sample, and when.
     last_sample: (Instant, u64),
-    /// Each followed stream's session and last `seq` at the previous round, for its rate.
-    stream_marks: HashMap<(&'static str, u32), (u64, u64)>,
+    /// Each followed stream's recent (time, session, last `seq`), for its rate.
+    stream_marks: HashMap<(&'static str, u32), std::collections::VecDeque<(Instant, u64, u64)>>,
     /// Held while this gvd runs: a second one on the same state directory would share its
     /// node id and both would flap in every list.
     _state_lock: std::fs::File,
@@ -617,7 +617,6 @@ impl Daemon {
             0.0
         };
         self.last_sample = (now, sent);
-        let seconds_since_last_round = elapsed;
         let nodes = self.written.clone();
         let own = self.zones.statuses();
         let newest = |zone: &str| {
@@ -659,18 +658,23 @@ impl Daemon {
             topics.datagrams += subscriber_stats.datagrams;
             streams.extend(rows);
         }
-        // Messages per second since the last round, from how far `seq` moved (a new session
-        // starts over: no rate for its first round).
+        // Messages per second over the last few seconds (rounds are a quarter period: one
+        // round's count would swing between 0 and 4 per period); a new session starts over.
         let mut marks = HashMap::with_capacity(streams.len());
         for row in &mut streams {
             let key = (row.topic, row.publisher);
-            if let Some(&(session, seq)) = self.stream_marks.get(&key) {
-                if session == row.session && seconds_since_last_round > 0.0 {
-                    row.messages_per_second =
-                        row.last_seq.saturating_sub(seq) as f64 / seconds_since_last_round;
+            let mut history = self.stream_marks.remove(&key).unwrap_or_default();
+            history.retain(|&(at, session, _)| {
+                session == row.session && now.saturating_duration_since(at) <= RATE_WINDOW
+            });
+            if let Some(&(at, _, seq)) = history.front() {
+                let seconds = now.saturating_duration_since(at).as_secs_f64();
+                if seconds > 0.0 {
+                    row.messages_per_second = row.last_seq.saturating_sub(seq) as f64 / seconds;
                 }
             }
-            marks.insert(key, (row.session, row.last_seq));
+            history.push_back((now, row.session, row.last_seq));
+            marks.insert(key, history);
         }
         self.stream_marks = marks;
         let messages_per_second = streams.iter().map(|r| r.messages_per_second).sum();
@@ -856,6 +860,9 @@ impl Daemon {
         peers
     }
 }
+
+/// The window of the admin page's stream rates.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
 
 /// The admin page's rows for the streams of one topic.
 fn stream_rows<S: ReplicatedState>(
