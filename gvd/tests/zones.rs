@@ -185,6 +185,43 @@ fn a_zone_replicates_between_three_nodes() {
         );
     }
 
+    // The same new file written on all three members at once: every member ends with the same
+    // three versions (the file and two conflict copies), none empty, none nested.
+    for n in ["a", "b", "c"] {
+        std::fs::write(data(n).join("three.txt"), format!("from {n}")).unwrap();
+    }
+    let versions = |n: &str| -> Vec<(String, Vec<u8>)> {
+        let mut found: Vec<(String, Vec<u8>)> = std::fs::read_dir(data(n))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("three"))
+            .map(|name| {
+                let body = std::fs::read(data(n).join(&name)).unwrap_or_default();
+                (name, body)
+            })
+            .collect();
+        found.sort();
+        found
+    };
+    wait_for("three identical sets of three versions", || {
+        let a = versions("a");
+        a.len() == 3 && versions("b") == a && versions("c") == a
+    });
+    let all = versions("a");
+    let mut bodies: Vec<Vec<u8>> = all.iter().map(|(_, body)| body.clone()).collect();
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        vec![b"from a".to_vec(), b"from b".to_vec(), b"from c".to_vec()],
+        "{all:?}"
+    );
+    assert!(
+        all.iter()
+            .all(|(name, _)| name.matches(".conflict-").count() <= 1),
+        "no nested conflict copies: {all:?}"
+    );
+
     // Concurrent changes on A and B: both versions kept, on every member.
     std::fs::write(data("a").join("notes.txt"), b"from a").unwrap();
     std::fs::write(data("b").join("notes.txt"), b"from b").unwrap();

@@ -362,6 +362,11 @@ impl NFSFileSystem for ZoneFs {
         let from_disk = store.disk_path(&from).map_err(path_status)?;
         let to_disk = store.disk_path(&to).map_err(path_status)?;
         std::fs::rename(&from_disk, &to_disk).map_err(status)?;
+        if from == to {
+            // Renamed onto itself: nothing changed (it must not look like a change of
+            // everything under it to the other members).
+            return Ok(());
+        }
         crate::store::sync_dir(to_disk.parent().unwrap_or(&to_disk));
         store.renamed(&from, &to);
         if let Err(error) = store.save() {

@@ -661,7 +661,7 @@ impl ZoneStore {
         if changed {
             self.used_cache.set(None);
             self.index.version += 1;
-            entry.vv.bump(node);
+            entry.vv.record(node, self.index.version);
             entry.changed_at = self.index.version;
             entry.writer = node;
             entry.written_ms = now_ms();
@@ -803,7 +803,8 @@ impl ZoneStore {
                     copy,
                     "conflict: concurrent changes, kept both (ours wins)"
                 );
-                self.merge_into(path, theirs);
+                // Our entry stays as it is: theirs lives on in its copy, and a later deletion
+                // of ours must not meet their changes at the path.
                 return self.save();
             }
             Decision::TakeTheirsCopyOurs => {
@@ -833,11 +834,9 @@ impl ZoneStore {
                         "conflict: concurrent changes, kept both (theirs wins)"
                     );
                 }
-                let mut merged = theirs.clone();
-                if let Some(ours) = self.index.entries.get(path) {
-                    merged.vv.merge(&ours.vv);
-                }
-                self.install(path, &merged, fetched)?;
+                // Not merged with ours: that version lives on in its copy, and the path holds
+                // theirs alone (a later deletion of theirs must not meet our changes there).
+                self.install(path, theirs, fetched)?;
             }
             Decision::Take => {
                 self.install(path, theirs, fetched)?;
@@ -927,6 +926,9 @@ impl ZoneStore {
     /// Moves the index entry of `from` (and of everything under it) to `to`, after the rename
     /// on disk, so that file ids survive renames; records both paths as changed.
     pub fn renamed(&mut self, from: &str, to: &str) {
+        if from == to {
+            return;
+        }
         self.used_cache.set(None);
         let moved: Vec<String> = self
             .index
@@ -1115,7 +1117,9 @@ mod tests {
         assert_eq!(store.scan().unwrap(), 0, "nothing new");
         std::fs::write(root.join("d/f"), b"hello, world").unwrap();
         assert!(store.check("d/f"));
-        assert_eq!(store.entry("d/f").unwrap().vv.0.get(&7), Some(&2));
+        // A node's counter for a path is the zone version of its latest change there.
+        assert_eq!(store.version(), 3);
+        assert_eq!(store.entry("d/f").unwrap().vv.0.get(&7), Some(&3));
         std::fs::remove_file(root.join("d/f")).unwrap();
         assert!(store.check("d/f"));
         assert!(store.entry("d/f").unwrap().deleted);
@@ -1224,7 +1228,19 @@ mod tests {
                 .collect();
             assert_eq!(copies.len(), 1, "{copies:?}");
             assert_eq!(std::fs::read(dir.join(&copies[0])).unwrap(), b"from a");
-            assert_eq!(store.entry("f.txt").unwrap().vv.0.len(), 2, "merged");
+            // The winner's changes only: the loser's live on in its copy (a later deletion of
+            // the winner must not meet them at the path).
+            assert_eq!(
+                store
+                    .entry("f.txt")
+                    .unwrap()
+                    .vv
+                    .0
+                    .keys()
+                    .collect::<Vec<_>>(),
+                [&2],
+                "not merged"
+            );
         }
         // Detected (and announced) once, by whoever pulled the concurrent change first.
         assert_eq!(a.conflicts() + b.conflicts(), 1);

@@ -28,6 +28,14 @@ impl VersionVector {
         *self.0.entry(node).or_insert(0) += 1;
     }
 
+    /// Records a change by `node` made at its zone version `version` (which only grows): the
+    /// counter is that version, so a node never reuses a counter for a path, even after the
+    /// path took another node's version and forgot its own (a conflict it lost).
+    pub fn record(&mut self, node: u64, version: u64) {
+        let counter = self.0.entry(node).or_insert(0);
+        *counter = (*counter + 1).max(version);
+    }
+
     /// Every change of both.
     pub fn merge(&mut self, other: &Self) {
         for (node, count) in &other.0 {
