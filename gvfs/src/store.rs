@@ -248,7 +248,11 @@ pub fn decide(ours: Option<&Entry>, theirs: &Entry) -> Decision {
         Relation::Before => Decision::Take,
         Relation::Concurrent => match (ours.deleted, theirs.deleted) {
             (true, true) => Decision::MergeOnly,
+            // Content wins over a concurrent deletion, unless the deletion came after that
+            // very content (the vectors are concurrent only through other changes merged in).
+            (true, false) if saw_content(ours, theirs) => Decision::MergeOnly,
             (true, false) => Decision::Take,
+            (false, true) if saw_content(theirs, ours) => Decision::Take,
             (false, true) => Decision::MergeOnly,
             (false, false) => {
                 if ours.kind == Kind::Dir && theirs.kind == Kind::Dir {
@@ -261,6 +265,13 @@ pub fn decide(ours: Option<&Entry>, theirs: &Entry) -> Decision {
             }
         },
     }
+}
+
+/// Whether `deletion` was made by a member that held `content`: the deletion's vector counts
+/// the change of `content`'s writer that produced it.
+fn saw_content(deletion: &Entry, content: &Entry) -> bool {
+    let written = content.vv.0.get(&content.writer).copied().unwrap_or(0);
+    written > 0 && deletion.vv.0.get(&content.writer).copied().unwrap_or(0) >= written
 }
 
 /// The name of the conflict copy of `path` for the version written by `writer` at
@@ -839,7 +850,13 @@ impl ZoneStore {
                 self.install(path, theirs, fetched)?;
             }
             Decision::Take => {
-                self.install(path, theirs, fetched)?;
+                // Theirs follows ours, or wins over it (content over a deletion, a deletion
+                // over the content it saw): it includes our changes from now on.
+                let mut merged = theirs.clone();
+                if let Some(ours) = self.index.entries.get(path) {
+                    merged.vv.merge(&ours.vv);
+                }
+                self.install(path, &merged, fetched)?;
             }
         }
         self.save()

@@ -578,3 +578,22 @@ fn renaming_a_directory_onto_itself_changes_nothing() {
     ];
     run(&steps).unwrap();
 }
+
+/// Found by the property: a member deleted the file it had pulled while another deleted its own
+/// concurrent empty file; the second deletion, merged into the content on a third member, made
+/// the first look concurrent with the content it had deleted, and the content came back on one
+/// member only.
+#[test]
+fn a_deletion_of_the_content_it_saw_wins_even_when_other_deletions_are_merged_in() {
+    use Op::{Create, Remove, Write};
+    let steps = [
+        Step::Do(2, Write("f")),
+        Step::Pull(0, 2),
+        Step::Do(1, Create("f")),
+        Step::Do(0, Remove("f")),
+        Step::Do(1, Remove("f")),
+        Step::Pull(2, 1),
+        Step::Pull(2, 0),
+    ];
+    run(&steps).unwrap();
+}
