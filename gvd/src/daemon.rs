@@ -158,8 +158,8 @@ pub struct Daemon {
     started: Instant,
     /// Datagrams sent as of the last sample, and when.
     last_sample: (Instant, u64),
-    /// Each followed stream's recent (time, session, last `seq`), for its rate.
-    stream_marks: HashMap<(&'static str, u32), std::collections::VecDeque<(Instant, u64, u64)>>,
+    /// Each followed stream's recent marks, for its rate.
+    stream_marks: HashMap<(&'static str, u32), std::collections::VecDeque<StreamMark>>,
     /// Held while this gvd runs: a second one on the same state directory would share its
     /// node id and both would flap in every list.
     _state_lock: std::fs::File,
@@ -860,6 +860,9 @@ impl Daemon {
         peers
     }
 }
+
+/// Where a followed stream stood at a round: (when, session, last `seq`).
+type StreamMark = (Instant, u64, u64);
 
 /// The window of the admin page's stream rates.
 const RATE_WINDOW: Duration = Duration::from_secs(5);

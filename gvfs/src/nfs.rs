@@ -26,6 +26,24 @@ pub struct ZoneFs {
     /// First half of every file handle: tells this zone's handles from others'.
     tag: u64,
     read_only: bool,
+    /// The WRITE/COMMIT verifier: new at every start, so that clients send again what they
+    /// wrote UNSTABLE and had not committed when the server stopped. (File handles, unlike it,
+    /// stay valid across restarts.)
+    write_verifier: [u8; 8],
+}
+
+/// A verifier no earlier start of this process used: the start time in nanoseconds, mixed
+/// with the process id and a per-process counter.
+fn new_write_verifier() -> [u8; 8] {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STARTS: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mixed = nanos
+        ^ (u64::from(std::process::id()) << 40)
+        ^ STARTS.fetch_add(1, Ordering::Relaxed).rotate_left(20);
+    mixed.to_le_bytes()
 }
 
 impl ZoneFs {
@@ -36,6 +54,7 @@ impl ZoneFs {
             quota_bytes,
             tag,
             read_only: false,
+            write_verifier: new_write_verifier(),
         }
     }
 
@@ -86,6 +105,48 @@ impl ZoneFs {
     }
 
     /// Refuses growth beyond the quota.
+    /// Writes `data` at `offset` of file `id`; with `sync`, on disk before it returns (FILE_SYNC),
+    /// otherwise left to the page cache until a COMMIT (UNSTABLE).
+    fn write_at(
+        &self,
+        id: fileid3,
+        offset: u64,
+        data: &[u8],
+        sync: bool,
+    ) -> Result<fattr3, nfsstat3> {
+        let path = self.path(id)?;
+        self.writable(&path)?;
+        if let Err(refused) = self.room_for(&path, offset.saturating_add(data.len() as u64)) {
+            // A new file that cannot be finished (a copy that ran out of quota) goes, so that
+            // no member keeps or replicates half of it; a file that had content is kept.
+            match self.store.lock().abandon_new_file(&path) {
+                Ok(true) => {
+                    tracing::warn!(path, "write over quota: the unfinished new file is removed")
+                }
+                Ok(false) => {}
+                Err(error) => tracing::error!(%error, path, "cannot remove an unfinished file"),
+            }
+            return Err(refused);
+        }
+        let disk = self.disk(&path)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .map_err(status)?;
+        file.write_all_at(data, offset).map_err(status)?;
+        if sync {
+            // Answered FILE_SYNC: the data must be on disk before the reply.
+            file.sync_data().map_err(status)?;
+        }
+        let size = file.metadata().map_or(0, |m| m.len());
+        let end = offset.saturating_add(data.len() as u64);
+        let growing = data.len() >= crate::store::FULL_WRITE && end == size;
+        self.store
+            .lock()
+            .note_write(&path, size, growing, Instant::now());
+        self.attr(id, &path)
+    }
+
     fn room_for(&self, path: &str, new_len: u64) -> Result<(), nfsstat3> {
         let store = self.store.lock();
         let current = store
@@ -249,34 +310,30 @@ impl NFSFileSystem for ZoneFs {
     }
 
     async fn write(&self, id: fileid3, offset: u64, data: &[u8]) -> Result<fattr3, nfsstat3> {
+        self.write_at(id, offset, data, true)
+    }
+
+    async fn write_stable(
+        &self,
+        id: fileid3,
+        offset: u64,
+        data: &[u8],
+        stable: bool,
+    ) -> Result<(fattr3, bool), nfsstat3> {
+        self.write_at(id, offset, data, stable)
+            .map(|attr| (attr, stable))
+    }
+
+    async fn commit(&self, id: fileid3) -> Result<fattr3, nfsstat3> {
         let path = self.path(id)?;
-        self.writable(&path)?;
-        if let Err(refused) = self.room_for(&path, offset.saturating_add(data.len() as u64)) {
-            // A new file that cannot be finished (a copy that ran out of quota) goes, so that
-            // no member keeps or replicates half of it; a file that had content is kept.
-            match self.store.lock().abandon_new_file(&path) {
-                Ok(true) => {
-                    tracing::warn!(path, "write over quota: the unfinished new file is removed")
-                }
-                Ok(false) => {}
-                Err(error) => tracing::error!(%error, path, "cannot remove an unfinished file"),
-            }
-            return Err(refused);
-        }
         let disk = self.disk(&path)?;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&disk)
+        // Flushes every UNSTABLE write to the file, from whichever request it came.
+        std::fs::File::open(&disk)
+            .and_then(|file| file.sync_data())
             .map_err(status)?;
-        file.write_all_at(data, offset).map_err(status)?;
-        // Answered FILE_SYNC: the data must be on disk before the reply.
-        file.sync_data().map_err(status)?;
-        let size = file.metadata().map_or(0, |m| m.len());
-        let end = offset.saturating_add(data.len() as u64);
-        let growing = data.len() >= crate::store::FULL_WRITE && end == size;
-        self.store
-            .lock()
-            .note_write(&path, size, growing, Instant::now());
+        // The client is done with what it wrote: the file settles after the usual debounce,
+        // not the longer quiet of a copy that may still be growing.
+        self.store.lock().note_commit(&path);
         self.attr(id, &path)
     }
 
@@ -445,6 +502,10 @@ impl NFSFileSystem for ZoneFs {
     fn serverid(&self) -> [u8; 8] {
         self.tag.to_le_bytes()
     }
+
+    fn write_verifier(&self) -> [u8; 8] {
+        self.write_verifier
+    }
 }
 
 #[cfg(test)]
@@ -490,6 +551,42 @@ mod tests {
             }),
             Err(nfsstat3::NFS3ERR_BADHANDLE)
         ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn unstable_writes_settle_after_commit_and_the_verifier_changes_at_each_start() {
+        let dir = std::env::temp_dir().join(format!("gvfs-nfs-commit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = open(&dir);
+        let fs = ZoneFs::new(Arc::clone(&store), 1 << 30, 5);
+        let (id, _) =
+            run(fs.create(ROOT_ID, &b"big".as_slice().into(), sattr3::default())).unwrap();
+        // A copy under way: whole 1 MiB pieces at the end of the file, UNSTABLE.
+        let piece = vec![7u8; crate::store::FULL_WRITE];
+        for i in 0..2u64 {
+            let (attr, stable) =
+                run(fs.write_stable(id, i * piece.len() as u64, &piece, false)).unwrap();
+            assert!(!stable, "answered UNSTABLE, as asked");
+            assert_eq!(attr.size, (i + 1) * piece.len() as u64);
+        }
+        // Still growing: not a change after the debounce alone.
+        let debounce = Duration::from_millis(1);
+        let soon = Instant::now() + Duration::from_millis(50);
+        assert!(!store.lock().settle(soon, debounce).unwrap());
+        // After COMMIT the writer is done: it settles after the debounce.
+        let attr = run(fs.commit(id)).unwrap();
+        assert_eq!(attr.size, 2 * piece.len() as u64);
+        assert!(store.lock().settle(soon, debounce).unwrap());
+        assert_eq!(std::fs::read(dir.join("data/big")).unwrap().len(), 2 << 20);
+        let (small, _) =
+            run(fs.create(ROOT_ID, &b"small".as_slice().into(), sattr3::default())).unwrap();
+        let (_, stable) = run(fs.write_stable(small, 0, b"now", true)).unwrap();
+        assert!(stable, "FILE_SYNC when asked");
+        // Another start: another verifier (clients then send uncommitted data again).
+        let again = ZoneFs::new(Arc::clone(&store), 1 << 30, 5);
+        assert_ne!(fs.write_verifier(), again.write_verifier());
+        assert_eq!(fs.serverid(), again.serverid(), "handles stay valid");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -565,6 +565,14 @@ impl ZoneStore {
         );
     }
 
+    /// The client committed what it wrote to `path` (NFS COMMIT): it is done, so the file
+    /// settles after the debounce, not after the longer quiet of a copy still growing.
+    pub fn note_commit(&mut self, path: &str) {
+        if let Some(pending) = self.pending_checks.get_mut(path) {
+            pending.growing = false;
+        }
+    }
+
     /// Removes `path` if it is a file created empty whose written content never settled (a
     /// copy that cannot be finished), and records the deletion; returns whether it did.
     ///
