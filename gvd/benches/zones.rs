@@ -2,7 +2,13 @@
 //! it is complete on B), and NFS read/write throughput against a plain copy on the local disk
 //! measured in the same run. Needs nfs-cp and nfs-cat (Debian libnfs-utils).
 //!
-//! `cargo bench -p gvd --bench zones -- [--small 30] [--big-mb 100] [--rounds 3] [--json]`
+//! `cargo bench -p gvd --bench zones -- [--small 30] [--big-mb 100] [--rounds 3] [--json]
+//! [--ganesha]`
+//!
+//! With `--ganesha` (root, `ip`, and Debian's nfs-ganesha, nfs-ganesha-vfs and rpcbind:
+//! `gvd/benches/zones-vs-ganesha.sh` installs them and runs this), the same client runs the
+//! same writes and reads against nfs-ganesha with FSAL VFS on the same disk, in a network
+//! namespace of its own (with its own rpcbind), and the ratios are printed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -54,6 +60,157 @@ fn start(dir: &Path, name: &str) -> Node {
     Node { child, state, data }
 }
 
+/// nfs-ganesha (FSAL VFS) exporting a directory, with rpcbind, in a network namespace of its
+/// own; everything is stopped and removed when dropped.
+struct Ganesha {
+    namespace: String,
+    export: PathBuf,
+    rpcbind: Child,
+    ganesha: Child,
+}
+
+impl Ganesha {
+    /// Why it cannot run here, if it cannot.
+    fn missing() -> Option<String> {
+        let have = |tool: &str| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        for tool in ["ip", "ganesha.nfsd", "rpcbind"] {
+            if !have(tool) {
+                return Some(format!(
+                    "{tool} not found (gvd/benches/zones-vs-ganesha.sh installs it)"
+                ));
+            }
+        }
+        if Command::new("pgrep")
+            .args(["-x", "rpcbind"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return Some("an rpcbind is running already (its socket path is shared)".into());
+        }
+        None
+    }
+
+    fn start(dir: &Path) -> Self {
+        let namespace = format!("gvzb{}", std::process::id());
+        let export = dir.join("ganesha-export");
+        std::fs::create_dir_all(&export).unwrap();
+        let config = dir.join("ganesha.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "NFS_CORE_PARAM {{ Protocols = 3; NFS_Port = 2049; MNT_Port = 20048; \
+                 Enable_NLM = false; Enable_RQUOTA = false; }}\n\
+                 NFSV4 {{ Graceless = true; }}\n\
+                 EXPORT {{ Export_Id = 1; Path = {}; Pseudo = /export; Access_Type = RW; \
+                 Squash = No_Root_Squash; Protocols = 3; Transports = TCP; SecType = sys; \
+                 FSAL {{ Name = VFS; }} }}\n\
+                 LOG {{ Default_Log_Level = EVENT; }}\n",
+                export.display()
+            ),
+        )
+        .unwrap();
+        let ip = |args: &[&str]| {
+            assert!(
+                Command::new("ip").args(args).status().unwrap().success(),
+                "ip {args:?}"
+            );
+        };
+        ip(&["netns", "add", &namespace]);
+        ip(&["netns", "exec", &namespace, "ip", "link", "set", "lo", "up"]);
+        let in_namespace = |program: &str| {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", &namespace, program]);
+            command
+        };
+        let rpcbind = in_namespace("rpcbind")
+            .args(["-f", "-w"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let ganesha = in_namespace("ganesha.nfsd")
+            .arg("-F")
+            .arg("-f")
+            .arg(&config)
+            .arg("-L")
+            .arg(dir.join("ganesha.log"))
+            .arg("-p")
+            .arg(dir.join("ganesha.pid"))
+            .args(["-N", "NIV_EVENT"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Self {
+            namespace,
+            export,
+            rpcbind,
+            ganesha,
+        };
+        // Up once a client can list the export.
+        let started = Instant::now();
+        while !server
+            .client("nfs-ls")
+            .arg(server.url(""))
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "nfs-ganesha did not come up (see {})",
+                dir.join("ganesha.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        server
+    }
+
+    /// A libnfs tool run inside the namespace.
+    fn client(&self, tool: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.namespace, tool]);
+        command
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!(
+            "nfs://127.0.0.1{}/{name}?nfsport=2049&mountport=20048",
+            self.export.display()
+        )
+    }
+}
+
+impl Drop for Ganesha {
+    fn drop(&mut self) {
+        for child in [&mut self.ganesha, &mut self.rpcbind] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.namespace])
+            .status();
+        // rpcbind killed leaves its socket and lock behind; nothing else uses them (checked
+        // before starting: no other rpcbind ran).
+        let _ = std::fs::remove_file("/run/rpcbind.sock");
+        let _ = std::fs::remove_file("/run/rpcbind.lock");
+    }
+}
+
+/// What the same client measured against one NFS server: 4 KiB file writes, big file writes
+/// and reads.
+#[derive(Default)]
+struct ClientFigures {
+    small_write: Vec<Duration>,
+    write: Vec<Duration>,
+    read: Vec<Duration>,
+}
+
 fn percentile(samples: &mut [Duration], q: f64) -> f64 {
     samples.sort_unstable();
     samples[((samples.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3
@@ -78,6 +235,7 @@ fn wait_identical(path: &Path, want: &[u8], limit: Duration) -> Duration {
 
 fn main() {
     let (mut small, mut big_mb, mut rounds, mut json) = (30usize, 100usize, 3usize, false);
+    let mut with_ganesha = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -95,6 +253,7 @@ fn main() {
                     .expect("--rounds N")
             }
             "--json" => json = true,
+            "--ganesha" => with_ganesha = true,
             _ => {}
         }
     }
@@ -105,6 +264,17 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("gvd-zones-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    let ganesha = if with_ganesha {
+        match Ganesha::missing() {
+            None => Some(Ganesha::start(&dir)),
+            Some(why) => {
+                eprintln!("no nfs-ganesha comparison: {why}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let a = start(&dir, "a");
     let b = start(&dir, "b");
     let nodes = a.state.join("nodes.json");
@@ -138,11 +308,14 @@ fn main() {
 
     // Small files: latency from the write's completion to the identical file on B.
     let mut latencies = Vec::new();
+    let mut ours = ClientFigures::default();
     for i in 0..small {
         let content: Vec<u8> = (0..4096u32).map(|j| (i as u32 * 31 + j) as u8).collect();
         let source = dir.join(format!("small-{i}"));
         std::fs::write(&source, &content).unwrap();
+        let t = Instant::now();
         nfs_cp(&source, &format!("small-{i}"));
+        ours.small_write.push(t.elapsed());
         latencies.push(wait_identical(
             &b.data.join(format!("small-{i}")),
             &content,
@@ -169,6 +342,7 @@ fn main() {
         let t = Instant::now();
         nfs_cp(&source, &name);
         nfs_write.push(t.elapsed());
+        ours.write.push(t.elapsed());
         big_latency.push(wait_identical(
             &b.data.join(&name),
             &big,
@@ -182,6 +356,7 @@ fn main() {
         let t = Instant::now();
         let read = Command::new("nfs-cat").arg(url(&name)).output().unwrap();
         nfs_read.push(t.elapsed());
+        ours.read.push(t.elapsed());
         assert_eq!(read.stdout.len(), big.len());
         let t = Instant::now();
         let local_bytes = std::fs::read(&local).unwrap();
@@ -205,6 +380,56 @@ fn main() {
     let big_p50 = percentile(&mut big_latency, 0.5);
     let big_max = percentile(&mut big_latency, 1.0);
     drop((a, b));
+    // The same client, the same files and the same disk, against nfs-ganesha.
+    let theirs = ganesha.as_ref().map(|server| {
+        let mut figures = ClientFigures::default();
+        let run = |command: &mut Command| {
+            let output = command.output().unwrap();
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            output.stdout
+        };
+        for i in 0..small {
+            let t = Instant::now();
+            run(server
+                .client("nfs-cp")
+                .arg(dir.join(format!("small-{i}")))
+                .arg(server.url(&format!("small-{i}"))));
+            figures.small_write.push(t.elapsed());
+        }
+        for round in 0..rounds {
+            let name = format!("big-{round}");
+            let t = Instant::now();
+            run(server.client("nfs-cp").arg(&source).arg(server.url(&name)));
+            figures.write.push(t.elapsed());
+            let t = Instant::now();
+            let bytes = run(server.client("nfs-cat").arg(server.url(&name)));
+            figures.read.push(t.elapsed());
+            assert_eq!(bytes.len(), big.len());
+        }
+        figures
+    });
+    drop(ganesha);
+    let median_ms = |samples: &[Duration]| percentile(&mut samples.to_vec(), 0.5);
+    let versus = theirs.map(|theirs| {
+        let (ow, tw) = (
+            mb / (median_ms(&ours.write) / 1e3),
+            mb / (median_ms(&theirs.write) / 1e3),
+        );
+        let (or, tr) = (
+            mb / (median_ms(&ours.read) / 1e3),
+            mb / (median_ms(&theirs.read) / 1e3),
+        );
+        let (os, ts) = (median_ms(&ours.small_write), median_ms(&theirs.small_write));
+        serde_json::json!({
+            "write_mb_s": [ow, tw], "write_ratio": ow / tw,
+            "read_mb_s": [or, tr], "read_ratio": or / tr,
+            "small_write_ms": [os, ts], "small_write_ratio": os / ts,
+        })
+    });
     let _ = std::fs::remove_dir_all(&dir);
     if json {
         println!(
@@ -214,6 +439,8 @@ fn main() {
                 "small_files": small, "small_p50_ms": small_p50, "small_p99_ms": small_p99,
                 "big_mb": big_mb, "big_rounds": rounds, "big_p50_ms": big_p50, "big_max_ms": big_max,
                 "nfs_write_mb_s": nw, "local_write_mb_s": lw, "nfs_read_mb_s": nr, "local_read_mb_s": lr,
+                "small_write_ms": median_ms(&ours.small_write),
+                "versus_ganesha": versus,
             })
         );
         return;
@@ -229,4 +456,24 @@ fn main() {
         "  read:  NFS {nr:.0} MB/s, local read {lr:.0} MB/s (ratio {:.2})",
         nr / lr
     );
+    if let Some(v) = versus {
+        let pair = |k: &str| {
+            (
+                v[k][0].as_f64().unwrap_or(0.0),
+                v[k][1].as_f64().unwrap_or(0.0),
+            )
+        };
+        let ((ow, tw), (or, tr), (os, ts)) = (
+            pair("write_mb_s"),
+            pair("read_mb_s"),
+            pair("small_write_ms"),
+        );
+        println!("  against nfs-ganesha 4 (FSAL VFS), same client, files and disk:");
+        println!("    write {ow:.0} vs {tw:.0} MB/s (ratio {:.2})", ow / tw);
+        println!("    read  {or:.0} vs {tr:.0} MB/s (ratio {:.2})", or / tr);
+        println!(
+            "    4 KiB file write {os:.1} vs {ts:.1} ms (ratio {:.2})",
+            os / ts
+        );
+    }
 }

@@ -143,7 +143,7 @@ impl ZoneFs {
         let growing = data.len() >= crate::store::FULL_WRITE && end == size;
         self.store
             .lock()
-            .note_write(&path, size, growing, Instant::now());
+            .note_write(&path, size, (growing, !sync), Instant::now());
         self.attr(id, &path)
     }
 
@@ -282,7 +282,7 @@ impl NFSFileSystem for ZoneFs {
             let size = std::fs::metadata(&disk).map_or(0, |m| m.len());
             self.store
                 .lock()
-                .note_write(&path, size, false, Instant::now());
+                .note_write(&path, size, (false, false), Instant::now());
         } else {
             // A chmod or a touch: replicated like a write.
             self.changed_now(&path);

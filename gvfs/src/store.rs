@@ -257,7 +257,13 @@ pub fn decide(ours: Option<&Entry>, theirs: &Entry) -> Decision {
             (false, false) => {
                 if ours.kind == Kind::Dir && theirs.kind == Kind::Dir {
                     Decision::MergeOnly
-                } else if (theirs.written_ms, theirs.writer) > (ours.written_ms, ours.writer) {
+                } else if content_change(ours) == content_change(theirs) {
+                    // The same write, with different deletions merged in on each side: one
+                    // content, nothing to keep twice.
+                    Decision::MergeOnly
+                } else if (theirs.written_ms, content_change(theirs))
+                    > (ours.written_ms, content_change(ours))
+                {
                     Decision::TakeTheirsCopyOurs
                 } else {
                     Decision::KeepOursCopyTheirs
@@ -267,10 +273,20 @@ pub fn decide(ours: Option<&Entry>, theirs: &Entry) -> Decision {
     }
 }
 
+/// The change that produced an entry's content: its writer and that writer's counter. Two
+/// entries with the same one hold the same bytes; it also orders two writes made in the same
+/// millisecond, so that every member picks the same winner.
+fn content_change(entry: &Entry) -> (u64, u64) {
+    (
+        entry.writer,
+        entry.vv.0.get(&entry.writer).copied().unwrap_or(0),
+    )
+}
+
 /// Whether `deletion` was made by a member that held `content`: the deletion's vector counts
 /// the change of `content`'s writer that produced it.
 fn saw_content(deletion: &Entry, content: &Entry) -> bool {
-    let written = content.vv.0.get(&content.writer).copied().unwrap_or(0);
+    let (_, written) = content_change(content);
     written > 0 && deletion.vv.0.get(&content.writer).copied().unwrap_or(0) >= written
 }
 
@@ -301,12 +317,19 @@ pub const GROWING_QUIET: Duration = Duration::from_secs(2);
 /// Writes smaller than this end a copy (clients write whole 1 MiB pieces until the last).
 pub const FULL_WRITE: usize = 1 << 20;
 
+/// How long a file written UNSTABLE and not committed must be quiet before it counts as
+/// changed: its writer has not said it is done (NFS clients COMMIT when they close or flush),
+/// and a pause in a copy (the page cache throttling writes) must not publish half of it.
+pub const UNCOMMITTED_QUIET: Duration = Duration::from_secs(30);
+
 /// A write not yet recorded as a change.
 #[derive(Clone, Copy, Debug)]
 struct PendingWrite {
     at: Instant,
     size: u64,
     growing: bool,
+    /// Written UNSTABLE since the last COMMIT.
+    uncommitted: bool,
 }
 
 /// The local replica of one zone.
@@ -554,13 +577,23 @@ impl ZoneStore {
     /// the debounce, or for [`GROWING_QUIET`] when the write was a full-size one at the end of
     /// the file (a copy under way: its next piece is coming, and a peer should not take the
     /// half file).
-    pub fn note_write(&mut self, path: &str, size: u64, growing: bool, now: Instant) {
+    /// `unstable`: written UNSTABLE (then it waits for a COMMIT, or [`UNCOMMITTED_QUIET`]).
+    /// Until it settles, the path is not offered to peers: they keep the previous version.
+    pub fn note_write(
+        &mut self,
+        path: &str,
+        size: u64,
+        (growing, unstable): (bool, bool),
+        now: Instant,
+    ) {
+        let uncommitted = unstable || self.pending_checks.get(path).is_some_and(|p| p.uncommitted);
         self.pending_checks.insert(
             path.to_string(),
             PendingWrite {
                 at: now,
                 size,
                 growing,
+                uncommitted,
             },
         );
     }
@@ -570,6 +603,7 @@ impl ZoneStore {
     pub fn note_commit(&mut self, path: &str) {
         if let Some(pending) = self.pending_checks.get_mut(path) {
             pending.growing = false;
+            pending.uncommitted = false;
         }
     }
 
@@ -612,7 +646,9 @@ impl ZoneStore {
             .pending_checks
             .iter()
             .filter(|(_, pending)| {
-                let quiet = if pending.growing {
+                let quiet = if pending.uncommitted {
+                    debounce.max(UNCOMMITTED_QUIET)
+                } else if pending.growing {
                     debounce.max(GROWING_QUIET)
                 } else {
                     debounce
@@ -624,12 +660,32 @@ impl ZoneStore {
         let mut changed = false;
         for path in due {
             self.pending_checks.remove(&path);
-            changed |= self.check(&path);
+            if self.check(&path) {
+                changed = true;
+            } else {
+                // Its last recorded version was withheld while it was written (see
+                // `changes_since`): offered again, or peers that pulled meanwhile miss it.
+                changed |= self.offer_again(&path);
+            }
         }
         if changed {
             self.save()?;
         }
         Ok(changed)
+    }
+
+    /// Gives `path`'s entry a new zone version without changing it, so that peers are offered
+    /// it again; returns whether there was an entry to offer.
+    fn offer_again(&mut self, path: &str) -> bool {
+        let Some(entry) = self.index.entries.get_mut(path) else {
+            return false;
+        };
+        if entry.changed_at == 0 {
+            return false;
+        }
+        self.index.version += 1;
+        entry.changed_at = self.index.version;
+        true
     }
 
     /// Compares `path` on disk with the index and records a change if they differ (created,
@@ -767,6 +823,9 @@ impl ZoneStore {
             .entries
             .iter()
             .filter(|(_, e)| e.changed_at > since)
+            // A file still being written is not offered: peers keep the version they have
+            // until it settles (then it is offered again with a new zone version).
+            .filter(|(p, _)| !self.pending_checks.contains_key(*p))
             .map(|(p, e)| (p.clone(), e.clone()))
             .collect();
         sort_for_applying(&mut changes);
@@ -1126,6 +1185,54 @@ mod tests {
             conflict_path(".hidden", 1, 2),
             ".hidden.conflict-0000000000000001-2"
         );
+    }
+
+    #[test]
+    fn a_file_being_written_is_withheld_from_peers_until_it_settles() {
+        let dir = scratch("withheld");
+        let (root, meta) = (dir.join("data"), dir.join("meta"));
+        let mut store = ZoneStore::open(7, &root, &meta).unwrap();
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("copy.bin"), b"").unwrap();
+        assert!(
+            store.check("copy.bin"),
+            "the create is recorded (NFS shows it)"
+        );
+        let now = Instant::now();
+        std::fs::write(root.join("copy.bin"), vec![1u8; 4096]).unwrap();
+        store.note_write("copy.bin", 4096, (false, true), now);
+        assert!(
+            store.changes_since(0).is_empty(),
+            "a peer pulling now gets nothing of it, not the empty create"
+        );
+        let offered_before = store.version();
+        // Uncommitted UNSTABLE writes wait for the writer's COMMIT, not for a pause.
+        let debounce = Duration::from_millis(100);
+        assert!(!store
+            .settle(now + Duration::from_secs(5), debounce)
+            .unwrap());
+        store.note_commit("copy.bin");
+        assert!(store
+            .settle(now + Duration::from_millis(200), debounce)
+            .unwrap());
+        let offered = store.changes_since(offered_before);
+        assert_eq!(offered.len(), 1);
+        assert_eq!(offered[0].1.size, 4096, "the whole file");
+        // Settled without a difference (rewritten with the same bytes and times): still
+        // offered again, for peers that pulled while it was withheld.
+        let seen = store.version();
+        store.note_write("copy.bin", 4096, (false, false), now);
+        assert!(store
+            .settle(now + Duration::from_secs(1), debounce)
+            .unwrap());
+        assert_eq!(store.changes_since(seen).len(), 1);
+        // Never committed: published after UNCOMMITTED_QUIET all the same.
+        store.note_write("copy.bin", 4096, (false, true), now);
+        assert!(!store
+            .settle(now + Duration::from_secs(29), debounce)
+            .unwrap());
+        assert!(store.settle(now + UNCOMMITTED_QUIET, debounce).unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

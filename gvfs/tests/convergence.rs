@@ -597,3 +597,20 @@ fn a_deletion_of_the_content_it_saw_wins_even_when_other_deletions_are_merged_in
     ];
     run(&steps).unwrap();
 }
+
+/// Found by the property: one write reached two members with a different deletion merged into
+/// each; the copies tied on writer and time, each member kept its own and copied the other's,
+/// and conflict copies of conflict copies grew without end.
+#[test]
+fn one_write_with_different_deletions_merged_in_is_one_version() {
+    use Op::{Remove, Write};
+    let steps = [
+        Step::Do(0, Write("f")),
+        Step::Do(1, Write("f")),
+        Step::Do(2, Write("f")),
+        Step::Do(2, Remove("f")),
+        Step::Do(0, Remove("f")),
+        Step::Pull(2, 1),
+    ];
+    run(&steps).unwrap();
+}
