@@ -280,6 +280,95 @@ fn three_hosts_discover_each_other_and_a_dead_one_leaves() {
             seen.windows(2).all(|w| w[0] == w[1])
         });
 
+        // The same new file written on all three hosts at once: every host ends with the same
+        // three versions (the file and two conflict copies), none empty, none nested.
+        for i in 0..HOSTS {
+            std::fs::write(lab.zone_dir(i).join("three.txt"), format!("from host{i}")).unwrap();
+        }
+        let versions = |i: usize| -> Vec<(String, Vec<u8>)> {
+            let mut found: Vec<(String, Vec<u8>)> = std::fs::read_dir(lab.zone_dir(i))
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| n.starts_with("three"))
+                        .map(|n| {
+                            let body = std::fs::read(lab.zone_dir(i).join(&n)).unwrap_or_default();
+                            (n, body)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            found.sort();
+            found
+        };
+        wait("three identical sets of three versions", &|| {
+            let first = versions(0);
+            first.len() == 3 && (1..HOSTS).all(|i| versions(i) == first)
+        });
+        let mut bodies: Vec<Vec<u8>> = versions(0).into_iter().map(|(_, b)| b).collect();
+        bodies.sort();
+        assert_eq!(
+            bodies,
+            vec![
+                b"from host0".to_vec(),
+                b"from host1".to_vec(),
+                b"from host2".to_vec()
+            ]
+        );
+        assert!(
+            versions(0)
+                .iter()
+                .all(|(n, _)| n.matches(".conflict-").count() <= 1),
+            "no nested conflict copies"
+        );
+
+        // A large file copied to host0 through NFS: host2 never shows part of it, on disk or
+        // through its NFS server, while the copy runs; then it has all of it.
+        let big: Vec<u8> = (0..(96u32 << 20)).map(|i| (i % 249) as u8).collect();
+        let big_source = lab.dir.join("big.bin");
+        std::fs::write(&big_source, &big).unwrap();
+        let mut copying = Command::new("ip")
+            .args(["netns", "exec", &lab.ns("h0"), "nfs-cp"])
+            .arg(&big_source)
+            .arg(url(0).replace("payload.bin", "big.bin"))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let on_host2 = lab.zone_dir(2).join("big.bin");
+        let mut looks = 0;
+        let copied = loop {
+            if let Some(status) = copying.try_wait().unwrap() {
+                break status;
+            }
+            if let Ok(meta) = std::fs::metadata(&on_host2) {
+                assert_eq!(
+                    meta.len(),
+                    big.len() as u64,
+                    "host2 showed part of the file being written"
+                );
+            }
+            if looks % 20 == 0 {
+                let read = Command::new("ip")
+                    .args(["netns", "exec", &lab.ns("h2"), "nfs-cat"])
+                    .arg(url(2).replace("payload.bin", "big.bin"))
+                    .output()
+                    .unwrap();
+                assert!(
+                    !read.status.success() || read.stdout.len() == big.len(),
+                    "host2's NFS server served {} bytes of the file being written",
+                    read.stdout.len()
+                );
+            }
+            looks += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(copied.success(), "nfs-cp of the large file");
+        wait("the large file on host2", &|| {
+            std::fs::metadata(&on_host2).is_ok_and(|m| m.len() == big.len() as u64)
+                && std::fs::read(&on_host2).is_ok_and(|d| d == big)
+        });
+        eprintln!("host2 looked at the large file {looks} times while it was written");
+
         // host2 is down while host0 takes a write; it catches up when it returns.
         let _ = Command::new("kill")
             .args(["-TERM", &lab.lab.child(2).id().to_string()])

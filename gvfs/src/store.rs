@@ -250,9 +250,14 @@ pub fn decide(ours: Option<&Entry>, theirs: &Entry) -> Decision {
             (true, true) => Decision::MergeOnly,
             // Content wins over a concurrent deletion, unless the deletion came after that
             // very content (the vectors are concurrent only through other changes merged in).
-            (true, false) if saw_content(ours, theirs) => Decision::MergeOnly,
+            // A directory is not one content but every mkdir merged into it: it wins over any
+            // concurrent deletion (deciding by one of its writers would depend on which
+            // member merged what, and members would disagree).
+            (true, false) if theirs.kind == Kind::File && saw_content(ours, theirs) => {
+                Decision::MergeOnly
+            }
             (true, false) => Decision::Take,
-            (false, true) if saw_content(theirs, ours) => Decision::Take,
+            (false, true) if ours.kind == Kind::File && saw_content(theirs, ours) => Decision::Take,
             (false, true) => Decision::MergeOnly,
             (false, false) => {
                 if ours.kind == Kind::Dir && theirs.kind == Kind::Dir {

@@ -614,3 +614,20 @@ fn one_write_with_different_deletions_merged_in_is_one_version() {
     ];
     run(&steps).unwrap();
 }
+
+/// Found by the property: a directory created on two members, renamed away on a third that had
+/// seen only one of the mkdirs; whether the rename's deletion won depended on which mkdir each
+/// member's merged entry named as its writer, and members disagreed.
+#[test]
+fn a_directory_made_twice_and_renamed_away_on_a_third_member_converges() {
+    use Op::{Mkdir, Rename};
+    let steps = [
+        Step::Do(1, Mkdir("b")),
+        Step::Pull(0, 1),
+        Step::Do(2, Mkdir("b")),
+        Step::Do(0, Rename("b", "a")),
+        Step::Pull(1, 2),
+        Step::Pull(2, 0),
+    ];
+    run(&steps).unwrap();
+}
