@@ -1045,19 +1045,32 @@ impl ZoneStore {
             if let Some(replaced) = self.index.entries.get(&new) {
                 self.by_id.remove(&replaced.id);
             }
+            // It keeps its content's identity (writer, write time, the writer's counter), so that
+            // two members making the same rename concurrently hold one version, not a conflict;
+            // its vector follows both what was at the new path and its own history.
             let mut moved_entry = entry;
-            moved_entry.vv = self
+            let mut vv = self
                 .index
                 .entries
                 .get(&new)
                 .map(|e| e.vv.clone())
                 .unwrap_or_default();
-            moved_entry.deleted = true;
-            moved_entry.mtime_ns = i128::MIN;
+            vv.merge(&moved_entry.vv);
+            moved_entry.vv = vv;
             self.by_id.insert(moved_entry.id, new.clone());
             self.index.entries.insert(new.clone(), moved_entry);
             self.check(&old);
-            self.check(&new);
+            // Content that differs from what was indexed (writes not settled) is a change of
+            // its own; otherwise the move is recorded as this node's change of the new path.
+            if !self.check(&new) {
+                let node = self.node;
+                self.index.version += 1;
+                let version = self.index.version;
+                if let Some(entry) = self.index.entries.get_mut(&new) {
+                    entry.vv.record(node, version);
+                    entry.changed_at = version;
+                }
+            }
         }
     }
 

@@ -631,3 +631,22 @@ fn a_directory_made_twice_and_renamed_away_on_a_third_member_converges() {
     ];
     run(&steps).unwrap();
 }
+
+/// Found by the property: two members renamed the same directory the same way; each move was
+/// recorded as new content written by the renaming member, and the two identical copies of a
+/// conflict copy conflicted, nesting a copy in a copy.
+#[test]
+fn the_same_rename_on_two_members_is_one_version() {
+    use Op::{Mkdir, Rename, Write};
+    let steps = [
+        Step::Do(0, Mkdir("b")),
+        Step::Do(1, Mkdir("b")),
+        Step::Do(0, Write("b/g")),
+        Step::Do(1, Write("b/g")),
+        Step::Pull(1, 0),
+        Step::Pull(2, 1),
+        Step::Do(2, Rename("b", "a")),
+        Step::Do(1, Rename("b", "a")),
+    ];
+    run(&steps).unwrap();
+}
