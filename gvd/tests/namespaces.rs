@@ -324,7 +324,7 @@ fn three_hosts_discover_each_other_and_a_dead_one_leaves() {
 
         // A large file copied to host0 through NFS: host2 never shows part of it, on disk or
         // through its NFS server, while the copy runs; then it has all of it.
-        let big: Vec<u8> = (0..(96u32 << 20)).map(|i| (i % 249) as u8).collect();
+        let big: Vec<u8> = (0..(64u32 << 20)).map(|i| (i % 249) as u8).collect();
         let big_source = lab.dir.join("big.bin");
         std::fs::write(&big_source, &big).unwrap();
         let mut copying = Command::new("ip")
