@@ -280,6 +280,30 @@ fn three_hosts_discover_each_other_and_a_dead_one_leaves() {
             seen.windows(2).all(|w| w[0] == w[1])
         });
 
+        // A directory tree made on host0, renamed, then deleted: it never comes back anywhere.
+        std::fs::create_dir_all(lab.zone_dir(0).join("dirX/sub")).unwrap();
+        std::fs::write(lab.zone_dir(0).join("dirX/sub/f"), b"in a tree").unwrap();
+        wait("the tree everywhere", &|| {
+            (0..HOSTS).all(|i| lab.zone_dir(i).join("dirX/sub/f").exists())
+        });
+        std::fs::rename(lab.zone_dir(0).join("dirX"), lab.zone_dir(0).join("dirY")).unwrap();
+        wait("the renamed tree everywhere, the old name nowhere", &|| {
+            (0..HOSTS).all(|i| {
+                lab.zone_dir(i).join("dirY/sub/f").exists()
+                    && !lab.zone_dir(i).join("dirX").exists()
+            })
+        });
+        std::fs::remove_dir_all(lab.zone_dir(0).join("dirY")).unwrap();
+        // A change made after the deletion: once it is everywhere, so is the deletion.
+        std::fs::write(lab.zone_dir(0).join("after-tree.txt"), b"later").unwrap();
+        wait("the deletion everywhere", &|| {
+            (0..HOSTS).all(|i| {
+                lab.zone_dir(i).join("after-tree.txt").exists()
+                    && !lab.zone_dir(i).join("dirY").exists()
+                    && !lab.zone_dir(i).join("dirX").exists()
+            })
+        });
+
         // The same new file written on all three hosts at once: every host ends with the same
         // three versions (the file and two conflict copies), none empty, none nested.
         for i in 0..HOSTS {
