@@ -129,7 +129,10 @@ fn nodes_find_each_other_and_notice_departures() {
     // A node is listed as soon as its announcement arrives; its VDEV list follows on the VDEV
     // topic (`vdevs_current` says when it has).
     cluster.wait(0, Duration::from_secs(5), |l| {
-        names(l) == all && l.nodes.iter().all(|n| n.vdevs_current && !n.vdevs.is_empty())
+        names(l) == all
+            && l.nodes
+                .iter()
+                .all(|n| n.vdevs_current && !n.vdevs.is_empty())
     });
     let list = cluster.list(0).unwrap();
     let gvctl = |args: &[&str]| {
