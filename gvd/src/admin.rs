@@ -42,7 +42,7 @@ pub struct StreamRow {
     /// Publisher id (the low half of its node id).
     pub publisher: u32,
     /// The publisher's session (a restart starts a new one); hex in JSON, as everywhere.
-    #[serde(serialize_with = "hex_u64")]
+    #[serde(serialize_with = "grapevine_gvd_schema::nodes::hex_id::serialize")]
     pub session: u64,
     /// `joining`, `recovering` or `live`.
     pub status: String,
@@ -60,10 +60,6 @@ pub struct StreamRow {
     pub lost: u64,
     /// Recoveries completed.
     pub recoveries: u64,
-}
-
-fn hex_u64<S: serde::Serializer>(value: &u64, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(&format!("{value:016x}"))
 }
 
 /// Counters of the topics this node follows.

@@ -23,11 +23,6 @@ pub enum Relation {
 pub struct VersionVector(pub BTreeMap<u64, u64>);
 
 impl VersionVector {
-    /// Records one more change by `node`.
-    pub fn bump(&mut self, node: u64) {
-        *self.0.entry(node).or_insert(0) += 1;
-    }
-
     /// Records a change by `node` made at its zone version `version` (which only grows): the
     /// counter is that version, so a node never reuses a counter for a path, even after the
     /// path took another node's version and forgot its own (a conflict it lost).
@@ -49,11 +44,11 @@ impl VersionVector {
     /// ```
     /// use grapevine_fs::version::{Relation, VersionVector};
     /// let mut a = VersionVector::default();
-    /// a.bump(1);
+    /// a.record(1, 1);
     /// let mut b = a.clone();
-    /// b.bump(2);
+    /// b.record(2, 1);
     /// assert_eq!(a.relation(&b), Relation::Before);
-    /// a.bump(1);
+    /// a.record(1, 2);
     /// assert_eq!(a.relation(&b), Relation::Concurrent);
     /// ```
     pub fn relation(&self, other: &Self) -> Relation {
