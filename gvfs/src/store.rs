@@ -33,6 +33,18 @@ pub enum Kind {
     Dir,
 }
 
+/// One change made by a node: the node, and its counter at the change (its zone version then,
+/// so a node never numbers two changes alike, whatever their paths).
+#[derive(
+    Clone, Copy, Debug, Default, Deserialize, Eq, Hash, Ord, PartialEq, PartialOrd, Serialize,
+)]
+pub struct Change {
+    /// The node that made it.
+    pub node: u64,
+    /// That node's counter at it.
+    pub counter: u64,
+}
+
 /// What the index knows of one path.
 #[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
 pub struct Entry {
@@ -50,20 +62,26 @@ pub struct Entry {
     pub size: u64,
     /// Modification time in nanoseconds, as last seen (to notice changes).
     pub mtime_ns: i128,
-    /// The node that made the newest change, and when (ms since the epoch): picks the winner
-    /// of a conflict the same way on every member.
-    pub writer: u64,
-    /// See `writer`.
+    /// The write that produced this content: two entries with the same one hold the same bytes,
+    /// wherever renames took them. With `written_ms`, it picks the winner of a conflict the
+    /// same way on every member, and names the loser's copy.
+    pub content: Change,
+    /// When that write was made (ms since the epoch, the writer's clock).
     pub written_ms: u64,
+    /// The change that put this content at this path: its write, or the rename that moved it
+    /// here. A concurrent deletion of the path wins over the content only if it saw this
+    /// change.
+    pub placed: Change,
     /// Permission bits (`st_mode & 0o7777`); 0 when not known (an index from before they were
     /// replicated, until the next change).
     pub mode: u32,
 }
 
-/// The index file in gvd's state directory (version 2: entries carry their mode).
-const INDEX_FILE: &str = "index.v2.bin";
-/// The index file of earlier releases, read once and migrated.
-const LEGACY_INDEX_FILE: &str = "index.bin";
+/// The index file in gvd's state directory (version 3: entries carry their content's write and
+/// the change that placed it at its path).
+const INDEX_FILE: &str = "index.v3.bin";
+/// The index files of earlier releases, newest first: read once and migrated.
+const LEGACY_INDEX_FILES: [&str; 2] = ["index.v2.bin", "index.bin"];
 
 /// The index as earlier releases wrote it (postcard has no optional fields).
 mod legacy {
@@ -71,11 +89,12 @@ mod legacy {
 
     use serde::Deserialize;
 
-    use super::{Kind, VersionVector};
+    use super::{Change, Kind, VersionVector};
 
+    /// An entry of the first release, before modes were replicated.
     #[derive(Deserialize)]
     #[cfg_attr(test, derive(serde::Serialize))]
-    pub(super) struct Entry {
+    pub(super) struct EntryV1 {
         id: u64,
         kind: Kind,
         vv: VersionVector,
@@ -87,20 +106,37 @@ mod legacy {
         written_ms: u64,
     }
 
+    /// An entry of version 2: a mode, and the content known only by its writer.
     #[derive(Deserialize)]
     #[cfg_attr(test, derive(serde::Serialize))]
-    pub(super) struct Index {
+    pub(super) struct EntryV2 {
+        id: u64,
+        kind: Kind,
+        vv: VersionVector,
+        deleted: bool,
+        changed_at: u64,
+        size: u64,
+        mtime_ns: i128,
+        writer: u64,
+        written_ms: u64,
+        mode: u32,
+    }
+
+    #[derive(Deserialize)]
+    #[cfg_attr(test, derive(serde::Serialize))]
+    pub(super) struct Index<E> {
         next_id: u64,
         version: u64,
-        entries: BTreeMap<String, Entry>,
+        entries: BTreeMap<String, E>,
         seen: BTreeMap<u64, u64>,
         conflicts: u64,
     }
 
-    /// An old index of one file, as an earlier release wrote it.
+    /// An old index of one file written by node 7, as the first release wrote it, or as the
+    /// second did when `mode` is given.
     #[cfg(test)]
-    pub(super) fn one_file(path: &str, size: u64, mtime_ns: i128) -> Vec<u8> {
-        let entry = Entry {
+    pub(super) fn one_file(path: &str, size: u64, mtime_ns: i128, mode: Option<u32>) -> Vec<u8> {
+        let entry = EntryV1 {
             id: 2,
             kind: Kind::File,
             vv: VersionVector([(7, 1)].into_iter().collect()),
@@ -111,39 +147,92 @@ mod legacy {
             writer: 7,
             written_ms: 1,
         };
-        let index = Index {
-            next_id: 3,
-            version: 1,
-            entries: [(path.to_string(), entry)].into_iter().collect(),
-            seen: BTreeMap::new(),
-            conflicts: 0,
-        };
-        postcard::to_stdvec(&index).unwrap_or_default()
+        fn index<E>(path: &str, entry: E) -> Index<E> {
+            Index {
+                next_id: 3,
+                version: 1,
+                entries: [(path.to_string(), entry)].into_iter().collect(),
+                seen: BTreeMap::new(),
+                conflicts: 0,
+            }
+        }
+        match mode {
+            None => postcard::to_stdvec(&index(path, entry)),
+            Some(mode) => postcard::to_stdvec(&index(
+                path,
+                EntryV2 {
+                    id: entry.id,
+                    kind: entry.kind,
+                    vv: entry.vv,
+                    deleted: entry.deleted,
+                    changed_at: entry.changed_at,
+                    size: entry.size,
+                    mtime_ns: entry.mtime_ns,
+                    writer: entry.writer,
+                    written_ms: entry.written_ms,
+                    mode,
+                },
+            )),
+        }
+        .unwrap_or_default()
     }
 
-    impl From<Index> for super::Index {
-        fn from(old: Index) -> Self {
+    impl EntryV1 {
+        fn into_entry(self, mode: u32) -> super::Entry {
+            // Before renames kept a content's identity, the writer's counter in the vector was
+            // its write, and the write put it at its path.
+            let content = Change {
+                node: self.writer,
+                counter: self.vv.0.get(&self.writer).copied().unwrap_or(0),
+            };
+            super::Entry {
+                id: self.id,
+                kind: self.kind,
+                vv: self.vv,
+                deleted: self.deleted,
+                changed_at: self.changed_at,
+                size: self.size,
+                mtime_ns: self.mtime_ns,
+                content,
+                written_ms: self.written_ms,
+                placed: content,
+                mode,
+            }
+        }
+    }
+
+    impl From<EntryV1> for super::Entry {
+        fn from(old: EntryV1) -> Self {
+            old.into_entry(0)
+        }
+    }
+
+    impl From<EntryV2> for super::Entry {
+        fn from(old: EntryV2) -> Self {
+            let v1 = EntryV1 {
+                id: old.id,
+                kind: old.kind,
+                vv: old.vv,
+                deleted: old.deleted,
+                changed_at: old.changed_at,
+                size: old.size,
+                mtime_ns: old.mtime_ns,
+                writer: old.writer,
+                written_ms: old.written_ms,
+            };
+            v1.into_entry(old.mode)
+        }
+    }
+
+    impl<E: Into<super::Entry>> From<Index<E>> for super::Index {
+        fn from(old: Index<E>) -> Self {
             Self {
                 next_id: old.next_id,
                 version: old.version,
                 entries: old
                     .entries
                     .into_iter()
-                    .map(|(path, e)| {
-                        let entry = super::Entry {
-                            id: e.id,
-                            kind: e.kind,
-                            vv: e.vv,
-                            deleted: e.deleted,
-                            changed_at: e.changed_at,
-                            size: e.size,
-                            mtime_ns: e.mtime_ns,
-                            writer: e.writer,
-                            written_ms: e.written_ms,
-                            mode: 0,
-                        };
-                        (path, entry)
-                    })
+                    .map(|(path, e)| (path, e.into()))
                     .collect(),
                 seen: old.seen,
                 conflicts: old.conflicts,
@@ -194,7 +283,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
-fn now_ms() -> u64 {
+/// What a store reads the wall clock with, in milliseconds since the Unix epoch: it stamps each
+/// local change (conflict resolution compares the stamps). Tests give a store a clock they
+/// control.
+pub type WallClock = std::sync::Arc<dyn Fn() -> u64 + Send + Sync>;
+
+fn system_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -262,13 +356,11 @@ pub fn decide(ours: Option<&Entry>, theirs: &Entry) -> Decision {
             (false, false) => {
                 if ours.kind == Kind::Dir && theirs.kind == Kind::Dir {
                     Decision::MergeOnly
-                } else if content_change(ours) == content_change(theirs) {
+                } else if ours.content == theirs.content {
                     // The same write, with different deletions merged in on each side: one
                     // content, nothing to keep twice.
                     Decision::MergeOnly
-                } else if (theirs.written_ms, content_change(theirs))
-                    > (ours.written_ms, content_change(ours))
-                {
+                } else if (theirs.written_ms, theirs.content) > (ours.written_ms, ours.content) {
                     Decision::TakeTheirsCopyOurs
                 } else {
                     Decision::KeepOursCopyTheirs
@@ -278,34 +370,32 @@ pub fn decide(ours: Option<&Entry>, theirs: &Entry) -> Decision {
     }
 }
 
-/// The change that produced an entry's content: its writer and that writer's counter. Two
-/// entries with the same one hold the same bytes; it also orders two writes made in the same
-/// millisecond, so that every member picks the same winner.
-fn content_change(entry: &Entry) -> (u64, u64) {
-    (
-        entry.writer,
-        entry.vv.0.get(&entry.writer).copied().unwrap_or(0),
-    )
-}
-
-/// Whether `deletion` was made by a member that held `content`: the deletion's vector counts
-/// the change of `content`'s writer that produced it.
+/// Whether `deletion` was made by a member that held `content` at this path: the deletion's
+/// vector counts the change that put it there. (Its write alone is not enough: a file written
+/// elsewhere by the deleting node and then renamed here is news to that node.)
 fn saw_content(deletion: &Entry, content: &Entry) -> bool {
-    let (_, written) = content_change(content);
-    written > 0 && deletion.vv.0.get(&content.writer).copied().unwrap_or(0) >= written
+    let placed = content.placed;
+    placed.counter > 0 && deletion.vv.0.get(&placed.node).copied().unwrap_or(0) >= placed.counter
 }
 
-/// The name of the conflict copy of `path` for the version written by `writer` at
-/// `written_ms`: `dir/name.conflict-<writer>-<ms>.ext`.
-pub fn conflict_path(path: &str, writer: u64, written_ms: u64) -> String {
+/// The name of the conflict copy of `path` for the version whose content `content` wrote:
+/// `dir/name.conflict-<writer>-<writer's counter>.ext`.
+///
+/// The change, not the write time, names the copy: two versions by one writer in the same
+/// millisecond would otherwise share a copy, and members would fill it differently.
+pub fn conflict_path(path: &str, content: Change) -> String {
+    let Change {
+        node: writer,
+        counter: change,
+    } = content;
     let (dir, name) = path.rsplit_once('/').map_or(("", path), |(d, n)| (d, n));
     let (stem, ext) = match name.rsplit_once('.') {
         Some((stem, ext)) if !stem.is_empty() => (stem, Some(ext)),
         _ => (name, None),
     };
     let copy = match ext {
-        Some(ext) => format!("{stem}.conflict-{writer:016x}-{written_ms}.{ext}"),
-        None => format!("{stem}.conflict-{writer:016x}-{written_ms}"),
+        Some(ext) => format!("{stem}.conflict-{writer:016x}-{change}.{ext}"),
+        None => format!("{stem}.conflict-{writer:016x}-{change}"),
     };
     if dir.is_empty() {
         copy
@@ -338,9 +428,9 @@ struct PendingWrite {
 }
 
 /// The local replica of one zone.
-#[derive(Debug)]
 pub struct ZoneStore {
     node: u64,
+    clock: WallClock,
     root: PathBuf,
     index_path: PathBuf,
     tmp_dir: PathBuf,
@@ -358,6 +448,17 @@ pub struct ZoneStore {
     skipped_links: BTreeSet<String>,
 }
 
+impl std::fmt::Debug for ZoneStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZoneStore")
+            .field("node", &self.node)
+            .field("root", &self.root)
+            .field("version", &self.index.version)
+            .field("entries", &self.index.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl ZoneStore {
     /// Opens (or creates) the replica whose data lives in `root` and whose index and temporary
     /// files live in `meta`, for node `node`; scans the directory for changes made while gvd
@@ -367,6 +468,20 @@ impl ZoneStore {
     ///
     /// When the directories cannot be created or the index cannot be read.
     pub fn open(node: u64, root: &Path, meta: &Path) -> Result<Self, StoreError> {
+        Self::open_with_clock(node, root, meta, std::sync::Arc::new(system_ms))
+    }
+
+    /// [`ZoneStore::open`] with the wall clock that stamps local changes.
+    ///
+    /// # Errors
+    ///
+    /// As [`ZoneStore::open`].
+    pub fn open_with_clock(
+        node: u64,
+        root: &Path,
+        meta: &Path,
+        clock: WallClock,
+    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(root).map_err(io(root))?;
         let tmp_dir = meta.join("incoming");
         std::fs::create_dir_all(&tmp_dir).map_err(io(&tmp_dir))?;
@@ -378,24 +493,23 @@ impl ZoneStore {
                 reason: e.to_string(),
             }
         };
-        let legacy_path = meta.join(LEGACY_INDEX_FILE);
-        let index = match std::fs::read(&index_path) {
-            Ok(bytes) => postcard::from_bytes(&bytes).map_err(unreadable(&index_path))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match std::fs::read(&legacy_path)
-            {
-                // An index written before modes were replicated: taken over, modes unknown.
-                Ok(bytes) => {
-                    let legacy: legacy::Index =
-                        postcard::from_bytes(&bytes).map_err(unreadable(&legacy_path))?;
-                    tracing::info!(path = %legacy_path.display(), "zone index migrated");
-                    legacy.into()
+        let (index, migrated_from) = match std::fs::read(&index_path) {
+            Ok(bytes) => (
+                postcard::from_bytes(&bytes).map_err(unreadable(&index_path))?,
+                None,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match Self::read_legacy_index(meta)? {
+                    Some((index, path)) => (index, Some(path)),
+                    None => (
+                        Index {
+                            next_id: ROOT_ID + 1,
+                            ..Index::default()
+                        },
+                        None,
+                    ),
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Index {
-                    next_id: ROOT_ID + 1,
-                    ..Index::default()
-                },
-                Err(e) => return Err(io(&legacy_path)(e)),
-            },
+            }
             Err(e) => return Err(io(&index_path)(e)),
         };
         let by_id = index
@@ -405,6 +519,7 @@ impl ZoneStore {
             .collect();
         let mut store = Self {
             node,
+            clock,
             root: root.to_path_buf(),
             index_path,
             tmp_dir,
@@ -417,7 +532,7 @@ impl ZoneStore {
             skipped_links: BTreeSet::new(),
         };
         store.scan()?;
-        if !store.index_path.exists() && legacy_path.exists() {
+        if let Some(legacy_path) = migrated_from.filter(|_| !store.index_path.exists()) {
             // Migrated: written in the new format at once; the old file goes once it is.
             store.save()?;
             if let Err(error) = std::fs::remove_file(&legacy_path) {
@@ -425,6 +540,30 @@ impl ZoneStore {
             }
         }
         Ok(store)
+    }
+
+    /// The index an earlier release left in `meta` (the newest there is), taken over; and the
+    /// file it came from.
+    fn read_legacy_index(meta: &Path) -> Result<Option<(Index, PathBuf)>, StoreError> {
+        for (format, name) in LEGACY_INDEX_FILES.iter().enumerate() {
+            let path = meta.join(name);
+            let bytes = match std::fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(&path)(e)),
+            };
+            let parsed = match format {
+                0 => postcard::from_bytes::<legacy::Index<legacy::EntryV2>>(&bytes).map(Into::into),
+                _ => postcard::from_bytes::<legacy::Index<legacy::EntryV1>>(&bytes).map(Into::into),
+            };
+            let index = parsed.map_err(|e| StoreError::Index {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            tracing::info!(path = %path.display(), "zone index of an earlier release migrated");
+            return Ok(Some((index, path)));
+        }
+        Ok(None)
     }
 
     /// The zone's directory.
@@ -550,8 +689,12 @@ impl ZoneStore {
                 changed_at: 0,
                 size: 0,
                 mtime_ns: i128::MIN,
-                writer: self.node,
+                content: Change {
+                    node: self.node,
+                    counter: 0,
+                },
                 written_ms: 0,
+                placed: Change::default(),
                 mode: 0,
             },
         );
@@ -743,8 +886,12 @@ impl ZoneStore {
             self.index.version += 1;
             entry.vv.record(node, self.index.version);
             entry.changed_at = self.index.version;
-            entry.writer = node;
-            entry.written_ms = now_ms();
+            entry.content = Change {
+                node,
+                counter: self.index.version,
+            };
+            entry.placed = entry.content;
+            entry.written_ms = (self.clock)();
             tracing::debug!(
                 path,
                 id,
@@ -876,7 +1023,7 @@ impl ZoneStore {
                 return self.save();
             }
             Decision::KeepOursCopyTheirs => {
-                let copy = conflict_path(path, theirs.writer, theirs.written_ms);
+                let copy = conflict_path(path, theirs.content);
                 let mut their_copy = theirs.clone();
                 their_copy.deleted = false;
                 self.install(&copy, &their_copy, fetched)?;
@@ -893,7 +1040,7 @@ impl ZoneStore {
             Decision::TakeTheirsCopyOurs => {
                 let ours = self.index.entries.get(path).cloned();
                 if let Some(ours) = ours {
-                    let copy = conflict_path(path, ours.writer, ours.written_ms);
+                    let copy = conflict_path(path, ours.content);
                     let copy_disk = self.disk_path(&copy)?;
                     std::fs::rename(&disk, &copy_disk).map_err(io(&copy_disk))?;
                     let meta = std::fs::metadata(&copy_disk).map_err(io(&copy_disk))?;
@@ -939,6 +1086,11 @@ impl ZoneStore {
         self.id_for(path);
         if let Some(entry) = self.index.entries.get_mut(path) {
             entry.vv.merge(&theirs.vv);
+            if !entry.deleted && !theirs.deleted && entry.content == theirs.content {
+                // One content placed here twice (the same rename on two members): a deletion
+                // wins if it saw the later placement, whichever member merged what.
+                entry.placed = entry.placed.max(theirs.placed);
+            }
             self.index.version += 1;
             entry.changed_at = self.index.version;
         }
@@ -1045,9 +1197,9 @@ impl ZoneStore {
             if let Some(replaced) = self.index.entries.get(&new) {
                 self.by_id.remove(&replaced.id);
             }
-            // It keeps its content's identity (writer, write time, the writer's counter), so that
-            // two members making the same rename concurrently hold one version, not a conflict;
-            // its vector follows both what was at the new path and its own history.
+            // It keeps its content's identity (its write and write time), so that two members
+            // making the same rename concurrently hold one version, not a conflict; its vector
+            // follows both what was at the new path and its own history; the rename places it.
             let mut moved_entry = entry;
             let mut vv = self
                 .index
@@ -1069,6 +1221,10 @@ impl ZoneStore {
                 if let Some(entry) = self.index.entries.get_mut(&new) {
                     entry.vv.record(node, version);
                     entry.changed_at = version;
+                    entry.placed = Change {
+                        node,
+                        counter: version,
+                    };
                 }
             }
         }
@@ -1157,6 +1313,10 @@ mod tests {
     }
 
     fn entry(vv: &[(u64, u64)], writer: u64, written_ms: u64, deleted: bool) -> Entry {
+        let content = Change {
+            node: writer,
+            counter: vv.iter().find(|(n, _)| *n == writer).map_or(0, |(_, c)| *c),
+        };
         Entry {
             id: 9,
             kind: Kind::File,
@@ -1165,8 +1325,9 @@ mod tests {
             changed_at: 1,
             size: 1,
             mtime_ns: 0,
-            writer,
+            content,
             written_ms,
+            placed: content,
             mode: 0o644,
         }
     }
@@ -1192,15 +1353,33 @@ mod tests {
     #[test]
     fn conflict_names_keep_the_extension() {
         assert_eq!(
-            conflict_path("a/b/report.txt", 0xab, 5),
+            conflict_path(
+                "a/b/report.txt",
+                Change {
+                    node: 0xab,
+                    counter: 5
+                }
+            ),
             "a/b/report.conflict-00000000000000ab-5.txt"
         );
         assert_eq!(
-            conflict_path("README", 1, 2),
+            conflict_path(
+                "README",
+                Change {
+                    node: 1,
+                    counter: 2
+                }
+            ),
             "README.conflict-0000000000000001-2"
         );
         assert_eq!(
-            conflict_path(".hidden", 1, 2),
+            conflict_path(
+                ".hidden",
+                Change {
+                    node: 1,
+                    counter: 2
+                }
+            ),
             ".hidden.conflict-0000000000000001-2"
         );
     }
@@ -1283,30 +1462,38 @@ mod tests {
 
     #[test]
     fn an_index_of_an_earlier_release_is_taken_over_without_a_change() {
-        use std::os::unix::fs::MetadataExt;
-        let dir = scratch("legacy");
-        let (root, meta) = (dir.join("data"), dir.join("meta"));
-        std::fs::create_dir_all(&root).unwrap();
-        std::fs::create_dir_all(&meta).unwrap();
-        std::fs::write(root.join("f"), b"old").unwrap();
-        let on_disk = std::fs::metadata(root.join("f")).unwrap();
-        let mtime = i128::from(on_disk.mtime()) * 1_000_000_000 + i128::from(on_disk.mtime_nsec());
-        std::fs::write(
-            meta.join(LEGACY_INDEX_FILE),
-            legacy::one_file("f", 3, mtime),
-        )
-        .unwrap();
-        let mut store = ZoneStore::open(7, &root, &meta).unwrap();
-        assert_eq!(store.version(), 1);
-        assert_eq!(store.entry("f").unwrap().id, 2, "ids survive the migration");
-        assert_eq!(
-            store.scan().unwrap(),
-            0,
-            "an unknown mode is learnt, not a change"
-        );
-        assert_ne!(store.entry("f").unwrap().mode, 0);
-        assert!(meta.join(INDEX_FILE).exists());
-        let _ = std::fs::remove_dir_all(&dir);
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        for (file, mode) in [("index.bin", None), ("index.v2.bin", Some(0o640))] {
+            let dir = scratch("legacy");
+            let (root, meta) = (dir.join("data"), dir.join("meta"));
+            std::fs::create_dir_all(&root).unwrap();
+            std::fs::create_dir_all(&meta).unwrap();
+            std::fs::write(root.join("f"), b"old").unwrap();
+            std::fs::set_permissions(root.join("f"), std::fs::Permissions::from_mode(0o640))
+                .unwrap();
+            let on_disk = std::fs::metadata(root.join("f")).unwrap();
+            let mtime =
+                i128::from(on_disk.mtime()) * 1_000_000_000 + i128::from(on_disk.mtime_nsec());
+            std::fs::write(meta.join(file), legacy::one_file("f", 3, mtime, mode)).unwrap();
+            let mut store = ZoneStore::open(7, &root, &meta).unwrap();
+            assert_eq!(store.version(), 1, "{file}");
+            let entry = store.entry("f").unwrap();
+            assert_eq!(entry.id, 2, "ids survive the migration");
+            let written = Change {
+                node: 7,
+                counter: 1,
+            };
+            assert_eq!((entry.content, entry.placed), (written, written), "{file}");
+            assert_eq!(
+                store.scan().unwrap(),
+                0,
+                "{file}: an unknown mode is learnt, not a change"
+            );
+            assert_eq!(store.entry("f").unwrap().mode, 0o640);
+            assert!(meta.join(INDEX_FILE).exists());
+            assert!(!meta.join(file).exists(), "{file} is replaced");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use grapevine_fs::nfs::ZoneFs;
 use grapevine_fs::repl::{pull, ReplServer, ServedZone};
-use grapevine_fs::store::{Entry, Kind, ZoneStore};
+use grapevine_fs::store::{Change, Entry, Kind, ZoneStore};
 use grapevine_fs::version::VersionVector;
 use grapevine_gvd_schema::frame::{encode_frame, frame_len, FRAME_HEADER_LEN};
 use grapevine_gvd_schema::secure::PortKey;
@@ -173,8 +173,15 @@ fn a_pull_never_writes_or_deletes_outside_the_zone() {
         changed_at: 1,
         size: 0,
         mtime_ns: 0,
-        writer: 9,
+        content: Change {
+            node: 9,
+            counter: 1,
+        },
         written_ms: 1,
+        placed: Change {
+            node: 9,
+            counter: 1,
+        },
         mode: 0o644,
     };
     let attacks: Vec<Vec<(String, Entry)>> = vec![
