@@ -72,6 +72,12 @@ pub struct Entry {
     /// here. A concurrent deletion of the path wins over the content only if it saw this
     /// change.
     pub placed: Change,
+    /// The versions that lost a conflict at this path on a member that held this entry (they
+    /// live on in conflict copies). Not part of `vv`: a deletion of this version by a member
+    /// that saw only it is not concurrent with them. The next change made here follows them
+    /// too: whoever makes it saw them set aside, and a member still holding one at this path
+    /// must take that change rather than weigh it as a new conflict.
+    pub displaced: VersionVector,
     /// Permission bits (`st_mode & 0o7777`); 0 when not known (an index from before they were
     /// replicated, until the next change).
     pub mode: u32,
@@ -196,6 +202,7 @@ mod legacy {
                 content,
                 written_ms: self.written_ms,
                 placed: content,
+                displaced: VersionVector::default(),
                 mode,
             }
         }
@@ -695,6 +702,7 @@ impl ZoneStore {
                 },
                 written_ms: 0,
                 placed: Change::default(),
+                displaced: VersionVector::default(),
                 mode: 0,
             },
         );
@@ -884,6 +892,8 @@ impl ZoneStore {
         if changed {
             self.used_cache.set(None);
             self.index.version += 1;
+            let displaced = std::mem::take(&mut entry.displaced);
+            entry.vv.merge(&displaced);
             entry.vv.record(node, self.index.version);
             entry.changed_at = self.index.version;
             entry.content = Change {
@@ -1026,20 +1036,27 @@ impl ZoneStore {
                 let copy = conflict_path(path, theirs.content);
                 let mut their_copy = theirs.clone();
                 their_copy.deleted = false;
+                their_copy.displaced = VersionVector::default();
                 self.install(&copy, &their_copy, fetched)?;
+                if let Some(entry) = self.index.entries.get_mut(path) {
+                    entry.displaced.merge(&theirs.vv);
+                }
                 self.index.conflicts += 1;
                 tracing::warn!(
                     path,
                     copy,
                     "conflict: concurrent changes, kept both (ours wins)"
                 );
-                // Our entry stays as it is: theirs lives on in its copy, and a later deletion
+                // Our vector stays as it is: theirs lives on in its copy, and a later deletion
                 // of ours must not meet their changes at the path.
                 return self.save();
             }
             Decision::TakeTheirsCopyOurs => {
                 let ours = self.index.entries.get(path).cloned();
+                let mut theirs = theirs.clone();
                 if let Some(ours) = ours {
+                    theirs.displaced.merge(&ours.displaced);
+                    theirs.displaced.merge(&ours.vv);
                     let copy = conflict_path(path, ours.content);
                     let copy_disk = self.disk_path(&copy)?;
                     std::fs::rename(&disk, &copy_disk).map_err(io(&copy_disk))?;
@@ -1054,6 +1071,7 @@ impl ZoneStore {
                             changed_at: version,
                             size: meta.len(),
                             mtime_ns: mtime_ns(&meta),
+                            displaced: VersionVector::default(),
                             ..ours
                         },
                     );
@@ -1066,7 +1084,7 @@ impl ZoneStore {
                 }
                 // Not merged with ours: that version lives on in its copy, and the path holds
                 // theirs alone (a later deletion of theirs must not meet our changes there).
-                self.install(path, theirs, fetched)?;
+                self.install(path, &theirs, fetched)?;
             }
             Decision::Take => {
                 // Theirs follows ours, or wins over it (content over a deletion, a deletion
@@ -1074,6 +1092,7 @@ impl ZoneStore {
                 let mut merged = theirs.clone();
                 if let Some(ours) = self.index.entries.get(path) {
                     merged.vv.merge(&ours.vv);
+                    merged.displaced.merge(&ours.displaced);
                 }
                 self.install(path, &merged, fetched)?;
             }
@@ -1086,6 +1105,7 @@ impl ZoneStore {
         self.id_for(path);
         if let Some(entry) = self.index.entries.get_mut(path) {
             entry.vv.merge(&theirs.vv);
+            entry.displaced.merge(&theirs.displaced);
             if !entry.deleted && !theirs.deleted && entry.content == theirs.content {
                 // One content placed here twice (the same rename on two members): a deletion
                 // wins if it saw the later placement, whichever member merged what.
@@ -1201,14 +1221,15 @@ impl ZoneStore {
             // making the same rename concurrently hold one version, not a conflict; its vector
             // follows both what was at the new path and its own history; the rename places it.
             let mut moved_entry = entry;
-            let mut vv = self
-                .index
-                .entries
-                .get(&new)
-                .map(|e| e.vv.clone())
-                .unwrap_or_default();
+            let mut vv = VersionVector::default();
+            if let Some(replaced) = self.index.entries.get(&new) {
+                vv.merge(&replaced.vv);
+                vv.merge(&replaced.displaced);
+            }
             vv.merge(&moved_entry.vv);
             moved_entry.vv = vv;
+            // What lost conflicts at the old path is no news at the new one.
+            moved_entry.displaced = VersionVector::default();
             self.by_id.insert(moved_entry.id, new.clone());
             self.index.entries.insert(new.clone(), moved_entry);
             self.check(&old);
@@ -1328,6 +1349,7 @@ mod tests {
             content,
             written_ms,
             placed: content,
+            displaced: VersionVector::default(),
             mode: 0o644,
         }
     }

@@ -725,3 +725,22 @@ fn a_deletion_by_the_writer_does_not_win_over_its_file_renamed_there_by_another(
     ];
     run(&steps).unwrap();
 }
+
+/// Found by the property: member 0 resolved a conflict (member 1's version set aside in a copy)
+/// and then overwrote the winner. Member 1 still held its version at the path, weighed the
+/// overwrite against it as a new conflict and kept its own, while member 0, which had already
+/// pulled that version, never weighed it again: the members held different files at the path.
+#[test]
+fn an_overwrite_after_a_conflict_follows_the_version_set_aside() {
+    use Op::Write;
+    let steps = [
+        Step::Do(1, Write("f")),
+        Step::Pull(0, 1),
+        Step::Do(2, Write("f")),
+        Step::Pull(0, 2),
+        Step::Do(0, Write("f")),
+        Step::Pull(2, 1),
+        Step::Pull(2, 0),
+    ];
+    run(&steps).unwrap();
+}

@@ -182,6 +182,7 @@ fn a_pull_never_writes_or_deletes_outside_the_zone() {
             node: 9,
             counter: 1,
         },
+        displaced: VersionVector::default(),
         mode: 0o644,
     };
     let attacks: Vec<Vec<(String, Entry)>> = vec![
