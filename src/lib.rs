@@ -32,7 +32,8 @@ pub mod prelude {
     pub use grapevine_core::net::{InterfaceSpec, MulticastConfig};
     pub use grapevine_core::proto::{SnapshotRate, StreamStatus, SubscriberEvent};
     pub use grapevine_core::state::{
-        digest, next_in, short_hex, KeyedMap, LeafChanges, LeafMap, MapDelta, ReplicatedState,
+        digest, next_in, short_hex, DenseMap, KeyedMap, LeafChanges, LeafMap, MapDelta,
+        ReplicatedState,
     };
     pub use grapevine_publisher::{Publisher, PublisherError, PublisherOptions};
     pub use grapevine_snapshotter::{Snapshotter, SnapshotterOptions};

@@ -6,7 +6,8 @@
 //! - [`wire`]: datagram and message headers (`zerocopy`, big-endian), validation that never
 //!   panics, batching many messages into one datagram and fragmenting large ones.
 //! - [`state`]: the [`state::ReplicatedState`] trait (leaves, keys, deltas) and
-//!   [`state::KeyedMap`], a ready-made implementation.
+//!   ready-made states: [`state::KeyedMap`] (any ordered key) and [`state::DenseMap`] (`u32`
+//!   slots in one array).
 //! - [`proto`]: the publisher, snapshot-cycle and subscriber state machines. They take bytes and
 //!   `Instant`s and return bytes and events: deterministic, testable with a fake clock.
 //! - [`net`]: multicast sockets built with `socket2` (explicit interface, loopback by default),
@@ -30,4 +31,4 @@ pub use proto::{
     PublisherConfig, PublisherSession, SnapshotConfig, SnapshotRate, SnapshotSession, StreamStatus,
     SubscriberConfig, SubscriberEvent, SubscriberSession,
 };
-pub use state::{KeyedMap, LeafChanges, LeafMap, MapDelta, ReplicatedState};
+pub use state::{DenseMap, KeyedMap, LeafChanges, LeafMap, MapDelta, ReplicatedState};

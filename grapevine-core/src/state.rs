@@ -233,6 +233,156 @@ where
     }
 }
 
+/// A state of leaves numbered `0..CAPACITY`, kept in one array: a delta is applied by
+/// indexing, not by searching a tree, which is what a feed of many small updates to a known
+/// set of instruments, sensors or slots wants.
+///
+/// Deltas are [`MapDelta`]s with `u32` keys. A key at or beyond `CAPACITY` is ignored, by the
+/// publisher and by every subscriber alike (applying stays deterministic and total, and a
+/// forged key cannot make a subscriber allocate more than `CAPACITY` slots). The array grows
+/// up to the highest key used. Snapshot cycles walk the slots in order.
+///
+/// ```
+/// use grapevine_core::state::{DenseMap, MapDelta, ReplicatedState};
+/// let mut prices: DenseMap<u64, 1024> = DenseMap::default();
+/// assert!(prices.apply_owned(MapDelta::Put(7, 101)));
+/// assert_eq!(prices.leaf(&7), Some(&101));
+/// // Beyond the capacity: ignored, on every replica.
+/// prices.apply(&MapDelta::Put(5000, 1));
+/// assert_eq!(prices.len(), 1);
+/// ```
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct DenseMap<V, const CAPACITY: u32 = 65_536> {
+    /// Slot `k` holds leaf `k` with its key (`leaves` lends keys by reference).
+    slots: Vec<Option<(u32, V)>>,
+    len: usize,
+}
+
+impl<V, const CAPACITY: u32> Default for DenseMap<V, CAPACITY> {
+    fn default() -> Self {
+        Self {
+            slots: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<V, const CAPACITY: u32> DenseMap<V, CAPACITY> {
+    /// The leaf of `key`.
+    pub fn get(&self, key: u32) -> Option<&V> {
+        self.slots
+            .get(key as usize)
+            .and_then(|slot| slot.as_ref().map(|(_, value)| value))
+    }
+
+    /// The slot of `key`, made if it is within the capacity.
+    fn slot_mut(&mut self, key: u32) -> Option<&mut Option<(u32, V)>> {
+        if key >= CAPACITY {
+            return None;
+        }
+        let index = key as usize;
+        if index >= self.slots.len() {
+            self.slots.resize_with(index + 1, || None);
+        }
+        self.slots.get_mut(index)
+    }
+
+    /// Puts `value` in `key`'s slot; whether the key is within the capacity.
+    fn put(&mut self, key: u32, value: V) -> bool {
+        let Some(slot) = self.slot_mut(key) else {
+            return false;
+        };
+        match slot {
+            Some((_, held)) => *held = value,
+            None => {
+                *slot = Some((key, value));
+                self.len += 1;
+            }
+        }
+        true
+    }
+
+    fn take(&mut self, key: u32) -> Option<V> {
+        let taken = self
+            .slots
+            .get_mut(key as usize)?
+            .take()
+            .map(|(_, value)| value);
+        if taken.is_some() {
+            self.len -= 1;
+        }
+        taken
+    }
+}
+
+impl<V, const CAPACITY: u32> ReplicatedState for DenseMap<V, CAPACITY>
+where
+    V: Clone + Debug + PartialEq + Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    type Key = u32;
+    type Leaf = V;
+    type Delta = MapDelta<u32, V>;
+
+    fn delta_key(delta: &Self::Delta) -> &u32 {
+        match delta {
+            MapDelta::Put(key, _) | MapDelta::Remove(key) => key,
+        }
+    }
+
+    fn apply(&mut self, delta: &Self::Delta) {
+        match delta {
+            MapDelta::Put(key, value) => {
+                self.put(*key, value.clone());
+            }
+            MapDelta::Remove(key) => {
+                self.take(*key);
+            }
+        }
+    }
+
+    fn apply_owned(&mut self, delta: Self::Delta) -> bool {
+        match delta {
+            MapDelta::Put(key, value) => self.put(key, value),
+            MapDelta::Remove(key) => {
+                self.take(key);
+                false
+            }
+        }
+    }
+
+    fn leaf(&self, key: &u32) -> Option<&V> {
+        self.get(*key)
+    }
+
+    fn leaves(&self) -> Box<dyn Iterator<Item = (&u32, &V)> + '_> {
+        Box::new(
+            self.slots
+                .iter()
+                .filter_map(|slot| slot.as_ref().map(|(key, value)| (key, value))),
+        )
+    }
+
+    fn next_leaf(&self, after: Option<&u32>) -> Option<(&u32, &V)> {
+        let start = after.map_or(0, |after| *after as usize + 1);
+        self.slots
+            .get(start..)?
+            .iter()
+            .find_map(|slot| slot.as_ref().map(|(key, value)| (key, value)))
+    }
+
+    fn put_leaf(&mut self, key: u32, leaf: V) {
+        self.put(key, leaf);
+    }
+
+    fn remove_leaf(&mut self, key: &u32) -> Option<V> {
+        self.take(*key)
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
 /// [`ReplicatedState::next_leaf`] for states kept in a `BTreeMap`.
 pub fn next_in<'a, K: Ord, V>(
     map: &'a BTreeMap<K, V>,
@@ -459,6 +609,41 @@ mod tests {
                 after = Some(*key);
             }
             prop_assert_eq!(walked, model.into_iter().collect::<Vec<_>>());
+        }
+
+        /// A dense map holds what a keyed map of the same deltas holds, minus the keys beyond
+        /// its capacity, and walks its leaves in key order.
+        #[test]
+        fn a_dense_map_matches_a_keyed_map(
+            deltas in proptest::collection::vec(
+                (0u32..40, proptest::option::of(any::<u16>())),
+                0..200,
+            )
+        ) {
+            let mut dense = DenseMap::<u16, 32>::default();
+            let mut keyed = KeyedMap::<u32, u16>::default();
+            for (key, value) in deltas {
+                let delta = match value {
+                    Some(value) => MapDelta::Put(key, value),
+                    None => MapDelta::Remove(key),
+                };
+                if key < 32 {
+                    prop_assert_eq!(dense.apply_owned(delta.clone()), keyed.apply_owned(delta));
+                } else {
+                    prop_assert!(!dense.apply_owned(delta.clone()), "beyond the capacity");
+                    dense.apply(&delta);
+                }
+            }
+            prop_assert_eq!(dense.len(), keyed.len());
+            prop_assert_eq!(digest(&dense), digest(&keyed));
+            let mut walked = Vec::new();
+            let mut after = None;
+            while let Some((key, leaf)) = dense.next_leaf(after.as_ref()) {
+                walked.push((*key, *leaf));
+                after = Some(*key);
+            }
+            prop_assert_eq!(walked, keyed.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>());
+            prop_assert!(dense.slots.len() <= 32);
         }
     }
 }

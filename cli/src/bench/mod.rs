@@ -63,6 +63,10 @@ pub(crate) struct ThroughputArgs {
     /// verified with its public key, and report the cost.
     #[arg(long)]
     auth_ed25519: bool,
+    /// Also run GrapeVine with a dense state (`DenseMap`: slots in an array) on both sides,
+    /// beside the default `KeyedMap` (a tree), and report both.
+    #[arg(long)]
+    dense: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,

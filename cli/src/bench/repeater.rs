@@ -11,7 +11,7 @@ use grapevine::subscriber::{Subscriber, SubscriberOptions};
 use serde_json::json;
 
 use super::throughput::throughput_between;
-use super::{quantile, ThroughputArgs};
+use super::{quantile, PayloadMap, ThroughputArgs};
 
 /// One-way delivery times of `count` single deltas from a publisher on `group` to a subscriber
 /// on `subscribe_on`, each sent after the previous arrived.
@@ -76,8 +76,9 @@ pub(super) fn repeater(args: &ThroughputArgs) -> Result<()> {
     let window = (args.window / (args.payload as u64 + 32)).max(1);
     let direct_times = delivery_times(&direct, &direct, 2_000)?;
     let repeated_times = delivery_times(&near, &far, 2_000)?;
-    let (plain, _) = throughput_between(args, &direct, &direct, duration, window, None)?;
-    let (through, _) = throughput_between(args, &near, &far, duration, window, None)?;
+    let (plain, _) =
+        throughput_between::<PayloadMap>(args, &direct, &direct, duration, window, None)?;
+    let (through, _) = throughput_between::<PayloadMap>(args, &near, &far, duration, window, None)?;
     let p = |t: &[Duration], q: f64| quantile(t, q).as_secs_f64() * 1e6;
     if args.json {
         println!(

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use grapevine::core::auth::Keyring;
 use grapevine::core::net::{MulticastConfig, MulticastSocket, RecvBatch};
 use grapevine::core::proto::SnapshotRate;
-use grapevine::core::state::MapDelta;
+use grapevine::core::state::{DenseMap, MapDelta, ReplicatedState};
 use grapevine::publisher::{Publisher, PublisherOptions};
 use grapevine::snapshotter::{Snapshotter, SnapshotterOptions};
 use grapevine::subscriber::{Subscriber, SubscriberOptions};
@@ -17,9 +17,16 @@ use serde_json::json;
 
 use super::{payload_bytes, process_cpu_seconds, Measured, PayloadMap, ThroughputArgs};
 
+/// The bench's payloads in a dense state, beside `PayloadMap`'s tree (keys stay below
+/// `--keys`, at most 1 000 000).
+type DensePayloads = DenseMap<Bytes, 1_000_000>;
+
 pub(super) fn throughput(args: &ThroughputArgs) -> Result<()> {
     if args.payload == 0 || args.payload > 60_000 {
         bail!("--payload must be 1..=60000 bytes");
+    }
+    if args.dense && args.keys > 1_000_000 {
+        bail!("--dense takes at most 1000000 --keys (the dense state's capacity)");
     }
     let duration = Duration::from_secs_f64(args.seconds.max(0.1));
     // The window in messages: what `window` bytes of framed messages hold.
@@ -35,6 +42,17 @@ pub(super) fn throughput(args: &ThroughputArgs) -> Result<()> {
     );
     let (gv, per_datagram) = throughput_grapevine(args, &group, duration, window, None)?;
     super::check_interrupted()?;
+    let dense = if args.dense {
+        let mut dense_group = args.group;
+        dense_group.set_port(args.group.port().wrapping_add(4));
+        let group = MulticastConfig::new(dense_group);
+        let measured =
+            throughput_between::<DensePayloads>(args, &group, &group, duration, window, None)?;
+        super::check_interrupted()?;
+        Some(measured.0)
+    } else {
+        None
+    };
     let signed = if args.auth {
         let keyring = Arc::new(Keyring::single(1, rand::random()));
         let mut signed_group = args.group;
@@ -77,6 +95,8 @@ pub(super) fn throughput(args: &ThroughputArgs) -> Result<()> {
                 "grapevine": gv.json(args.payload),
                 "raw": raw.json(args.payload),
                 "ratio": ratio,
+                "grapevine_dense": dense.as_ref().map(|m| m.json(args.payload)),
+                "dense_ratio": dense.as_ref().map(|m| m.rate() / raw.rate().max(1.0)),
                 "grapevine_signed": signed.as_ref().map(|m| m.json(args.payload)),
                 "auth_ratio": signed.as_ref().map(|m| m.rate() / gv.rate().max(1.0)),
                 "grapevine_ed25519": ed25519.as_ref().map(|m| m.json(args.payload)),
@@ -95,6 +115,9 @@ pub(super) fn throughput(args: &ThroughputArgs) -> Result<()> {
         args.payload, args.seconds
     );
     let mut rows = vec![("grapevine", &gv), ("raw udp", &raw)];
+    if let Some(dense) = &dense {
+        rows.insert(1, ("dense", dense));
+    }
     if let Some(signed) = &signed {
         rows.insert(1, ("signed", signed));
     }
@@ -111,6 +134,12 @@ pub(super) fn throughput(args: &ThroughputArgs) -> Result<()> {
         );
     }
     println!("ratio: {ratio:.2}");
+    if let Some(dense) = &dense {
+        println!(
+            "ratio with a dense state (DenseMap: slots in an array, no tree): {:.2}",
+            dense.rate() / raw.rate().max(1.0)
+        );
+    }
     if let Some(signed) = &signed {
         println!(
             "authentication (keyed BLAKE3 on every datagram, verified with a replay window): {:.2} of unsigned",
@@ -134,27 +163,30 @@ fn throughput_grapevine(
     window: u64,
     keyring: Option<Arc<Keyring>>,
 ) -> Result<(Measured, u64)> {
-    throughput_between(args, group, group, duration, window, keyring)
+    throughput_between::<PayloadMap>(args, group, group, duration, window, keyring)
 }
 
 /// As `throughput_grapevine`, with the subscriber on `subscribe_on` (a repeater's far side).
-pub(super) fn throughput_between(
+pub(super) fn throughput_between<S>(
     args: &ThroughputArgs,
     group: &MulticastConfig,
     subscribe_on: &MulticastConfig,
     duration: Duration,
     window: u64,
     keyring: Option<Arc<Keyring>>,
-) -> Result<(Measured, u64)> {
+) -> Result<(Measured, u64)>
+where
+    S: ReplicatedState<Delta = MapDelta<u32, Bytes>>,
+{
     let mut options = SubscriberOptions::new(1, subscribe_on.clone());
     options.session.emit_applied = false;
     options.session.keyring = keyring.clone();
     options.batch = 64;
-    let subscriber = Subscriber::<PayloadMap>::join(options)?;
+    let subscriber = Subscriber::<S>::join(options)?;
     let mut publisher_options = PublisherOptions::new(1, group.clone());
     publisher_options.session.heartbeat_interval = Duration::from_millis(50);
     publisher_options.session.keyring = keyring;
-    let publisher = Publisher::start(publisher_options, PayloadMap::default())?;
+    let publisher = Publisher::start(publisher_options, S::default())?;
     let snapshotter = if args.snapshot_rate > 0 {
         let mut options = SnapshotterOptions::new(group.clone());
         options.snapshot.rate = SnapshotRate::LeavesPerSecond(args.snapshot_rate);
