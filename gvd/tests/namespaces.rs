@@ -74,10 +74,21 @@ impl Lab {
             .arg(self.dir.join(format!("h{i}")))
             .arg("--vdriver-path")
             .arg(drivers)
+            .env("RUST_LOG", "gvd=debug")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(self.log_file(i))
             .spawn()
             .expect("start gvd in a namespace")
+    }
+
+    /// Host `i`'s log, appended to across restarts and shown when a check fails.
+    fn log_file(&self, i: usize) -> std::fs::File {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("h{i}.log")))
+            .expect("open the host's log")
     }
 
     /// A zone on all three hosts, each holding it in its own directory.
@@ -142,6 +153,34 @@ impl Drop for Lab {
         // The namespaces and processes go with `self.lab`.
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Each host's zone (top level: names and the start of each file) and the last lines of its
+/// log, for a failure message.
+fn what_each_host_holds(lab_dir: &std::path::Path) -> String {
+    (0..HOSTS)
+        .map(|i| {
+            let mut files: Vec<String> = std::fs::read_dir(lab_dir.join(format!("h{i}-zone")))
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| {
+                            let content = std::fs::read(e.path())
+                                .map(|c| String::from_utf8_lossy(&c).chars().take(24).collect())
+                                .unwrap_or_else(|_| "<dir>".to_string());
+                            format!("{}={content:?}", e.file_name().to_string_lossy())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            files.sort();
+            let log =
+                std::fs::read_to_string(lab_dir.join(format!("h{i}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            format!("--- host{i}: {}\n{tail}", files.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[test]
@@ -240,12 +279,14 @@ fn three_hosts_discover_each_other_and_a_dead_one_leaves() {
             "host1 read host2's zone though host2 exports it only to itself"
         );
 
+        let lab_dir = lab.dir.clone();
         let wait = |what: &str, check: &dyn Fn() -> bool| {
             let started = Instant::now();
             while !check() {
                 assert!(
                     started.elapsed() < Duration::from_secs(20),
-                    "{what}: not within 20 s"
+                    "{what}: not within 20 s\n{}",
+                    what_each_host_holds(&lab_dir)
                 );
                 std::thread::sleep(Duration::from_millis(50));
             }

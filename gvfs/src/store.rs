@@ -339,7 +339,8 @@ pub enum Decision {
 
 /// Decides between our entry (if any) and a peer's. Every member decides the same way for the
 /// same pair, so all converge: a later write wins (then the higher node id), the other is kept
-/// as a conflict copy; content wins over a deletion.
+/// as a conflict copy; a directory wins over a file (which is kept as the copy); content wins
+/// over a deletion.
 pub fn decide(ours: Option<&Entry>, theirs: &Entry) -> Decision {
     let Some(ours) = ours else {
         return Decision::Take;
@@ -363,6 +364,15 @@ pub fn decide(ours: Option<&Entry>, theirs: &Entry) -> Decision {
             (false, false) => {
                 if ours.kind == Kind::Dir && theirs.kind == Kind::Dir {
                     Decision::MergeOnly
+                } else if ours.kind != theirs.kind {
+                    // A directory and a file made at one path: the directory stays (its
+                    // children need it, and a tree cannot become a conflict copy without
+                    // renaming all of them), the file becomes the copy, on every member.
+                    if ours.kind == Kind::Dir {
+                        Decision::KeepOursCopyTheirs
+                    } else {
+                        Decision::TakeTheirsCopyOurs
+                    }
                 } else if ours.content == theirs.content {
                     // The same write, with different deletions merged in on each side: one
                     // content, nothing to keep twice.
@@ -856,8 +866,7 @@ impl ZoneStore {
             .disk_path(path)
             .ok()
             .and_then(|disk| std::fs::symlink_metadata(disk).ok());
-        let node = self.node;
-        let id = self.id_for(path);
+        self.id_for(path);
         let Some(entry) = self.index.entries.get_mut(path) else {
             return false;
         };
@@ -890,27 +899,126 @@ impl ZoneStore {
             }
         };
         if changed {
-            self.used_cache.set(None);
-            self.index.version += 1;
-            let displaced = std::mem::take(&mut entry.displaced);
-            entry.vv.merge(&displaced);
-            entry.vv.record(node, self.index.version);
-            entry.changed_at = self.index.version;
-            entry.content = Change {
-                node,
-                counter: self.index.version,
-            };
-            entry.placed = entry.content;
-            entry.written_ms = (self.clock)();
-            tracing::debug!(
-                path,
-                id,
-                version = self.index.version,
-                deleted = entry.deleted,
-                "local change"
-            );
+            self.record_local_change(path);
         }
         changed
+    }
+
+    /// Makes what the index holds for `path` a change of this node (a new version following
+    /// everything its entry has seen and set aside).
+    fn record_local_change(&mut self, path: &str) {
+        let node = self.node;
+        let id = self.id_for(path);
+        let Some(entry) = self.index.entries.get_mut(path) else {
+            return;
+        };
+        self.used_cache.set(None);
+        self.index.version += 1;
+        let displaced = std::mem::take(&mut entry.displaced);
+        entry.vv.merge(&displaced);
+        entry.vv.record(node, self.index.version);
+        entry.changed_at = self.index.version;
+        entry.content = Change {
+            node,
+            counter: self.index.version,
+        };
+        entry.placed = entry.content;
+        entry.written_ms = (self.clock)();
+        tracing::debug!(
+            path,
+            id,
+            version = self.index.version,
+            deleted = entry.deleted,
+            "local change"
+        );
+    }
+
+    /// Moves the file at `path` to its conflict copy (named by its content) so that a
+    /// directory can take its place, and indexes the copy; returns the copy's path.
+    fn set_aside_file(&mut self, path: &str, file: Entry) -> Result<String, StoreError> {
+        let disk = self.disk_path(path)?;
+        let copy = conflict_path(path, file.content);
+        let copy_disk = self.disk_path(&copy)?;
+        std::fs::rename(&disk, &copy_disk).map_err(io(&copy_disk))?;
+        let meta = std::fs::metadata(&copy_disk).map_err(io(&copy_disk))?;
+        let id = self.id_for(&copy);
+        self.index.version += 1;
+        let version = self.index.version;
+        self.index.entries.insert(
+            copy.clone(),
+            Entry {
+                id,
+                changed_at: version,
+                size: meta.len(),
+                mtime_ns: mtime_ns(&meta),
+                displaced: VersionVector::default(),
+                ..file
+            },
+        );
+        self.index.conflicts += 1;
+        Ok(copy)
+    }
+
+    /// A directory that holds something a file made at its path never saw stays a directory
+    /// (as in a concurrent conflict, the directory wins): the file at `path` (on disk, or the
+    /// incoming `file`) becomes its conflict copy, and the directory a new version that
+    /// follows the file's, so that every member ends with the directory and the copy.
+    fn directory_wins_over(
+        &mut self,
+        path: &str,
+        file: &Entry,
+        fetched: Option<&Path>,
+    ) -> Result<(), StoreError> {
+        let copy = conflict_path(path, file.content);
+        let mut their_copy = file.clone();
+        their_copy.displaced = VersionVector::default();
+        self.install(&copy, &their_copy, fetched)?;
+        self.index.conflicts += 1;
+        self.make_directory_entry(path, &file.vv);
+        tracing::warn!(
+            path,
+            copy,
+            "conflict: a file made where a directory holds newer things; kept both"
+        );
+        Ok(())
+    }
+
+    /// Indexes `path` as a live directory that follows `after`, as a change of this node.
+    fn make_directory_entry(&mut self, path: &str, after: &VersionVector) {
+        let id = self.id_for(path);
+        let entry = self
+            .index
+            .entries
+            .entry(path.to_string())
+            .or_insert_with(|| Entry {
+                id,
+                kind: Kind::Dir,
+                vv: VersionVector::default(),
+                deleted: false,
+                changed_at: 0,
+                size: 0,
+                mtime_ns: 0,
+                content: Change::default(),
+                written_ms: 0,
+                placed: Change::default(),
+                displaced: VersionVector::default(),
+                mode: 0,
+            });
+        entry.vv.merge(after);
+        entry.kind = Kind::Dir;
+        entry.deleted = false;
+        entry.size = 0;
+        self.record_local_change(path);
+    }
+
+    /// Whether anything live under directory `path` is news to a version with vector `vv`.
+    fn holds_unseen(&self, path: &str, vv: &VersionVector) -> bool {
+        let prefix = format!("{path}/");
+        self.index.entries.iter().any(|(p, e)| {
+            p.starts_with(&prefix)
+                && !e.deleted
+                && !matches!(e.vv.relation(vv), Relation::Before | Relation::Equal)
+        })
     }
 
     /// Checks every indexed path and every file under the directory; returns how many changed.
@@ -1025,7 +1133,6 @@ impl ZoneStore {
         decision: &Decision,
         fetched: Option<&Path>,
     ) -> Result<(), StoreError> {
-        let disk = self.disk_path(path)?;
         match decision {
             Decision::Skip => return Ok(()),
             Decision::MergeOnly => {
@@ -1057,25 +1164,7 @@ impl ZoneStore {
                 if let Some(ours) = ours {
                     theirs.displaced.merge(&ours.displaced);
                     theirs.displaced.merge(&ours.vv);
-                    let copy = conflict_path(path, ours.content);
-                    let copy_disk = self.disk_path(&copy)?;
-                    std::fs::rename(&disk, &copy_disk).map_err(io(&copy_disk))?;
-                    let meta = std::fs::metadata(&copy_disk).map_err(io(&copy_disk))?;
-                    let id = self.id_for(&copy);
-                    self.index.version += 1;
-                    let version = self.index.version;
-                    self.index.entries.insert(
-                        copy.clone(),
-                        Entry {
-                            id,
-                            changed_at: version,
-                            size: meta.len(),
-                            mtime_ns: mtime_ns(&meta),
-                            displaced: VersionVector::default(),
-                            ..ours
-                        },
-                    );
-                    self.index.conflicts += 1;
+                    let copy = self.set_aside_file(path, ours)?;
                     tracing::warn!(
                         path,
                         copy,
@@ -1125,7 +1214,38 @@ impl ZoneStore {
         fetched: Option<&Path>,
     ) -> Result<(), StoreError> {
         self.used_cache.set(None);
-        let disk = self.disk_path(path)?;
+        let disk = match self.disk_path(path) {
+            Ok(disk) => disk,
+            // A deletion under what is a file here now (a directory that lost to a file, or
+            // was replaced by one): nothing of it is on disk, only the tombstone to keep.
+            Err(PathError::NotADirectory(_)) if theirs.deleted => {
+                self.index_received(path, theirs, 0, i128::MIN);
+                return Ok(());
+            }
+            // Something made under what is a file here (a file that replaced its directory
+            // without seeing it): the directory wins, the file becomes a conflict copy.
+            Err(PathError::NotADirectory(ancestor)) => {
+                let file = self
+                    .index
+                    .entries
+                    .get(&ancestor)
+                    .filter(|e| !e.deleted && e.kind == Kind::File)
+                    .cloned()
+                    .ok_or_else(|| PathError::NotADirectory(ancestor.clone()))?;
+                let copy = self.set_aside_file(&ancestor, file.clone())?;
+                let ancestor_disk = self.disk_path(&ancestor)?;
+                std::fs::create_dir_all(&ancestor_disk).map_err(io(&ancestor_disk))?;
+                self.make_directory_entry(&ancestor, &file.vv);
+                tracing::warn!(
+                    path = ancestor,
+                    copy,
+                    "conflict: a directory's contents arrived where a file replaced it; kept both"
+                );
+                // Deeper ancestors, if any, the same way.
+                return self.install(path, theirs, fetched);
+            }
+            Err(e) => return Err(e.into()),
+        };
         if let Some(parent) = disk.parent() {
             std::fs::create_dir_all(parent).map_err(io(parent))?;
         }
@@ -1157,8 +1277,12 @@ impl ZoneStore {
                 return Ok(());
             };
             // Their file follows a directory that was there: it goes if empty (its children's
-            // deletions come later in the same pull otherwise, and the next pull finishes it).
+            // deletions come later in the same pull otherwise, and the next pull finishes it),
+            // unless it holds something the file's writer never saw.
             if std::fs::symlink_metadata(&disk).is_ok_and(|m| m.is_dir()) {
+                if self.holds_unseen(path, &theirs.vv) {
+                    return self.directory_wins_over(path, theirs, Some(fetched));
+                }
                 std::fs::remove_dir(&disk).map_err(io(&disk))?;
             }
             // The writer's permissions and modification time, set before the file appears.
@@ -1168,6 +1292,12 @@ impl ZoneStore {
             let meta = std::fs::metadata(&disk).map_err(io(&disk))?;
             (meta.len(), mtime_ns(&meta))
         };
+        self.index_received(path, theirs, size, mtime);
+        Ok(())
+    }
+
+    /// Indexes a peer's version of `path` as installed, with what the disk now holds.
+    fn index_received(&mut self, path: &str, theirs: &Entry, size: u64, mtime: i128) {
         let id = self.id_for(path);
         self.index.version += 1;
         let version = self.index.version;
@@ -1181,7 +1311,6 @@ impl ZoneStore {
                 ..theirs.clone()
             },
         );
-        Ok(())
     }
 
     /// Moves the index entry of `from` (and of everything under it) to `to`, after the rename

@@ -453,13 +453,12 @@ fn a_three_way_conflict_converges_with_every_version_kept() {
     }
 }
 
-const DIRS: [&str; 3] = ["a", "b", "a/c"];
-const FILES: [&str; 4] = ["f", "a/f", "b/g", "a/c/h"];
+/// `k` is both: a directory on one member and a file on another (a kind conflict).
+const DIRS: [&str; 4] = ["a", "b", "a/c", "k"];
+const FILES: [&str; 6] = ["f", "a/f", "b/g", "a/c/h", "k", "k/x"];
 
 fn op() -> impl proptest::strategy::Strategy<Value = Op> {
     use proptest::prelude::*;
-    // A name is always a directory or always a file: a path that is a file on one member
-    // and a directory on another is not handled yet (docs/GVFS.md, "Not done yet").
     let dir = || prop::sample::select(DIRS.to_vec());
     let file = || prop::sample::select(FILES.to_vec());
     prop_oneof![
@@ -743,4 +742,44 @@ fn an_overwrite_after_a_conflict_follows_the_version_set_aside() {
         Step::Pull(2, 0),
     ];
     run(&steps).unwrap();
+}
+
+/// A file made at a path on one member while another made a directory there (with a file in
+/// it): on every member the directory stays, with its file, and the file becomes the conflict
+/// copy, whichever member hears of which first.
+#[test]
+fn a_file_and_a_directory_made_at_one_path_keep_the_directory_and_copy_the_file() {
+    use Op::{Mkdir, Write};
+    // Both ways round: which of the two writers has the higher id must not matter.
+    for (file_maker, dir_maker) in [(0, 1), (1, 0)] {
+        let steps = [
+            Step::Do(file_maker, Write("k")),
+            Step::Do(dir_maker, Mkdir("k")),
+            Step::Do(dir_maker, Write("k/x")),
+            Step::Pull(2, file_maker),
+            Step::Pull(2, dir_maker),
+            Step::Pull(file_maker, dir_maker),
+            Step::Pull(dir_maker, file_maker),
+        ];
+        run(&steps).unwrap();
+        let zone = Zone::new("kinds", 3);
+        let mut ledger = Ledger::default();
+        for step in &steps {
+            if let Step::Do(member, op) = step {
+                zone.try_op(*member, op, &mut ledger);
+            }
+        }
+        zone.sync();
+        let tree = zone.converged();
+        assert!(tree.contains_key("k/x"), "the directory's file: {tree:?}");
+        let copies: Vec<_> = tree
+            .keys()
+            .filter(|p| p.starts_with("k.conflict-"))
+            .collect();
+        assert_eq!(copies.len(), 1, "the file as one copy: {tree:?}");
+        assert_eq!(
+            tree[copies[0].as_str()],
+            Some(ledger.acknowledged[0].clone())
+        );
+    }
 }
