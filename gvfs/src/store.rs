@@ -941,20 +941,11 @@ impl ZoneStore {
         let copy_disk = self.disk_path(&copy)?;
         std::fs::rename(&disk, &copy_disk).map_err(io(&copy_disk))?;
         let meta = std::fs::metadata(&copy_disk).map_err(io(&copy_disk))?;
-        let id = self.id_for(&copy);
-        self.index.version += 1;
-        let version = self.index.version;
-        self.index.entries.insert(
-            copy.clone(),
-            Entry {
-                id,
-                changed_at: version,
-                size: meta.len(),
-                mtime_ns: mtime_ns(&meta),
-                displaced: VersionVector::default(),
-                ..file
-            },
-        );
+        let copied = Entry {
+            displaced: VersionVector::default(),
+            ..file
+        };
+        self.index_received(&copy, &copied, meta.len(), mtime_ns(&meta));
         self.index.conflicts += 1;
         Ok(copy)
     }
