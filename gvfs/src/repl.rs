@@ -569,7 +569,9 @@ fn apply_plan(
         let outcome = {
             let mut store = store.lock();
             // Decided again: a concurrent pull from another member may have brought this path
-            // meanwhile; the fetched content is still this peer's version.
+            // meanwhile, or a write made directly on disk; the fetched content is still this
+            // peer's version.
+            store.check_held(&path);
             let now = decide(store.entry(&path), &theirs);
             let content_ready = fetched.is_some() || !needs_content;
             if content_ready || matches!(now, Decision::Skip | Decision::MergeOnly) {

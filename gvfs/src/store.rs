@@ -857,7 +857,17 @@ impl ZoneStore {
     /// Compares `path` on disk with the index and records a change if they differ (created,
     /// modified or deleted); returns whether it did.
     pub fn check(&mut self, path: &str) -> bool {
-        if path.is_empty() || self.incoming.contains_key(path) {
+        if self.incoming.contains_key(path) {
+            return false;
+        }
+        self.check_held(path)
+    }
+
+    /// [`ZoneStore::check`] for a path a pull holds, just before the pull replaces it: a
+    /// write made directly in the zone directory since the pull planned is recorded (and so
+    /// weighed and kept) rather than overwritten or set aside under another version's name.
+    pub fn check_held(&mut self, path: &str) -> bool {
+        if path.is_empty() {
             return false;
         }
         // A path that cannot be resolved beneath the root (a symbolic link put there by hand)
