@@ -27,6 +27,10 @@ pub struct RepeaterConfig {
     /// Topics relayed; all when empty.
     #[serde(default)]
     pub topics: Vec<u32>,
+    /// How datagrams cross to the remote repeaters: `"udp"` (default) or `"quic"`
+    /// (congestion-controlled; peers prove they hold the network key).
+    #[serde(default)]
+    pub wan: grapevine_repeater::WanTransport,
 }
 
 fn loopback() -> String {

@@ -254,6 +254,7 @@ impl Daemon {
                 );
                 options.topics = (!settings.topics.is_empty()).then(|| settings.topics.clone());
                 options.keyring = keyring.clone();
+                options.wan = settings.wan;
                 let repeater = grapevine_repeater::Repeater::start(options)
                     .context("cannot start the repeater")?;
                 // Repeaters of the same network find each other on the DHT under their own

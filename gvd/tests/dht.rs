@@ -87,6 +87,33 @@ fn nodes_on_two_networks_find_each_other_through_the_dht() {
 
 #[test]
 fn repeaters_found_through_the_dht_carry_a_stream() {
+    repeaters_found_through_the_dht_carry_a_stream_over(
+        "udp",
+        [
+            "239.255.79.56:47956",
+            "239.255.79.58:47958",
+            "239.255.79.60:47960",
+            "239.255.79.61:47961",
+        ],
+    );
+}
+
+#[test]
+fn repeaters_found_through_the_dht_carry_a_stream_over_quic() {
+    repeaters_found_through_the_dht_carry_a_stream_over(
+        "quic",
+        [
+            "239.255.81.62:48162",
+            "239.255.81.63:48163",
+            "239.255.81.64:48164",
+            "239.255.81.65:48165",
+        ],
+    );
+}
+
+/// Two gvd with the repeater role over `wan` find each other on a private DHT; `groups` are
+/// the gvd groups of each and the two relayed groups.
+fn repeaters_found_through_the_dht_carry_a_stream_over(wan: &str, groups: [&str; 4]) {
     use grapevine::core::net::MulticastConfig;
     use grapevine::core::state::{digest, KeyedMap, MapDelta};
     use grapevine::core::StreamStatus;
@@ -94,14 +121,14 @@ fn repeaters_found_through_the_dht_carry_a_stream() {
     use grapevine::snapshotter::{Snapshotter, SnapshotterOptions};
     use grapevine::subscriber::{Subscriber, SubscriberOptions};
 
-    let (_testnet, dir, bootstrap) = private_dht("dht-rep");
+    let (_testnet, dir, bootstrap) = private_dht(&format!("dht-rep-{wan}"));
     let start = |name: &str, group: &str, relayed: &str| {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
                 "dht_bind = \"127.0.0.1\"\ndht_interval_ms = 300\nnetwork = \"office\"\n\
-                 [repeater]\ngroup = \"{relayed}\"\nlisten = \"127.0.0.1:0\"\n"
+                 [repeater]\ngroup = \"{relayed}\"\nlisten = \"127.0.0.1:0\"\nwan = \"{wan}\"\n"
             ),
         )
         .unwrap();
@@ -117,10 +144,9 @@ fn repeaters_found_through_the_dht_carry_a_stream() {
             ],
         )
     };
-    let near_group = "239.255.79.60:47960";
-    let far_group = "239.255.79.61:47961";
-    let _a = start("a", "239.255.79.56:47956", near_group);
-    let _b = start("b", "239.255.79.58:47958", far_group);
+    let [a_group, b_group, near_group, far_group] = groups;
+    let _a = start("a", a_group, near_group);
+    let _b = start("b", b_group, far_group);
     type Map = KeyedMap<u32, u64>;
     let near = MulticastConfig::new(near_group.parse().unwrap());
     let far = MulticastConfig::new(far_group.parse().unwrap());
@@ -148,6 +174,6 @@ fn repeaters_found_through_the_dht_carry_a_stream() {
         converged,
         "the far group got the stream through repeaters found on the DHT"
     );
-    eprintln!("converged {:?} after publishing", started.elapsed());
+    eprintln!("{wan}: converged {:?} after publishing", started.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
 }

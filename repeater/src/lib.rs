@@ -1,5 +1,5 @@
 //! Stream repeaters: relay chosen topics between a local multicast group and repeaters on
-//! other networks over unicast UDP, datagrams untouched (same framing, session ids, sequence
+//! other networks over unicast UDP or QUIC ([`WanTransport`]), datagrams untouched (same framing, session ids, sequence
 //! numbers and authentication tags), so subscribers on the far side see the same streams and
 //! recover from the same snapshots.
 //!
@@ -19,6 +19,12 @@
 //!   quiet publisher's heartbeats, then cross at most once per `LOOP_MEMORY`, well within a
 //!   subscriber's publisher timeout.)
 //!
+//! Over QUIC (`quinn`) each peer gets one connection; relayed datagrams ride as QUIC datagrams,
+//! so the link's congestion controller paces them (when it is full the oldest queued datagram
+//! gives way, counted in [`RepeaterStats::congestion_drops`], and subscribers recover from the
+//! snapshot cycle), and datagrams larger than a QUIC packet ride one stream. Peers prove they
+//! hold the shared link key over the TLS session's exported keying material.
+//!
 //! [`Relay`] is that logic without I/O; [`Repeater`] runs it on sockets.
 //!
 //! ```no_run
@@ -31,10 +37,14 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod quic;
 mod relay;
 mod sockets;
 
+pub use quic::QuicPath;
 pub use relay::{
     Relay, Verdict, FORWARDER_TIMEOUT, HELLO_INTERVAL, HELLO_PUBLISHER, LOOP_MEMORY, PEER_TIMEOUT,
 };
-pub use sockets::{Repeater, RepeaterError, RepeaterOptions, RepeaterStats};
+pub use sockets::{
+    PeerLink, Repeater, RepeaterError, RepeaterOptions, RepeaterStats, WanTransport,
+};

@@ -1,4 +1,5 @@
-//! [`Repeater`]: a [`Relay`] run on a multicast socket and a unicast socket, one thread per leg.
+//! [`Repeater`]: a [`Relay`] run on a multicast socket and a WAN leg (plain UDP or QUIC), one
+//! thread per direction.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,13 +15,28 @@ use grapevine_core::net::{
 };
 use parking_lot::Mutex;
 
+use crate::quic::{QuicLeg, QuicPath};
 use crate::relay::{Relay, Verdict, HELLO_INTERVAL, PEER_TIMEOUT};
 
 /// Datagrams received (and sent on) per system call on each leg.
 const BATCH: usize = 32;
 
-/// Settings of a [`Repeater`].
+/// How datagrams cross between repeaters.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum WanTransport {
+    /// Plain UDP, one datagram per datagram: no congestion control, for a LAN between sites
+    /// or a link sized for the traffic.
+    #[default]
+    Udp,
+    /// QUIC (`quinn`): one connection per peer, datagrams congestion-controlled (when the link
+    /// is full the oldest queued datagram gives way, and subscribers recover from snapshots),
+    /// peers authenticated with the network key when the keyring holds a shared key.
+    Quic,
+}
 
+/// Settings of a [`Repeater`].
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct RepeaterOptions {
@@ -38,6 +54,13 @@ pub struct RepeaterOptions {
     /// This repeater's id in its network's forwarder election (the lowest forwards). Default
     /// random at start.
     pub id: Option<u64>,
+    /// How datagrams cross to the peers. Default [`WanTransport::Udp`]; every repeater of a
+    /// link must use the same.
+    pub wan: WanTransport,
+    /// The shared key QUIC peers prove they hold (gvd's network key, say). Default the
+    /// keyring's when it is a shared key; without either, QUIC peers are recognised by
+    /// address only.
+    pub link_key: Option<Arc<Keyring>>,
 }
 
 impl RepeaterOptions {
@@ -50,6 +73,8 @@ impl RepeaterOptions {
             topics: None,
             keyring: None,
             id: None,
+            wan: WanTransport::Udp,
+            link_key: None,
         }
     }
 }
@@ -83,6 +108,40 @@ pub struct RepeaterStats {
     pub forwarder: bool,
     /// Other repeaters heard on the local group within [`FORWARDER_TIMEOUT`](crate::FORWARDER_TIMEOUT).
     pub neighbours: u64,
+    /// Datagrams to peers dropped because the link's congestion window was full (QUIC only:
+    /// plain UDP sends regardless and the network drops instead).
+    pub congestion_drops: u64,
+}
+
+/// One peer as a repeater sees it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PeerLink {
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// Heard within [`PEER_TIMEOUT`].
+    pub up: bool,
+    /// Whether local traffic goes to it now (one repeater per remote network gets it).
+    pub target: bool,
+    /// The transport.
+    pub wan: WanTransport,
+    /// The QUIC connection's path, when there is one.
+    pub quic: Option<QuicPath>,
+}
+
+/// The WAN leg.
+enum Wan {
+    Udp(std::net::UdpSocket),
+    Quic(Box<QuicLeg>),
+}
+
+impl Wan {
+    /// Sends each datagram to its peer; returns how many went.
+    fn send_batch(&self, outgoing: &[(&[u8], SocketAddr)]) -> usize {
+        match self {
+            Self::Udp(socket) => send_batch_to(socket, outgoing).unwrap_or(0),
+            Self::Quic(leg) => leg.send_batch(outgoing),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -128,6 +187,57 @@ pub enum RepeaterError {
     },
 }
 
+/// What the thread relaying peers' datagrams to the local group works with.
+struct Inbound<'a> {
+    relay: &'a Mutex<Relay>,
+    peers: &'a Mutex<Vec<SocketAddr>>,
+    counters: &'a Counters,
+    sender: &'a MulticastSocket,
+}
+
+impl Inbound<'_> {
+    /// Decides on one batch from the peers (each with its sender) and emits what is relayed
+    /// on the local group, in one system call.
+    fn relay_in<'b>(&self, batch: impl Iterator<Item = (Option<SocketAddr>, &'b [u8])>) {
+        let now = Instant::now();
+        let mut emit: Vec<&[u8]> = Vec::with_capacity(BATCH);
+        {
+            let peers = self.peers.lock().clone();
+            let mut relay = self.relay.lock();
+            for (source, bytes) in batch {
+                // Only configured peers may inject into the local group.
+                let Some(from) = source.filter(|from| peers.iter().any(|p| p.ip() == from.ip()))
+                else {
+                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                if relay.on_keepalive(now, from, bytes) {
+                    continue;
+                }
+                let verdict = relay.from_remote(now, from, bytes);
+                self.counters.count(verdict);
+                match verdict {
+                    Verdict::Relay => emit.push(bytes),
+                    Verdict::OtherTopic => {
+                        self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let sent = self.sender.send_batch(&emit).unwrap_or(0);
+        self.counters
+            .relayed_in
+            .fetch_add(sent as u64, Ordering::Relaxed);
+        let failed = emit.len() - sent;
+        if failed > 0 {
+            self.counters
+                .send_errors
+                .fetch_add(failed as u64, Ordering::Relaxed);
+        }
+    }
+}
+
 /// A running repeater.
 pub struct Repeater {
     stop: Arc<AtomicBool>,
@@ -136,6 +246,7 @@ pub struct Repeater {
     relay: Arc<Mutex<Relay>>,
     peers: Arc<Mutex<Vec<SocketAddr>>>,
     listen: SocketAddr,
+    wan: Arc<Wan>,
 }
 
 impl Repeater {
@@ -154,25 +265,39 @@ impl Repeater {
         let unicast =
             unicast_socket(options.listen, 8 << 20).map_err(io("binding the repeater port"))?;
         let listen = unicast.local_addr().map_err(io("repeater port"))?;
-        let unicast = Arc::new(unicast);
+        let shared_peers = Arc::new(Mutex::new(options.peers.clone()));
+        let wan = Arc::new(match options.wan {
+            WanTransport::Udp => Wan::Udp(unicast),
+            WanTransport::Quic => Wan::Quic(Box::new(
+                QuicLeg::start(
+                    unicast,
+                    Arc::clone(&shared_peers),
+                    options
+                        .link_key
+                        .as_deref()
+                        .or(options.keyring.as_deref())
+                        .and_then(crate::quic::network_proof_key),
+                )
+                .map_err(io("starting the QUIC endpoint"))?,
+            )),
+        });
         let relay = Relay::with_id(
             options.id.unwrap_or_else(rand::random),
             options.topics.clone(),
             options.keyring.clone(),
         );
-        tracing::info!(id = relay.id(), %listen, "repeater starting");
+        tracing::info!(id = relay.id(), %listen, wan = ?options.wan, "repeater starting");
         let relay = Arc::new(Mutex::new(relay));
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
-        let shared_peers = Arc::new(Mutex::new(options.peers.clone()));
         let mut threads = Vec::new();
         // Local group → peers.
         {
-            let (relay, stop, counters, unicast) = (
+            let (relay, stop, counters, wan) = (
                 Arc::clone(&relay),
                 Arc::clone(&stop),
                 Arc::clone(&counters),
-                Arc::clone(&unicast),
+                Arc::clone(&wan),
             );
             let peers = Arc::clone(&shared_peers);
             threads.push(
@@ -206,8 +331,9 @@ impl Repeater {
                                 }
                             }
                             drop(relay);
-                            // One sendmmsg for the whole batch, in arrival order.
-                            let sent = send_batch_to(&unicast, &outgoing).unwrap_or(0);
+                            // One sendmmsg (or one lock of the QUIC links) for the whole batch,
+                            // in arrival order.
+                            let sent = wan.send_batch(&outgoing);
                             let failed = outgoing.len() - sent;
                             if failed > 0 {
                                 counters
@@ -222,11 +348,11 @@ impl Repeater {
         }
         // Peers → local group.
         {
-            let (relay, stop, counters, unicast, sender) = (
+            let (relay, stop, counters, wan, sender) = (
                 Arc::clone(&relay),
                 Arc::clone(&stop),
                 Arc::clone(&counters),
-                Arc::clone(&unicast),
+                Arc::clone(&wan),
                 Arc::clone(&sender),
             );
             let peers = Arc::clone(&shared_peers);
@@ -234,53 +360,52 @@ impl Repeater {
                 std::thread::Builder::new()
                     .name("gv-repeat-in".into())
                     .spawn(move || {
-                        let mut batch = RecvBatch::new(BATCH, 65_536);
-                        while !stop.load(Ordering::Relaxed) {
-                            let Ok(n) =
-                                recv_batch_on(&unicast, &mut batch, Duration::from_millis(100))
-                            else {
-                                continue;
-                            };
-                            counters
-                                .remote_drops
-                                .store(u64::from(batch.kernel_drops()), Ordering::Relaxed);
-                            let now = Instant::now();
-                            let mut emit: Vec<&[u8]> = Vec::with_capacity(n);
-                            {
-                                let peers = peers.lock().clone();
-                                let mut relay = relay.lock();
-                                for (index, bytes) in batch.datagrams().take(n).enumerate() {
-                                    // Only configured peers may inject into the local group.
-                                    let Some(from) = batch
-                                        .source(index)
-                                        .filter(|from| peers.iter().any(|p| p.ip() == from.ip()))
-                                    else {
-                                        counters.refused.fetch_add(1, Ordering::Relaxed);
+                        let inbound = Inbound {
+                            relay: &relay,
+                            peers: &peers,
+                            counters: &counters,
+                            sender: &sender,
+                        };
+                        match &*wan {
+                            Wan::Udp(socket) => {
+                                let mut batch = RecvBatch::new(BATCH, 65_536);
+                                while !stop.load(Ordering::Relaxed) {
+                                    let Ok(n) = recv_batch_on(
+                                        socket,
+                                        &mut batch,
+                                        Duration::from_millis(100),
+                                    ) else {
                                         continue;
                                     };
-                                    if relay.on_keepalive(now, from, bytes) {
-                                        continue;
-                                    }
-                                    let verdict = relay.from_remote(now, from, bytes);
-                                    counters.count(verdict);
-                                    match verdict {
-                                        Verdict::Relay => emit.push(bytes),
-                                        Verdict::OtherTopic => {
-                                            counters.refused.fetch_add(1, Ordering::Relaxed);
-                                        }
-                                        _ => {}
-                                    }
+                                    counters
+                                        .remote_drops
+                                        .store(u64::from(batch.kernel_drops()), Ordering::Relaxed);
+                                    inbound.relay_in(
+                                        batch
+                                            .datagrams()
+                                            .take(n)
+                                            .enumerate()
+                                            .map(|(index, bytes)| (batch.source(index), bytes)),
+                                    );
                                 }
                             }
-                            let sent = sender.send_batch(&emit).unwrap_or(0);
-                            counters
-                                .relayed_in
-                                .fetch_add(sent as u64, Ordering::Relaxed);
-                            let failed = emit.len() - sent;
-                            if failed > 0 {
-                                counters
-                                    .send_errors
-                                    .fetch_add(failed as u64, Ordering::Relaxed);
+                            Wan::Quic(leg) => {
+                                let mut received = Vec::with_capacity(BATCH);
+                                while !stop.load(Ordering::Relaxed) {
+                                    let Ok(first) =
+                                        leg.received().recv_timeout(Duration::from_millis(100))
+                                    else {
+                                        continue;
+                                    };
+                                    received.push(first);
+                                    received.extend(leg.received().try_iter().take(BATCH - 1));
+                                    inbound.relay_in(
+                                        received
+                                            .iter()
+                                            .map(|(from, bytes)| (Some(*from), &bytes[..])),
+                                    );
+                                    received.clear();
+                                }
                             }
                         }
                     })
@@ -291,10 +416,10 @@ impl Repeater {
         // learn this one is up, and which repeater forwards for this network), probing less
         // often while a peer stays silent.
         {
-            let (relay, stop, unicast, counters) = (
+            let (relay, stop, wan, counters) = (
                 Arc::clone(&relay),
                 Arc::clone(&stop),
-                Arc::clone(&unicast),
+                Arc::clone(&wan),
                 Arc::clone(&counters),
             );
             let peers = Arc::clone(&shared_peers);
@@ -338,21 +463,24 @@ impl Repeater {
                                 // Silence is news only once a keepalive could have arrived.
                                 let settled = now.duration_since(started) >= PEER_TIMEOUT;
                                 let before = up.get(&peer).copied();
+                                let (interval, next) = backoff
+                                    .entry(peer)
+                                    .or_insert((Duration::from_millis(500), now));
                                 if alive && before != Some(true) {
                                     tracing::info!(%peer, "repeater peer up");
                                     up.insert(peer, true);
+                                    // It may have heard nothing of this one yet (its data
+                                    // arrived first): tell it now, not after the backoff.
+                                    *next = now;
                                 } else if !alive && settled && before != Some(false) {
                                     tracing::warn!(%peer, "repeater peer silent; probing with backoff");
                                     up.insert(peer, false);
                                 }
-                                let (interval, next) = backoff
-                                    .entry(peer)
-                                    .or_insert((Duration::from_millis(500), now));
                                 if alive {
                                     *interval = Duration::from_millis(500);
                                 }
                                 if now >= *next || changed {
-                                    if unicast.send_to(&keepalive, peer).is_err() {
+                                    if wan.send_batch(&[(&keepalive[..], peer)]) == 0 {
                                         counters.send_errors.fetch_add(1, Ordering::Relaxed);
                                     }
                                     *next = now + *interval;
@@ -374,6 +502,7 @@ impl Repeater {
             relay,
             peers: shared_peers,
             listen,
+            wan,
         })
     }
 
@@ -404,9 +533,7 @@ impl Repeater {
             loops: load(&self.counters.loops),
             duplicates: load(&self.counters.duplicates),
             standby: load(&self.counters.standby),
-            refused: load(&self.counters.refused),
             send_errors: load(&self.counters.send_errors),
-            kernel_drops: load(&self.counters.local_drops) + load(&self.counters.remote_drops),
             peers_up: peers
                 .iter()
                 .filter(|peer| relay.peer_alive(now, **peer))
@@ -414,7 +541,50 @@ impl Repeater {
             targets: relay.targets(now, &peers).len() as u64,
             forwarder: relay.is_forwarder(now),
             neighbours: relay.neighbour_count(now) as u64,
+            congestion_drops: match &*self.wan {
+                Wan::Udp(_) => 0,
+                Wan::Quic(leg) => leg.congestion_drops(),
+            },
+            refused: load(&self.counters.refused)
+                + match &*self.wan {
+                    Wan::Udp(_) => 0,
+                    Wan::Quic(leg) => leg.refused(),
+                },
+            kernel_drops: load(&self.counters.local_drops)
+                + load(&self.counters.remote_drops)
+                + match &*self.wan {
+                    Wan::Udp(_) => 0,
+                    Wan::Quic(leg) => leg.queue_drops(),
+                },
         }
+    }
+
+    /// Each peer: whether it is up, whether it gets local traffic, and its QUIC path.
+    pub fn links(&self) -> Vec<PeerLink> {
+        let now = Instant::now();
+        let peers = self.peers.lock().clone();
+        let (targets, alive): (Vec<SocketAddr>, Vec<bool>) = {
+            let relay = self.relay.lock();
+            (
+                relay.targets(now, &peers),
+                peers.iter().map(|p| relay.peer_alive(now, *p)).collect(),
+            )
+        };
+        let (wan, mut paths) = match &*self.wan {
+            Wan::Udp(_) => (WanTransport::Udp, HashMap::new()),
+            Wan::Quic(leg) => (WanTransport::Quic, leg.paths()),
+        };
+        peers
+            .iter()
+            .zip(alive)
+            .map(|(peer, up)| PeerLink {
+                peer: *peer,
+                up,
+                target: targets.contains(peer),
+                wan,
+                quic: paths.remove(peer),
+            })
+            .collect()
     }
 }
 

@@ -30,7 +30,7 @@ pub(crate) enum BenchCommand {
     #[command(hide = true)]
     Echo(latency::EchoArgs),
     /// What a repeater pair costs: latency and throughput through it against direct.
-    Repeater(ThroughputArgs),
+    Repeater(repeater::RepeaterBenchArgs),
 }
 
 #[derive(Args, Debug)]

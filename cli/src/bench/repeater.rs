@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
 use grapevine::core::net::MulticastConfig;
 use grapevine::core::state::{KeyedMap, MapDelta};
 use grapevine::publisher::{Publisher, PublisherOptions};
@@ -47,8 +48,38 @@ fn delivery_times(
     Ok(times)
 }
 
-pub(super) fn repeater(args: &ThroughputArgs) -> Result<()> {
-    use grapevine::repeater::{Repeater, RepeaterOptions};
+/// How the pair's repeaters talk to each other.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub(crate) enum Wan {
+    /// Plain UDP.
+    Udp,
+    /// QUIC datagrams, congestion-controlled, keyed with a throw-away network key.
+    Quic,
+}
+
+/// `bench repeater`.
+#[derive(Args, Debug)]
+pub(crate) struct RepeaterBenchArgs {
+    #[command(flatten)]
+    throughput: ThroughputArgs,
+    /// The link between the pair.
+    #[arg(long, value_enum, default_value_t = Wan::Udp)]
+    wan: Wan,
+}
+
+pub(super) fn repeater(bench: &RepeaterBenchArgs) -> Result<()> {
+    use grapevine::repeater::{Repeater, RepeaterOptions, WanTransport};
+    let args = &bench.throughput;
+    let keyring = std::sync::Arc::new(grapevine::core::auth::Keyring::single(1, rand::random()));
+    let options = |group: &MulticastConfig, listen: SocketAddr, peers: Vec<SocketAddr>| {
+        let mut options = RepeaterOptions::new(group.clone(), listen, peers);
+        if matches!(bench.wan, Wan::Quic) {
+            options.wan = WanTransport::Quic;
+            // Only the link is keyed: the publisher does not sign, so the relay checks nothing.
+            options.link_key = Some(std::sync::Arc::clone(&keyring));
+        }
+        options
+    };
     let near = MulticastConfig::new(args.group);
     let mut far_group = args.group;
     far_group.set_port(args.group.port().wrapping_add(1));
@@ -57,21 +88,18 @@ pub(super) fn repeater(args: &ThroughputArgs) -> Result<()> {
     direct_group.set_port(args.group.port().wrapping_add(2));
     let direct = MulticastConfig::new(direct_group);
     let a: SocketAddr = "127.0.0.1:0".parse()?;
-    let left = Repeater::start(RepeaterOptions::new(near.clone(), a, vec![]))?;
+    let left = Repeater::start(options(&near, a, vec![]))?;
     // The pair needs each other's ports: start the far one first, then restart the near one
     // pointing at it.
-    let right = Repeater::start(RepeaterOptions::new(
-        far.clone(),
-        a,
-        vec![left.listen_address()],
-    ))?;
+    let right = Repeater::start(options(&far, a, vec![left.listen_address()]))?;
     let left_address = left.listen_address();
     drop(left);
-    let left = Repeater::start(RepeaterOptions::new(
-        near.clone(),
-        left_address,
-        vec![right.listen_address()],
-    ))?;
+    let left = Repeater::start(options(&near, left_address, vec![right.listen_address()]))?;
+    // A QUIC pair connects before the measurement starts.
+    let connected = Instant::now();
+    while left.links().iter().any(|link| !link.up) && connected.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let duration = Duration::from_secs_f64(args.seconds.max(0.1));
     let window = (args.window / (args.payload as u64 + 32)).max(1);
     let direct_times = delivery_times(&direct, &direct, 2_000)?;
@@ -85,6 +113,7 @@ pub(super) fn repeater(args: &ThroughputArgs) -> Result<()> {
             "{}",
             json!({
                 "bench": "repeater",
+                "wan": format!("{:?}", bench.wan).to_lowercase(),
                 "direct_p50_us": p(&direct_times, 0.5), "direct_p99_us": p(&direct_times, 0.99),
                 "repeated_p50_us": p(&repeated_times, 0.5), "repeated_p99_us": p(&repeated_times, 0.99),
                 "direct": plain.json(args.payload), "repeated": through.json(args.payload),
@@ -95,7 +124,13 @@ pub(super) fn repeater(args: &ThroughputArgs) -> Result<()> {
         );
         return Ok(());
     }
-    println!("repeater pair on loopback (group -> repeater -> unicast -> repeater -> group)");
+    println!(
+        "repeater pair on loopback (group -> repeater -> {} -> repeater -> group)",
+        match bench.wan {
+            Wan::Udp => "unicast UDP",
+            Wan::Quic => "QUIC",
+        }
+    );
     println!(
         "  delivery, one delta at a time: direct p50 {:.1} us p99 {:.1} us; through the pair p50 {:.1} us p99 {:.1} us (+{:.1} us at p50)",
         p(&direct_times, 0.5),
@@ -114,13 +149,14 @@ pub(super) fn repeater(args: &ThroughputArgs) -> Result<()> {
     );
     for (side, stats) in [("near", left.stats()), ("far", right.stats())] {
         println!(
-            "  {side} repeater: out {} in {} loops {} duplicates {} kernel drops {} send errors {}",
+            "  {side} repeater: out {} in {} loops {} duplicates {} kernel drops {} send errors {} congestion drops {}",
             stats.relayed_out,
             stats.relayed_in,
             stats.loops,
             stats.duplicates,
             stats.kernel_drops,
-            stats.send_errors
+            stats.send_errors,
+            stats.congestion_drops
         );
     }
     Ok(())

@@ -38,9 +38,27 @@ pub struct RepeatArgs {
     /// random): give the preferred repeater the lowest.
     #[arg(long)]
     id: Option<u64>,
+    /// How datagrams cross to the peers: `udp` (plain, for a LAN between sites) or `quic`
+    /// (congestion-controlled; peers prove they hold the shared key of --key-file or
+    /// --link-key-file). Every repeater of a link uses the same.
+    #[arg(long, value_enum, default_value_t = Wan::Udp, env = "GRAPEVINE_WAN")]
+    wan: Wan,
+    /// A shared key file the QUIC peers prove they hold, when --key-file is a publisher's
+    /// public key (or absent).
+    #[arg(long)]
+    link_key_file: Option<PathBuf>,
     /// Print the counters as one JSON object per second.
     #[arg(long)]
     json: bool,
+}
+
+/// `--wan`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Wan {
+    /// Plain UDP.
+    Udp,
+    /// QUIC.
+    Quic,
 }
 
 /// `grapevine repeat`: relays topics between the local group and remote repeaters.
@@ -59,9 +77,25 @@ pub fn repeat(args: &RepeatArgs) -> Result<()> {
         .map(|p| grapevine::core::auth::Keyring::from_file(p).map(std::sync::Arc::new))
         .transpose()
         .context("--key-file")?;
+    options.link_key = args
+        .link_key_file
+        .as_deref()
+        .map(|p| grapevine::core::auth::Keyring::from_file(p).map(std::sync::Arc::new))
+        .transpose()
+        .context("--link-key-file")?;
+    if let Some(key) = &options.link_key {
+        anyhow::ensure!(
+            key.is_shared(),
+            "--link-key-file must hold a shared key (grapevine keygen), not a public key"
+        );
+    }
+    options.wan = match args.wan {
+        Wan::Udp => grapevine::repeater::WanTransport::Udp,
+        Wan::Quic => grapevine::repeater::WanTransport::Quic,
+    };
     let repeater = Repeater::start(options)?;
     eprintln!(
-        "repeating {} ({}) <-> {} via {}",
+        "repeating {} ({}) <-> {} via {} ({:?})",
         args.group,
         args.iface,
         args.peers
@@ -69,7 +103,8 @@ pub fn repeat(args: &RepeatArgs) -> Result<()> {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", "),
-        repeater.listen_address()
+        repeater.listen_address(),
+        args.wan
     );
     let started = Instant::now();
     let stop_at = args.seconds.map(|s| started + Duration::from_secs_f64(s));
@@ -79,8 +114,11 @@ pub fn repeat(args: &RepeatArgs) -> Result<()> {
         if Instant::now() >= next_report {
             next_report += Duration::from_secs(1);
             let stats = repeater.stats();
+            let links = repeater.links();
             if args.json {
-                println!("{}", serde_json::to_string(&stats)?);
+                let mut value = serde_json::to_value(stats)?;
+                value["links"] = serde_json::to_value(&links)?;
+                println!("{value}");
             } else {
                 println!(
                     "[{:5.1}s] {} out {} in {} loops broken {} duplicates {} standby {} refused {} peers up {} (sending to {}) repeaters beside {}",
@@ -96,6 +134,24 @@ pub fn repeat(args: &RepeatArgs) -> Result<()> {
                     stats.targets,
                     stats.neighbours
                 );
+                for link in &links {
+                    let path = link.quic.as_ref().map_or(String::new(), |path| {
+                        format!(
+                            " rtt {:.2} ms cwnd {} B lost packets {} congestion drops {}",
+                            path.rtt_us as f64 / 1e3,
+                            path.congestion_window,
+                            path.lost_packets,
+                            stats.congestion_drops
+                        )
+                    });
+                    println!(
+                        "    peer {} {}{}{}",
+                        link.peer,
+                        if link.up { "up" } else { "silent" },
+                        if link.target { ", sending to it" } else { "" },
+                        path
+                    );
+                }
             }
         }
     }
