@@ -96,6 +96,17 @@ pub struct AdminStatus {
     pub stats: DaemonStats,
     /// Recent samples for the charts, oldest first.
     pub history: VecDeque<Sample>,
+    /// The repeater role, when configured: its counters and each peer's link.
+    pub repeater: Option<RepeaterStatus>,
+}
+
+/// The repeater role's state.
+#[derive(Clone, Debug, Serialize)]
+pub struct RepeaterStatus {
+    /// Its counters.
+    pub stats: grapevine_repeater::RepeaterStats,
+    /// Each remote repeater: up or silent, sent to or not, and the QUIC path.
+    pub links: Vec<grapevine_repeater::PeerLink>,
 }
 
 /// The status the daemon publishes and the endpoint reads.
@@ -367,6 +378,74 @@ pub fn prometheus(status: &AdminStatus) -> String {
             .collect();
         family(&mut out, name, help, &samples);
     }
+    if let Some(repeater) = &status.repeater {
+        let stats = &repeater.stats;
+        let repeater_lines: [(&str, &str, u64); 7] = [
+            (
+                "gvd_repeater_forwarder",
+                "1 while this repeater forwards for its network.",
+                u64::from(stats.forwarder),
+            ),
+            (
+                "gvd_repeater_relayed_out_total",
+                "Datagrams relayed to remote repeaters.",
+                stats.relayed_out,
+            ),
+            (
+                "gvd_repeater_relayed_in_total",
+                "Datagrams from remote repeaters emitted locally.",
+                stats.relayed_in,
+            ),
+            (
+                "gvd_repeater_loops_total",
+                "Copies recognised and not relayed again.",
+                stats.loops + stats.duplicates,
+            ),
+            (
+                "gvd_repeater_refused_total",
+                "Datagrams or connections refused.",
+                stats.refused,
+            ),
+            (
+                "gvd_repeater_congestion_drops_total",
+                "Datagrams the WAN link's congestion control held back.",
+                stats.congestion_drops,
+            ),
+            (
+                "gvd_repeater_peers_up",
+                "Remote repeaters heard recently.",
+                stats.peers_up,
+            ),
+        ];
+        for (name, help, value) in repeater_lines {
+            family(&mut out, name, help, &[(node.clone(), value)]);
+        }
+        let per_peer = |value: fn(&grapevine_repeater::PeerLink) -> Option<u64>| {
+            repeater
+                .links
+                .iter()
+                .filter_map(|link| Some((format!("{node},peer=\"{}\"", link.peer), value(link)?)))
+                .collect::<Vec<_>>()
+        };
+        family(
+            &mut out,
+            "gvd_repeater_peer_up",
+            "1 while the remote repeater is heard.",
+            &per_peer(|l| Some(u64::from(l.up))),
+        );
+        family(
+            &mut out,
+            "gvd_repeater_peer_rtt_microseconds",
+            "Smoothed RTT of the QUIC link.",
+            &per_peer(|l| l.quic.as_ref().map(|q| q.rtt_us)),
+        );
+        family(
+            &mut out,
+            "gvd_repeater_peer_lost_packets_total",
+            "QUIC packets lost on the link.",
+            &per_peer(|l| l.quic.as_ref().map(|q| q.lost_packets)),
+        );
+    }
     let versions: Vec<(String, u64)> = status
         .zones
         .iter()
@@ -472,6 +551,57 @@ mod tests {
             metrics.contains("# TYPE gvd_nodes_alive gauge"),
             "{metrics}"
         );
+    }
+
+    #[test]
+    fn metrics_show_the_repeater_and_each_peer_link() {
+        let link = |peer: &str, up: bool, rtt_us: Option<u64>| grapevine_repeater::PeerLink {
+            peer: peer.parse().unwrap(),
+            up,
+            target: up,
+            wan: grapevine_repeater::WanTransport::Quic,
+            quic: rtt_us.map(|rtt_us| grapevine_repeater::QuicPath {
+                rtt_us,
+                congestion_window: 12_000,
+                congestion_events: 0,
+                lost_packets: 7,
+                max_datagram: Some(1_400),
+            }),
+        };
+        let status = AdminStatus {
+            node: "00000000000000a1".into(),
+            repeater: Some(RepeaterStatus {
+                stats: grapevine_repeater::RepeaterStats {
+                    forwarder: true,
+                    relayed_out: 42,
+                    ..Default::default()
+                },
+                links: vec![
+                    link("10.0.0.2:7190", true, Some(850)),
+                    link("10.0.0.3:7190", false, None),
+                ],
+            }),
+            ..AdminStatus::default()
+        };
+        let text = prometheus(&status);
+        let node = "node=\"00000000000000a1\"";
+        for line in [
+            format!("gvd_repeater_forwarder{{{node}}} 1\n"),
+            format!("gvd_repeater_relayed_out_total{{{node}}} 42\n"),
+            format!("gvd_repeater_peer_up{{{node},peer=\"10.0.0.2:7190\"}} 1\n"),
+            format!("gvd_repeater_peer_up{{{node},peer=\"10.0.0.3:7190\"}} 0\n"),
+            format!("gvd_repeater_peer_rtt_microseconds{{{node},peer=\"10.0.0.2:7190\"}} 850\n"),
+        ] {
+            assert!(text.contains(&line), "{line} missing from:\n{text}");
+        }
+        assert!(
+            !text.contains(
+                "gvd_repeater_peer_rtt_microseconds{node=\"00000000000000a1\",peer=\"10.0.0.3"
+            ),
+            "a peer without a QUIC path has no RTT: {text}"
+        );
+        let without = prometheus(&AdminStatus::default());
+        assert!(!without.contains("gvd_repeater"), "{without}");
     }
 
     #[test]

@@ -704,6 +704,13 @@ impl Daemon {
         status.streams = streams;
         status.topics = topics;
         status.stats = stats;
+        status.repeater =
+            self.repeater
+                .as_ref()
+                .map(|(repeater, _)| crate::admin::RepeaterStatus {
+                    stats: repeater.stats(),
+                    links: repeater.links(),
+                });
         let uptime = status.uptime_seconds;
         crate::admin::record_sample(
             &mut status,
