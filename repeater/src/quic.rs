@@ -465,28 +465,49 @@ fn keying_material(connection: &quinn::Connection) -> Result<[u8; 32], LinkError
 const DIALER: &[u8] = b"dialer";
 const LISTENER: &[u8] = b"listener";
 
+/// Sends this side's proof for `role` and closes the stream.
+async fn send_proof(
+    send: &mut quinn::SendStream,
+    key: &[u8; 32],
+    role: &[u8],
+    material: &[u8; 32],
+) -> Result<(), LinkError> {
+    let stream_error = |e: &dyn std::fmt::Display| LinkError::Stream(e.to_string());
+    send.write_all(&proof(key, role, material))
+        .await
+        .map_err(|e| stream_error(&e))?;
+    send.finish().map_err(|e| stream_error(&e))
+}
+
+/// Reads the peer's proof for `role`; closes the connection when it is wrong.
+async fn expect_proof(
+    connection: &quinn::Connection,
+    receive: &mut quinn::RecvStream,
+    key: &[u8; 32],
+    role: &[u8],
+    material: &[u8; 32],
+) -> Result<(), LinkError> {
+    let mut theirs = [0u8; 32];
+    receive
+        .read_exact(&mut theirs)
+        .await
+        .map_err(|e| LinkError::Stream(e.to_string()))?;
+    if !grapevine_core::auth::tags_equal(&proof(key, role, material), &theirs) {
+        connection.close(2u32.into(), b"not authenticated");
+        return Err(LinkError::BadProof);
+    }
+    Ok(())
+}
+
 async fn prove_as_dialer(
     connection: &quinn::Connection,
     key: Option<&[u8; 32]>,
 ) -> Result<(), LinkError> {
     let Some(key) = key else { return Ok(()) };
     let material = keying_material(connection)?;
-    let stream_error = |e: &dyn std::fmt::Display| LinkError::Stream(e.to_string());
     let (mut send, mut receive) = connection.open_bi().await?;
-    send.write_all(&proof(key, DIALER, &material))
-        .await
-        .map_err(|e| stream_error(&e))?;
-    send.finish().map_err(|e| stream_error(&e))?;
-    let mut theirs = [0u8; 32];
-    receive
-        .read_exact(&mut theirs)
-        .await
-        .map_err(|e| stream_error(&e))?;
-    if !grapevine_core::auth::tags_equal(&proof(key, LISTENER, &material), &theirs) {
-        connection.close(2u32.into(), b"not authenticated");
-        return Err(LinkError::BadProof);
-    }
-    Ok(())
+    send_proof(&mut send, key, DIALER, &material).await?;
+    expect_proof(connection, &mut receive, key, LISTENER, &material).await
 }
 
 async fn prove_as_listener(
@@ -495,22 +516,9 @@ async fn prove_as_listener(
 ) -> Result<(), LinkError> {
     let Some(key) = key else { return Ok(()) };
     let material = keying_material(connection)?;
-    let stream_error = |e: &dyn std::fmt::Display| LinkError::Stream(e.to_string());
     let (mut send, mut receive) = connection.accept_bi().await?;
-    let mut theirs = [0u8; 32];
-    receive
-        .read_exact(&mut theirs)
-        .await
-        .map_err(|e| stream_error(&e))?;
-    if !grapevine_core::auth::tags_equal(&proof(key, DIALER, &material), &theirs) {
-        connection.close(2u32.into(), b"not authenticated");
-        return Err(LinkError::BadProof);
-    }
-    send.write_all(&proof(key, LISTENER, &material))
-        .await
-        .map_err(|e| stream_error(&e))?;
-    send.finish().map_err(|e| stream_error(&e))?;
-    Ok(())
+    expect_proof(connection, &mut receive, key, DIALER, &material).await?;
+    send_proof(&mut send, key, LISTENER, &material).await
 }
 
 /// The key both ends of a keyed QUIC leg prove they hold, derived from the network key.
