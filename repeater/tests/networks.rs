@@ -4,7 +4,9 @@
 //! a full mesh of repeaters (over UDP and over QUIC), every delta datagram is multicast at most
 //! once on each network, never echoed on the publisher's, and nothing moves once the publisher
 //! stops; the far subscriber converges through the loss. Prints the data datagrams per second
-//! seen on each network.
+//! seen on each network. Then A's forwarder is removed mid-stream (two pairs over UDP, a full
+//! mesh over QUIC): the standby takes over and the far subscriber converges again; prints how
+//! long each took.
 //!
 //! Needs root, iproute2 and nftables; `.ci/run` installs them and runs it. Namespaces and links
 //! are removed whatever happens.
@@ -145,16 +147,18 @@ fn networks(tag: &str) -> Networks {
 /// is peered with, its election id.
 type Placement = (bool, usize, Vec<usize>, u64);
 
-/// Publishes on A, subscribes on B, with `topology`'s repeaters between them over `wan`;
-/// checks each delta datagram is multicast at most once per network and nothing moves after
-/// the publisher stops. Returns the data datagrams per second seen on A and on B.
-fn relay_across(
+/// Repeaters placed by a topology: on A or not, how many peers, the repeater.
+type Placed = Vec<(bool, usize, Repeater)>;
+
+/// Starts `topology`'s repeaters over `wan` and waits until they settle: one forwarder per
+/// network, every peer up, each sending to one peer.
+fn start_repeaters(
     networks: &Networks,
     group: SocketAddr,
     topology: &[Placement],
     wan: WanTransport,
-) -> (f64, f64) {
-    let repeaters: Vec<(bool, usize, Repeater)> = topology
+) -> Placed {
+    let repeaters: Placed = topology
         .iter()
         .map(|(on_a, host, peers, id)| {
             let (here, there) = if *on_a {
@@ -175,12 +179,6 @@ fn relay_across(
             (*on_a, peers.len(), repeater)
         })
         .collect();
-    let all_stats = || {
-        repeaters
-            .iter()
-            .map(|(_, _, r)| (r.stats(), r.links()))
-            .collect::<Vec<_>>()
-    };
     let settled_by = Instant::now() + Duration::from_secs(20);
     let settled = || {
         let side = |a: bool| repeaters.iter().filter(move |(on_a, _, _)| *on_a == a);
@@ -197,10 +195,36 @@ fn relay_across(
         assert!(
             Instant::now() < settled_by,
             "never settled: {:#?}",
-            all_stats()
+            all_stats(&repeaters)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    repeaters
+}
+
+fn all_stats(
+    repeaters: &Placed,
+) -> Vec<(
+    grapevine_repeater::RepeaterStats,
+    Vec<grapevine_repeater::PeerLink>,
+)> {
+    repeaters
+        .iter()
+        .map(|(_, _, r)| (r.stats(), r.links()))
+        .collect()
+}
+
+/// Publishes on A, subscribes on B, with `topology`'s repeaters between them over `wan`;
+/// checks each delta datagram is multicast at most once per network and nothing moves after
+/// the publisher stops. Returns the data datagrams per second seen on A and on B.
+fn relay_across(
+    networks: &Networks,
+    group: SocketAddr,
+    topology: &[Placement],
+    wan: WanTransport,
+) -> (f64, f64) {
+    let repeaters = start_repeaters(networks, group, topology, wan);
+    let all_stats = || all_stats(&repeaters);
     let observe = |host: &Host| {
         let config = host.group(group);
         host.enter(move || GroupCounter::start(&config))
@@ -270,6 +294,81 @@ fn relay_across(
     (a_data as f64 / publishing, b_data as f64 / publishing)
 }
 
+/// Publishes steadily on A through `topology` and removes A's forwarder mid-stream. Returns
+/// how long after the removal the standby relayed, and how long until the far subscriber held
+/// the publisher's state again (publishing stops 300 ms after the standby took over).
+fn fail_over(
+    networks: &Networks,
+    group: SocketAddr,
+    topology: &[Placement],
+    wan: WanTransport,
+) -> (Duration, Duration) {
+    let mut repeaters = start_repeaters(networks, group, topology, wan);
+    let subscriber_config = networks.b[0].group(group);
+    let subscriber = networks.b[0].enter(move || {
+        Subscriber::<Map>::join(SubscriberOptions::new(1, subscriber_config)).unwrap()
+    });
+    let publisher_config = networks.a[0].group(group);
+    let (publisher, _snapshots) = networks.a[0].enter(move || {
+        let publisher = Publisher::start(
+            PublisherOptions::new(1, publisher_config.clone()),
+            Map::default(),
+        )
+        .unwrap();
+        let snapshots =
+            Snapshotter::start(&publisher, SnapshotterOptions::new(publisher_config)).unwrap();
+        (publisher, snapshots)
+    });
+    let mut next = 0u32;
+    let mut publish = || {
+        publisher
+            .publish(MapDelta::Put(next % 64, u64::from(next)))
+            .unwrap();
+        next += 1;
+    };
+    for _ in 0..200 {
+        publish();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        converged(&subscriber, &publisher, Duration::from_secs(20)),
+        "before the fail-over: {:#?}",
+        all_stats(&repeaters)
+    );
+    let forwarder = repeaters
+        .iter()
+        .position(|(on_a, _, r)| *on_a && r.stats().forwarder)
+        .expect("A has a forwarder");
+    drop(repeaters.remove(forwarder));
+    let removed = Instant::now();
+    let standby = &repeaters
+        .iter()
+        .find(|(on_a, _, _)| *on_a)
+        .expect("A has a standby")
+        .2;
+    let relayed_before = standby.stats().relayed_out;
+    let mut took_over = None;
+    while removed.elapsed() < Duration::from_secs(10) {
+        publish();
+        std::thread::sleep(Duration::from_millis(2));
+        if took_over.is_none() && standby.stats().relayed_out > relayed_before {
+            took_over = Some(removed.elapsed());
+        }
+        if took_over.is_some_and(|at| removed.elapsed() > at + Duration::from_millis(300)) {
+            break;
+        }
+    }
+    let took_over = took_over
+        .unwrap_or_else(|| panic!("the standby never took over: {:#?}", all_stats(&repeaters)));
+    publisher.flush();
+    assert!(
+        converged(&subscriber, &publisher, Duration::from_secs(20)),
+        "after the fail-over: {:#?}",
+        all_stats(&repeaters)
+    );
+    (took_over, removed.elapsed())
+}
+
 #[test]
 #[ignore = "needs root, iproute2 and nftables to create network namespaces; .ci/run installs them and runs it with --include-ignored"]
 fn two_networks_behind_a_lossy_router_get_each_datagram_once_with_one_pair_two_pairs_or_a_mesh() {
@@ -319,5 +418,15 @@ fn two_networks_behind_a_lossy_router_get_each_datagram_once_with_one_pair_two_p
             "{name}: data datagrams/s on A {a:.0}, on B {b:.0} (WAN loss {WAN_LOSS_PERCENT} %)"
         ));
         eprintln!("{}", report.last().unwrap());
+    }
+    for (name, topology, wan) in [
+        ("two pairs, UDP", two_pairs, WanTransport::Udp),
+        ("full mesh, QUIC", mesh, WanTransport::Quic),
+    ] {
+        let (took_over, recovered) = fail_over(&networks, group, topology, wan);
+        eprintln!(
+            "{name}: A's forwarder removed; the standby relayed after {took_over:?}, the far \
+             subscriber held the state {recovered:?} after the removal"
+        );
     }
 }
