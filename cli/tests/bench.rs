@@ -103,3 +103,51 @@ fn repeater_and_auth_report_their_costs() {
         "{report}"
     );
 }
+
+#[test]
+fn fanout_reports_each_subscriber_process_against_one_alone() {
+    let report = bench(&[
+        "fanout",
+        "--seconds",
+        "0.3",
+        "--subscribers",
+        "2",
+        "--group",
+        "239.255.78.7:47870",
+    ]);
+    assert_eq!(
+        report["single"]["subscribers"].as_array().unwrap().len(),
+        1,
+        "{report}"
+    );
+    let many = report["fanout"]["subscribers"].as_array().unwrap();
+    assert_eq!(many.len(), 2, "{report}");
+    for subscriber in many {
+        assert!(subscriber["processed"].as_u64().unwrap() > 0, "{report}");
+        assert_eq!(subscriber["lost"], 0, "paced by the slowest: {report}");
+    }
+    assert_eq!(report["ratios"].as_array().unwrap().len(), 2, "{report}");
+    assert!(report["worst_ratio"].as_f64().unwrap() > 0.0, "{report}");
+}
+
+#[test]
+fn repeater_bench_runs_over_quic() {
+    let report = bench(&[
+        "repeater",
+        "--wan",
+        "quic",
+        "--seconds",
+        "0.3",
+        "--group",
+        "239.255.78.8:47880",
+    ]);
+    assert_eq!(report["wan"], "quic", "{report}");
+    assert!(
+        report["throughput_ratio"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert!(
+        report["repeated"]["received"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+}

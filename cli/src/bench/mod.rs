@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use grapevine::core::state::KeyedMap;
 use serde_json::json;
 
+mod fanout;
 mod latency;
 mod recovery;
 mod repeater;
@@ -31,6 +32,12 @@ pub(crate) enum BenchCommand {
     Echo(latency::EchoArgs),
     /// What a repeater pair costs: latency and throughput through it against direct.
     Repeater(repeater::RepeaterBenchArgs),
+    /// One publisher to several subscriber processes, paced by the slowest: each one's rate
+    /// against a single subscriber process's.
+    Fanout(fanout::FanoutArgs),
+    /// One subscriber process of `fanout` (started by it).
+    #[command(hide = true)]
+    FanoutSubscriber(fanout::FanoutSubscriberArgs),
 }
 
 #[derive(Args, Debug)]
@@ -118,6 +125,8 @@ pub(crate) fn run(command: &BenchCommand) -> Result<()> {
         BenchCommand::Latency(args) => latency::latency(args),
         BenchCommand::Echo(args) => latency::echo(args),
         BenchCommand::Repeater(args) => repeater::repeater(args),
+        BenchCommand::Fanout(args) => fanout::fanout(args),
+        BenchCommand::FanoutSubscriber(args) => fanout::fanout_subscriber(args),
     }
 }
 
