@@ -104,7 +104,9 @@ struct Shared {
 
 /// The QUIC endpoint of a repeater and its connections.
 pub(crate) struct QuicLeg {
-    runtime: tokio::runtime::Runtime,
+    /// Owned until drop, which may happen inside someone else's runtime.
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
     shared: Arc<Shared>,
@@ -155,7 +157,8 @@ impl QuicLeg {
         }
         runtime.spawn(accept(endpoint.clone(), Arc::clone(&shared)));
         Ok(Self {
-            runtime,
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
             endpoint,
             client,
             shared,
@@ -237,7 +240,7 @@ impl QuicLeg {
             self.client.clone(),
             Arc::clone(&self.shared),
         );
-        self.runtime.spawn(async move {
+        self.handle.spawn(async move {
             // A peer that is down does not answer at all: give up after the timeout and let
             // the next keepalive dial again.
             let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
@@ -303,8 +306,17 @@ impl Drop for QuicLeg {
         // Peers learn at once that this one is gone (instead of after their idle timeout).
         self.endpoint.close(0u32.into(), b"repeater stopping");
         self.shared.links.lock().clear();
+        let Some(runtime) = self.runtime.take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Inside an application's runtime nothing may block: the close goes out with
+            // the endpoint's last poll, or the peers' idle timeout tells them.
+            runtime.shutdown_background();
+            return;
+        }
         let endpoint = self.endpoint.clone();
-        self.runtime.block_on(async move {
+        runtime.block_on(async move {
             let _ = tokio::time::timeout(Duration::from_millis(200), endpoint.wait_idle()).await;
         });
     }

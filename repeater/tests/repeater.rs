@@ -158,6 +158,21 @@ fn a_quic_pair_keyed_with_the_network_key_carries_small_and_large_datagrams_and_
     );
 }
 
+/// An application may run (and drop) a repeater from inside its own tokio runtime.
+#[test]
+fn a_quic_repeater_starts_and_stops_inside_an_async_runtime() {
+    let group = MulticastConfig::new("239.255.73.48:47352".parse().unwrap());
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let repeater = Repeater::start(quic_options(&group, listen, peer, [4u8; 32])).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!repeater.stats().forwarder || repeater.stats().neighbours == 0);
+        drop(repeater);
+    });
+}
+
 #[test]
 fn a_quic_peer_without_the_network_key_gets_nothing_through() {
     let near = MulticastConfig::new("239.255.73.46:47348".parse().unwrap());
