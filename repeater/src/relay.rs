@@ -406,8 +406,12 @@ impl Relay {
     /// A datagram from the remote repeater at `from`: emit it on the local group?
     pub fn from_remote(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) -> Verdict {
         self.memory.expire(now);
-        self.heard(now, from, None);
-        let (publisher, session) = match self.check(bytes) {
+        let checked = self.check(bytes);
+        // Garbage (another protocol on the port, say) does not make a peer up.
+        if checked != Err(Verdict::Malformed) {
+            self.heard(now, from, None);
+        }
+        let (publisher, session) = match checked {
             Ok(ids) => ids,
             Err(Verdict::Hello) => return Verdict::OtherTopic,
             Err(verdict) => return verdict,
@@ -434,6 +438,23 @@ impl Relay {
 mod tests {
     use super::*;
     use grapevine_core::wire::DatagramBuilder;
+
+    #[test]
+    fn only_grapevine_datagrams_and_keepalives_make_a_peer_up() {
+        let now = Instant::now();
+        let mut relay = Relay::with_id(1, None, None);
+        let quic_initial = [0xc3, 0, 0, 0, 1, 8, 1, 2, 3, 4];
+        assert_eq!(
+            relay.from_remote(now, peer(9), &quic_initial),
+            Verdict::Malformed
+        );
+        assert!(!relay.peer_alive(now, peer(9)));
+        assert_eq!(
+            relay.from_remote(now, peer(9), &datagram(1, 1)),
+            Verdict::Relay
+        );
+        assert!(relay.peer_alive(now, peer(9)));
+    }
 
     fn datagram(topic: u32, seq: u64) -> Vec<u8> {
         let mut builder = DatagramBuilder::new(1400, topic, 1, 9);

@@ -193,12 +193,14 @@ struct Inbound<'a> {
     peers: &'a Mutex<Vec<SocketAddr>>,
     counters: &'a Counters,
     sender: &'a MulticastSocket,
+    /// Peers already told they seem to speak QUIC to this UDP leg.
+    warned: std::collections::HashSet<SocketAddr>,
 }
 
 impl Inbound<'_> {
     /// Decides on one batch from the peers (each with its sender) and emits what is relayed
     /// on the local group, in one system call.
-    fn relay_in<'b>(&self, batch: impl Iterator<Item = (Option<SocketAddr>, &'b [u8])>) {
+    fn relay_in<'b>(&mut self, batch: impl Iterator<Item = (Option<SocketAddr>, &'b [u8])>) {
         let now = Instant::now();
         let mut emit: Vec<&[u8]> = Vec::with_capacity(BATCH);
         {
@@ -216,6 +218,16 @@ impl Inbound<'_> {
                 }
                 let verdict = relay.from_remote(now, from, bytes);
                 self.counters.count(verdict);
+                if verdict == Verdict::Malformed
+                    && looks_like_quic(bytes)
+                    && self.warned.len() < 64
+                    && self.warned.insert(from)
+                {
+                    tracing::warn!(
+                        peer = %from,
+                        "the peer sends QUIC to this plain-UDP repeater: every repeater of a link needs the same --wan"
+                    );
+                }
                 match verdict {
                     Verdict::Relay => emit.push(bytes),
                     Verdict::OtherTopic => {
@@ -236,6 +248,11 @@ impl Inbound<'_> {
                 .fetch_add(failed as u64, Ordering::Relaxed);
         }
     }
+}
+
+/// Whether `bytes` starts like a QUIC long-header packet of version 1 (a handshake).
+fn looks_like_quic(bytes: &[u8]) -> bool {
+    bytes.len() >= 5 && bytes[0] & 0xc0 == 0xc0 && bytes[1..5] == [0, 0, 0, 1]
 }
 
 /// A running repeater.
@@ -360,11 +377,12 @@ impl Repeater {
                 std::thread::Builder::new()
                     .name("gv-repeat-in".into())
                     .spawn(move || {
-                        let inbound = Inbound {
+                        let mut inbound = Inbound {
                             relay: &relay,
                             peers: &peers,
                             counters: &counters,
                             sender: &sender,
+                            warned: std::collections::HashSet::new(),
                         };
                         match &*wan {
                             Wan::Udp(socket) => {
@@ -595,5 +613,18 @@ impl Drop for Repeater {
             // A panic in the thread was already reported by the panic hook.
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::looks_like_quic;
+
+    #[test]
+    fn a_quic_handshake_is_told_apart_from_grapevine_datagrams() {
+        assert!(looks_like_quic(&[0xc3, 0, 0, 0, 1, 8, 1, 2]));
+        assert!(!looks_like_quic(b"GV\x01\x00\x00\x00"));
+        assert!(!looks_like_quic(&[0xc3, 0, 0, 0]));
+        assert!(!looks_like_quic(&[0x43, 0, 0, 0, 1]), "a short header");
     }
 }
