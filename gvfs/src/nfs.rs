@@ -32,6 +32,19 @@ pub struct ZoneFs {
     write_verifier: [u8; 8],
 }
 
+/// Runs an NFS handler's file-system work (reads, fsyncs, renames, directory listings): on a
+/// multi-thread runtime the worker first hands its other tasks to another thread, so that one
+/// slow disk call does not stall every other client and the zone's replication behind it.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        // A current-thread runtime (tests) has no other worker to hand tasks to.
+        _ => work(),
+    }
+}
+
 /// A verifier no earlier start of this process used: the start time in nanoseconds, mixed
 /// with the process id and a per-process counter.
 fn new_write_verifier() -> [u8; 8] {
@@ -274,20 +287,23 @@ impl NFSFileSystem for ZoneFs {
         }
         let disk = self.disk(&path)?;
         path_setattr(&disk, &setattr).await?;
-        if let set_size3::size(_) = setattr.size {
-            if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&disk) {
-                // A truncation acknowledged to the client must survive a crash, as writes do.
-                file.sync_all().map_err(status)?;
+        blocking(|| {
+            if let set_size3::size(_) = setattr.size {
+                if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&disk) {
+                    // A truncation acknowledged to the client must survive a crash, as writes
+                    // do.
+                    file.sync_all().map_err(status)?;
+                }
+                let size = std::fs::metadata(&disk).map_or(0, |m| m.len());
+                self.store
+                    .lock()
+                    .note_write(&path, size, (false, false), Instant::now());
+            } else {
+                // A chmod or a touch: replicated like a write.
+                self.changed_now(&path);
             }
-            let size = std::fs::metadata(&disk).map_or(0, |m| m.len());
-            self.store
-                .lock()
-                .note_write(&path, size, (false, false), Instant::now());
-        } else {
-            // A chmod or a touch: replicated like a write.
-            self.changed_now(&path);
-        }
-        self.attr(id, &path)
+            self.attr(id, &path)
+        })
     }
 
     async fn read(
@@ -296,21 +312,23 @@ impl NFSFileSystem for ZoneFs {
         offset: u64,
         count: u32,
     ) -> Result<(Vec<u8>, bool), nfsstat3> {
-        let path = self.path(id)?;
-        let root = self.store.lock().root().to_path_buf();
-        let mut file = crate::zpath::open_beneath(&root, &path).map_err(status)?;
-        let len = file.metadata().map_err(status)?.len();
-        file.seek(SeekFrom::Start(offset)).map_err(status)?;
-        let mut data = Vec::with_capacity(count.min(1 << 20) as usize);
-        file.take(u64::from(count))
-            .read_to_end(&mut data)
-            .map_err(status)?;
-        let eof = offset.saturating_add(data.len() as u64) >= len;
-        Ok((data, eof))
+        blocking(|| {
+            let path = self.path(id)?;
+            let root = self.store.lock().root().to_path_buf();
+            let mut file = crate::zpath::open_beneath(&root, &path).map_err(status)?;
+            let len = file.metadata().map_err(status)?.len();
+            file.seek(SeekFrom::Start(offset)).map_err(status)?;
+            let mut data = Vec::with_capacity(count.min(1 << 20) as usize);
+            file.take(u64::from(count))
+                .read_to_end(&mut data)
+                .map_err(status)?;
+            let eof = offset.saturating_add(data.len() as u64) >= len;
+            Ok((data, eof))
+        })
     }
 
     async fn write(&self, id: fileid3, offset: u64, data: &[u8]) -> Result<fattr3, nfsstat3> {
-        self.write_at(id, offset, data, true)
+        blocking(|| self.write_at(id, offset, data, true))
     }
 
     async fn write_stable(
@@ -320,21 +338,25 @@ impl NFSFileSystem for ZoneFs {
         data: &[u8],
         stable: bool,
     ) -> Result<(fattr3, bool), nfsstat3> {
-        self.write_at(id, offset, data, stable)
-            .map(|attr| (attr, stable))
+        blocking(|| {
+            self.write_at(id, offset, data, stable)
+                .map(|attr| (attr, stable))
+        })
     }
 
     async fn commit(&self, id: fileid3) -> Result<fattr3, nfsstat3> {
-        let path = self.path(id)?;
-        let disk = self.disk(&path)?;
-        // Flushes every UNSTABLE write to the file, from whichever request it came.
-        std::fs::File::open(&disk)
-            .and_then(|file| file.sync_data())
-            .map_err(status)?;
-        // The client is done with what it wrote: the file settles after the usual debounce,
-        // not the longer quiet of a copy that may still be growing.
-        self.store.lock().note_commit(&path);
-        self.attr(id, &path)
+        blocking(|| {
+            let path = self.path(id)?;
+            let disk = self.disk(&path)?;
+            // Flushes every UNSTABLE write to the file, from whichever request it came.
+            std::fs::File::open(&disk)
+                .and_then(|file| file.sync_data())
+                .map_err(status)?;
+            // The client is done with what it wrote: the file settles after the usual debounce,
+            // not the longer quiet of a copy that may still be growing.
+            self.store.lock().note_commit(&path);
+            self.attr(id, &path)
+        })
     }
 
     async fn create(
@@ -343,16 +365,21 @@ impl NFSFileSystem for ZoneFs {
         filename: &filename3,
         attr: sattr3,
     ) -> Result<(fileid3, fattr3), nfsstat3> {
-        let path = self.child(dirid, filename)?;
-        self.writable(&path)?;
-        let disk = self.disk(&path)?;
-        let file = std::fs::File::create(&disk).map_err(status)?;
-        file.sync_all().map_err(status)?;
+        let (path, disk) = blocking(|| {
+            let path = self.child(dirid, filename)?;
+            self.writable(&path)?;
+            let disk = self.disk(&path)?;
+            let file = std::fs::File::create(&disk).map_err(status)?;
+            file.sync_all().map_err(status)?;
+            Ok::<_, nfsstat3>((path, disk))
+        })?;
         path_setattr(&disk, &attr).await?;
-        crate::store::sync_dir(disk.parent().unwrap_or(&disk));
-        self.changed_now(&path);
-        let id = self.store.lock().id_for(&path);
-        Ok((id, self.attr(id, &path)?))
+        blocking(|| {
+            crate::store::sync_dir(disk.parent().unwrap_or(&disk));
+            self.changed_now(&path);
+            let id = self.store.lock().id_for(&path);
+            Ok((id, self.attr(id, &path)?))
+        })
     }
 
     async fn create_exclusive(
@@ -360,19 +387,21 @@ impl NFSFileSystem for ZoneFs {
         dirid: fileid3,
         filename: &filename3,
     ) -> Result<fileid3, nfsstat3> {
-        let path = self.child(dirid, filename)?;
-        self.writable(&path)?;
-        let disk = self.disk(&path)?;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&disk)
-            .map_err(status)?
-            .sync_all()
-            .map_err(status)?;
-        crate::store::sync_dir(disk.parent().unwrap_or(&disk));
-        self.changed_now(&path);
-        Ok(self.store.lock().id_for(&path))
+        blocking(|| {
+            let path = self.child(dirid, filename)?;
+            self.writable(&path)?;
+            let disk = self.disk(&path)?;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&disk)
+                .map_err(status)?
+                .sync_all()
+                .map_err(status)?;
+            crate::store::sync_dir(disk.parent().unwrap_or(&disk));
+            self.changed_now(&path);
+            Ok(self.store.lock().id_for(&path))
+        })
     }
 
     async fn mkdir(
@@ -380,28 +409,32 @@ impl NFSFileSystem for ZoneFs {
         dirid: fileid3,
         dirname: &filename3,
     ) -> Result<(fileid3, fattr3), nfsstat3> {
-        let path = self.child(dirid, dirname)?;
-        self.writable(&path)?;
-        let disk = self.disk(&path)?;
-        std::fs::create_dir(&disk).map_err(status)?;
-        self.changed_now(&path);
-        let id = self.store.lock().id_for(&path);
-        Ok((id, self.attr(id, &path)?))
+        blocking(|| {
+            let path = self.child(dirid, dirname)?;
+            self.writable(&path)?;
+            let disk = self.disk(&path)?;
+            std::fs::create_dir(&disk).map_err(status)?;
+            self.changed_now(&path);
+            let id = self.store.lock().id_for(&path);
+            Ok((id, self.attr(id, &path)?))
+        })
     }
 
     async fn remove(&self, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3> {
-        let path = self.child(dirid, filename)?;
-        self.writable(&path)?;
-        let disk = self.disk(&path)?;
-        let meta = std::fs::symlink_metadata(&disk).map_err(status)?;
-        if meta.is_dir() {
-            std::fs::remove_dir(&disk).map_err(status)?;
-        } else {
-            std::fs::remove_file(&disk).map_err(status)?;
-        }
-        crate::store::sync_dir(disk.parent().unwrap_or(&disk));
-        self.changed_now(&path);
-        Ok(())
+        blocking(|| {
+            let path = self.child(dirid, filename)?;
+            self.writable(&path)?;
+            let disk = self.disk(&path)?;
+            let meta = std::fs::symlink_metadata(&disk).map_err(status)?;
+            if meta.is_dir() {
+                std::fs::remove_dir(&disk).map_err(status)?;
+            } else {
+                std::fs::remove_file(&disk).map_err(status)?;
+            }
+            crate::store::sync_dir(disk.parent().unwrap_or(&disk));
+            self.changed_now(&path);
+            Ok(())
+        })
     }
 
     async fn rename(
@@ -411,25 +444,27 @@ impl NFSFileSystem for ZoneFs {
         to_dirid: fileid3,
         to_filename: &filename3,
     ) -> Result<(), nfsstat3> {
-        let from = self.child(from_dirid, from_filename)?;
-        let to = self.child(to_dirid, to_filename)?;
-        self.writable(&from)?;
-        self.writable(&to)?;
-        let mut store = self.store.lock();
-        let from_disk = store.disk_path(&from).map_err(path_status)?;
-        let to_disk = store.disk_path(&to).map_err(path_status)?;
-        std::fs::rename(&from_disk, &to_disk).map_err(status)?;
-        if from == to {
-            // Renamed onto itself: nothing changed (it must not look like a change of
-            // everything under it to the other members).
-            return Ok(());
-        }
-        crate::store::sync_dir(to_disk.parent().unwrap_or(&to_disk));
-        store.renamed(&from, &to);
-        if let Err(error) = store.save() {
-            tracing::error!(%error, "cannot save the zone index");
-        }
-        Ok(())
+        blocking(|| {
+            let from = self.child(from_dirid, from_filename)?;
+            let to = self.child(to_dirid, to_filename)?;
+            self.writable(&from)?;
+            self.writable(&to)?;
+            let mut store = self.store.lock();
+            let from_disk = store.disk_path(&from).map_err(path_status)?;
+            let to_disk = store.disk_path(&to).map_err(path_status)?;
+            std::fs::rename(&from_disk, &to_disk).map_err(status)?;
+            if from == to {
+                // Renamed onto itself: nothing changed (it must not look like a change of
+                // everything under it to the other members).
+                return Ok(());
+            }
+            crate::store::sync_dir(to_disk.parent().unwrap_or(&to_disk));
+            store.renamed(&from, &to);
+            if let Err(error) = store.save() {
+                tracing::error!(%error, "cannot save the zone index");
+            }
+            Ok(())
+        })
     }
 
     async fn readdir(
@@ -438,35 +473,37 @@ impl NFSFileSystem for ZoneFs {
         start_after: fileid3,
         max_entries: usize,
     ) -> Result<ReadDirResult, nfsstat3> {
-        let dir = self.path(dirid)?;
-        let children = self.store.lock().children(&dir);
-        let mut entries = Vec::new();
-        let mut remaining = children
-            .iter()
-            .skip_while(|(id, _)| start_after != 0 && *id <= start_after)
-            .peekable();
-        while entries.len() < max_entries {
-            let Some((id, name)) = remaining.next() else {
-                break;
-            };
-            let path = if dir.is_empty() {
-                name.clone()
-            } else {
-                format!("{dir}/{name}")
-            };
-            // Gone from disk since it was indexed: skip it.
-            let Ok(attr) = self.attr(*id, &path) else {
-                continue;
-            };
-            entries.push(DirEntry {
-                fileid: *id,
-                name: name.as_bytes().into(),
-                attr,
-            });
-        }
-        Ok(ReadDirResult {
-            entries,
-            end: remaining.peek().is_none(),
+        blocking(|| {
+            let dir = self.path(dirid)?;
+            let children = self.store.lock().children(&dir);
+            let mut entries = Vec::new();
+            let mut remaining = children
+                .iter()
+                .skip_while(|(id, _)| start_after != 0 && *id <= start_after)
+                .peekable();
+            while entries.len() < max_entries {
+                let Some((id, name)) = remaining.next() else {
+                    break;
+                };
+                let path = if dir.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{dir}/{name}")
+                };
+                // Gone from disk since it was indexed: skip it.
+                let Ok(attr) = self.attr(*id, &path) else {
+                    continue;
+                };
+                entries.push(DirEntry {
+                    fileid: *id,
+                    name: name.as_bytes().into(),
+                    attr,
+                });
+            }
+            Ok(ReadDirResult {
+                entries,
+                end: remaining.peek().is_none(),
+            })
         })
     }
 
@@ -512,6 +549,31 @@ impl NFSFileSystem for ZoneFs {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A handler blocked on the disk must not hold up the runtime's other tasks: here the
+    /// blocked work waits for a task spawned just before it, on a runtime with one worker.
+    #[test]
+    fn blocking_work_lets_the_other_tasks_of_the_runtime_run() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let (done, wait) = std::sync::mpsc::channel();
+        let other_ran = runtime.block_on(async move {
+            tokio::spawn(async move {
+                tokio::spawn(async move {
+                    let _ = done.send(());
+                });
+                blocking(|| wait.recv_timeout(Duration::from_secs(5)).is_ok())
+            })
+            .await
+            .unwrap()
+        });
+        assert!(
+            other_ran,
+            "the blocked handler stalled the runtime's other task"
+        );
+    }
 
     fn run<T>(future: impl std::future::Future<Output = T>) -> T {
         tokio::runtime::Builder::new_current_thread()

@@ -7,8 +7,10 @@
 //! file's version vector for this node and the zone's version, which peers see in the ELP.
 //!
 //! It is over 1 000 lines: the index, the scan, applying pulled changes and the conflict rules
-//! share the index's invariants; splitting it (with no blocking I/O on the runtime and an
-//! incremental index) is GrapeVineFS work still open (docs/GVFS.md).
+//! share the index's invariants. Its callers do its disk work off the async runtime's workers
+//! (NFS handlers in `block_in_place`, pulls and scans on threads of their own); the index is
+//! still saved whole after each change (an incremental index is GrapeVineFS work still open,
+//! docs/GVFS.md).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
