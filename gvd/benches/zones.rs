@@ -5,6 +5,10 @@
 //! `cargo bench -p gvd --bench zones -- [--small 30] [--big-mb 100] [--rounds 3] [--json]
 //! [--ganesha]`
 //!
+//! It also times GETATTR, LOOKUP and READDIRPLUS inside one client session (`nfs3_client`: the
+//! libnfs tools start a session per call), 2 000 of each, against the zone's root holding the
+//! small files.
+//!
 //! With `--ganesha` (root, `ip`, and Debian's nfs-ganesha, nfs-ganesha-vfs and rpcbind:
 //! `gvd/benches/zones-vs-ganesha.sh` installs them and runs this), the same client runs the
 //! same writes and reads against nfs-ganesha with FSAL VFS on the same disk, in a network
@@ -19,6 +23,8 @@ use std::time::{Duration, Instant};
 use grapevine_kos::nodes::NodesFile;
 
 const DEBOUNCE_MS: u64 = 100;
+/// GETATTR, LOOKUP and READDIRPLUS calls timed per server.
+const METADATA_CALLS: usize = 2_000;
 
 struct Node {
     child: Child,
@@ -209,6 +215,7 @@ struct ClientFigures {
     small_write: Vec<Duration>,
     write: Vec<Duration>,
     read: Vec<Duration>,
+    metadata: MetadataFigures,
 }
 
 fn percentile(samples: &mut [Duration], q: f64) -> f64 {
@@ -233,7 +240,123 @@ fn wait_identical(path: &Path, want: &[u8], limit: Duration) -> Duration {
     }
 }
 
+/// GETATTR, LOOKUP and READDIRPLUS round trips timed inside one NFS session.
+#[derive(Default, serde::Deserialize, serde::Serialize)]
+struct MetadataFigures {
+    getattr_us: Vec<f64>,
+    lookup_us: Vec<f64>,
+    readdirplus_us: Vec<f64>,
+    entries: usize,
+}
+
+impl MetadataFigures {
+    fn p(samples: &[f64], q: f64) -> f64 {
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let rank = (sorted.len().saturating_sub(1) as f64 * q).round() as usize;
+        sorted.get(rank).copied().unwrap_or(0.0)
+    }
+
+    fn summary(&self) -> serde_json::Value {
+        let pair = |s: &[f64]| [Self::p(s, 0.5), Self::p(s, 0.99)];
+        serde_json::json!({
+            "getattr_p50_p99_us": pair(&self.getattr_us),
+            "lookup_p50_p99_us": pair(&self.lookup_us),
+            "readdirplus_p50_p99_us": pair(&self.readdirplus_us),
+            "entries": self.entries,
+        })
+    }
+}
+
+/// Mounts `export` on 127.0.0.1 (`mount_port`, `nfs_port`) and times `calls` of each
+/// operation on the export's root and its file `file`.
+fn metadata_latency(
+    mount_port: u16,
+    nfs_port: u16,
+    export: &str,
+    file: &str,
+    calls: usize,
+) -> MetadataFigures {
+    use nfs3_client::nfs3_types::nfs3::{
+        cookieverf3, diropargs3, filename3, GETATTR3args, LOOKUP3args, Nfs3Result, READDIRPLUS3args,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut connection = nfs3_client::Nfs3ConnectionBuilder::new(
+            nfs3_client::tokio::TokioConnector,
+            "127.0.0.1",
+            export,
+        )
+        .connect_from_privileged_port(false)
+        // AUTH_SYS as the libnfs tools send it (nfs-ganesha refuses AUTH_NONE).
+        .credential(nfs3_client::nfs3_types::rpc::opaque_auth::auth_unix(
+            &nfs3_client::nfs3_types::rpc::auth_unix::default(),
+        ))
+        .mount_port(mount_port)
+        .nfs3_port(nfs_port)
+        .mount()
+        .await
+        .expect("mount");
+        let root = connection.root_nfs_fh3();
+        let lookup = |name: &str| LOOKUP3args {
+            what: diropargs3 {
+                dir: root.clone(),
+                name: filename3::from(name.as_bytes().to_vec()),
+            },
+        };
+        let Nfs3Result::Ok(found) = connection.lookup(&lookup(file)).await.expect("lookup") else {
+            panic!("{file} not found in {export}");
+        };
+        let file_handle = found.object;
+        let mut figures = MetadataFigures::default();
+        let micros = |t: Instant| t.elapsed().as_secs_f64() * 1e6;
+        for _ in 0..calls {
+            let t = Instant::now();
+            let reply = connection
+                .getattr(&GETATTR3args {
+                    object: file_handle.clone(),
+                })
+                .await
+                .expect("getattr");
+            figures.getattr_us.push(micros(t));
+            assert!(matches!(reply, Nfs3Result::Ok(_)), "getattr failed");
+            let t = Instant::now();
+            let reply = connection.lookup(&lookup(file)).await.expect("lookup");
+            figures.lookup_us.push(micros(t));
+            assert!(matches!(reply, Nfs3Result::Ok(_)), "lookup failed");
+            let t = Instant::now();
+            let reply = connection
+                .readdirplus(&READDIRPLUS3args {
+                    dir: root.clone(),
+                    cookie: 0,
+                    cookieverf: cookieverf3::default(),
+                    dircount: 64 * 1024,
+                    maxcount: 256 * 1024,
+                })
+                .await
+                .expect("readdirplus");
+            figures.readdirplus_us.push(micros(t));
+            let Nfs3Result::Ok(listing) = reply else {
+                panic!("readdirplus failed");
+            };
+            figures.entries = listing.reply.entries.0.len();
+        }
+        figures
+    })
+}
+
 fn main() {
+    // Run by itself inside nfs-ganesha's namespace: `--metadata-client MOUNT NFS EXPORT FILE`.
+    if std::env::args().nth(1).as_deref() == Some("--metadata-client") {
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        let port = |i: usize| args[i].parse::<u16>().expect("a port");
+        let figures = metadata_latency(port(0), port(1), &args[2], &args[3], METADATA_CALLS);
+        println!("{}", serde_json::to_string(&figures).unwrap());
+        return;
+    }
     let (mut small, mut big_mb, mut rounds, mut json) = (30usize, 100usize, 3usize, false);
     let mut with_ganesha = false;
     let mut args = std::env::args().skip(1);
@@ -330,6 +453,7 @@ fn main() {
     }
     let small_p50 = percentile(&mut latencies, 0.5);
     let small_p99 = percentile(&mut latencies, 0.99);
+    let our_metadata = metadata_latency(port, port, "/z", "small-0", METADATA_CALLS);
 
     // Big files: throughput through NFS and the same on the local disk; replication latency.
     let big: Vec<u8> = (0..big_mb * (1 << 20)).map(|i| (i % 253) as u8).collect();
@@ -400,6 +524,16 @@ fn main() {
                 .arg(server.url(&format!("small-{i}"))));
             figures.small_write.push(t.elapsed());
         }
+        let program = std::env::current_exe().unwrap();
+        let export = server.export.display().to_string();
+        let output = run(server.client(program.to_str().unwrap()).args([
+            "--metadata-client",
+            "20048",
+            "2049",
+            &export,
+            "small-0",
+        ]));
+        figures.metadata = serde_json::from_slice(&output).unwrap();
         for round in 0..rounds {
             let name = format!("big-{round}");
             let t = Instant::now();
@@ -424,7 +558,12 @@ fn main() {
             mb / (median_ms(&theirs.read) / 1e3),
         );
         let (os, ts) = (median_ms(&ours.small_write), median_ms(&theirs.small_write));
+        let p50 = |s: &[f64]| MetadataFigures::p(s, 0.5);
         serde_json::json!({
+            "metadata": theirs.metadata.summary(),
+            "getattr_ratio": p50(&our_metadata.getattr_us) / p50(&theirs.metadata.getattr_us),
+            "lookup_ratio": p50(&our_metadata.lookup_us) / p50(&theirs.metadata.lookup_us),
+            "readdirplus_ratio": p50(&our_metadata.readdirplus_us) / p50(&theirs.metadata.readdirplus_us),
             "write_mb_s": [ow, tw], "write_ratio": ow / tw,
             "read_mb_s": [or, tr], "read_ratio": or / tr,
             "small_write_ms": [os, ts], "small_write_ratio": os / ts,
@@ -440,6 +579,7 @@ fn main() {
                 "big_mb": big_mb, "big_rounds": rounds, "big_p50_ms": big_p50, "big_max_ms": big_max,
                 "nfs_write_mb_s": nw, "local_write_mb_s": lw, "nfs_read_mb_s": nr, "local_read_mb_s": lr,
                 "small_write_ms": median_ms(&ours.small_write),
+                "metadata": our_metadata.summary(),
                 "versus_ganesha": versus,
             })
         );
@@ -456,6 +596,34 @@ fn main() {
         "  read:  NFS {nr:.0} MB/s, local read {lr:.0} MB/s (ratio {:.2})",
         nr / lr
     );
+    let line = |m: &MetadataFigures| {
+        let q = |s: &[f64]| (MetadataFigures::p(s, 0.5), MetadataFigures::p(s, 0.99));
+        let ((g50, g99), (l50, l99), (r50, r99)) =
+            (q(&m.getattr_us), q(&m.lookup_us), q(&m.readdirplus_us));
+        format!(
+            "GETATTR p50 {g50:.0} µs p99 {g99:.0}; LOOKUP p50 {l50:.0} µs p99 {l99:.0}; \
+             READDIRPLUS of {} entries p50 {r50:.0} µs p99 {r99:.0}",
+            m.entries
+        )
+    };
+    println!(
+        "  one session, {METADATA_CALLS} calls each: {}",
+        line(&our_metadata)
+    );
+    if let Some(v) = &versus {
+        if let Ok(theirs) = serde_json::from_value::<serde_json::Value>(v["metadata"].clone()) {
+            let ratio = |k: &str| v[k].as_f64().unwrap_or(0.0);
+            println!(
+                "  nfs-ganesha, same session pattern: GETATTR p50 {} µs, LOOKUP p50 {} µs, READDIRPLUS p50 {} µs (p50 ratios {:.2}, {:.2}, {:.2})",
+                theirs["getattr_p50_p99_us"][0],
+                theirs["lookup_p50_p99_us"][0],
+                theirs["readdirplus_p50_p99_us"][0],
+                ratio("getattr_ratio"),
+                ratio("lookup_ratio"),
+                ratio("readdirplus_ratio")
+            );
+        }
+    }
     if let Some(v) = versus {
         let pair = |k: &str| {
             (

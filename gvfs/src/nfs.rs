@@ -475,7 +475,14 @@ impl NFSFileSystem for ZoneFs {
     ) -> Result<ReadDirResult, nfsstat3> {
         blocking(|| {
             let dir = self.path(dirid)?;
-            let children = self.store.lock().children(&dir);
+            // The directory is resolved (and its components checked) once, not per entry.
+            let (children, dir_disk) = {
+                let store = self.store.lock();
+                (
+                    store.children(&dir),
+                    store.disk_path(&dir).map_err(path_status)?,
+                )
+            };
             let mut entries = Vec::new();
             let mut remaining = children
                 .iter()
@@ -485,19 +492,17 @@ impl NFSFileSystem for ZoneFs {
                 let Some((id, name)) = remaining.next() else {
                     break;
                 };
-                let path = if dir.is_empty() {
-                    name.clone()
-                } else {
-                    format!("{dir}/{name}")
-                };
-                // Gone from disk since it was indexed: skip it.
-                let Ok(attr) = self.attr(*id, &path) else {
+                // Gone from disk since it was indexed, or a link (never served): skip it.
+                let Ok(meta) = std::fs::symlink_metadata(dir_disk.join(name)) else {
                     continue;
                 };
+                if meta.file_type().is_symlink() {
+                    continue;
+                }
                 entries.push(DirEntry {
                     fileid: *id,
                     name: name.as_bytes().into(),
-                    attr,
+                    attr: metadata_to_fattr3(*id, &meta),
                 });
             }
             Ok(ReadDirResult {
@@ -586,6 +591,39 @@ mod tests {
         Arc::new(Mutex::new(
             ZoneStore::open(3, &dir.join("data"), &dir.join("meta")).unwrap(),
         ))
+    }
+
+    #[test]
+    fn readdir_lists_with_attributes_pages_and_never_serves_a_link() {
+        let dir = std::env::temp_dir().join(format!("gvfs-nfs-readdir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let fs = ZoneFs::new(open(&dir), 1 << 20, 79);
+        let name = |n: &str| filename3::from(n.as_bytes());
+        let (a, _) = run(fs.create(ROOT_ID, &name("a"), sattr3::default())).unwrap();
+        run(fs.write(a, 0, b"hello")).unwrap();
+        run(fs.create(ROOT_ID, &name("b"), sattr3::default())).unwrap();
+        run(fs.mkdir(ROOT_ID, &name("d"))).unwrap();
+        // b is swapped for a link to a file outside the zone behind the server's back.
+        let b_disk = dir.join("data").join("b");
+        std::fs::remove_file(&b_disk).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", &b_disk).unwrap();
+        let all = run(fs.readdir(ROOT_ID, 0, 100)).unwrap();
+        let listed: Vec<(String, u64)> = all
+            .entries
+            .iter()
+            .map(|e| (String::from_utf8_lossy(&e.name.0).into_owned(), e.attr.size))
+            .collect();
+        assert!(all.end);
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        assert!(listed.contains(&("a".to_string(), 5)), "{listed:?}");
+        assert!(listed.iter().any(|(n, _)| n == "d"), "{listed:?}");
+        let first = run(fs.readdir(ROOT_ID, 0, 1)).unwrap();
+        assert_eq!(first.entries.len(), 1);
+        assert!(!first.end);
+        let rest = run(fs.readdir(ROOT_ID, first.entries[0].fileid, 100)).unwrap();
+        assert!(rest.end);
+        assert_eq!(first.entries.len() + rest.entries.len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
