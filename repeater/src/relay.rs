@@ -97,6 +97,15 @@ fn bounded_entry<K: std::hash::Hash + Eq, V>(
     Some(map.entry(key))
 }
 
+/// Whether `bytes` is a repeater's hello (read from the header alone).
+fn is_hello(bytes: &[u8]) -> bool {
+    zerocopy::FromBytes::ref_from_prefix(bytes).is_ok_and(
+        |(header, _): (&grapevine_core::wire::DatagramHeader, _)| {
+            header.publisher() == HELLO_PUBLISHER
+        },
+    )
+}
+
 fn digest(bytes: &[u8]) -> [u8; 16] {
     let mut out = [0u8; 16];
     out.copy_from_slice(&blake3::hash(bytes).as_bytes()[..16]);
@@ -148,6 +157,9 @@ pub struct Relay {
     /// showed: what comes from there is a relayed copy, never local traffic to relay out.
     relay_senders: HashMap<SocketAddr, Instant>,
     peers: HashMap<SocketAddr, PeerState>,
+    /// Where this repeater's own emissions come from, once its own hello came back: those are
+    /// recognised by address alone, without parsing or hashing them again.
+    own_sender: Option<SocketAddr>,
 }
 
 impl Relay {
@@ -174,6 +186,7 @@ impl Relay {
             neighbours: HashMap::new(),
             relay_senders: HashMap::new(),
             peers: HashMap::new(),
+            own_sender: None,
         }
     }
 
@@ -240,7 +253,9 @@ impl Relay {
                 *heard.or_insert(now) = now;
             }
         }
-        if id != self.id {
+        if id == self.id {
+            self.own_sender = source;
+        } else {
             if let Some(heard) = bounded_entry(&mut self.neighbours, id, 256, |heard| {
                 now.saturating_duration_since(*heard) < FORWARDER_TIMEOUT
             }) {
@@ -369,6 +384,11 @@ impl Relay {
         bytes: &[u8],
     ) -> Verdict {
         self.memory.expire(now);
+        // Its own emission looped back by the group: a remote datagram it remembered when
+        // it emitted it (or its own hello, which only refreshes the election).
+        if source.is_some() && source == self.own_sender && !is_hello(bytes) {
+            return Verdict::Loop;
+        }
         match self.check(bytes) {
             Ok(_) => {}
             Err(Verdict::Hello) => {
@@ -564,6 +584,39 @@ mod tests {
         assert_eq!(
             forwarder.from_local_source(now, Some(publisher), &local),
             Verdict::Relay
+        );
+    }
+
+    #[test]
+    fn its_own_emissions_are_known_by_address_once_its_hello_came_back() {
+        let now = Instant::now();
+        let mut relay = Relay::with_id(1, None, None);
+        let (own, publisher) = (peer(1), peer(9));
+        let hello = relay.hello();
+        assert_eq!(
+            relay.from_local_source(now, Some(own), &hello),
+            Verdict::Hello
+        );
+        assert!(relay.is_forwarder(now), "its own hello is no neighbour");
+        let remote = datagram(1, 1);
+        assert_eq!(relay.from_remote(now, peer(5), &remote), Verdict::Relay);
+        assert_eq!(
+            relay.from_local_source(now, Some(own), &remote),
+            Verdict::Loop
+        );
+        // Anything from that address is its own emission, not local traffic to relay out.
+        assert_eq!(
+            relay.from_local_source(now, Some(own), &datagram(1, 2)),
+            Verdict::Loop
+        );
+        assert_eq!(
+            relay.from_local_source(now, Some(publisher), &datagram(1, 3)),
+            Verdict::Relay
+        );
+        // Its hellos keep coming through the election.
+        assert_eq!(
+            relay.from_local_source(now, Some(own), &hello),
+            Verdict::Hello
         );
     }
 
