@@ -724,21 +724,9 @@ impl ZoneStore {
 
     /// Live children of directory `dir`, by id.
     pub fn children(&self, dir: &str) -> Vec<(u64, String)> {
-        let prefix = if dir.is_empty() {
-            String::new()
-        } else {
-            format!("{dir}/")
-        };
-        let mut children: Vec<(u64, String)> = self
-            .index
-            .entries
-            .range(prefix.clone()..)
-            .take_while(|(path, _)| path.starts_with(&prefix))
-            .filter(|(path, entry)| !entry.deleted && !path[prefix.len()..].contains('/'))
-            .map(|(path, entry)| (entry.id, path[prefix.len()..].to_string()))
-            .collect();
-        children.sort_unstable();
-        children
+        children_in(&self.index.entries, dir, |entry| {
+            (!entry.deleted).then_some(entry.id)
+        })
     }
 
     /// Notes a write to `path`, which is now `size` bytes long; it is checked once quiet for
@@ -1408,6 +1396,45 @@ impl ZoneStore {
     }
 }
 
+/// The children of `dir` among `entries` (path → entry), as (id, name) sorted by id; `live`
+/// gives an entry's id, or `None` for one to leave out (a tombstone).
+///
+/// Each child's subtree is stepped over in one range lookup (its descendants are the paths in
+/// `child/`..`child0`, `0` being the character after `/`), so listing a directory costs its
+/// children, not every path beneath it: the zone's root is not a scan of the whole zone.
+fn children_in<E>(
+    entries: &BTreeMap<String, E>,
+    dir: &str,
+    live: impl Fn(&E) -> Option<u64>,
+) -> Vec<(u64, String)> {
+    use std::ops::Bound;
+    let prefix = if dir.is_empty() {
+        String::new()
+    } else {
+        format!("{dir}/")
+    };
+    let mut children = Vec::new();
+    let mut from = Bound::Included(prefix.clone());
+    while let Some((path, entry)) = entries.range((from, Bound::Unbounded)).next() {
+        let Some(rest) = path.strip_prefix(&prefix) else {
+            break;
+        };
+        match rest.find('/') {
+            Some(slash) => {
+                from = Bound::Included(format!("{}0", &path[..prefix.len() + slash]));
+            }
+            None => {
+                if let Some(id) = live(entry) {
+                    children.push((id, rest.to_string()));
+                }
+                from = Bound::Excluded(path.clone());
+            }
+        }
+    }
+    children.sort_unstable();
+    children
+}
+
 /// Puts changes in the order they can be applied in: directories that exist, shallow before
 /// deep (parents before children), then files, then deletions deepest first (children before
 /// their directory, which can then be removed instead of lingering and coming back).
@@ -1443,6 +1470,34 @@ pub(crate) fn sync_dir(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Listing by stepping over subtrees finds exactly what filtering every path finds.
+        #[test]
+        fn children_are_the_paths_one_level_below(
+            paths in proptest::collection::btree_set("[ab0./-]{1,3}(/[ab0./-]{1,3}){0,3}", 0..60),
+            dir_index in 0usize..64,
+        ) {
+            let entries: BTreeMap<String, u64> = paths
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.clone(), i as u64))
+                .collect();
+            let dirs: Vec<&str> = std::iter::once("").chain(paths.iter().map(String::as_str)).collect();
+            let dir = dirs[dir_index % dirs.len()];
+            let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
+            let mut naive: Vec<(u64, String)> = entries
+                .iter()
+                .filter_map(|(p, id)| {
+                    let rest = p.strip_prefix(&prefix)?;
+                    (!rest.contains('/') && id % 5 != 0).then(|| (*id, rest.to_string()))
+                })
+                .collect();
+            naive.sort_unstable();
+            let listed = children_in(&entries, dir, |id| (id % 5 != 0).then_some(*id));
+            proptest::prop_assert_eq!(listed, naive);
+        }
+    }
 
     fn scratch(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("gvfs-store-{tag}-{}", std::process::id()));
