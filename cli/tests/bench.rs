@@ -27,9 +27,19 @@ fn throughput_reports_both_stacks_and_their_ratio() {
         "throughput",
         "--seconds",
         "0.3",
+        "--pre-encoded",
         "--group",
         "239.255.78.1:47800",
     ]);
+    assert!(
+        report["pre_encoded_ratio"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert_eq!(
+        report["grapevine_pre_encoded"]["loss"].as_f64(),
+        Some(0.0),
+        "{report}"
+    );
     for stack in ["grapevine", "raw"] {
         let figures = &report[stack];
         assert!(

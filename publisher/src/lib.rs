@@ -253,6 +253,32 @@ impl<S: ReplicatedState> Publisher<S> {
         &self,
         deltas: impl IntoIterator<Item = S::Delta>,
     ) -> Result<u64, PublisherError> {
+        self.publish_each(deltas, PublisherSession::publish)
+    }
+
+    /// Publishes deltas its producer already holds encoded (postcard), under one lock: the
+    /// bytes go out as they are, without serde encoding; each is decoded once to update the
+    /// source of truth ([`PublisherSession::publish_encoded`]). Returns the last `seq`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Publisher::publish`], and [`PublishError::Decode`](grapevine_core::proto::PublishError::Decode)
+    /// for bytes that are not one delta of the state; deltas before a refused one are
+    /// published.
+    pub fn publish_encoded<'a>(
+        &self,
+        encoded: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<u64, PublisherError> {
+        self.publish_each(encoded, |session, now, bytes| {
+            session.publish_encoded(now, bytes)
+        })
+    }
+
+    fn publish_each<T>(
+        &self,
+        items: impl IntoIterator<Item = T>,
+        mut publish_one: impl FnMut(&mut PublisherSession<S>, Instant, T) -> Result<u64, PublishError>,
+    ) -> Result<u64, PublisherError> {
         if self.shared.is_stopping() {
             return Err(PublisherError::Closed);
         }
@@ -262,8 +288,8 @@ impl<S: ReplicatedState> Publisher<S> {
             let now = Instant::now();
             let was_pending = session.has_pending_batch();
             let mut last = Ok(session.last_seq());
-            for delta in deltas {
-                last = session.publish(now, delta);
+            for item in items {
+                last = publish_one(&mut session, now, item);
                 if last.is_err() {
                     break;
                 }

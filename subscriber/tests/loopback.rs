@@ -607,3 +607,48 @@ fn caught_up_waits_for_the_seq_and_no_longer() {
     let stats = subscriber.stats().protocol;
     assert_eq!(stats.joins, 1, "joining is not a recovery: {stats:?}");
 }
+
+/// A producer that holds its deltas encoded publishes them as they are; subscribers get the same
+/// state as from typed deltas, and bytes that are not a delta are refused at the publisher.
+#[test]
+fn pre_encoded_deltas_replicate_like_typed_ones_and_garbage_is_refused() {
+    let live = group(25);
+    let subscriber = subscribe(&live);
+    let publisher = start_publisher(&live, 0, Counters::default());
+    let _snapshots = start_snapshotter(&publisher, &live);
+    let encoded: Vec<Vec<u8>> = (0..1_000u32)
+        .map(|i| {
+            let mut bytes = Vec::new();
+            grapevine_core::codec::encode_into(
+                &CounterDelta::Add((i % 40) as u8, i64::from(i)),
+                &mut bytes,
+            )
+            .unwrap();
+            bytes
+        })
+        .collect();
+    let last = publisher
+        .publish_encoded(encoded.iter().map(Vec::as_slice))
+        .unwrap();
+    assert_eq!(last, 1_000);
+    let before = publisher.read(digest);
+    let refused = publisher.publish_encoded([&[0xff_u8, 0xff, 0xff][..]]);
+    assert!(
+        matches!(
+            refused,
+            Err(grapevine_publisher::PublisherError::Publish(
+                grapevine_core::proto::PublishError::Decode(_)
+            ))
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(publisher.read(digest), before, "the state is unchanged");
+    publisher.flush();
+    wait_converged(&subscriber, &publisher, 0);
+    let mut typed = Counters::default();
+    for i in 0..1_000u32 {
+        typed.apply(&CounterDelta::Add((i % 40) as u8, i64::from(i)));
+    }
+    assert_eq!(publisher.read(digest), digest(&typed));
+    assert_eq!(subscriber.stats().protocol.gaps, 0);
+}

@@ -74,6 +74,10 @@ pub(crate) struct ThroughputArgs {
     /// beside the default `KeyedMap` (a tree), and report both.
     #[arg(long)]
     dense: bool,
+    /// Also run GrapeVine with the publisher given pre-encoded deltas
+    /// (`Publisher::publish_encoded`: bytes out as they are, decoded once for the state).
+    #[arg(long)]
+    pre_encoded: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,

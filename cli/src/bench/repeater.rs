@@ -105,8 +105,9 @@ pub(super) fn repeater(bench: &RepeaterBenchArgs) -> Result<()> {
     let direct_times = delivery_times(&direct, &direct, 2_000)?;
     let repeated_times = delivery_times(&near, &far, 2_000)?;
     let (plain, _) =
-        throughput_between::<PayloadMap>(args, &direct, &direct, duration, window, None)?;
-    let (through, _) = throughput_between::<PayloadMap>(args, &near, &far, duration, window, None)?;
+        throughput_between::<PayloadMap>(args, &direct, &direct, duration, window, None, false)?;
+    let (through, _) =
+        throughput_between::<PayloadMap>(args, &near, &far, duration, window, None, false)?;
     let p = |t: &[Duration], q: f64| quantile(t, q).as_secs_f64() * 1e6;
     if args.json {
         println!(

@@ -46,8 +46,20 @@ pub(super) fn throughput(args: &ThroughputArgs) -> Result<()> {
         let mut dense_group = args.group;
         dense_group.set_port(args.group.port().wrapping_add(4));
         let group = MulticastConfig::new(dense_group);
+        let measured = throughput_between::<DensePayloads>(
+            args, &group, &group, duration, window, None, false,
+        )?;
+        super::check_interrupted()?;
+        Some(measured.0)
+    } else {
+        None
+    };
+    let pre_encoded = if args.pre_encoded {
+        let mut encoded_group = args.group;
+        encoded_group.set_port(args.group.port().wrapping_add(5));
+        let group = MulticastConfig::new(encoded_group);
         let measured =
-            throughput_between::<DensePayloads>(args, &group, &group, duration, window, None)?;
+            throughput_between::<PayloadMap>(args, &group, &group, duration, window, None, true)?;
         super::check_interrupted()?;
         Some(measured.0)
     } else {
@@ -97,6 +109,8 @@ pub(super) fn throughput(args: &ThroughputArgs) -> Result<()> {
                 "ratio": ratio,
                 "grapevine_dense": dense.as_ref().map(|m| m.json(args.payload)),
                 "dense_ratio": dense.as_ref().map(|m| m.rate() / raw.rate().max(1.0)),
+                "grapevine_pre_encoded": pre_encoded.as_ref().map(|m| m.json(args.payload)),
+                "pre_encoded_ratio": pre_encoded.as_ref().map(|m| m.rate() / raw.rate().max(1.0)),
                 "grapevine_signed": signed.as_ref().map(|m| m.json(args.payload)),
                 "auth_ratio": signed.as_ref().map(|m| m.rate() / gv.rate().max(1.0)),
                 "grapevine_ed25519": ed25519.as_ref().map(|m| m.json(args.payload)),
@@ -118,6 +132,9 @@ pub(super) fn throughput(args: &ThroughputArgs) -> Result<()> {
     if let Some(dense) = &dense {
         rows.insert(1, ("dense", dense));
     }
+    if let Some(encoded) = &pre_encoded {
+        rows.insert(1, ("pre-enc", encoded));
+    }
     if let Some(signed) = &signed {
         rows.insert(1, ("signed", signed));
     }
@@ -138,6 +155,12 @@ pub(super) fn throughput(args: &ThroughputArgs) -> Result<()> {
         println!(
             "ratio with a dense state (DenseMap: slots in an array, no tree): {:.2}",
             dense.rate() / raw.rate().max(1.0)
+        );
+    }
+    if let Some(encoded) = &pre_encoded {
+        println!(
+            "ratio publishing pre-encoded deltas (Publisher::publish_encoded): {:.2}",
+            encoded.rate() / raw.rate().max(1.0)
         );
     }
     if let Some(signed) = &signed {
@@ -163,7 +186,7 @@ fn throughput_grapevine(
     window: u64,
     keyring: Option<Arc<Keyring>>,
 ) -> Result<(Measured, u64)> {
-    throughput_between::<PayloadMap>(args, group, group, duration, window, keyring)
+    throughput_between::<PayloadMap>(args, group, group, duration, window, keyring, false)
 }
 
 /// As `throughput_grapevine`, with the subscriber on `subscribe_on` (a repeater's far side).
@@ -174,6 +197,7 @@ pub(super) fn throughput_between<S>(
     duration: Duration,
     window: u64,
     keyring: Option<Arc<Keyring>>,
+    pre_encoded: bool,
 ) -> Result<(Measured, u64)>
 where
     S: ReplicatedState<Delta = MapDelta<u32, Bytes>>,
@@ -195,6 +219,21 @@ where
         None
     };
     let payload = payload_bytes(args.payload);
+    // A producer that holds its deltas encoded: one per key, encoded before the clock starts.
+    let encoded: Vec<Vec<u8>> = if pre_encoded {
+        (0..args.keys.max(1))
+            .map(|key| {
+                let mut bytes = Vec::new();
+                grapevine::core::codec::encode_into(
+                    &MapDelta::Put(key, payload.clone()),
+                    &mut bytes,
+                )
+                .map(|()| bytes)
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
     let cpu_before = process_cpu_seconds();
     let started = Instant::now();
     let mut sent = 0u64;
@@ -206,11 +245,19 @@ where
             std::thread::yield_now();
             continue;
         }
-        let batch = (0..256).map(|_| {
-            key = (key + 1) % args.keys.max(1);
-            MapDelta::Put(key, payload.clone())
-        });
-        publisher.publish_all(batch)?;
+        if pre_encoded {
+            let batch = (0..256).map(|_| {
+                key = (key + 1) % args.keys.max(1);
+                encoded[key as usize].as_slice()
+            });
+            publisher.publish_encoded(batch)?;
+        } else {
+            let batch = (0..256).map(|_| {
+                key = (key + 1) % args.keys.max(1);
+                MapDelta::Put(key, payload.clone())
+            });
+            publisher.publish_all(batch)?;
+        }
         sent += 256;
     }
     publisher.flush();
