@@ -262,7 +262,7 @@ impl<S: ReplicatedState> Publisher<S> {
     ///
     /// # Errors
     ///
-    /// As [`Publisher::publish`], and [`PublishError::Decode`](grapevine_core::proto::PublishError::Decode)
+    /// As [`Publisher::publish`], and [`PublishError::Decode`]
     /// for bytes that are not one delta of the state; deltas before a refused one are
     /// published.
     pub fn publish_encoded<'a>(
