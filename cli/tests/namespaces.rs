@@ -85,50 +85,9 @@ impl Lab {
     /// routing): hosts h0–h2 on 10.231.1.0/24, h3–h5 on 10.231.2.0/24; the router drops
     /// `wan_loss_percent` of what it forwards.
     fn setup_routed_networks(&mut self, wan_loss_percent: u32) -> Result<(), String> {
-        let router = self.lab.add_namespace("rt")?;
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &router,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ])?;
-        for net in [1u8, 2] {
-            let bridge = self.lab.add_bridge(if net == 1 { "brA" } else { "brB" })?;
-            let (inner, outer) = (
-                self.veth('r', usize::from(net)),
-                self.veth('q', usize::from(net)),
-            );
-            let gateway = format!("10.231.{net}.254");
-            self.lab
-                .attach(&bridge, &router, &inner, &outer, &format!("{gateway}/24"))?;
-            for i in 0..3 {
-                let index = usize::from(net - 1) * 3 + i;
-                let addr = format!("10.231.{net}.{}/24", index + 1);
-                let (host, _) = self.lab.add_bridged_host(&bridge, index, &addr)?;
-                run(&[
-                    "ip",
-                    "-n",
-                    &host,
-                    "route",
-                    "add",
-                    "10.231.0.0/16",
-                    "via",
-                    &gateway,
-                ])?;
-            }
-        }
-        if wan_loss_percent > 0 {
-            let nft = |command: &str| run(&["ip", "netns", "exec", &router, "nft", command]);
-            nft("add table inet wan")?;
-            nft("add chain inet wan forward { type filter hook forward priority 0; }")?;
-            nft(&format!(
-                "add rule inet wan forward numgen random mod 100 < {wan_loss_percent} drop"
-            ))?;
-        }
-        Ok(())
+        self.lab
+            .add_routed_networks("10.231", 3, wan_loss_percent)
+            .map(|_| ())
     }
 
     /// Starts `grapevine args` on host `h{host}`.

@@ -30,7 +30,7 @@ use grapevine_publisher::{Publisher, PublisherOptions};
 use grapevine_repeater::{Repeater, RepeaterOptions, WanTransport, LOOP_MEMORY};
 use grapevine_snapshotter::{Snapshotter, SnapshotterOptions};
 use grapevine_subscriber::{Subscriber, SubscriberOptions};
-use grapevine_test_support::{netns::Lab, run};
+use grapevine_test_support::netns::Lab;
 
 /// Percent of the packets crossing the router that it drops.
 const WAN_LOSS_PERCENT: u32 = 5;
@@ -77,7 +77,8 @@ impl Host {
 }
 
 /// Network A (publisher, two repeater hosts, an observer) and network B (subscriber, two
-/// repeater hosts, an observer), 10.236.1.0/24 and 10.236.2.0/24, joined by router `r`.
+/// repeater hosts, an observer), 10.236.1.0/24 and 10.236.2.0/24, joined by a router that
+/// forwards unicast only and drops [`WAN_LOSS_PERCENT`].
 struct Networks {
     _lab: Lab,
     a: Vec<Host>,
@@ -86,60 +87,19 @@ struct Networks {
 
 fn networks(tag: &str) -> Networks {
     let mut lab = Lab::new(tag, &["nft"]);
-    let bridges = [lab.add_bridge("la").unwrap(), lab.add_bridge("lb").unwrap()];
-    let router = lab.add_namespace("r").unwrap();
-    let mut sides = [Vec::new(), Vec::new()];
-    for (side, bridge) in bridges.iter().enumerate() {
-        let subnet = side as u8 + 1;
-        lab.attach(
-            bridge,
-            &router,
-            &lab.link('r', side),
-            &lab.link('q', side),
-            &format!("10.236.{subnet}.254/24"),
-        )
-        .unwrap();
-        for host in 0..4 {
-            let index = side * 4 + host;
-            let ip = [10, 236, subnet, host as u8 + 1];
-            let (ns, iface) = lab
-                .add_bridged_host(bridge, index, &format!("10.236.{subnet}.{}/24", host + 1))
-                .unwrap();
-            run(&[
-                "ip",
-                "-n",
-                &ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.236.{subnet}.254"),
-            ])
-            .unwrap();
-            sides[side].push(Host { ns, iface, ip });
-        }
-    }
-    run(&[
-        "ip",
-        "netns",
-        "exec",
-        &router,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_forward=1",
-    ])
-    .unwrap();
-    let nft = |rule: &str| {
-        let mut args = vec!["ip", "netns", "exec", router.as_str(), "nft"];
-        args.extend(rule.split(' '));
-        run(&args).unwrap();
-    };
-    nft("add table inet wan");
-    nft("add chain inet wan forward { type filter hook forward priority 0 ; }");
-    nft(&format!(
-        "add rule inet wan forward numgen random mod 100 < {WAN_LOSS_PERCENT} drop"
-    ));
-    let [a, b] = sides;
+    let [a, b] = lab
+        .add_routed_networks("10.236", 4, WAN_LOSS_PERCENT)
+        .unwrap()
+        .map(|hosts| {
+            hosts
+                .into_iter()
+                .map(|(ns, iface, address)| Host {
+                    ns,
+                    iface,
+                    ip: address.parse::<std::net::Ipv4Addr>().unwrap().octets(),
+                })
+                .collect()
+        });
     Networks { _lab: lab, a, b }
 }
 

@@ -5,6 +5,9 @@ use std::process::{Child, Command, Stdio};
 
 use crate::run;
 
+/// A host made by [`Lab::add_routed_networks`]: its namespace, its link and its address.
+pub type RoutedHost = (String, String, String);
+
 /// Namespaces and processes of one test. Names carry a prefix unique to the test process so
 /// parallel tests and leftovers of a killed run do not collide.
 #[derive(Debug)]
@@ -135,6 +138,65 @@ impl Lab {
             &inner,
         ])?;
         Ok((ns, inner))
+    }
+
+    /// Two bridged networks joined by a router (namespace `rt`) that forwards unicast only
+    /// (no multicast routing) and drops `loss_percent` of what it forwards (nftables), as a
+    /// WAN would: network 1 is `{prefix}.1.0/24`, network 2 `{prefix}.2.0/24`, the router is
+    /// `.254` on both. Host `h{i}` (`i` counted across both networks, `per_network` on each)
+    /// has address `.{i + 1}` and routes `{prefix}.0.0/16` through the router. Returns each
+    /// network's hosts as (namespace, link, address).
+    ///
+    /// # Errors
+    ///
+    /// An `ip`, `sysctl` or `nft` command failed.
+    pub fn add_routed_networks(
+        &mut self,
+        prefix: &str,
+        per_network: usize,
+        loss_percent: u32,
+    ) -> Result<[Vec<RoutedHost>; 2], String> {
+        let router = self.add_namespace("rt")?;
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &router,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ])?;
+        let mut networks = [Vec::new(), Vec::new()];
+        for (side, hosts) in networks.iter_mut().enumerate() {
+            let net = side + 1;
+            let bridge = self.add_bridge(if net == 1 { "brA" } else { "brB" })?;
+            let gateway = format!("{prefix}.{net}.254");
+            self.attach(
+                &bridge,
+                &router,
+                &self.link('r', net),
+                &self.link('q', net),
+                &format!("{gateway}/24"),
+            )?;
+            for i in 0..per_network {
+                let index = side * per_network + i;
+                let address = format!("{prefix}.{net}.{}", index + 1);
+                let (host, link) =
+                    self.add_bridged_host(&bridge, index, &format!("{address}/24"))?;
+                let wide = format!("{prefix}.0.0/16");
+                run(&["ip", "-n", &host, "route", "add", &wide, "via", &gateway])?;
+                hosts.push((host, link, address));
+            }
+        }
+        if loss_percent > 0 {
+            let nft = |command: &str| run(&["ip", "netns", "exec", &router, "nft", command]);
+            nft("add table inet wan")?;
+            nft("add chain inet wan forward { type filter hook forward priority 0; }")?;
+            nft(&format!(
+                "add rule inet wan forward numgen random mod 100 < {loss_percent} drop"
+            ))?;
+        }
+        Ok(networks)
     }
 
     /// A command that runs `program` inside namespace `ns`.
