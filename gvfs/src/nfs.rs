@@ -492,7 +492,12 @@ impl NFSFileSystem for ZoneFs {
                 let Some((id, name)) = remaining.next() else {
                     break;
                 };
-                // Gone from disk since it was indexed, or a link (never served): skip it.
+                // Index names were checked when they came in; checked again before they touch
+                // the disk, as every name does. Gone from disk since it was indexed, or a link
+                // (never served): skipped.
+                if crate::zpath::check_name(name).is_err() {
+                    continue;
+                }
                 let Ok(meta) = std::fs::symlink_metadata(dir_disk.join(name)) else {
                     continue;
                 };

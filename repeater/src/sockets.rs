@@ -545,6 +545,10 @@ impl Repeater {
         let peers = self.peers.lock().clone();
         let relay = self.relay.lock();
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let quic = match &*self.wan {
+            Wan::Udp(_) => None,
+            Wan::Quic(leg) => Some(&**leg),
+        };
         RepeaterStats {
             relayed_out: load(&self.counters.relayed_out),
             relayed_in: load(&self.counters.relayed_in),
@@ -559,21 +563,11 @@ impl Repeater {
             targets: relay.targets(now, &peers).len() as u64,
             forwarder: relay.is_forwarder(now),
             neighbours: relay.neighbour_count(now) as u64,
-            congestion_drops: match &*self.wan {
-                Wan::Udp(_) => 0,
-                Wan::Quic(leg) => leg.congestion_drops(),
-            },
-            refused: load(&self.counters.refused)
-                + match &*self.wan {
-                    Wan::Udp(_) => 0,
-                    Wan::Quic(leg) => leg.refused(),
-                },
+            congestion_drops: quic.map_or(0, QuicLeg::congestion_drops),
+            refused: load(&self.counters.refused) + quic.map_or(0, QuicLeg::refused),
             kernel_drops: load(&self.counters.local_drops)
                 + load(&self.counters.remote_drops)
-                + match &*self.wan {
-                    Wan::Udp(_) => 0,
-                    Wan::Quic(leg) => leg.queue_drops(),
-                },
+                + quic.map_or(0, QuicLeg::queue_drops),
         }
     }
 

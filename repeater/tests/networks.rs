@@ -103,6 +103,29 @@ fn networks(tag: &str) -> Networks {
     Networks { _lab: lab, a, b }
 }
 
+/// A subscriber on B's first host, and a publisher (with `flush_delay`) and its snapshotter on
+/// A's first host.
+fn start_feed(
+    networks: &Networks,
+    group: SocketAddr,
+    flush_delay: Duration,
+) -> (Subscriber<Map>, Publisher<Map>, Snapshotter) {
+    let subscriber_config = networks.b[0].group(group);
+    let subscriber = networks.b[0].enter(move || {
+        Subscriber::<Map>::join(SubscriberOptions::new(1, subscriber_config)).unwrap()
+    });
+    let publisher_config = networks.a[0].group(group);
+    let (publisher, snapshots) = networks.a[0].enter(move || {
+        let mut options = PublisherOptions::new(1, publisher_config.clone());
+        options.session.flush_delay = flush_delay;
+        let publisher = Publisher::start(options, Map::default()).unwrap();
+        let snapshots =
+            Snapshotter::start(&publisher, SnapshotterOptions::new(publisher_config)).unwrap();
+        (publisher, snapshots)
+    });
+    (subscriber, publisher, snapshots)
+}
+
 /// A repeater: on network A or not, which host of it (1 or 2), the remote hosts (1 or 2) it
 /// is peered with, its election id.
 type Placement = (bool, usize, Vec<usize>, u64);
@@ -192,19 +215,7 @@ fn relay_across(
     let (observer_a, observer_b) = (&networks.a[3], &networks.b[3]);
     let on_a = observe(observer_a);
     let on_b = observe(observer_b);
-    let subscriber_config = networks.b[0].group(group);
-    let subscriber = networks.b[0].enter(move || {
-        Subscriber::<Map>::join(SubscriberOptions::new(1, subscriber_config)).unwrap()
-    });
-    let publisher_config = networks.a[0].group(group);
-    let (publisher, snapshots) = networks.a[0].enter(move || {
-        let mut options = PublisherOptions::new(1, publisher_config.clone());
-        options.session.flush_delay = Duration::ZERO;
-        let publisher = Publisher::start(options, Map::default()).unwrap();
-        let snapshots =
-            Snapshotter::start(&publisher, SnapshotterOptions::new(publisher_config)).unwrap();
-        (publisher, snapshots)
-    });
+    let (subscriber, publisher, snapshots) = start_feed(networks, group, Duration::ZERO);
     let started = Instant::now();
     for i in 0..DELTAS as u32 {
         publisher
@@ -264,21 +275,10 @@ fn fail_over(
     wan: WanTransport,
 ) -> (Duration, Duration) {
     let mut repeaters = start_repeaters(networks, group, topology, wan);
-    let subscriber_config = networks.b[0].group(group);
-    let subscriber = networks.b[0].enter(move || {
-        Subscriber::<Map>::join(SubscriberOptions::new(1, subscriber_config)).unwrap()
-    });
-    let publisher_config = networks.a[0].group(group);
-    let (publisher, _snapshots) = networks.a[0].enter(move || {
-        let publisher = Publisher::start(
-            PublisherOptions::new(1, publisher_config.clone()),
-            Map::default(),
-        )
-        .unwrap();
-        let snapshots =
-            Snapshotter::start(&publisher, SnapshotterOptions::new(publisher_config)).unwrap();
-        (publisher, snapshots)
-    });
+    let flush_delay = PublisherOptions::new(1, networks.a[0].group(group))
+        .session
+        .flush_delay;
+    let (subscriber, publisher, _snapshots) = start_feed(networks, group, flush_delay);
     let mut next = 0u32;
     let mut publish = || {
         publisher

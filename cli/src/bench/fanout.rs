@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use grapevine::core::net::MulticastConfig;
-use grapevine::core::state::MapDelta;
 use grapevine::publisher::{Publisher, PublisherOptions};
 use grapevine::snapshotter::{SnapshotRate, Snapshotter, SnapshotterOptions};
 use grapevine::subscriber::{Subscriber, SubscriberOptions};
@@ -260,7 +259,11 @@ fn run(args: &ThroughputArgs, count: u32) -> Result<Run> {
     } else {
         None
     };
-    let window = (args.window / (args.payload as u64 + 32)).max(1);
+    let window = if args.window == 0 {
+        0
+    } else {
+        (args.window / (args.payload as u64 + 32)).max(1)
+    };
     let payload = payload_bytes(args.payload);
     let duration = Duration::from_secs_f64(args.seconds.max(0.1));
     let slowest = || {
@@ -270,23 +273,8 @@ fn run(args: &ThroughputArgs, count: u32) -> Result<Run> {
             .min()
             .unwrap_or(0)
     };
-    let started = Instant::now();
-    let (mut sent, mut key) = (0u64, 0u32);
-    while started.elapsed() < duration && !crate::interrupted() {
-        if args.window > 0 && sent.saturating_sub(slowest()) > window {
-            publisher.flush();
-            std::thread::yield_now();
-            continue;
-        }
-        let batch = (0..256).map(|_| {
-            key = (key + 1) % args.keys.max(1);
-            MapDelta::Put(key, payload.clone())
-        });
-        publisher.publish_all(batch)?;
-        sent += 256;
-    }
-    publisher.flush();
-    let seconds = started.elapsed().as_secs_f64();
+    let (sent, seconds) =
+        super::publish_paced(&publisher, args, &payload, &[], duration, window, slowest)?;
     // What is in flight lands (bounded), then each process reports.
     let drained_by = Instant::now() + Duration::from_millis(500);
     while slowest() < sent && Instant::now() < drained_by {

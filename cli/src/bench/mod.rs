@@ -193,6 +193,52 @@ fn quantile(sorted: &[Duration], q: f64) -> Duration {
     sorted.get(rank).copied().unwrap_or_default()
 }
 
+/// Publishes for `duration`, as fast as the receivers let: deltas of `payload` on keys cycling
+/// through `args.keys`, 256 per batch (taken from `encoded`, one per key, when it is not
+/// empty), never more than `window` messages ahead of `received()` (0: open loop). Returns
+/// how many were sent and how long it took.
+fn publish_paced<S>(
+    publisher: &grapevine::publisher::Publisher<S>,
+    args: &ThroughputArgs,
+    payload: &Bytes,
+    encoded: &[Vec<u8>],
+    duration: Duration,
+    window: u64,
+    received: impl Fn() -> u64,
+) -> Result<(u64, f64)>
+where
+    S: grapevine::core::state::ReplicatedState<
+        Delta = grapevine::core::state::MapDelta<u32, Bytes>,
+    >,
+{
+    let keys = args.keys.max(1);
+    let started = std::time::Instant::now();
+    let (mut sent, mut key) = (0u64, 0u32);
+    while started.elapsed() < duration && !crate::interrupted() {
+        if window > 0 && sent.saturating_sub(received()) > window {
+            // The receivers lag: flush what is batched and let them catch up.
+            publisher.flush();
+            std::thread::yield_now();
+            continue;
+        }
+        let mut next_key = || {
+            key = (key + 1) % keys;
+            key
+        };
+        if encoded.is_empty() {
+            publisher.publish_all(
+                (0..256)
+                    .map(|_| grapevine::core::state::MapDelta::Put(next_key(), payload.clone())),
+            )?;
+        } else {
+            publisher.publish_encoded((0..256).map(|_| encoded[next_key() as usize].as_slice()))?;
+        }
+        sent += 256;
+    }
+    publisher.flush();
+    Ok((sent, started.elapsed().as_secs_f64()))
+}
+
 fn payload_bytes(size: usize) -> Bytes {
     Bytes::from((0..size).map(|i| i as u8).collect::<Vec<u8>>())
 }

@@ -235,33 +235,15 @@ where
         Vec::new()
     };
     let cpu_before = process_cpu_seconds();
-    let started = Instant::now();
-    let mut sent = 0u64;
-    let mut key = 0u32;
-    while started.elapsed() < duration && !crate::interrupted() {
-        if window > 0 && sent.saturating_sub(subscriber.processed()) > window {
-            // The receiver lags: flush what is batched and let it catch up.
-            publisher.flush();
-            std::thread::yield_now();
-            continue;
-        }
-        if pre_encoded {
-            let batch = (0..256).map(|_| {
-                key = (key + 1) % args.keys.max(1);
-                encoded[key as usize].as_slice()
-            });
-            publisher.publish_encoded(batch)?;
-        } else {
-            let batch = (0..256).map(|_| {
-                key = (key + 1) % args.keys.max(1);
-                MapDelta::Put(key, payload.clone())
-            });
-            publisher.publish_all(batch)?;
-        }
-        sent += 256;
-    }
-    publisher.flush();
-    let seconds = started.elapsed().as_secs_f64();
+    let (sent, seconds) = super::publish_paced(
+        &publisher,
+        args,
+        &payload,
+        &encoded,
+        duration,
+        window,
+        || subscriber.processed(),
+    )?;
     // Let the subscriber drain what is in flight (bounded).
     let drained_by = Instant::now() + Duration::from_millis(500);
     let mut last = 0;
