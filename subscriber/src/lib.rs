@@ -618,18 +618,16 @@ fn receive_loop<S: ReplicatedState>(
     let mut warned_refused = (0u64, 0u64);
     let mut last_refusal_warning: Option<Instant> = None;
     let mut last_auth_warning: Option<Instant> = None;
+    // When the session's next timer is due; read while the lock is held for a batch, so that
+    // waiting costs no lock of its own.
+    let mut next_timer = shared.session.lock().poll_timeout();
     while !shared.stop.load(Ordering::Relaxed) {
-        let wait = {
-            let session = shared.session.lock();
-            session
-                .poll_timeout()
-                .map_or(MAX_WAIT, |t| t.saturating_duration_since(Instant::now()))
-                .min(MAX_WAIT)
-        };
         let wait = if options.busy_poll {
             Duration::ZERO
         } else {
-            wait
+            next_timer
+                .map_or(MAX_WAIT, |t| t.saturating_duration_since(Instant::now()))
+                .min(MAX_WAIT)
         };
         let received = match socket.recv_batch(&mut batch, wait) {
             Ok(n) => n,
@@ -720,6 +718,7 @@ fn receive_loop<S: ReplicatedState>(
             );
             events.extend(std::iter::from_fn(|| session.poll_event()));
             shared.refresh_progress(&session);
+            next_timer = session.poll_timeout();
         }
         if !events.is_empty() {
             shared.changed.notify_all();

@@ -533,6 +533,12 @@ impl<S: ReplicatedState> Stream<S> {
         match message {
             Message::Delta { seq, prev, payload } => {
                 sink.stats.deltas_received += 1;
+                // Before decoding: a duplicate costs a comparison, not a decode and its
+                // allocations.
+                if self.already_has(seq) {
+                    sink.stats.duplicates += 1;
+                    return;
+                }
                 match codec::decode::<S::Delta>(payload) {
                     // A delta that does not decode is lost: the reorder window turns it into a gap.
                     Err(error) => bad_payload(sink, error),
@@ -569,6 +575,13 @@ impl<S: ReplicatedState> Stream<S> {
         }
     }
 
+    /// Whether the delta `seq` was processed or is held already.
+    fn already_has(&self, seq: u64) -> bool {
+        self.tracking
+            .as_ref()
+            .is_some_and(|tracking| seq < tracking.expected || tracking.held.contains_key(&seq))
+    }
+
     fn on_delta(
         &mut self,
         now: Instant,
@@ -584,10 +597,6 @@ impl<S: ReplicatedState> Stream<S> {
         let Some(tracking) = self.tracking.as_mut() else {
             return;
         };
-        if seq < tracking.expected || tracking.held.contains_key(&seq) {
-            sink.stats.duplicates += 1;
-            return;
-        }
         tracking.highest_seen = tracking.highest_seen.max(seq);
         if seq == tracking.expected && tracking.held.is_empty() {
             // The common case, in order: no detour through the reorder buffer.
