@@ -3,7 +3,10 @@
 //! measured in the same run. Needs nfs-cp and nfs-cat (Debian libnfs-utils).
 //!
 //! `cargo bench -p gvd --bench zones -- [--small 30] [--big-mb 100] [--rounds 3] [--json]
-//! [--ganesha]`
+//! [--ganesha] [--prefill N]`
+//!
+//! `--prefill N` puts N small files in A's zone (under `prefill/`) before gvd starts and times
+//! how long B takes to hold them all: the cost of recording many pulled files in one index.
 //!
 //! It also times GETATTR, LOOKUP and READDIRPLUS inside one client session (`nfs3_client`: the
 //! libnfs tools start a session per call), 2 000 of each, against the zone's root holding the
@@ -223,13 +226,18 @@ fn percentile(samples: &mut [Duration], q: f64) -> f64 {
     samples[((samples.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3
 }
 
+/// How long until `path` holds `want`. Replicas install files whole (renamed into place), so
+/// the time is taken when the full size appears; the content is then compared outside the
+/// timing (reading back a large file would otherwise be counted as replication time), and a
+/// mismatch goes on waiting.
 fn wait_identical(path: &Path, want: &[u8], limit: Duration) -> Duration {
     let started = Instant::now();
     loop {
-        if std::fs::metadata(path).is_ok_and(|m| m.len() == want.len() as u64)
-            && std::fs::read(path).is_ok_and(|d| d == want)
-        {
-            return started.elapsed();
+        if std::fs::metadata(path).is_ok_and(|m| m.len() == want.len() as u64) {
+            let arrived = started.elapsed();
+            if std::fs::read(path).is_ok_and(|d| d == want) {
+                return arrived;
+            }
         }
         assert!(
             started.elapsed() < limit,
@@ -359,6 +367,7 @@ fn main() {
     }
     let (mut small, mut big_mb, mut rounds, mut json) = (30usize, 100usize, 3usize, false);
     let mut with_ganesha = false;
+    let mut prefill = 0usize;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -374,6 +383,12 @@ fn main() {
                     .next()
                     .and_then(|v| v.parse().ok())
                     .expect("--rounds N")
+            }
+            "--prefill" => {
+                prefill = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--prefill N")
             }
             "--json" => json = true,
             "--ganesha" => with_ganesha = true,
@@ -398,8 +413,43 @@ fn main() {
     } else {
         None
     };
+    let prefill_dir = dir.join("a-data").join("prefill");
+    if prefill > 0 {
+        std::fs::create_dir_all(&prefill_dir).unwrap();
+    }
+    for i in 0..prefill {
+        std::fs::write(prefill_dir.join(format!("f{i:06}")), format!("{i}\n")).unwrap();
+    }
     let a = start(&dir, "a");
     let b = start(&dir, "b");
+    let catch_up = (prefill > 0).then(|| {
+        let started = Instant::now();
+        let held =
+            || std::fs::read_dir(b.data.join("prefill")).map_or(0, |entries| entries.count());
+        loop {
+            let count = held();
+            if count >= prefill {
+                break started.elapsed();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(900),
+                "B holds {count} of {prefill} files after 900 s"
+            );
+            if !json {
+                eprint!("\r  B holds {count}/{prefill} prefilled files");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    if let Some(took) = catch_up {
+        if !json {
+            eprintln!();
+            println!(
+                "  catch-up: B held all {prefill} prefilled files {:.2} s after both started",
+                took.as_secs_f64()
+            );
+        }
+    }
     let nodes = a.state.join("nodes.json");
     let started = Instant::now();
     let port = loop {
@@ -575,6 +625,7 @@ fn main() {
             "{}",
             serde_json::json!({
                 "debounce_ms": DEBOUNCE_MS,
+                "prefill": prefill, "catch_up_s": catch_up.map(|d| d.as_secs_f64()),
                 "small_files": small, "small_p50_ms": small_p50, "small_p99_ms": small_p99,
                 "big_mb": big_mb, "big_rounds": rounds, "big_p50_ms": big_p50, "big_max_ms": big_max,
                 "nfs_write_mb_s": nw, "local_write_mb_s": lw, "nfs_read_mb_s": nr, "local_read_mb_s": lr,

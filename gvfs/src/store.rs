@@ -13,12 +13,13 @@
 //! docs/GVFS.md).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
+
+use crate::journal::{Entries, Journal, JournalError, Journaled};
 
 use crate::version::{Relation, VersionVector};
 use crate::zpath::{self, PathError};
@@ -254,10 +255,57 @@ mod legacy {
 struct Index {
     next_id: u64,
     version: u64,
-    entries: BTreeMap<String, Entry>,
+    entries: Entries<Entry>,
     /// The version of each peer this node has pulled everything up to.
     seen: BTreeMap<u64, u64>,
     conflicts: u64,
+}
+
+/// The index's fields other than its entries: small, logged whole with every save.
+#[derive(Debug, Deserialize, Serialize)]
+struct IndexHeader {
+    next_id: u64,
+    version: u64,
+    seen: BTreeMap<u64, u64>,
+    conflicts: u64,
+}
+
+impl Journaled for Index {
+    type Header = IndexHeader;
+    type Entry = Entry;
+
+    fn header(&self) -> IndexHeader {
+        IndexHeader {
+            next_id: self.next_id,
+            version: self.version,
+            seen: self.seen.clone(),
+            conflicts: self.conflicts,
+        }
+    }
+
+    fn set_header(&mut self, header: IndexHeader) {
+        self.next_id = header.next_id;
+        self.version = header.version;
+        self.seen = header.seen;
+        self.conflicts = header.conflicts;
+    }
+
+    fn entries(&self) -> &Entries<Entry> {
+        &self.entries
+    }
+
+    fn entries_mut(&mut self) -> &mut Entries<Entry> {
+        &mut self.entries
+    }
+}
+
+impl From<JournalError> for StoreError {
+    fn from(error: JournalError) -> Self {
+        match error {
+            JournalError::Io { path, error } => Self::Io { path, error },
+            JournalError::Unreadable { path, reason } => Self::Index { path, reason },
+        }
+    }
 }
 
 /// Why a store operation failed.
@@ -452,6 +500,8 @@ pub struct ZoneStore {
     clock: WallClock,
     root: PathBuf,
     index_path: PathBuf,
+    /// Where the index is saved: a base file and a log of what changed since.
+    journal: Journal,
     tmp_dir: PathBuf,
     index: Index,
     by_id: HashMap<u64, String>,
@@ -505,31 +555,22 @@ impl ZoneStore {
         let tmp_dir = meta.join("incoming");
         std::fs::create_dir_all(&tmp_dir).map_err(io(&tmp_dir))?;
         let index_path = meta.join(INDEX_FILE);
-        let unreadable = |path: &Path| {
-            let path = path.to_path_buf();
-            move |e: postcard::Error| StoreError::Index {
-                path,
-                reason: e.to_string(),
-            }
-        };
-        let (index, migrated_from) = match std::fs::read(&index_path) {
-            Ok(bytes) => (
-                postcard::from_bytes(&bytes).map_err(unreadable(&index_path))?,
-                None,
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                match Self::read_legacy_index(meta)? {
-                    Some((index, path)) => (index, Some(path)),
-                    None => (
-                        Index {
-                            next_id: ROOT_ID + 1,
-                            ..Index::default()
-                        },
-                        None,
-                    ),
-                }
-            }
-            Err(e) => return Err(io(&index_path)(e)),
+        let (journal, loaded) = Journal::open::<Index>(&index_path)?;
+        if loaded.replayed > 0 {
+            tracing::debug!(records = loaded.replayed, path = %journal.log_path().display(), "zone index log replayed");
+        }
+        let (index, migrated_from) = match loaded.index {
+            Some(index) => (index, None),
+            None => match Self::read_legacy_index(meta)? {
+                Some((index, path)) => (index, Some(path)),
+                None => (
+                    Index {
+                        next_id: ROOT_ID + 1,
+                        ..Index::default()
+                    },
+                    None,
+                ),
+            },
         };
         let by_id = index
             .entries
@@ -541,6 +582,7 @@ impl ZoneStore {
             clock,
             root: root.to_path_buf(),
             index_path,
+            journal,
             tmp_dir,
             index,
             by_id,
@@ -977,24 +1019,20 @@ impl ZoneStore {
     /// Indexes `path` as a live directory that follows `after`, as a change of this node.
     fn make_directory_entry(&mut self, path: &str, after: &VersionVector) {
         let id = self.id_for(path);
-        let entry = self
-            .index
-            .entries
-            .entry(path.to_string())
-            .or_insert_with(|| Entry {
-                id,
-                kind: Kind::Dir,
-                vv: VersionVector::default(),
-                deleted: false,
-                changed_at: 0,
-                size: 0,
-                mtime_ns: 0,
-                content: Change::default(),
-                written_ms: 0,
-                placed: Change::default(),
-                displaced: VersionVector::default(),
-                mode: 0,
-            });
+        let entry = self.index.entries.get_or_insert_with(path, || Entry {
+            id,
+            kind: Kind::Dir,
+            vv: VersionVector::default(),
+            deleted: false,
+            changed_at: 0,
+            size: 0,
+            mtime_ns: 0,
+            content: Change::default(),
+            written_ms: 0,
+            placed: Change::default(),
+            displaced: VersionVector::default(),
+            mode: 0,
+        });
         entry.vv.merge(after);
         entry.kind = Kind::Dir;
         entry.deleted = false;
@@ -1371,28 +1409,23 @@ impl ZoneStore {
         }
     }
 
-    /// Writes the index atomically.
+    /// Saves what changed in the index since the last save (one appended, synced log record;
+    /// now and then the whole index, atomically).
     ///
     /// # Errors
     ///
-    /// When it cannot be written (full disk): the previous one stays.
-    pub fn save(&self) -> Result<(), StoreError> {
+    /// When it cannot be written (full disk): what was saved before stays, and the next save
+    /// writes these changes too.
+    pub fn save(&mut self) -> Result<(), StoreError> {
         // Every change of the index is saved: what was cached from it is recomputed.
         self.used_cache.set(None);
-        let bytes = postcard::to_stdvec(&self.index).map_err(|e| StoreError::Index {
-            path: self.index_path.clone(),
-            reason: e.to_string(),
-        })?;
-        let dir = self.index_path.parent().unwrap_or(Path::new("."));
-        let write = || -> std::io::Result<()> {
-            // A temporary file in the same directory, removed on drop if anything fails.
-            let mut file = tempfile::NamedTempFile::new_in(dir)?;
-            file.write_all(&bytes)?;
-            file.as_file().sync_all()?;
-            file.persist(&self.index_path).map_err(|e| e.error)?;
-            Ok(())
-        };
-        write().map_err(io(&self.index_path))
+        self.journal.save(&mut self.index)?;
+        Ok(())
+    }
+
+    /// Index saves since the store was opened: (records appended to the log, whole rewrites).
+    pub fn index_saves(&self) -> (u64, u64) {
+        self.journal.counts()
     }
 }
 
@@ -1666,6 +1699,42 @@ mod tests {
         assert_eq!(reopened.entry("d/f").unwrap().id, id, "ids are stable");
         assert_eq!(reopened.version(), store.version());
         assert_eq!(reopened.changes_since(0)[0].0, "d", "directories first");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn recording_one_change_in_a_large_zone_appends_a_small_record() {
+        let dir = scratch("journal");
+        let (root, meta) = (dir.join("data"), dir.join("meta"));
+        std::fs::create_dir_all(&root).unwrap();
+        for i in 0..2_000 {
+            std::fs::write(root.join(format!("file-{i:04}.txt")), b"x").unwrap();
+        }
+        let mut store = ZoneStore::open(7, &root, &meta).unwrap();
+        assert_eq!(
+            store.index_saves(),
+            (0, 1),
+            "the first scan writes the whole index"
+        );
+        let base_len = std::fs::metadata(meta.join(INDEX_FILE)).unwrap().len();
+        let log_path = meta.join(INDEX_FILE).with_extension("log");
+        let log_before = std::fs::metadata(&log_path).unwrap().len();
+
+        std::fs::write(root.join("file-0042.txt"), b"changed").unwrap();
+        assert!(store.check("file-0042.txt"));
+        store.save().unwrap();
+
+        assert_eq!(store.index_saves(), (1, 1));
+        let record = std::fs::metadata(&log_path).unwrap().len() - log_before;
+        assert!(
+            record * 100 < base_len,
+            "a {record} B record against a {base_len} B index"
+        );
+        let changed = store.entry("file-0042.txt").unwrap().clone();
+        let reopened = ZoneStore::open(7, &root, &meta).unwrap();
+        assert_eq!(reopened.version(), store.version());
+        assert_eq!(reopened.entry("file-0042.txt"), Some(&changed));
+        assert_eq!(reopened.changes_since(0), store.changes_since(0));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
