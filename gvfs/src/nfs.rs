@@ -13,7 +13,10 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use nfsserve::fs_util::{metadata_to_fattr3, path_setattr};
-use nfsserve::nfs::{fattr3, fileid3, filename3, nfs_fh3, nfspath3, nfsstat3, sattr3, set_size3};
+use nfsserve::nfs::{
+    fattr3, fileid3, filename3, ftype3, nfs_fh3, nfspath3, nfsstat3, nfstime3, sattr3, set_size3,
+    specdata3,
+};
 use nfsserve::vfs::{DirEntry, NFSFileSystem, ReadDirResult, VFSCapabilities};
 use parking_lot::Mutex;
 
@@ -43,6 +46,42 @@ fn blocking<T>(work: impl FnOnce() -> T) -> T {
         // A current-thread runtime (tests) has no other worker to hand tasks to.
         _ => work(),
     }
+}
+
+/// What NFS clients are told of a regular file or a directory, from `fstatat` (as
+/// nfsserve's `metadata_to_fattr3` tells it from `Metadata`: the owner always may write);
+/// `None` for links, devices, FIFOs and sockets, which are never served.
+fn stat_to_fattr3(id: fileid3, stat: &nix::sys::stat::FileStat) -> Option<fattr3> {
+    use nix::sys::stat::SFlag;
+    let kind = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
+    let (ftype, nlink) = if kind == SFlag::S_IFREG {
+        (ftype3::NF3REG, 1)
+    } else if kind == SFlag::S_IFDIR {
+        (ftype3::NF3DIR, 2)
+    } else {
+        return None;
+    };
+    // Seconds and nanoseconds as nfsserve gives them (NFSv3 times are 32-bit).
+    let time = |seconds: i64, nanos: i64| nfstime3 {
+        seconds: seconds as u32,
+        nseconds: nanos as u32,
+    };
+    let size = u64::try_from(stat.st_size).unwrap_or(0);
+    Some(fattr3 {
+        ftype,
+        mode: (stat.st_mode | 0o200) & 0o777,
+        nlink,
+        uid: stat.st_uid,
+        gid: stat.st_gid,
+        size,
+        used: size,
+        rdev: specdata3::default(),
+        fsid: 0,
+        fileid: id,
+        atime: time(stat.st_atime, stat.st_atime_nsec),
+        mtime: time(stat.st_mtime, stat.st_mtime_nsec),
+        ctime: time(stat.st_ctime, stat.st_ctime_nsec),
+    })
 }
 
 /// A verifier no earlier start of this process used: the start time in nanoseconds, mixed
@@ -475,14 +514,14 @@ impl NFSFileSystem for ZoneFs {
     ) -> Result<ReadDirResult, nfsstat3> {
         blocking(|| {
             let dir = self.path(dirid)?;
-            // The directory is resolved (and its components checked) once, not per entry.
-            let (children, dir_disk) = {
+            let (children, root) = {
                 let store = self.store.lock();
-                (
-                    store.children(&dir),
-                    store.disk_path(&dir).map_err(path_status)?,
-                )
+                (store.children(&dir), store.root().to_path_buf())
             };
+            // The directory is opened once, beneath the zone's root with links refused, and
+            // each entry is looked at relative to it: one name to resolve per entry, not a
+            // whole path.
+            let dir_file = crate::zpath::open_beneath(&root, &dir).map_err(status)?;
             let mut entries = Vec::new();
             let mut remaining = children
                 .iter()
@@ -498,16 +537,20 @@ impl NFSFileSystem for ZoneFs {
                 if crate::zpath::check_name(name).is_err() {
                     continue;
                 }
-                let Ok(meta) = std::fs::symlink_metadata(dir_disk.join(name)) else {
+                let Ok(stat) = nix::sys::stat::fstatat(
+                    &dir_file,
+                    name.as_str(),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                ) else {
                     continue;
                 };
-                if meta.file_type().is_symlink() {
+                let Some(attr) = stat_to_fattr3(*id, &stat) else {
                     continue;
-                }
+                };
                 entries.push(DirEntry {
                     fileid: *id,
                     name: name.as_bytes().into(),
-                    attr: metadata_to_fattr3(*id, &meta),
+                    attr,
                 });
             }
             Ok(ReadDirResult {
