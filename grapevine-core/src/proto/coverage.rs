@@ -109,10 +109,6 @@ impl<K: Clone + Ord, V: Copy> SpanMap<K, V> {
     pub(super) fn is_empty(&self) -> bool {
         self.spans.is_empty()
     }
-
-    pub(super) fn clear(&mut self) {
-        self.spans.clear();
-    }
 }
 
 impl<K: Clone + Ord> SpanMap<K, ()> {

@@ -25,10 +25,10 @@
 //! The stream is `Live` when nothing is stale or unverified and no leaf is ahead of the last
 //! `seq` processed; while `Live` its state equals the publisher's as of that `seq`.
 //!
-//! It is over 1 100 lines: the whole subscriber state machine (streams, reorder buffer, recovery,
-//! fragments). Its public types are in `types.rs`, the per-leaf metadata in `leaves.rs` and the
-//! coverage map in `../coverage.rs`; recasting the stream's flags as an explicit enum of phases
-//! (joining, live, recovering) is hot-path work still open (docs/PERFORMANCE.md).
+//! A stream's life is its [`Phase`]: `Live`, or `CatchingUp` with what it works toward (the
+//! verification walk after a hole, how far snapshots put leaves ahead, the spans shown empty);
+//! it is joining until anything of the session is heard (`tracking`). The public types are in
+//! `types.rs`, the per-leaf metadata in `leaves.rs` and the coverage map in `../coverage.rs`.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Bound;
@@ -86,27 +86,72 @@ struct Stream<S: ReplicatedState> {
     stale: BTreeSet<S::Key>,
     /// Deltas held in all stale leaves' buffers.
     stale_buffered: usize,
+    /// `None` until the session's first delta or heartbeat: the stream is joining.
     tracking: Option<Tracking<S::Delta>>,
-    /// `Some(b)`: unverified until a complete cycle with `start_seq >= b`.
-    verify_after: Option<u64>,
-    /// Highest `seq` a leaf was set to from snapshots; live only once processing reaches it.
-    ahead_until: u64,
-    /// The cycle being watched while unverified.
-    cycle: Option<CycleSteps<S::Key>>,
-    /// What cycles read at or after `verify_after` have shown, while unverified.
-    coverage: SpanMap<S::Key, ()>,
-    /// Spans shown empty, with the seq as of which they were: keys without metadata there are
-    /// absent as of that seq. Kept until live.
-    absent: SpanMap<S::Key, u64>,
-    recovering_since: Option<Instant>,
-    live: bool,
-    /// Whether this session of the stream was ever live: its first time is a join, not a
-    /// recovery.
-    joined: bool,
+    phase: Phase<S::Key>,
     last_heard: Instant,
     silent: bool,
     /// This session's counters (the session-wide ones are in [`SubscriberStats`]).
     counters: StreamCounters,
+}
+
+/// Where a stream is in its life (with [`Stream::tracking`], which says whether anything of
+/// the session was heard yet).
+#[derive(Debug)]
+enum Phase<K> {
+    /// The state equals the publisher's as of the last `seq` processed.
+    Live,
+    /// Not live yet in this session (joining), or no longer (recovering).
+    CatchingUp(CatchUp<K>),
+}
+
+/// What a stream that is not live works toward.
+#[derive(Debug)]
+struct CatchUp<K> {
+    since: Instant,
+    /// Whether the stream was live before in this session: this is a recovery, not a join.
+    was_live: bool,
+    /// Present while a hole in `seq` may hide creations and deletions.
+    verification: Option<Verification<K>>,
+    /// Highest `seq` a leaf was set to from snapshots; live only once processing reaches it.
+    ahead_until: u64,
+    /// Spans shown empty, with the seq as of which they were: keys without metadata there are
+    /// absent as of that seq.
+    absent: SpanMap<K, u64>,
+}
+
+impl<K: Ord + Clone> CatchUp<K> {
+    fn new(since: Instant, was_live: bool) -> Self {
+        Self {
+            since,
+            was_live,
+            verification: None,
+            ahead_until: 0,
+            absent: SpanMap::new(),
+        }
+    }
+}
+
+/// The walk of the key space that proves a stream has no leaf it should not have, and misses
+/// none, after a hole.
+#[derive(Debug)]
+struct Verification<K> {
+    /// Only cycles read at or after this `seq` count.
+    after: u64,
+    /// The cycle being watched.
+    cycle: Option<CycleSteps<K>>,
+    /// What those cycles have shown.
+    coverage: SpanMap<K, ()>,
+}
+
+impl<K: Ord + Clone> Verification<K> {
+    fn after(after: u64) -> Self {
+        Self {
+            after,
+            cycle: None,
+            coverage: SpanMap::new(),
+        }
+    }
 }
 
 /// A leaf of a snapshot cycle, decoded: where the cycle was, the `seq` the leaf is as of, and
@@ -388,7 +433,7 @@ impl<S: ReplicatedState> SubscriberSession<S> {
 
     /// Whether at least one publisher is known and every stream is live.
     pub fn is_live(&self) -> bool {
-        !self.streams.is_empty() && self.streams.values().all(|s| s.live)
+        !self.streams.is_empty() && self.streams.values().all(Stream::is_live)
     }
 
     /// Counters.
@@ -490,14 +535,7 @@ impl<S: ReplicatedState> Stream<S> {
             stale: BTreeSet::new(),
             stale_buffered: 0,
             tracking: None,
-            verify_after: None,
-            ahead_until: 0,
-            cycle: None,
-            coverage: SpanMap::new(),
-            absent: SpanMap::new(),
-            recovering_since: Some(now),
-            live: false,
-            joined: false,
+            phase: Phase::CatchingUp(CatchUp::new(now, false)),
             last_heard: now,
             silent: false,
             counters: StreamCounters::default(),
@@ -505,10 +543,10 @@ impl<S: ReplicatedState> Stream<S> {
     }
 
     fn view(&self) -> StreamView<'_, S> {
-        let status = match (&self.tracking, self.live) {
+        let status = match (&self.tracking, &self.phase) {
             (None, _) => StreamStatus::Joining,
-            (Some(_), true) => StreamStatus::Live,
-            (Some(_), false) => StreamStatus::Recovering,
+            (Some(_), Phase::Live) => StreamStatus::Live,
+            (Some(_), Phase::CatchingUp(_)) => StreamStatus::Recovering,
         };
         StreamView {
             publisher: self.publisher,
@@ -634,7 +672,7 @@ impl<S: ReplicatedState> Stream<S> {
             repair: None,
         });
         if missed_through > 0 {
-            self.verify_after = Some(missed_through);
+            self.catching_up(now).verification = Some(Verification::after(missed_through));
         }
         self.update_live(now, sink);
     }
@@ -686,16 +724,34 @@ impl<S: ReplicatedState> Stream<S> {
             lost,
         });
         // What earlier cycles showed may predate the hole: verification starts over.
-        self.verify_after = Some(self.verify_after.map_or(through, |v| v.max(through)));
-        self.coverage.clear();
-        self.cycle = None;
-        self.begin_recovery(now);
+        let catch_up = self.catching_up(now);
+        let after = catch_up
+            .verification
+            .as_ref()
+            .map_or(through, |v| v.after.max(through));
+        catch_up.verification = Some(Verification::after(after));
     }
 
-    fn begin_recovery(&mut self, now: Instant) {
-        self.live = false;
-        if self.recovering_since.is_none() {
-            self.recovering_since = Some(now);
+    fn is_live(&self) -> bool {
+        matches!(self.phase, Phase::Live)
+    }
+
+    /// What the stream works toward now that it is not live (since `now` if it was).
+    fn catching_up(&mut self, now: Instant) -> &mut CatchUp<S::Key> {
+        if self.is_live() {
+            self.phase = Phase::CatchingUp(CatchUp::new(now, true));
+        }
+        match &mut self.phase {
+            Phase::CatchingUp(catch_up) => catch_up,
+            Phase::Live => unreachable!("replaced just above"),
+        }
+    }
+
+    /// The verification under way, if any.
+    fn verification(&self) -> Option<&Verification<S::Key>> {
+        match &self.phase {
+            Phase::CatchingUp(catch_up) => catch_up.verification.as_ref(),
+            Phase::Live => None,
         }
     }
 
@@ -823,7 +879,7 @@ impl<S: ReplicatedState> Stream<S> {
             publisher: self.publisher,
             key,
         });
-        self.begin_recovery(now);
+        self.catching_up(now);
     }
 
     fn apply(
@@ -837,7 +893,7 @@ impl<S: ReplicatedState> Stream<S> {
         let key = S::delta_key(&delta).clone();
         let present = self.state.apply_owned(delta);
         sink.stats.deltas_applied += 1;
-        if self.live && !present {
+        if self.is_live() && !present {
             // While live nothing needs to remember deleted keys.
             self.leaves.remove(&key);
         } else {
@@ -873,7 +929,7 @@ impl<S: ReplicatedState> Stream<S> {
         // While live the state is exact as of the last processed seq; a newer snapshot only
         // means a delta is on its way (or lost, which the reorder window will declare), and
         // applying it early would put the leaf ahead of the rest of the state.
-        if self.tracking.is_none() || self.live {
+        if self.tracking.is_none() || self.is_live() {
             return;
         }
         let absent_as_of = self.absent_as_of(&key);
@@ -889,7 +945,9 @@ impl<S: ReplicatedState> Stream<S> {
             meta.present = true;
             meta.last = as_of;
             sink.stats.snapshot_replaced += 1;
-            self.ahead_until = self.ahead_until.max(as_of);
+            if let Phase::CatchingUp(catch_up) = &mut self.phase {
+                catch_up.ahead_until = catch_up.ahead_until.max(as_of);
+            }
             if meta.stale.is_some() {
                 self.replay(key.clone(), config, sink);
             }
@@ -926,7 +984,10 @@ impl<S: ReplicatedState> Stream<S> {
                     );
                 }
             }
-            let end = self.cycle.as_ref().and_then(|c| c.end);
+            let end = self
+                .verification()
+                .and_then(|v| v.cycle.as_ref())
+                .and_then(|c| c.end);
             if let Some((end_index, end_read)) = end {
                 if end_index == index.wrapping_add(1) {
                     self.cover(
@@ -938,7 +999,7 @@ impl<S: ReplicatedState> Stream<S> {
                     );
                 }
             }
-            if let Some(cycle) = self.cycle.as_mut() {
+            if let Some(cycle) = self.watched_cycle() {
                 if cycle.steps.len() < config.max_cycle_leaves as usize {
                     cycle.steps.insert(index, (key, position.read_seq));
                 }
@@ -954,7 +1015,7 @@ impl<S: ReplicatedState> Stream<S> {
         config: &SubscriberConfig,
         sink: &mut Sink<S::Key>,
     ) {
-        if self.tracking.is_none() || self.live || !self.watch_cycle(position.cycle) {
+        if self.tracking.is_none() || self.is_live() || !self.watch_cycle(position.cycle) {
             return;
         }
         // At this read the walk found no key after the last step's.
@@ -965,7 +1026,7 @@ impl<S: ReplicatedState> Stream<S> {
         if let Some(low) = low {
             self.cover(low, Pos::End, position.read_seq, config, sink);
         }
-        if let Some(cycle) = self.cycle.as_mut() {
+        if let Some(cycle) = self.watched_cycle() {
             cycle.end = Some((position.index, position.read_seq));
         }
         self.update_live(now, sink);
@@ -974,10 +1035,14 @@ impl<S: ReplicatedState> Stream<S> {
     /// Whether snapshot messages of `cycle` count toward verification, switching to it if it is
     /// newer than the one watched.
     fn watch_cycle(&mut self, cycle: u32) -> bool {
-        if self.verify_after.is_none() {
+        let Phase::CatchingUp(CatchUp {
+            verification: Some(verification),
+            ..
+        }) = &mut self.phase
+        else {
             return false;
-        }
-        if let Some(current) = &self.cycle {
+        };
+        if let Some(current) = &verification.cycle {
             if current.cycle == cycle {
                 return true;
             }
@@ -986,7 +1051,7 @@ impl<S: ReplicatedState> Stream<S> {
                 return false;
             }
         }
-        self.cycle = Some(CycleSteps {
+        verification.cycle = Some(CycleSteps {
             cycle,
             steps: BTreeMap::new(),
             end: None,
@@ -994,16 +1059,32 @@ impl<S: ReplicatedState> Stream<S> {
         true
     }
 
+    /// The cycle being watched, to record its steps.
+    fn watched_cycle(&mut self) -> Option<&mut CycleSteps<S::Key>> {
+        match &mut self.phase {
+            Phase::CatchingUp(catch_up) => catch_up.verification.as_mut()?.cycle.as_mut(),
+            Phase::Live => None,
+        }
+    }
+
     /// As of which seq `key`, which has no metadata, is known absent (from covered spans).
     fn absent_as_of(&self, key: &S::Key) -> Option<u64> {
-        if self.absent.is_empty() {
+        let Phase::CatchingUp(catch_up) = &self.phase else {
+            return None;
+        };
+        if catch_up.absent.is_empty() {
             return None;
         }
-        self.absent.at(&Pos::Key(key.clone(), Side::At))
+        catch_up.absent.at(&Pos::Key(key.clone(), Side::At))
     }
 
     fn step(&self, index: u32) -> Option<(S::Key, u64)> {
-        self.cycle.as_ref()?.steps.get(&index).cloned()
+        self.verification()?
+            .cycle
+            .as_ref()?
+            .steps
+            .get(&index)
+            .cloned()
     }
 
     /// At `read_seq` the publisher had no key strictly inside [`low`, `high`] but possibly the
@@ -1018,7 +1099,7 @@ impl<S: ReplicatedState> Stream<S> {
         config: &SubscriberConfig,
         sink: &mut Sink<S::Key>,
     ) {
-        if self.verify_after.is_none_or(|since| read_seq < since) {
+        if self.verification().is_none_or(|v| read_seq < v.after) {
             return;
         }
         // Steps out of key order come from a broken or forged cycle: they prove nothing.
@@ -1060,14 +1141,20 @@ impl<S: ReplicatedState> Stream<S> {
             for key in to_replay {
                 self.replay(key, config, sink);
             }
-            self.ahead_until = self.ahead_until.max(read_seq);
-            self.absent.paint(low.clone(), high.clone(), read_seq);
+            if let Phase::CatchingUp(catch_up) = &mut self.phase {
+                catch_up.ahead_until = catch_up.ahead_until.max(read_seq);
+                catch_up.absent.paint(low.clone(), high.clone(), read_seq);
+            }
         }
-        self.coverage.cover(low, high);
-        if self.coverage.is_full() {
-            self.verify_after = None;
-            self.coverage.clear();
-            self.cycle = None;
+        let Phase::CatchingUp(catch_up) = &mut self.phase else {
+            return;
+        };
+        let Some(verification) = catch_up.verification.as_mut() else {
+            return;
+        };
+        verification.coverage.cover(low, high);
+        if verification.coverage.is_full() {
+            catch_up.verification = None;
         }
     }
 
@@ -1111,33 +1198,34 @@ impl<S: ReplicatedState> Stream<S> {
         let Some(tracking) = &self.tracking else {
             return;
         };
-        let live = self.verify_after.is_none()
-            && self.stale.is_empty()
-            && tracking.expected > self.ahead_until;
-        if live && !self.live {
-            self.live = true;
-            self.leaves.retain(|m| m.present || m.stale.is_some());
-            self.absent.clear();
-            let recovery = self
-                .recovering_since
-                .take()
-                .map(|t| now.saturating_duration_since(t));
-            if !self.joined {
-                self.joined = true;
-                sink.stats.joins += 1;
-            } else if let Some(took) = recovery {
-                sink.stats.recoveries += 1;
-                sink.stats.last_recovery = Some(took);
-                self.counters.recoveries += 1;
-            }
-            tracing::debug!(publisher = self.publisher, ?recovery, "live");
-            sink.events.push_back(SubscriberEvent::Live {
-                publisher: self.publisher,
-                recovery,
-            });
-        } else if !live && self.live {
-            self.begin_recovery(now);
+        let live = self.stale.is_empty()
+            && match &self.phase {
+                Phase::Live => true,
+                Phase::CatchingUp(catch_up) => {
+                    catch_up.verification.is_none() && tracking.expected > catch_up.ahead_until
+                }
+            };
+        if !live {
+            self.catching_up(now);
+            return;
         }
+        let Phase::CatchingUp(catch_up) = std::mem::replace(&mut self.phase, Phase::Live) else {
+            return;
+        };
+        self.leaves.retain(|m| m.present || m.stale.is_some());
+        let took = now.saturating_duration_since(catch_up.since);
+        if catch_up.was_live {
+            sink.stats.recoveries += 1;
+            sink.stats.last_recovery = Some(took);
+            self.counters.recoveries += 1;
+        } else {
+            sink.stats.joins += 1;
+        }
+        tracing::debug!(publisher = self.publisher, ?took, "live");
+        sink.events.push_back(SubscriberEvent::Live {
+            publisher: self.publisher,
+            recovery: Some(took),
+        });
     }
 }
 
