@@ -78,6 +78,10 @@ pub(crate) struct ThroughputArgs {
     /// (`Publisher::publish_encoded`: bytes out as they are, decoded once for the state).
     #[arg(long)]
     pre_encoded: bool,
+    /// Send without UDP segmentation offload (one datagram per message), GrapeVine and the
+    /// raw baseline alike; by default both send runs of equal-size datagrams segmented.
+    #[arg(long)]
+    no_gso: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,

@@ -9,6 +9,7 @@ use std::io;
 use std::mem;
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// Up to this many datagrams per `sendmmsg` call.
@@ -314,8 +315,139 @@ pub(super) fn send_batch_to(
 }
 
 /// Sends the datagrams on a connected socket with `sendmmsg`; returns how many were sent.
-pub(super) fn send_batch<B: AsRef<[u8]>>(socket: &UdpSocket, datagrams: &[B]) -> io::Result<usize> {
-    send_mmsg(socket, datagrams, AsRef::as_ref, |_| None)
+/// While `segmentation` is set, runs of equal-size datagrams go as one message each with
+/// `UDP_SEGMENT`; a kernel that refuses it clears `segmentation` and gets them one by one.
+pub(super) fn send_batch<B: AsRef<[u8]>>(
+    socket: &UdpSocket,
+    datagrams: &[B],
+    segmentation: &AtomicBool,
+) -> io::Result<usize> {
+    if datagrams.len() < 2 || !segmentation.load(Ordering::Relaxed) {
+        return send_mmsg(socket, datagrams, AsRef::as_ref, |_| None);
+    }
+    match send_segmented(socket, datagrams) {
+        Ok(sent) => Ok(sent),
+        Err((sent, error)) if sent == 0 && refuses_segmentation(&error) => {
+            tracing::debug!(%error, "UDP segmentation offload refused: one datagram per message from now on");
+            segmentation.store(false, Ordering::Relaxed);
+            send_mmsg(socket, datagrams, AsRef::as_ref, |_| None)
+        }
+        Err((0, error)) => Err(error),
+        Err((sent, _)) => Ok(sent),
+    }
+}
+
+/// Errors that say the kernel or the device cannot segment (not a passing failure).
+fn refuses_segmentation(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+    )
+}
+
+/// Most datagrams in one segmented message (the kernel's `UDP_MAX_SEGMENTS` is 64 or more).
+const MAX_SEGMENTS: usize = 64;
+/// Most bytes in one segmented message: an IPv4 or IPv6 datagram's payload, with room for
+/// the headers.
+const MAX_SEGMENTED_BYTES: usize = 65_000;
+/// Room for one `UDP_SEGMENT` control message (a `u16`), with alignment slack.
+const SEGMENT_CONTROL_LEN: usize = 32;
+
+/// The runs `send_segmented` makes of `lengths`: consecutive datagrams of one size (the last
+/// may be shorter), within the kernel's limits. Each run is (first index, count, size).
+pub(super) fn segment_runs(lengths: impl Iterator<Item = usize>) -> Vec<(usize, usize, usize)> {
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+    // Whether the open run ended with a shorter datagram (nothing may follow it).
+    let mut closed = true;
+    for (index, len) in lengths.enumerate() {
+        if let Some((_, count, size)) = runs.last_mut().filter(|_| !closed) {
+            let fits = len <= *size
+                && *count < MAX_SEGMENTS
+                && (*count + 1) * *size <= MAX_SEGMENTED_BYTES;
+            if fits && len > 0 {
+                *count += 1;
+                closed = len < *size;
+                continue;
+            }
+        }
+        runs.push((index, 1, len));
+        closed = len == 0;
+    }
+    runs
+}
+
+/// `sendmmsg` of `datagrams` grouped into [`segment_runs`]; returns how many datagrams were
+/// sent, or the error with how many were sent before it.
+fn send_segmented<B: AsRef<[u8]>>(
+    socket: &UdpSocket,
+    datagrams: &[B],
+) -> Result<usize, (usize, io::Error)> {
+    let mut sent = 0;
+    for chunk in datagrams.chunks(SEND_BATCH) {
+        let runs = segment_runs(chunk.iter().map(|d| d.as_ref().len()));
+        let mut iovecs = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; SEND_BATCH];
+        for (iov, datagram) in iovecs.iter_mut().zip(chunk) {
+            let datagram = datagram.as_ref();
+            iov.iov_base = datagram.as_ptr() as *mut libc::c_void;
+            iov.iov_len = datagram.len();
+        }
+        let mut controls = [[0u8; SEGMENT_CONTROL_LEN]; SEND_BATCH];
+        // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
+        let mut headers: [libc::mmsghdr; SEND_BATCH] = unsafe { mem::zeroed() };
+        for ((header, control), &(first, count, size)) in
+            headers.iter_mut().zip(controls.iter_mut()).zip(&runs)
+        {
+            header.msg_hdr.msg_iov = iovecs[first..].as_mut_ptr();
+            header.msg_hdr.msg_iovlen = count;
+            if count > 1 {
+                header.msg_hdr.msg_control = control.as_mut_ptr().cast();
+                // SAFETY: CMSG_SPACE of a u16 is far below the buffer's length.
+                header.msg_hdr.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as usize;
+                // SAFETY: the header's control buffer was just set to `control`, long enough
+                // for one cmsghdr and a u16; CMSG_FIRSTHDR/CMSG_DATA stay inside it.
+                unsafe {
+                    let cmsg = libc::CMSG_FIRSTHDR(&header.msg_hdr);
+                    (*cmsg).cmsg_level = libc::SOL_UDP;
+                    (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+                    (*cmsg).cmsg_len = libc::CMSG_LEN(2) as usize;
+                    let segment = u16::try_from(size).unwrap_or(u16::MAX);
+                    std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), segment);
+                }
+            }
+        }
+        let headers = headers.get_mut(..runs.len()).unwrap_or_default();
+        let mut offset = 0;
+        while offset < headers.len() {
+            let rest = headers.get_mut(offset..).unwrap_or_default();
+            // SAFETY: the headers point at iovecs describing datagrams, and at control
+            // buffers, that outlive the call; the kernel only reads them.
+            let rc = unsafe {
+                libc::sendmmsg(
+                    socket.as_raw_fd(),
+                    rest.as_mut_ptr(),
+                    rest.len() as libc::c_uint,
+                    0,
+                )
+            };
+            if rc < 0 {
+                let error = io::Error::last_os_error();
+                if error.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err((sent, error));
+            }
+            let messages = rc as usize;
+            sent += runs[offset..offset + messages]
+                .iter()
+                .map(|&(_, count, _)| count)
+                .sum::<usize>();
+            offset += messages;
+        }
+    }
+    Ok(sent)
 }
 
 /// `sendmmsg` over `items`, `SEND_BATCH` at a time: each item gives its bytes and, on an

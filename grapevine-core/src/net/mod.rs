@@ -88,6 +88,12 @@ pub struct MulticastConfig {
     pub recv_buffer: usize,
     /// Send buffer to ask for. Default 1 MiB.
     pub send_buffer: usize,
+    /// Send runs of equal-size datagrams as one buffer the kernel cuts up (UDP generic
+    /// segmentation offload, `UDP_SEGMENT`) where the kernel has it: one pass through the
+    /// network stack for up to 64 datagrams. Receivers see the same datagrams either way. A
+    /// socket whose kernel or device refuses it falls back to one datagram per message. Default
+    /// true.
+    pub segmentation_offload: bool,
 }
 
 impl MulticastConfig {
@@ -116,6 +122,7 @@ impl Default for MulticastConfig {
             loopback: true,
             recv_buffer: 8 << 20,
             send_buffer: 1 << 20,
+            segmentation_offload: true,
         }
     }
 }
@@ -242,6 +249,8 @@ pub struct MulticastSocket {
     group: SocketAddr,
     interface: ResolvedInterface,
     recv_buffer: usize,
+    /// Whether sends still try `UDP_SEGMENT` (cleared for good when the kernel refuses it).
+    segmentation: std::sync::atomic::AtomicBool,
 }
 
 impl MulticastSocket {
@@ -320,6 +329,7 @@ impl MulticastSocket {
             group: config.group,
             interface,
             recv_buffer,
+            segmentation: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -402,6 +412,7 @@ impl MulticastSocket {
             group: config.group,
             interface,
             recv_buffer: 0,
+            segmentation: std::sync::atomic::AtomicBool::new(config.segmentation_offload),
         })
     }
 
@@ -443,7 +454,14 @@ impl MulticastSocket {
     ///
     /// The OS error when not even the first datagram could be sent.
     pub fn send_batch<B: AsRef<[u8]>>(&self, datagrams: &[B]) -> io::Result<usize> {
-        batch::send_batch(&self.socket, datagrams)
+        batch::send_batch(&self.socket, datagrams, &self.segmentation)
+    }
+
+    /// Whether [`send_batch`](Self::send_batch) sends runs of equal-size datagrams with
+    /// segmentation offload (see [`MulticastConfig::segmentation_offload`]): asked for, and
+    /// not refused by the kernel so far.
+    pub fn segmentation_offload(&self) -> bool {
+        self.segmentation.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Receives a batch of datagrams (`recvmmsg`), waiting at most `timeout` for the first.

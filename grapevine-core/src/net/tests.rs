@@ -204,3 +204,90 @@ fn unicast_batches_keep_order_and_tell_the_sender() {
     }
     assert_eq!(received, payloads);
 }
+
+/// Datagrams of mixed sizes: runs of equal ones (segmented), short tails, singles, an empty one.
+fn mixed_datagrams() -> Vec<Bytes> {
+    let mut datagrams = Vec::new();
+    for (count, len) in [
+        (20, 1200),
+        (1, 700),
+        (70, 300),
+        (1, 0),
+        (3, 1400),
+        (2, 90),
+        (5, 64),
+    ] {
+        for _ in 0..count {
+            let tag = (datagrams.len() % 251) as u8;
+            datagrams.push(Bytes::from(vec![tag; len]));
+        }
+    }
+    // A shorter datagram inside a run of equal ones ends that run.
+    datagrams.insert(10, Bytes::from(vec![0xee; 1000]));
+    datagrams
+}
+
+fn receive_all(receiver: &MulticastSocket, want: usize) -> Vec<Vec<u8>> {
+    let mut batch = RecvBatch::new(64, 2048);
+    let mut received = Vec::new();
+    for _ in 0..50 {
+        let n = receiver
+            .recv_batch(&mut batch, Duration::from_millis(100))
+            .unwrap();
+        received.extend(batch.datagrams().take(n).map(<[u8]>::to_vec));
+        if received.len() >= want {
+            break;
+        }
+    }
+    received
+}
+
+#[test]
+fn segmented_sends_arrive_as_the_same_datagrams() {
+    for (last, offload) in [(8u8, true), (9, false)] {
+        let mut config = MulticastConfig::new(group(last, 47_100 + u16::from(last)));
+        config.segmentation_offload = offload;
+        let receiver = MulticastSocket::receiver(&config).unwrap();
+        let sender = MulticastSocket::sender(&config).unwrap();
+        let datagrams = mixed_datagrams();
+        assert_eq!(sender.send_batch(&datagrams).unwrap(), datagrams.len());
+        let want: Vec<Vec<u8>> = datagrams.iter().map(|d| d.to_vec()).collect();
+        assert_eq!(
+            receive_all(&receiver, want.len()),
+            want,
+            "offload {offload}"
+        );
+        // Loopback on Linux 4.18 and later segments; this machine's kernel does.
+        assert_eq!(sender.segmentation_offload(), offload);
+    }
+}
+
+proptest::proptest! {
+    /// Runs keep every datagram, in order; within a run all have its size but the last, which
+    /// may be shorter; runs stay within the kernel's limits.
+    #[test]
+    fn segment_runs_cover_every_datagram_within_the_limits(
+        lengths in proptest::collection::vec(proptest::prop_oneof![proptest::strategy::Just(0usize), proptest::strategy::Just(64), proptest::strategy::Just(1400), 1usize..2000, 30_000usize..65_000], 0..200)
+    ) {
+        let runs = batch::segment_runs(lengths.iter().copied());
+        let mut next = 0;
+        for &(first, count, size) in &runs {
+            proptest::prop_assert_eq!(first, next);
+            proptest::prop_assert!(count >= 1 && count <= 64);
+            let run = &lengths[first..first + count];
+            proptest::prop_assert_eq!(run[0], size);
+            for (i, &len) in run.iter().enumerate() {
+                if i + 1 < count {
+                    proptest::prop_assert_eq!(len, size);
+                } else {
+                    proptest::prop_assert!(len <= size);
+                }
+            }
+            if count > 1 {
+                proptest::prop_assert!(size > 0 && count * size <= 65_000);
+            }
+            next = first + count;
+        }
+        proptest::prop_assert_eq!(next, lengths.len());
+    }
+}
