@@ -35,7 +35,7 @@ pub(super) fn throughput(args: &ThroughputArgs) -> Result<()> {
     } else {
         (args.window / (args.payload as u64 + 32)).max(1)
     };
-    let group = multicast(&args, args.group);
+    let group = multicast(args, args.group);
     eprintln!(
         "measuring GrapeVine, then raw UDP with the same packing: {:.1} s each ...",
         duration.as_secs_f64()
@@ -45,7 +45,7 @@ pub(super) fn throughput(args: &ThroughputArgs) -> Result<()> {
     let dense = if args.dense {
         let mut dense_group = args.group;
         dense_group.set_port(args.group.port().wrapping_add(4));
-        let group = multicast(&args, dense_group);
+        let group = multicast(args, dense_group);
         let measured = throughput_between::<DensePayloads>(
             args, &group, &group, duration, window, None, false,
         )?;
@@ -57,7 +57,7 @@ pub(super) fn throughput(args: &ThroughputArgs) -> Result<()> {
     let pre_encoded = if args.pre_encoded {
         let mut encoded_group = args.group;
         encoded_group.set_port(args.group.port().wrapping_add(5));
-        let group = multicast(&args, encoded_group);
+        let group = multicast(args, encoded_group);
         let measured =
             throughput_between::<PayloadMap>(args, &group, &group, duration, window, None, true)?;
         super::check_interrupted()?;
@@ -69,7 +69,7 @@ pub(super) fn throughput(args: &ThroughputArgs) -> Result<()> {
         let keyring = Arc::new(Keyring::single(1, rand::random()));
         let mut signed_group = args.group;
         signed_group.set_port(args.group.port().wrapping_add(2));
-        let group = multicast(&args, signed_group);
+        let group = multicast(args, signed_group);
         Some(throughput_grapevine(args, &group, duration, window, Some(keyring))?.0)
     } else {
         None
@@ -78,7 +78,7 @@ pub(super) fn throughput(args: &ThroughputArgs) -> Result<()> {
         let keyring = Arc::new(Keyring::ed25519_secret(1, rand::random()));
         let mut signed_group = args.group;
         signed_group.set_port(args.group.port().wrapping_add(3));
-        let group = multicast(&args, signed_group);
+        let group = multicast(args, signed_group);
         Some(throughput_grapevine(args, &group, duration, window, Some(keyring))?.0)
     } else {
         None
@@ -88,7 +88,7 @@ pub(super) fn throughput(args: &ThroughputArgs) -> Result<()> {
     let mut raw_group = args.group;
     raw_group.set_port(args.group.port().wrapping_add(1));
     let raw = throughput_raw(
-        &multicast(&args, raw_group),
+        &multicast(args, raw_group),
         args.payload,
         per_datagram.max(1),
         duration,
