@@ -273,7 +273,7 @@ proptest::proptest! {
         let mut next = 0;
         for &(first, count, size) in &runs {
             proptest::prop_assert_eq!(first, next);
-            proptest::prop_assert!(count >= 1 && count <= 64);
+            proptest::prop_assert!((1..=64).contains(&count));
             let run = &lengths[first..first + count];
             proptest::prop_assert_eq!(run[0], size);
             for (i, &len) in run.iter().enumerate() {
