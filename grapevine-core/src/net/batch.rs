@@ -327,13 +327,42 @@ pub(super) fn send_batch<B: AsRef<[u8]>>(
     }
     match send_segmented(socket, datagrams) {
         Ok(sent) => Ok(sent),
-        Err((sent, error)) if sent == 0 && refuses_segmentation(&error) => {
+        // Refused at the first segmented message, which may follow single datagrams that
+        // went out: the rest goes one by one.
+        Err((sent, error)) if refuses_segmentation(&error) => {
             tracing::debug!(%error, "UDP segmentation offload refused: one datagram per message from now on");
             segmentation.store(false, Ordering::Relaxed);
-            send_mmsg(socket, datagrams, AsRef::as_ref, |_| None)
+            let rest = datagrams.get(sent..).unwrap_or_default();
+            match send_mmsg(socket, rest, AsRef::as_ref, |_| None) {
+                Ok(more) => Ok(sent + more),
+                Err(error) if sent == 0 => Err(error),
+                Err(_) => Ok(sent),
+            }
         }
         Err((0, error)) => Err(error),
         Err((sent, _)) => Ok(sent),
+    }
+}
+
+/// Turns off UDP checksums on `socket` (`SO_NO_CHECK`), with which the kernel refuses
+/// segmentation offload: how tests reach the fallback.
+#[cfg(test)]
+pub(super) fn disable_udp_checksums(socket: &UdpSocket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a c_int that outlives the call, and its size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NO_CHECK,
+            (&raw const on).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -419,35 +448,47 @@ fn send_segmented<B: AsRef<[u8]>>(
             }
         }
         let headers = headers.get_mut(..runs.len()).unwrap_or_default();
-        let mut offset = 0;
-        while offset < headers.len() {
-            let rest = headers.get_mut(offset..).unwrap_or_default();
-            // SAFETY: the headers point at iovecs describing datagrams, and at control
-            // buffers, that outlive the call; the kernel only reads them.
-            let rc = unsafe {
-                libc::sendmmsg(
-                    socket.as_raw_fd(),
-                    rest.as_mut_ptr(),
-                    rest.len() as libc::c_uint,
-                    0,
-                )
-            };
-            if rc < 0 {
-                let error = io::Error::last_os_error();
-                if error.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err((sent, error));
-            }
-            let messages = rc as usize;
-            sent += runs[offset..offset + messages]
-                .iter()
-                .map(|&(_, count, _)| count)
-                .sum::<usize>();
-            offset += messages;
+        // The headers point at iovecs and control buffers that live until the end of this
+        // iteration.
+        let (messages, error) = sendmmsg_all(socket, headers);
+        sent += runs[..messages]
+            .iter()
+            .map(|&(_, count, _)| count)
+            .sum::<usize>();
+        if let Some(error) = error {
+            return Err((sent, error));
         }
     }
     Ok(sent)
+}
+
+/// Calls `sendmmsg` until every message of `headers` is sent (retrying interrupted calls);
+/// returns how many were sent, and the error that stopped it early, if one did. The headers
+/// must point at buffers (iovecs, data, addresses, control) valid for the whole call.
+fn sendmmsg_all(socket: &UdpSocket, headers: &mut [libc::mmsghdr]) -> (usize, Option<io::Error>) {
+    let mut offset = 0;
+    while offset < headers.len() {
+        let rest = headers.get_mut(offset..).unwrap_or_default();
+        // SAFETY: the caller's headers point at buffers that outlive the call; the kernel
+        // only reads them (and writes each header's `msg_len`).
+        let rc = unsafe {
+            libc::sendmmsg(
+                socket.as_raw_fd(),
+                rest.as_mut_ptr(),
+                rest.len() as libc::c_uint,
+                0,
+            )
+        };
+        if rc < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return (offset, Some(error));
+        }
+        offset += rc as usize;
+    }
+    (offset, None)
 }
 
 /// `sendmmsg` over `items`, `SEND_BATCH` at a time: each item gives its bytes and, on an
@@ -497,28 +538,12 @@ fn send_mmsg<T>(
             }
             header.msg_len = 0;
         }
-        let mut offset = 0;
-        while offset < headers.len() {
-            let rest = headers.get_mut(offset..).unwrap_or_default();
-            // SAFETY: the headers point at iovecs describing datagrams, and at addresses, that
-            // outlive the call; the kernel only reads them.
-            let rc = unsafe {
-                libc::sendmmsg(
-                    socket.as_raw_fd(),
-                    rest.as_mut_ptr(),
-                    rest.len() as libc::c_uint,
-                    0,
-                )
-            };
-            if rc < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return if sent == 0 { Err(e) } else { Ok(sent) };
-            }
-            offset += rc as usize;
-            sent += rc as usize;
+        // The headers point at iovecs describing datagrams, and at addresses, that outlive
+        // the call.
+        let (messages, error) = sendmmsg_all(socket, headers);
+        sent += messages;
+        if let Some(error) = error {
+            return if sent == 0 { Err(error) } else { Ok(sent) };
         }
     }
     Ok(sent)

@@ -262,6 +262,30 @@ fn segmented_sends_arrive_as_the_same_datagrams() {
     }
 }
 
+#[test]
+fn a_socket_whose_kernel_refuses_segmentation_sends_one_by_one_and_loses_nothing() {
+    let config = MulticastConfig::new(group(10, 47_110));
+    let receiver = MulticastSocket::receiver(&config).unwrap();
+    let sender = MulticastSocket::sender(&config).unwrap();
+    // Without UDP checksums the kernel refuses UDP_SEGMENT (EINVAL).
+    batch::disable_udp_checksums(&sender.socket).unwrap();
+    // A single datagram goes out first, then the first run is refused part-way through the
+    // batch: what follows must still go.
+    let mut datagrams = vec![Bytes::from(vec![0xaa; 500])];
+    datagrams.extend((0..10u8).map(|i| Bytes::from(vec![i; 1000])));
+    datagrams.extend(mixed_datagrams());
+    assert_eq!(sender.send_batch(&datagrams).unwrap(), datagrams.len());
+    assert!(
+        !sender.segmentation_offload(),
+        "turned off after the refusal"
+    );
+    let want: Vec<Vec<u8>> = datagrams.iter().map(|d| d.to_vec()).collect();
+    assert_eq!(receive_all(&receiver, want.len()), want);
+    // And later batches go one by one from the start.
+    assert_eq!(sender.send_batch(&datagrams).unwrap(), datagrams.len());
+    assert_eq!(receive_all(&receiver, want.len()), want);
+}
+
 proptest::proptest! {
     /// Runs keep every datagram, in order; within a run all have its size but the last, which
     /// may be shorter; runs stay within the kernel's limits.
