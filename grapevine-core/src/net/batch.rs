@@ -356,7 +356,7 @@ pub(super) fn disable_udp_checksums(socket: &UdpSocket) -> io::Result<()> {
             libc::SOL_SOCKET,
             libc::SO_NO_CHECK,
             (&raw const on).cast(),
-            mem::size_of::<libc::c_int>() as libc::socklen_t,
+            size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     if rc == 0 {
