@@ -159,14 +159,19 @@ impl RecvBatch {
 }
 
 pub(super) fn enable_drop_counter(socket: &socket2::Socket) -> io::Result<()> {
+    set_socket_flag(socket.as_raw_fd(), libc::SO_RXQ_OVFL)
+}
+
+/// Sets the `SOL_SOCKET` integer option `option` to 1.
+fn set_socket_flag(fd: std::os::fd::RawFd, option: libc::c_int) -> io::Result<()> {
     let on: libc::c_int = 1;
     // SAFETY: `on` is a valid c_int that outlives the call; the length matches its size.
     let rc = unsafe {
         libc::setsockopt(
-            socket.as_raw_fd(),
+            fd,
             libc::SOL_SOCKET,
-            libc::SO_RXQ_OVFL,
-            (&on as *const libc::c_int).cast(),
+            option,
+            (&raw const on).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -348,22 +353,7 @@ pub(super) fn send_batch<B: AsRef<[u8]>>(
 /// segmentation offload: how tests reach the fallback.
 #[cfg(test)]
 pub(super) fn disable_udp_checksums(socket: &UdpSocket) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: `on` is a c_int that outlives the call, and its size is passed with it.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NO_CHECK,
-            (&raw const on).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    set_socket_flag(socket.as_raw_fd(), libc::SO_NO_CHECK)
 }
 
 /// Errors that say the kernel or the device cannot segment (not a passing failure).
