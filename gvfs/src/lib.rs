@@ -5,6 +5,7 @@
 //! so that deletions replicate. Nodes that do not hold a zone serve it by forwarding to a
 //! member ([`remote`]); [`service`] runs it all for gvd.
 
+mod attr_cache;
 mod journal;
 pub mod nfs;
 pub mod remote;

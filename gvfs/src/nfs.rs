@@ -6,7 +6,6 @@
 //!
 //! Its length (over 600 lines) is ~170 lines of unit tests kept beside the NFS handlers they test.
 
-use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,7 +19,14 @@ use nfsserve::nfs::{
 use nfsserve::vfs::{DirEntry, NFSFileSystem, ReadDirResult, VFSCapabilities};
 use parking_lot::Mutex;
 
+use crate::attr_cache::{AttrCache, Stamp, ATTRIBUTE_TTL};
 use crate::store::{ZoneStore, ROOT_ID};
+
+/// The largest READ answered (nfsserve's `rtmax`); a client asking for more gets this much.
+const MAX_READ_BYTES: u32 = 1 << 20;
+
+/// Directory pages up to this many entries are stat'ed on the runtime's thread (see `readdir`).
+const INLINE_LISTING_ENTRIES: usize = 64;
 
 /// A zone served over NFS.
 pub struct ZoneFs {
@@ -33,6 +39,7 @@ pub struct ZoneFs {
     /// wrote UNSTABLE and had not committed when the server stopped. (File handles, unlike it,
     /// stay valid across restarts.)
     write_verifier: [u8; 8],
+    attrs: AttrCache,
 }
 
 /// Runs an NFS handler's file-system work (reads, fsyncs, renames, directory listings): on a
@@ -107,6 +114,7 @@ impl ZoneFs {
             tag,
             read_only: false,
             write_verifier: new_write_verifier(),
+            attrs: AttrCache::new(ATTRIBUTE_TTL),
         }
     }
 
@@ -123,6 +131,13 @@ impl ZoneFs {
             .path_of(id)
             .map(str::to_string)
             .ok_or(nfsstat3::NFS3ERR_STALE)
+    }
+
+    /// The path of `id`, and the stamp to read its attributes under (both under one lock).
+    fn path_and_stamp(&self, id: fileid3) -> Result<(String, Stamp), nfsstat3> {
+        let store = self.store.lock();
+        let path = store.path_of(id).ok_or(nfsstat3::NFS3ERR_STALE)?;
+        Ok((path.to_string(), self.attrs.stamp(store.version())))
     }
 
     fn child(&self, dirid: fileid3, name: &filename3) -> Result<String, nfsstat3> {
@@ -166,6 +181,7 @@ impl ZoneFs {
         data: &[u8],
         sync: bool,
     ) -> Result<fattr3, nfsstat3> {
+        let _change = self.attrs.change();
         let path = self.path(id)?;
         self.writable(&path)?;
         if let Err(refused) = self.room_for(&path, offset.saturating_add(data.len() as u64)) {
@@ -314,11 +330,18 @@ impl NFSFileSystem for ZoneFs {
     }
 
     async fn getattr(&self, id: fileid3) -> Result<fattr3, nfsstat3> {
-        let path = self.path(id)?;
-        self.attr(id, &path)
+        let (path, stamp) = self.path_and_stamp(id)?;
+        let now = Instant::now();
+        if let Some(attr) = self.attrs.get(id, stamp, now) {
+            return Ok(attr);
+        }
+        let attr = self.attr(id, &path)?;
+        self.attrs.put(id, stamp, now, attr);
+        Ok(attr)
     }
 
     async fn setattr(&self, id: fileid3, setattr: sattr3) -> Result<fattr3, nfsstat3> {
+        let _change = self.attrs.change();
         let path = self.path(id)?;
         self.writable(&path)?;
         if let set_size3::size(size) = setattr.size {
@@ -351,18 +374,43 @@ impl NFSFileSystem for ZoneFs {
         offset: u64,
         count: u32,
     ) -> Result<(Vec<u8>, bool), nfsstat3> {
+        let mut data = Vec::new();
+        let (_, eof) = self.read_into(id, offset, count, &mut data).await?;
+        Ok((data, eof))
+    }
+
+    async fn read_into(
+        &self,
+        id: fileid3,
+        offset: u64,
+        count: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<(usize, bool), nfsstat3> {
         blocking(|| {
             let path = self.path(id)?;
             let root = self.store.lock().root().to_path_buf();
-            let mut file = crate::zpath::open_beneath(&root, &path).map_err(status)?;
+            let file = crate::zpath::open_beneath(&root, &path).map_err(status)?;
             let len = file.metadata().map_err(status)?.len();
-            file.seek(SeekFrom::Start(offset)).map_err(status)?;
-            let mut data = Vec::with_capacity(count.min(1 << 20) as usize);
-            file.take(u64::from(count))
-                .read_to_end(&mut data)
-                .map_err(status)?;
-            let eof = offset.saturating_add(data.len() as u64) >= len;
-            Ok((data, eof))
+            // The count is the client's: never more than the largest READ we advertise.
+            let wanted = u64::from(count.min(MAX_READ_BYTES)).min(len.saturating_sub(offset));
+            let start = out.len();
+            out.resize(start + wanted as usize, 0);
+            // One `pread` for the whole range unless the file shrank meanwhile.
+            let mut filled = 0;
+            while filled < wanted as usize {
+                match file.read_at(&mut out[start + filled..], offset + filled as u64) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        out.truncate(start);
+                        return Err(status(e));
+                    }
+                }
+            }
+            out.truncate(start + filled);
+            let eof = offset.saturating_add(filled as u64) >= len;
+            Ok((filled, eof))
         })
     }
 
@@ -384,6 +432,7 @@ impl NFSFileSystem for ZoneFs {
     }
 
     async fn commit(&self, id: fileid3) -> Result<fattr3, nfsstat3> {
+        let _change = self.attrs.change();
         blocking(|| {
             let path = self.path(id)?;
             let disk = self.disk(&path)?;
@@ -404,6 +453,7 @@ impl NFSFileSystem for ZoneFs {
         filename: &filename3,
         attr: sattr3,
     ) -> Result<(fileid3, fattr3), nfsstat3> {
+        let _change = self.attrs.change();
         let (path, disk) = blocking(|| {
             let path = self.child(dirid, filename)?;
             self.writable(&path)?;
@@ -426,6 +476,7 @@ impl NFSFileSystem for ZoneFs {
         dirid: fileid3,
         filename: &filename3,
     ) -> Result<fileid3, nfsstat3> {
+        let _change = self.attrs.change();
         blocking(|| {
             let path = self.child(dirid, filename)?;
             self.writable(&path)?;
@@ -448,6 +499,7 @@ impl NFSFileSystem for ZoneFs {
         dirid: fileid3,
         dirname: &filename3,
     ) -> Result<(fileid3, fattr3), nfsstat3> {
+        let _change = self.attrs.change();
         blocking(|| {
             let path = self.child(dirid, dirname)?;
             self.writable(&path)?;
@@ -460,6 +512,7 @@ impl NFSFileSystem for ZoneFs {
     }
 
     async fn remove(&self, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3> {
+        let _change = self.attrs.change();
         blocking(|| {
             let path = self.child(dirid, filename)?;
             self.writable(&path)?;
@@ -483,6 +536,7 @@ impl NFSFileSystem for ZoneFs {
         to_dirid: fileid3,
         to_filename: &filename3,
     ) -> Result<(), nfsstat3> {
+        let _change = self.attrs.change();
         blocking(|| {
             let from = self.child(from_dirid, from_filename)?;
             let to = self.child(to_dirid, to_filename)?;
@@ -512,16 +566,23 @@ impl NFSFileSystem for ZoneFs {
         start_after: fileid3,
         max_entries: usize,
     ) -> Result<ReadDirResult, nfsstat3> {
-        blocking(|| {
-            let dir = self.path(dirid)?;
-            let (children, root) = {
-                let store = self.store.lock();
-                (store.children(&dir), store.root().to_path_buf())
-            };
-            // The directory is opened once, beneath the zone's root with links refused, and
-            // each entry is looked at relative to it: one name to resolve per entry, not a
-            // whole path.
-            let dir_file = crate::zpath::open_beneath(&root, &dir).map_err(status)?;
+        let (dir, children, root, stamp) = {
+            let store = self.store.lock();
+            let dir = store.path_of(dirid).ok_or(nfsstat3::NFS3ERR_STALE)?;
+            let stamp = self.attrs.stamp(store.version());
+            let children = store.children(dir);
+            (dir.to_string(), children, store.root().to_path_buf(), stamp)
+        };
+        let page = children.len().min(max_entries);
+        // A page of a few dozen `fstatat`s costs less than handing the worker over
+        // (`block_in_place` doubled a small READDIRPLUS), and GETATTR and LOOKUP stat inline
+        // already; bigger pages go to a blocking thread.
+        let list = || {
+            let now = Instant::now();
+            // Opened when an entry's attributes are not cached: once, beneath the zone's root
+            // with links refused, and each entry is looked at relative to it: one name to
+            // resolve per entry, not a whole path.
+            let mut dir_file = None;
             let mut entries = Vec::new();
             let mut remaining = children
                 .iter()
@@ -537,15 +598,27 @@ impl NFSFileSystem for ZoneFs {
                 if crate::zpath::check_name(name).is_err() {
                     continue;
                 }
-                let Ok(stat) = nix::sys::stat::fstatat(
-                    &dir_file,
-                    name.as_str(),
-                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-                ) else {
-                    continue;
-                };
-                let Some(attr) = stat_to_fattr3(*id, &stat) else {
-                    continue;
+                let attr = match self.attrs.get(*id, stamp, now) {
+                    Some(attr) => attr,
+                    None => {
+                        let dir_file = match &mut dir_file {
+                            Some(file) => file,
+                            None => dir_file
+                                .insert(crate::zpath::open_beneath(&root, &dir).map_err(status)?),
+                        };
+                        let Ok(stat) = nix::sys::stat::fstatat(
+                            &*dir_file,
+                            name.as_str(),
+                            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                        ) else {
+                            continue;
+                        };
+                        let Some(attr) = stat_to_fattr3(*id, &stat) else {
+                            continue;
+                        };
+                        self.attrs.put(*id, stamp, now, attr);
+                        attr
+                    }
                 };
                 entries.push(DirEntry {
                     fileid: *id,
@@ -557,7 +630,12 @@ impl NFSFileSystem for ZoneFs {
                 entries,
                 end: remaining.peek().is_none(),
             })
-        })
+        };
+        if page <= INLINE_LISTING_ENTRIES {
+            list()
+        } else {
+            blocking(list)
+        }
     }
 
     async fn symlink(
@@ -671,6 +749,103 @@ mod tests {
         let rest = run(fs.readdir(ROOT_ID, first.entries[0].fileid, 100)).unwrap();
         assert!(rest.end);
         assert_eq!(first.entries.len() + rest.entries.len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn reads_append_to_the_reply_stop_at_the_end_and_are_capped_at_rtmax() {
+        let dir = std::env::temp_dir().join(format!("gvfs-nfs-read-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let fs = ZoneFs::new(open(&dir), 4 << 20, 80);
+        let name = |n: &str| filename3::from(n.as_bytes());
+        let (small, _) = run(fs.create(ROOT_ID, &name("small"), sattr3::default())).unwrap();
+        run(fs.write(small, 0, b"0123456789")).unwrap();
+        let mut out = vec![9, 9];
+        assert_eq!(
+            run(fs.read_into(small, 3, 100, &mut out)).unwrap(),
+            (7, true)
+        );
+        assert_eq!(out, b"\x09\x093456789");
+        let mut out = Vec::new();
+        assert_eq!(
+            run(fs.read_into(small, 0, 4, &mut out)).unwrap(),
+            (4, false)
+        );
+        assert_eq!(out, b"0123");
+        assert_eq!(
+            run(fs.read_into(small, 20, 5, &mut out)).unwrap(),
+            (0, true)
+        );
+        assert_eq!(out, b"0123", "nothing appended past the end");
+        // A client asking for 4 GiB gets at most rtmax.
+        let (big, _) = run(fs.create(ROOT_ID, &name("big"), sattr3::default())).unwrap();
+        let content: Vec<u8> = (0..(MAX_READ_BYTES as usize + 10))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        run(fs.write(big, 0, &content)).unwrap();
+        let mut out = Vec::new();
+        let (count, eof) = run(fs.read_into(big, 0, u32::MAX, &mut out)).unwrap();
+        assert_eq!((count, eof), (MAX_READ_BYTES as usize, false));
+        assert_eq!(out, content[..MAX_READ_BYTES as usize]);
+        let (data, eof) = run(fs.read(big, u64::from(MAX_READ_BYTES), 100)).unwrap();
+        assert_eq!(
+            (data.as_slice(), eof),
+            (&content[MAX_READ_BYTES as usize..], true)
+        );
+        // A stale handle's read leaves the reply as it was.
+        let mut out = vec![1];
+        assert!(run(fs.read_into(12345, 0, 10, &mut out)).is_err());
+        assert_eq!(out, [1]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn attributes_served_from_memory_follow_every_change() {
+        let dir = std::env::temp_dir().join(format!("gvfs-nfs-attrs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = open(&dir);
+        let fs = ZoneFs::new(Arc::clone(&store), 1 << 20, 81);
+        let name = |n: &str| filename3::from(n.as_bytes());
+        let size_listed = |fs: &ZoneFs, id: fileid3| {
+            run(fs.readdir(ROOT_ID, 0, 100))
+                .unwrap()
+                .entries
+                .iter()
+                .find(|e| e.fileid == id)
+                .map(|e| e.attr.size)
+        };
+        let (a, _) = run(fs.create(ROOT_ID, &name("a"), sattr3::default())).unwrap();
+        run(fs.write(a, 0, b"hello")).unwrap();
+        assert_eq!(run(fs.getattr(a)).unwrap().size, 5);
+        assert_eq!(size_listed(&fs, a), Some(5));
+        // Through NFS: a write, a truncation, a removal.
+        run(fs.write(a, 5, b" world")).unwrap();
+        assert_eq!(run(fs.getattr(a)).unwrap().size, 11);
+        assert_eq!(size_listed(&fs, a), Some(11));
+        let truncate = sattr3 {
+            size: set_size3::size(2),
+            ..sattr3::default()
+        };
+        run(fs.setattr(a, truncate)).unwrap();
+        assert_eq!(run(fs.getattr(a)).unwrap().size, 2);
+        assert_eq!(size_listed(&fs, a), Some(2));
+        let root_before = run(fs.getattr(ROOT_ID)).unwrap();
+        // File times move by the kernel's tick: make sure this change gets a later one.
+        std::thread::sleep(Duration::from_millis(20));
+        run(fs.mkdir(ROOT_ID, &name("d"))).unwrap();
+        let mtime = |attr: fattr3| (attr.mtime.seconds, attr.mtime.nseconds);
+        let root_after = mtime(run(fs.getattr(ROOT_ID)).unwrap());
+        assert_ne!(root_after, mtime(root_before), "a child was made");
+        assert_eq!(
+            root_after,
+            mtime(fs.attr(ROOT_ID, "").unwrap()),
+            "as the disk has it now"
+        );
+        // Behind NFS's back, then seen by the zone's scan (as a pull's install is indexed).
+        std::fs::write(dir.join("data").join("a"), b"changed on disk").unwrap();
+        store.lock().scan().unwrap();
+        assert_eq!(run(fs.getattr(a)).unwrap().size, 15);
+        assert_eq!(size_listed(&fs, a), Some(15));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -119,7 +119,7 @@ pub async fn handle_nfs(
     xid: u32,
     call: call_body,
     input: &mut impl Read,
-    output: &mut impl Write,
+    output: &mut Vec<u8>,
     context: &RPCContext,
 ) -> Result<(), anyhow::Error> {
     if call.vers != nfs::VERSION {
@@ -340,7 +340,7 @@ default:
 pub async fn nfsproc3_read(
     xid: u32,
     input: &mut impl Read,
-    output: &mut impl Write,
+    output: &mut Vec<u8>,
     context: &RPCContext,
 ) -> Result<(), anyhow::Error> {
     let mut args = READ3args::default();
@@ -360,20 +360,34 @@ pub async fn nfsproc3_read(
         Ok(v) => nfs::post_op_attr::attributes(v),
         Err(_) => nfs::post_op_attr::Void,
     };
-    match context.vfs.read(id, args.offset, args.count).await {
-        Ok((bytes, eof)) => {
-            let res = READ3resok {
-                file_attributes: obj_attr,
-                count: bytes.len() as u32,
-                eof,
-                data: bytes,
-            };
-            make_success_reply(xid).serialize(output)?;
-            nfs::nfsstat3::NFS3_OK.serialize(output)?;
-            res.serialize(output)?;
+    // GrapeVine change: the data is read straight into the reply (READ3resok is the
+    // attributes, count, eof, then the data as opaque<>: count, eof and the opaque's length
+    // are filled in once the read is done). Upstream read into a vector and copied it over.
+    let reply_start = output.len();
+    make_success_reply(xid).serialize(output)?;
+    nfs::nfsstat3::NFS3_OK.serialize(output)?;
+    obj_attr.serialize(output)?;
+    let count_at = output.len();
+    0_u32.serialize(output)?;
+    false.serialize(output)?;
+    0_u32.serialize(output)?;
+    let data_at = output.len();
+    match context.vfs.read_into(id, args.offset, args.count, output).await {
+        Ok((count, eof)) => {
+            debug_assert_eq!(output.len(), data_at + count);
+            output.truncate(data_at + count);
+            let count = count as u32;
+            let mut fields = Vec::with_capacity(12);
+            count.serialize(&mut fields)?;
+            eof.serialize(&mut fields)?;
+            count.serialize(&mut fields)?;
+            output[count_at..data_at].copy_from_slice(&fields);
+            let pad = ((4 - count % 4) % 4) as usize;
+            output.extend_from_slice(&[0; 4][..pad]);
         },
         Err(stat) => {
             error!("read error {:?} --> {:?}", xid, stat);
+            output.truncate(reply_start);
             make_success_reply(xid).serialize(output)?;
             stat.serialize(output)?;
             obj_attr.serialize(output)?;

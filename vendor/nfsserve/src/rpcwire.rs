@@ -1,8 +1,7 @@
-use std::io::{Cursor, Read, Write};
+use std::io::{Cursor, Read};
 
 use anyhow::anyhow;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tracing::{debug, error, trace, warn};
 
 use crate::context::RPCContext;
@@ -19,7 +18,7 @@ const NFS_METADATA_PROGRAM: u32 = 200024;
 
 async fn handle_rpc(
     input: &mut impl Read,
-    output: &mut impl Write,
+    output: &mut Vec<u8>,
     mut context: RPCContext,
 ) -> Result<bool, anyhow::Error> {
     let mut recv = rpc_msg::default();
@@ -91,88 +90,54 @@ async fn handle_rpc(
 /// length in bytes of the fragment's data.  The boolean value is the
 /// highest-order bit of the header; the length is the 31 low-order bits.
 /// (Note that this record specification is NOT in XDR standard form!)
-async fn read_fragment(socket: &mut DuplexStream, append_to: &mut Vec<u8>) -> Result<bool, anyhow::Error> {
-    let mut header_buf = [0_u8; 4];
-    socket.read_exact(&mut header_buf).await?;
-    let fragment_header = u32::from_be_bytes(header_buf);
-    let is_last = (fragment_header & (1 << 31)) > 0;
-    let length = (fragment_header & ((1 << 31) - 1)) as usize;
-    trace!("Reading fragment length:{}, last:{}", length, is_last);
-    let start_offset = append_to.len();
-    append_to.resize(append_to.len() + length, 0);
-    socket.read_exact(&mut append_to[start_offset..]).await?;
-    trace!("Finishing Reading fragment length:{}, last:{}", length, is_last);
-    Ok(is_last)
-}
-
-pub async fn write_fragment(socket: &mut tokio::net::TcpStream, buf: &[u8]) -> Result<(), anyhow::Error> {
-    // TODO: split into many fragments
-    assert!(buf.len() < (1 << 31));
-    // set the last flag
-    let fragment_header = buf.len() as u32 + (1 << 31);
-    let header_buf = u32::to_be_bytes(fragment_header);
-    socket.write_all(&header_buf).await?;
-    trace!("Writing fragment length:{}", buf.len());
-    socket.write_all(buf).await?;
-    Ok(())
-}
-
-pub type SocketMessageType = Result<Vec<u8>, anyhow::Error>;
-
-/// The Socket Message Handler reads from a TcpStream and spawns off
-/// subtasks to handle each message. replies are queued into the
-/// reply_send_channel.
-#[derive(Debug)]
-pub struct SocketMessageHandler {
-    cur_fragment: Vec<u8>,
-    socket_receive_channel: DuplexStream,
-    reply_send_channel: mpsc::UnboundedSender<SocketMessageType>,
-    context: RPCContext,
-}
-
-impl SocketMessageHandler {
-    /// Creates a new SocketMessageHandler with the receiver for queued message replies
-    pub fn new(context: &RPCContext) -> (Self, DuplexStream, mpsc::UnboundedReceiver<SocketMessageType>) {
-        let (socksend, sockrecv) = tokio::io::duplex(256000);
-        let (msgsend, msgrecv) = mpsc::unbounded_channel();
-        (
-            Self {
-                cur_fragment: Vec::new(),
-                socket_receive_channel: sockrecv,
-                reply_send_channel: msgsend,
-                context: context.clone(),
-            },
-            socksend,
-            msgrecv,
-        )
-    }
-
-    /// Reads a fragment from the socket. This should be looped.
-    pub async fn read(&mut self) -> Result<(), anyhow::Error> {
-        let is_last = read_fragment(&mut self.socket_receive_channel, &mut self.cur_fragment).await?;
-        if is_last {
-            let fragment = std::mem::take(&mut self.cur_fragment);
-            let context = self.context.clone();
-            let send = self.reply_send_channel.clone();
-            tokio::spawn(async move {
-                let mut write_buf: Vec<u8> = Vec::new();
-                let mut write_cursor = Cursor::new(&mut write_buf);
-                let maybe_reply = handle_rpc(&mut Cursor::new(fragment), &mut write_cursor, context).await;
-                match maybe_reply {
-                    Err(e) => {
-                        error!("RPC Error: {:?}", e);
-                        let _ = send.send(Err(e));
-                    },
-                    Ok(true) => {
-                        let _ = std::io::Write::flush(&mut write_cursor);
-                        let _ = send.send(Ok(write_buf));
-                    },
-                    Ok(false) => {
-                        // do not reply
-                    },
-                }
-            });
+///
+/// GrapeVine addition: reads one whole record straight from the connection (upstream copied
+/// every byte through an in-memory pipe first). `Ok(None)` is a clean end of the connection
+/// between records. A record longer than `max_len` is refused before anything is allocated
+/// for it: the length comes from the client, and upstream allocated whatever it said.
+pub async fn read_record<R: AsyncRead + Unpin>(socket: &mut R, max_len: usize) -> Result<Option<Vec<u8>>, anyhow::Error> {
+    let mut record = Vec::new();
+    loop {
+        let mut header_buf = [0_u8; 4];
+        match socket.read_exact(&mut header_buf).await {
+            Ok(_) => {},
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && record.is_empty() => return Ok(None),
+            Err(e) => return Err(e.into()),
         }
-        Ok(())
+        let fragment_header = u32::from_be_bytes(header_buf);
+        let is_last = (fragment_header & (1 << 31)) > 0;
+        let length = (fragment_header & ((1 << 31) - 1)) as usize;
+        trace!("Reading fragment length:{}, last:{}", length, is_last);
+        if record.len() + length > max_len {
+            return Err(anyhow!("RPC record of over {max_len} bytes refused"));
+        }
+        // Room for the whole fragment first: a big WRITE is then read straight into it, past
+        // the connection's buffer, instead of in doubling steps.
+        record.reserve_exact(length);
+        let read = socket.take(length as u64).read_to_end(&mut record).await?;
+        if read != length {
+            return Err(anyhow!("connection closed inside an RPC record"));
+        }
+        if is_last {
+            return Ok(Some(record));
+        }
     }
+}
+
+/// GrapeVine addition: answers one RPC record. The reply comes back whole, record mark included,
+/// so that it goes out in one write; `None` when the call gets no reply (a retransmission).
+pub async fn reply_to_record(record: Vec<u8>, context: RPCContext) -> Result<Option<Vec<u8>>, anyhow::Error> {
+    let mut reply: Vec<u8> = Vec::with_capacity(512);
+    reply.extend_from_slice(&[0; 4]);
+    if !handle_rpc(&mut Cursor::new(record), &mut reply, context).await? {
+        return Ok(None);
+    }
+    let length = reply.len() - 4;
+    if length >= 1 << 31 {
+        return Err(anyhow!("RPC reply of {length} bytes does not fit one record fragment"));
+    }
+    let fragment_header = length as u32 | (1 << 31);
+    reply[..4].copy_from_slice(&fragment_header.to_be_bytes());
+    trace!("Writing fragment length:{}", length);
+    Ok(Some(reply))
 }

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use anyhow;
 use async_trait::async_trait;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tracing::{debug, error, info};
 
 use crate::context::RPCContext;
@@ -29,58 +29,56 @@ pub fn generate_host_ip(hostnum: u16) -> String {
     format!("127.88.{}.{}", ((hostnum >> 8) & 0xFF) as u8, (hostnum & 0xFF) as u8)
 }
 
-/// processes an established socket
-async fn process_socket(mut socket: tokio::net::TcpStream, context: RPCContext) -> Result<(), anyhow::Error> {
-    let (mut message_handler, mut socksend, mut msgrecvchan) = SocketMessageHandler::new(&context);
+/// GrapeVine addition: the largest RPC record accepted, well above a WRITE of `wtmax` (1 MiB).
+pub const MAX_RECORD_BYTES: usize = 4 << 20;
+/// GrapeVine addition: calls of one connection answered concurrently; the next record is read
+/// only when one finishes, so a client that pipelines without bound is held back by TCP.
+pub const MAX_CALLS_IN_FLIGHT: usize = 64;
+
+/// Reads records straight from the connection and answers each in a task of its own; the reply
+/// goes out in one write under the connection's write lock. (GrapeVine change: upstream copied
+/// requests through an in-memory pipe and replies through a channel to a loop that owned the
+/// socket, two task hops and two writes per call.)
+async fn process_socket(socket: tokio::net::TcpStream, context: RPCContext) -> Result<(), anyhow::Error> {
     let _ = socket.set_nodelay(true);
-
-    tokio::spawn(async move {
-        loop {
-            if let Err(e) = message_handler.read().await {
-                debug!("Message loop broken due to {:?}", e);
-                break;
-            }
-        }
-    });
+    let (reader, writer) = socket.into_split();
+    let writer = Arc::new(tokio::sync::Mutex::new(writer));
+    let in_flight = Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
+    let broken = Arc::new(Notify::new());
+    let mut reader = BufReader::with_capacity(64 * 1024, reader);
     loop {
-        tokio::select! {
-            _ = socket.readable() => {
-                let mut buf = [0; 128000];
-
-                match socket.try_read(&mut buf) {
-                    Ok(0) => {
-                        return Ok(());
-                    }
-                    Ok(n) => {
-                        let _ = socksend.write_all(&buf[..n]).await;
-                    }
-                    Err(ref e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        continue;
-                    }
-                    Err(e) => {
-                        debug!("Message handling closed : {:?}", e);
-                        return Err(e.into());
-                    }
-                }
-
+        let permit = in_flight.clone().acquire_owned().await?;
+        let record = tokio::select! {
+            record = read_record(&mut reader, MAX_RECORD_BYTES) => record,
+            _ = broken.notified() => return Err(anyhow::anyhow!("a call failed; connection closed")),
+        };
+        let record = match record {
+            Ok(Some(record)) => record,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                debug!("Message handling closed : {:?}", e);
+                return Err(e);
             },
-            reply = msgrecvchan.recv() => {
-                match reply {
-                    Some(Err(e)) => {
-                        debug!("Message handling closed : {:?}", e);
-                        return Err(e);
+        };
+        let context = context.clone();
+        let writer = writer.clone();
+        let broken = broken.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match reply_to_record(record, context).await {
+                Ok(Some(reply)) => {
+                    if let Err(e) = writer.lock().await.write_all(&reply).await {
+                        debug!("Write error {:?}", e);
+                        broken.notify_one();
                     }
-                    Some(Ok(msg)) => {
-                        if let Err(e) = write_fragment(&mut socket, &msg).await {
-                            error!("Write error {:?}", e);
-                        }
-                    }
-                    None => {
-                        return Err(anyhow::anyhow!("Unexpected socket context termination"));
-                    }
-                }
+                },
+                Ok(None) => {},
+                Err(e) => {
+                    error!("RPC Error: {:?}", e);
+                    broken.notify_one();
+                },
             }
-        }
+        });
     }
 }
 

@@ -120,6 +120,15 @@ pub trait NFSFileSystem: Sync {
     /// EOF must be flagged if the end of the file is reached by the read.
     async fn read(&self, id: fileid3, offset: u64, count: u32) -> Result<(Vec<u8>, bool), nfsstat3>;
 
+    /// GrapeVine addition: like `read`, but appends the bytes to `out` (the reply being built)
+    /// and returns how many it appended, and EOF, so that READ copies the data once. On error
+    /// `out` is left as it was. The default calls `read`.
+    async fn read_into(&self, id: fileid3, offset: u64, count: u32, out: &mut Vec<u8>) -> Result<(usize, bool), nfsstat3> {
+        let (data, eof) = self.read(id, offset, count).await?;
+        out.extend_from_slice(&data);
+        Ok((data.len(), eof))
+    }
+
     /// Writes the contents of a file returning (bytes, EOF)
     /// Note that offset/count may go past the end of the file and that
     /// in that case, the file is extended.

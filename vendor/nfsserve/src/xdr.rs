@@ -120,8 +120,13 @@ impl XDR for Vec<u8> {
     fn deserialize<R: Read>(&mut self, src: &mut R) -> std::io::Result<()> {
         let mut length: u32 = 0;
         length.deserialize(src)?;
-        self.resize(length as usize, 0);
-        src.read_exact(self)?;
+        // GrapeVine change: the length comes from the peer; read what is there instead of
+        // allocating whatever it claims (upstream resized to it first, up to 4 GiB).
+        self.clear();
+        src.by_ref().take(u64::from(length)).read_to_end(self)?;
+        if self.len() != length as usize {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
         // read padding
         let pad = ((4 - length % 4) % 4) as usize;
         let mut zeros: [u8; 4] = [0, 0, 0, 0];
@@ -152,9 +157,12 @@ impl XDR for Vec<u32> {
     fn deserialize<R: Read>(&mut self, src: &mut R) -> std::io::Result<()> {
         let mut length: u32 = 0;
         length.deserialize(src)?;
-        self.resize(length as usize, 0);
-        for i in self {
-            i.deserialize(src)?;
+        // GrapeVine change: grows as elements arrive, so a false length cannot allocate 16 GiB.
+        self.clear();
+        for _ in 0..length {
+            let mut element = 0;
+            element.deserialize(src)?;
+            self.push(element);
         }
         Ok(())
     }
