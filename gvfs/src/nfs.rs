@@ -585,7 +585,7 @@ impl NFSFileSystem for ZoneFs {
             let mut dir_file = None;
             let mut entries = Vec::new();
             let mut remaining = children
-                .iter()
+                .into_iter()
                 .skip_while(|(id, _)| start_after != 0 && *id <= start_after)
                 .peekable();
             while entries.len() < max_entries {
@@ -595,10 +595,10 @@ impl NFSFileSystem for ZoneFs {
                 // Index names were checked when they came in; checked again before they touch
                 // the disk, as every name does. Gone from disk since it was indexed, or a link
                 // (never served): skipped.
-                if crate::zpath::check_name(name).is_err() {
+                if crate::zpath::check_name(&name).is_err() {
                     continue;
                 }
-                let attr = match self.attrs.get(*id, stamp, now) {
+                let attr = match self.attrs.get(id, stamp, now) {
                     Some(attr) => attr,
                     None => {
                         let dir_file = match &mut dir_file {
@@ -613,16 +613,16 @@ impl NFSFileSystem for ZoneFs {
                         ) else {
                             continue;
                         };
-                        let Some(attr) = stat_to_fattr3(*id, &stat) else {
+                        let Some(attr) = stat_to_fattr3(id, &stat) else {
                             continue;
                         };
-                        self.attrs.put(*id, stamp, now, attr);
+                        self.attrs.put(id, stamp, now, attr);
                         attr
                     }
                 };
                 entries.push(DirEntry {
-                    fileid: *id,
-                    name: name.as_bytes().into(),
+                    fileid: id,
+                    name: name.into_bytes().into(),
                     attr,
                 });
             }

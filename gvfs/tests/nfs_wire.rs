@@ -44,6 +44,13 @@ fn null_call(xid: u32) -> Vec<u8> {
         .collect()
 }
 
+/// Sends `call` as one record of one fragment.
+fn send_record(stream: &mut TcpStream, call: &[u8]) {
+    let mark = u32::try_from(call.len()).unwrap() | 1 << 31;
+    stream.write_all(&mark.to_be_bytes()).unwrap();
+    stream.write_all(call).unwrap();
+}
+
 /// Reads one single-fragment reply record; `None` if the server closed the connection.
 fn read_reply(stream: &mut TcpStream) -> Option<Vec<u8>> {
     let mut mark = [0; 4];
@@ -93,10 +100,7 @@ fn records_split_into_fragments_are_answered_and_oversized_ones_close_the_connec
         [0, 0, 0, 41, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
     );
     let call = null_call(42);
-    stream
-        .write_all(&(call.len() as u32 | 1 << 31).to_be_bytes())
-        .unwrap();
-    stream.write_all(&call).unwrap();
+    send_record(&mut stream, &call);
     assert_eq!(read_reply(&mut stream).unwrap()[..4], 42u32.to_be_bytes());
 
     // A record that claims 2 GiB is refused at once: no reply, the connection closed, nothing
@@ -116,18 +120,12 @@ fn records_split_into_fragments_are_answered_and_oversized_ones_close_the_connec
     let mut hostile = connect(port);
     let mut call = null_call(43);
     call[28..32].copy_from_slice(&u32::MAX.to_be_bytes());
-    hostile
-        .write_all(&(call.len() as u32 | 1 << 31).to_be_bytes())
-        .unwrap();
-    hostile.write_all(&call).unwrap();
+    send_record(&mut hostile, &call);
     assert!(closed(&mut hostile));
 
     // The first connection is still served.
     let call = null_call(44);
-    stream
-        .write_all(&(call.len() as u32 | 1 << 31).to_be_bytes())
-        .unwrap();
-    stream.write_all(&call).unwrap();
+    send_record(&mut stream, &call);
     assert_eq!(read_reply(&mut stream).unwrap()[..4], 44u32.to_be_bytes());
     let _ = std::fs::remove_dir_all(&dir);
 }

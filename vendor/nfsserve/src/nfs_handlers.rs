@@ -787,7 +787,7 @@ xdr_struct!(entryplus3, fileid, name, cookie, name_attributes, name_handle);
 pub async fn nfsproc3_readdirplus(
     xid: u32,
     input: &mut impl Read,
-    output: &mut impl Write,
+    output: &mut Vec<u8>,
     context: &RPCContext,
 ) -> Result<(), anyhow::Error> {
     let mut args = READDIRPLUS3args::default();
@@ -880,7 +880,7 @@ pub async fn nfsproc3_readdirplus(
         return Ok(());
     }*/
     // subtract off the final entryplus* field (which must be false) and the eof
-    let max_bytes_allowed = args.maxcount as usize - 128;
+    let max_bytes_allowed = (args.maxcount as usize).saturating_sub(128);
     // args.dircount is bytes of just fileid, name, cookie.
     // This is hard to ballpark, so we just divide it by 16
     let estimated_max_results = args.dircount / 16;
@@ -894,12 +894,15 @@ pub async fn nfsproc3_readdirplus(
 
             // this is a wrapper around a writer that also just counts the number of bytes
             // written
-            let mut counting_output = crate::write_counter::WriteCounter::new(output);
+            // GrapeVine change: entries are encoded straight into the reply and taken back if
+            // they do not fit (upstream encoded each into a buffer of its own first).
+            let reply_start = output.len();
+            let counting_output = &mut *output;
 
-            make_success_reply(xid).serialize(&mut counting_output)?;
-            nfs::nfsstat3::NFS3_OK.serialize(&mut counting_output)?;
-            dir_attr.serialize(&mut counting_output)?;
-            dirversion.serialize(&mut counting_output)?;
+            make_success_reply(xid).serialize(counting_output)?;
+            nfs::nfsstat3::NFS3_OK.serialize(counting_output)?;
+            dir_attr.serialize(counting_output)?;
+            dirversion.serialize(counting_output)?;
             for entry in result.entries {
                 let obj_attr = entry.attr;
                 let handle = nfs::post_op_fh3::handle(context.vfs.id_to_fh(entry.fileid));
@@ -911,48 +914,36 @@ pub async fn nfsproc3_readdirplus(
                     name_attributes: nfs::post_op_attr::attributes(obj_attr),
                     name_handle: handle,
                 };
-                // write the entry into a buffer first
-                let mut write_buf: Vec<u8> = Vec::new();
-                let mut write_cursor = std::io::Cursor::new(&mut write_buf);
+                let entry_start = counting_output.len();
                 // true flag for the entryplus3* to mark that this contains an entry
-                true.serialize(&mut write_cursor)?;
-                entry.serialize(&mut write_cursor)?;
-                write_cursor.flush()?;
+                true.serialize(counting_output)?;
+                entry.serialize(counting_output)?;
                 let added_dircount = std::mem::size_of::<nfs::fileid3>()                   // fileid
                                     + std::mem::size_of::<u32>() + entry.name.len()  // name
                                     + std::mem::size_of::<nfs::cookie3>(); // cookie
-                let added_output_bytes = write_buf.len();
                 // check if we can write without hitting the limits
-                if added_output_bytes + counting_output.bytes_written() < max_bytes_allowed
+                if counting_output.len() - reply_start < max_bytes_allowed
                     && added_dircount + accumulated_dircount < max_dircount_bytes
                 {
                     trace!("  -- dirent {:?}", entry);
-                    // commit the entry
                     ctr += 1;
-                    counting_output.write_all(&write_buf)?;
                     accumulated_dircount += added_dircount;
-                    trace!(
-                        "  -- lengths: {:?} / {:?} {:?} / {:?}",
-                        accumulated_dircount,
-                        max_dircount_bytes,
-                        counting_output.bytes_written(),
-                        max_bytes_allowed
-                    );
                 } else {
                     trace!(" -- insufficient space. truncating");
+                    counting_output.truncate(entry_start);
                     all_entries_written = false;
                     break;
                 }
             }
             // false flag for the final entryplus* linked list
-            false.serialize(&mut counting_output)?;
+            false.serialize(counting_output)?;
             // eof flag is only valid here if we wrote everything
             if all_entries_written {
                 debug!("  -- readdir eof {:?}", result.end);
-                result.end.serialize(&mut counting_output)?;
+                result.end.serialize(counting_output)?;
             } else {
                 debug!("  -- readdir eof {:?}", false);
-                false.serialize(&mut counting_output)?;
+                false.serialize(counting_output)?;
             }
             debug!(
                 "readir {}, has_version {},  start at {}, flushing {} entries, complete {}",
@@ -1005,7 +996,7 @@ pub async fn nfsproc3_readdir(
     debug!(" -- Dir version {:?}", dirversion);
     let has_version = args.cookieverf != nfs::cookieverf3::default();
     // subtract off the final entryplus* field (which must be false) and the eof
-    let max_bytes_allowed = args.dircount as usize - 128;
+    let max_bytes_allowed = (args.dircount as usize).saturating_sub(128);
     // args.dircount is bytes of just fileid, name, cookie.
     // This is hard to ballpark, so we just divide it by 16
     let estimated_max_results = args.dircount / 16;
