@@ -116,7 +116,8 @@ impl<S: ReplicatedState> InlineSubscriber<S> {
         &self.session
     }
 
-    /// Datagrams the kernel dropped because the receive buffer was full.
+    /// Datagrams the kernel dropped because the receive buffer was full (a dropped coalesced
+    /// run counts once).
     pub fn kernel_drops(&self) -> u32 {
         self.kernel_drops
     }

@@ -166,7 +166,8 @@ pub enum SubscribeError {
 pub struct Stats {
     /// Protocol counters (applied, gaps, lost, recoveries, malformed, ...).
     pub protocol: SubscriberStats,
-    /// Datagrams the kernel dropped because the receive buffer was full.
+    /// Datagrams the kernel dropped because the receive buffer was full (a dropped coalesced
+    /// run counts once, see [`MulticastConfig::receive_offload`](grapevine_core::net::MulticastConfig::receive_offload)).
     pub kernel_drops: u64,
     /// Datagrams larger than the receive buffer (cut, then rejected).
     pub truncated: u64,

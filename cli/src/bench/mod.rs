@@ -82,6 +82,10 @@ pub(crate) struct ThroughputArgs {
     /// raw baseline alike; by default both send runs of equal-size datagrams segmented.
     #[arg(long)]
     no_gso: bool,
+    /// Receive without UDP receive coalescing (`UDP_GRO`), GrapeVine and the raw baseline
+    /// alike; by default both receive runs sent segmented as one buffer each.
+    #[arg(long)]
+    no_gro: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,

@@ -344,9 +344,10 @@ fn throughput_raw(
 }
 
 /// The bench's multicast settings for `group`: on loopback, with segmentation offload unless
-/// `--no-gso`.
+/// `--no-gso` and receive coalescing unless `--no-gro`.
 fn multicast(args: &ThroughputArgs, group: std::net::SocketAddr) -> MulticastConfig {
     let mut config = MulticastConfig::new(group);
     config.segmentation_offload = !args.no_gso;
+    config.receive_offload = !args.no_gro;
     config
 }

@@ -1,4 +1,5 @@
-//! Batched datagram I/O: `recvmmsg`/`sendmmsg`, one syscall for many datagrams, and the kernel's
+//! Batched datagram I/O: `recvmmsg`/`sendmmsg`, one syscall for many datagrams, segmentation
+//! offload on send (`UDP_SEGMENT`) and coalescing on receive (`UDP_GRO`), and the kernel's
 //! per-socket drop counter (`SO_RXQ_OVFL`).
 //!
 //! This is the one module of the core that needs `unsafe`: the syscalls take raw pointers into
@@ -15,8 +16,13 @@ use std::time::Duration;
 /// Up to this many datagrams per `sendmmsg` call.
 const SEND_BATCH: usize = 64;
 
-/// Room for one `SO_RXQ_OVFL` control message (a `u32`), with alignment slack.
+/// Room for one `SO_RXQ_OVFL` and one `UDP_GRO` control message (an `int` each), with
+/// alignment slack.
 const CONTROL_LEN: usize = 64;
+
+/// The largest buffer a coalesced receive (`UDP_GRO`) can fill: one UDP payload's worth.
+/// A smaller buffer would cut a coalesced run and lose the datagrams past the cut.
+pub(super) const COALESCED_MAX: usize = 65_536;
 
 /// Metadata of one received datagram.
 #[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
@@ -27,17 +33,41 @@ pub struct RecvMeta {
     pub truncated: bool,
 }
 
-/// Reusable buffers for [`MulticastSocket::recv_batch`](super::MulticastSocket::recv_batch): `batch` datagrams of at most `buf_len` bytes each.
+/// Reusable buffers for [`MulticastSocket::recv_batch`](super::MulticastSocket::recv_batch):
+/// `batch` receives of at most `buf_len` bytes each. On a socket that coalesces
+/// ([`MulticastConfig::receive_offload`](super::MulticastConfig::receive_offload)) one receive
+/// may hold a run of datagrams from one sender, so a batch can yield more datagrams than
+/// `batch`; [`datagrams`](Self::datagrams) gives them one by one either way.
 #[derive(Debug)]
 pub struct RecvBatch {
     buffers: Vec<Vec<u8>>,
-    meta: Vec<RecvMeta>,
+    /// Per buffer: what the kernel wrote into it.
+    received: Vec<Received>,
     controls: Vec<[u8; CONTROL_LEN]>,
     /// Senders' addresses, as the kernel wrote them (decoded only when asked for).
     names: Vec<SockaddrBuf>,
     scratch: Scratch,
-    count: usize,
+    /// Per datagram of the last receive: the buffer it is in and where it starts.
+    spans: Vec<Span>,
+    /// Per datagram of the last receive.
+    meta: Vec<RecvMeta>,
     kernel_drops: u32,
+}
+
+/// What one `recvmmsg` entry received.
+#[derive(Clone, Copy, Debug, Default)]
+struct Received {
+    len: usize,
+    truncated: bool,
+    /// The size of each coalesced datagram (`UDP_GRO`), 0 when the entry is one datagram.
+    segment: usize,
+}
+
+/// Where one datagram of a batch is.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    buffer: u32,
+    start: u32,
 }
 
 /// The `iovec`/`mmsghdr` arrays handed to `recvmmsg`, kept between calls so that receiving
@@ -105,7 +135,7 @@ impl RecvBatch {
         let batch = batch.clamp(1, 1024);
         Self {
             buffers: vec![vec![0; buf_len.max(1)]; batch],
-            meta: vec![RecvMeta::default(); batch],
+            received: vec![Received::default(); batch],
             controls: vec![[0; CONTROL_LEN]; batch],
             names: vec![SockaddrBuf::empty(); batch],
             scratch: Scratch {
@@ -118,58 +148,134 @@ impl RecvBatch {
                 // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
                 headers: (0..batch).map(|_| unsafe { mem::zeroed() }).collect(),
             },
-            count: 0,
+            spans: Vec::with_capacity(batch),
+            meta: Vec::with_capacity(batch),
             kernel_drops: 0,
         }
     }
 
-    /// The datagrams of the last receive.
+    /// The datagrams of the last receive, in arrival order.
     pub fn datagrams(&self) -> impl Iterator<Item = &[u8]> {
-        self.buffers
-            .iter()
-            .zip(&self.meta)
-            .take(self.count)
-            .map(|(buf, meta)| buf.get(..meta.len).unwrap_or_default())
+        self.spans.iter().zip(&self.meta).map(|(span, meta)| {
+            let start = span.start as usize;
+            self.buffers
+                .get(span.buffer as usize)
+                .and_then(|buffer| buffer.get(start..start + meta.len))
+                .unwrap_or_default()
+        })
     }
 
     /// Who sent datagram `index` of the last receive.
     pub fn source(&self, index: usize) -> Option<std::net::SocketAddr> {
-        if index >= self.count {
-            return None;
-        }
-        self.names.get(index)?.decode()
+        let span = self.spans.get(index)?;
+        self.names.get(span.buffer as usize)?.decode()
     }
 
-    /// Metadata of the datagrams of the last receive.
+    /// Metadata of the datagrams of the last receive, one per datagram.
     pub fn meta(&self) -> &[RecvMeta] {
-        self.meta.get(..self.count).unwrap_or_default()
+        &self.meta
+    }
+
+    /// Whether every buffer can hold a coalesced receive.
+    pub(super) fn holds_coalesced(&self) -> bool {
+        self.buffers
+            .iter()
+            .all(|buffer| buffer.len() >= COALESCED_MAX)
+    }
+
+    /// Makes every buffer large enough for a coalesced receive (once; later calls find them so).
+    fn ready_for_coalescing(&mut self) {
+        for buffer in &mut self.buffers {
+            if buffer.len() < COALESCED_MAX {
+                buffer.resize(COALESCED_MAX, 0);
+            }
+        }
+    }
+
+    /// Cuts what the kernel wrote into datagrams: one per entry, or a coalesced entry's
+    /// segments.
+    fn index_datagrams(&mut self, entries: usize) {
+        self.spans.clear();
+        self.meta.clear();
+        for (buffer, received) in self.received.iter().take(entries).enumerate() {
+            let buffer = buffer as u32;
+            if received.segment == 0 || received.len <= received.segment {
+                self.spans.push(Span { buffer, start: 0 });
+                self.meta.push(RecvMeta {
+                    len: received.len,
+                    truncated: received.truncated,
+                });
+                continue;
+            }
+            let mut start = 0;
+            while start < received.len {
+                let len = received.segment.min(received.len - start);
+                self.spans.push(Span {
+                    buffer,
+                    start: start as u32,
+                });
+                start += len;
+                self.meta.push(RecvMeta {
+                    len,
+                    // Only the last segment can have been cut.
+                    truncated: received.truncated && start >= received.len,
+                });
+            }
+        }
     }
 
     /// The kernel's count of datagrams this socket dropped because its buffer was full,
     /// cumulative since the socket opened, as last reported (the kernel reports it only once it
-    /// is non-zero).
+    /// is non-zero). On a coalescing socket the kernel counts a dropped run of datagrams once,
+    /// so the count is a lower bound there (non-zero whenever anything was dropped).
     pub fn kernel_drops(&self) -> u32 {
         self.kernel_drops
     }
 
-    /// Capacity in datagrams.
+    /// Receives per batch (each one datagram, or a coalesced run of them).
     pub fn capacity(&self) -> usize {
         self.buffers.len()
     }
 }
 
 pub(super) fn enable_drop_counter(socket: &socket2::Socket) -> io::Result<()> {
-    set_socket_flag(socket.as_raw_fd(), libc::SO_RXQ_OVFL)
+    set_socket_flag(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RXQ_OVFL)
 }
 
-/// Sets the `SOL_SOCKET` integer option `option` to 1.
-fn set_socket_flag(fd: std::os::fd::RawFd, option: libc::c_int) -> io::Result<()> {
+/// Asks the kernel to hand runs of datagrams from one sender over as one buffer (`UDP_GRO`).
+pub(super) fn enable_coalescing(socket: &socket2::Socket) -> io::Result<()> {
+    set_socket_flag(socket.as_raw_fd(), libc::SOL_UDP, libc::UDP_GRO)
+}
+
+/// Whether `socket` has `UDP_GRO` on.
+pub(super) fn coalesces(socket: &UdpSocket) -> bool {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes and `len` holds `value`'s size.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            (&raw mut value).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && value != 0
+}
+
+/// Sets the integer option `option` of `level` to 1.
+fn set_socket_flag(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    option: libc::c_int,
+) -> io::Result<()> {
     let on: libc::c_int = 1;
     // SAFETY: `on` is a valid c_int that outlives the call; the length matches its size.
     let rc = unsafe {
         libc::setsockopt(
             fd,
-            libc::SOL_SOCKET,
+            level,
             option,
             (&raw const on).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
@@ -182,12 +288,19 @@ fn set_socket_flag(fd: std::os::fd::RawFd, option: libc::c_int) -> io::Result<()
     }
 }
 
+/// Receives into `batch`; `coalescing` says whether the socket has `UDP_GRO` on (its buffers
+/// are then grown to hold a whole coalesced run).
 pub(super) fn recv_batch(
     socket: &UdpSocket,
     batch: &mut RecvBatch,
     timeout: Duration,
+    coalescing: bool,
 ) -> io::Result<usize> {
-    batch.count = 0;
+    batch.spans.clear();
+    batch.meta.clear();
+    if coalescing {
+        batch.ready_for_coalescing();
+    }
     // Under load the first non-blocking call succeeds: one syscall per batch. Idle, wait in poll.
     match recvmmsg(socket, batch) {
         Ok(n) => return Ok(n),
@@ -271,52 +384,121 @@ fn recvmmsg(socket: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> {
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    let count = rc as usize;
-    for ((header, meta), name) in headers
+    let entries = rc as usize;
+    for ((header, received), name) in headers
         .iter()
-        .zip(batch.meta.iter_mut())
+        .zip(batch.received.iter_mut())
         .zip(batch.names.iter_mut())
-        .take(count)
+        .take(entries)
     {
         name.1 = header.msg_hdr.msg_namelen;
-        meta.len = header.msg_len as usize;
-        meta.truncated = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
-        if let Some(drops) = read_drop_counter(&header.msg_hdr) {
+        let control = read_control(&header.msg_hdr);
+        *received = Received {
+            len: header.msg_len as usize,
+            truncated: header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+            segment: control.segment,
+        };
+        if let Some(drops) = control.kernel_drops {
             batch.kernel_drops = drops;
         }
     }
-    batch.count = count;
-    Ok(count)
+    batch.index_datagrams(entries);
+    Ok(batch.spans.len())
 }
 
-fn read_drop_counter(msg: &libc::msghdr) -> Option<u32> {
+/// What a received datagram's control messages said.
+#[derive(Default)]
+struct Control {
+    /// `SO_RXQ_OVFL`: the socket's drop count.
+    kernel_drops: Option<u32>,
+    /// `UDP_GRO`: the size of each coalesced datagram.
+    segment: usize,
+}
+
+fn read_control(msg: &libc::msghdr) -> Control {
+    let mut control = Control::default();
     // SAFETY: `msg` was filled by recvmmsg; CMSG_* walk its control buffer within
-    // `msg_controllen`, and we read a u32 only from a SO_RXQ_OVFL message, which carries one.
+    // `msg_controllen`, and we read an int only from SO_RXQ_OVFL and UDP_GRO messages, which
+    // carry one each.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(msg);
         while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SO_RXQ_OVFL {
-                let data = libc::CMSG_DATA(cmsg).cast::<u32>();
-                return Some(data.read_unaligned());
+            let data = libc::CMSG_DATA(cmsg);
+            match ((*cmsg).cmsg_level, (*cmsg).cmsg_type) {
+                (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) => {
+                    control.kernel_drops = Some(data.cast::<u32>().read_unaligned());
+                }
+                (libc::SOL_UDP, libc::UDP_GRO) => {
+                    let segment = data.cast::<libc::c_int>().read_unaligned();
+                    control.segment = usize::try_from(segment).unwrap_or(0);
+                }
+                _ => {}
             }
             cmsg = libc::CMSG_NXTHDR(msg, cmsg);
         }
     }
-    None
+    control
 }
 
-/// Sends each datagram to its own address with `sendmmsg`; returns how many were sent (fewer
-/// only when an error stopped the batch part-way).
+/// Whether unicast sends still try `UDP_SEGMENT`: cleared for the whole process the first time
+/// a kernel or device refuses it (unconnected sockets carry no state of their own here).
+static UNICAST_SEGMENTATION: AtomicBool = AtomicBool::new(true);
+
+/// Sends each datagram to its own address; returns how many were sent (fewer only when errors
+/// stopped some). The datagrams for each address go together, in their order, runs of equal
+/// size segmented (`UDP_SEGMENT`) where the kernel allows; datagrams for different addresses
+/// may be reordered between them.
 pub(super) fn send_batch_to(
     socket: &UdpSocket,
     datagrams: &[(&[u8], std::net::SocketAddr)],
 ) -> io::Result<usize> {
-    send_mmsg(
-        socket,
-        datagrams,
-        |(datagram, _)| datagram,
-        |(_, to)| Some(*to),
-    )
+    if datagrams.len() < 2 || !UNICAST_SEGMENTATION.load(Ordering::Relaxed) {
+        return send_mmsg(
+            socket,
+            datagrams,
+            |(datagram, _)| datagram,
+            |(_, to)| Some(*to),
+        );
+    }
+    let mut sent = 0;
+    let mut first_error = None;
+    let mut done: Vec<std::net::SocketAddr> = Vec::new();
+    let mut for_one: Vec<&[u8]> = Vec::with_capacity(datagrams.len());
+    for (_, to) in datagrams {
+        if done.contains(to) {
+            continue;
+        }
+        done.push(*to);
+        for_one.clear();
+        for_one.extend(
+            datagrams
+                .iter()
+                .filter(|(_, other)| other == to)
+                .map(|(datagram, _)| *datagram),
+        );
+        let address = socket2::SockAddr::from(*to);
+        match send_segmented(socket, &for_one, Some(&address)) {
+            Ok(count) => sent += count,
+            Err((count, error)) if refuses_segmentation(&error) => {
+                tracing::debug!(%error, "UDP segmentation offload refused on unicast: one datagram per message from now on");
+                UNICAST_SEGMENTATION.store(false, Ordering::Relaxed);
+                sent += count;
+                let rest = for_one.get(count..).unwrap_or_default();
+                match send_mmsg(socket, rest, |datagram| datagram, |_| Some(*to)) {
+                    Ok(more) => sent += more,
+                    Err(error) => first_error = first_error.or(Some(error)),
+                }
+            }
+            Err((count, error)) => {
+                sent += count;
+                first_error = first_error.or(Some(error));
+            }
+        }
+    }
+    match first_error {
+        Some(error) if sent == 0 => Err(error),
+        _ => Ok(sent),
+    }
 }
 
 /// Sends the datagrams on a connected socket with `sendmmsg`; returns how many were sent.
@@ -330,7 +512,7 @@ pub(super) fn send_batch<B: AsRef<[u8]>>(
     if datagrams.len() < 2 || !segmentation.load(Ordering::Relaxed) {
         return send_mmsg(socket, datagrams, AsRef::as_ref, |_| None);
     }
-    match send_segmented(socket, datagrams) {
+    match send_segmented(socket, datagrams, None) {
         Ok(sent) => Ok(sent),
         // Refused at the first segmented message, which may follow single datagrams that
         // went out: the rest goes one by one.
@@ -353,7 +535,7 @@ pub(super) fn send_batch<B: AsRef<[u8]>>(
 /// segmentation offload: how tests reach the fallback.
 #[cfg(test)]
 pub(super) fn disable_udp_checksums(socket: &UdpSocket) -> io::Result<()> {
-    set_socket_flag(socket.as_raw_fd(), libc::SO_NO_CHECK)
+    set_socket_flag(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NO_CHECK)
 }
 
 /// Errors that say the kernel or the device cannot segment (not a passing failure).
@@ -395,11 +577,12 @@ pub(super) fn segment_runs(lengths: impl Iterator<Item = usize>) -> Vec<(usize, 
     runs
 }
 
-/// `sendmmsg` of `datagrams` grouped into [`segment_runs`]; returns how many datagrams were
-/// sent, or the error with how many were sent before it.
+/// `sendmmsg` of `datagrams` grouped into [`segment_runs`], to `to` (or the connected peer);
+/// returns how many datagrams were sent, or the error with how many were sent before it.
 fn send_segmented<B: AsRef<[u8]>>(
     socket: &UdpSocket,
     datagrams: &[B],
+    to: Option<&socket2::SockAddr>,
 ) -> Result<usize, (usize, io::Error)> {
     let mut sent = 0;
     for chunk in datagrams.chunks(SEND_BATCH) {
@@ -421,6 +604,10 @@ fn send_segmented<B: AsRef<[u8]>>(
         {
             header.msg_hdr.msg_iov = iovecs[first..].as_mut_ptr();
             header.msg_hdr.msg_iovlen = count;
+            if let Some(to) = to {
+                header.msg_hdr.msg_name = to.as_ptr() as *mut libc::c_void;
+                header.msg_hdr.msg_namelen = to.len();
+            }
             if count > 1 {
                 header.msg_hdr.msg_control = control.as_mut_ptr().cast();
                 // SAFETY: CMSG_SPACE of a u16 is far below the buffer's length.
@@ -438,8 +625,8 @@ fn send_segmented<B: AsRef<[u8]>>(
             }
         }
         let headers = headers.get_mut(..runs.len()).unwrap_or_default();
-        // The headers point at iovecs and control buffers that live until the end of this
-        // iteration.
+        // The headers point at iovecs, control buffers and an address that live until the end
+        // of this iteration.
         let (messages, error) = sendmmsg_all(socket, headers);
         sent += runs[..messages]
             .iter()
@@ -537,4 +724,46 @@ fn send_mmsg<T>(
         }
     }
     Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        /// Each receive is cut into datagrams that cover it in order, none longer than its
+        /// segment size, all of them full-size but the last; an uncoalesced receive stays whole.
+        #[test]
+        fn coalesced_receives_are_cut_into_their_datagrams_in_order(
+            entries in proptest::collection::vec(
+                (0usize..=COALESCED_MAX, proptest::prop_oneof![proptest::strategy::Just(0usize), 1usize..3000], proptest::bool::ANY),
+                1..8,
+            )
+        ) {
+            let mut batch = RecvBatch::new(entries.len(), 16);
+            for (received, &(len, segment, truncated)) in batch.received.iter_mut().zip(&entries) {
+                *received = Received { len, truncated, segment };
+            }
+            batch.index_datagrams(entries.len());
+            proptest::prop_assert_eq!(batch.spans.len(), batch.meta.len());
+            let mut datagrams = batch.spans.iter().zip(&batch.meta).peekable();
+            for (buffer, &(len, segment, truncated)) in entries.iter().enumerate() {
+                let expected = if segment == 0 || len <= segment { 1 } else { len.div_ceil(segment) };
+                let mut covered = 0;
+                for index in 0..expected {
+                    let (span, meta) = datagrams.next().expect("a datagram per segment");
+                    proptest::prop_assert_eq!(span.buffer as usize, buffer);
+                    proptest::prop_assert_eq!(span.start as usize, covered);
+                    let last = index + 1 == expected;
+                    if segment > 0 && !last {
+                        proptest::prop_assert_eq!(meta.len, segment);
+                    }
+                    proptest::prop_assert_eq!(meta.truncated, truncated && last);
+                    covered += meta.len;
+                }
+                proptest::prop_assert_eq!(covered, len);
+            }
+            proptest::prop_assert!(datagrams.peek().is_none());
+        }
+    }
 }

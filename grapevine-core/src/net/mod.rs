@@ -94,6 +94,14 @@ pub struct MulticastConfig {
     /// socket whose kernel or device refuses it falls back to one datagram per message. Default
     /// true.
     pub segmentation_offload: bool,
+    /// Receivers ask the kernel to hand over a run of datagrams from one sender as one buffer
+    /// (UDP generic receive offload, `UDP_GRO`) where it has it: on loopback a run sent with
+    /// segmentation offload then crosses the stack whole instead of being cut up for every
+    /// receiving socket. [`RecvBatch`] gives the datagrams one by one either way, with their
+    /// boundaries; its buffers grow to 64 KiB each. The kernel then counts a dropped run once in
+    /// [`RecvBatch::kernel_drops`]: turn this off to count drops datagram by datagram.
+    /// Default true.
+    pub receive_offload: bool,
 }
 
 impl MulticastConfig {
@@ -123,6 +131,7 @@ impl Default for MulticastConfig {
             recv_buffer: 8 << 20,
             send_buffer: 1 << 20,
             segmentation_offload: true,
+            receive_offload: true,
         }
     }
 }
@@ -251,6 +260,8 @@ pub struct MulticastSocket {
     recv_buffer: usize,
     /// Whether sends still try `UDP_SEGMENT` (cleared for good when the kernel refuses it).
     segmentation: std::sync::atomic::AtomicBool,
+    /// Whether the kernel coalesces what this socket receives (`UDP_GRO`).
+    coalescing: bool,
 }
 
 impl MulticastSocket {
@@ -283,6 +294,14 @@ impl MulticastSocket {
         let _ = socket.set_recv_buffer_size(config.recv_buffer);
         let recv_buffer = socket.recv_buffer_size().map_err(err("SO_RCVBUF"))?;
         batch::enable_drop_counter(&socket).map_err(err("SO_RXQ_OVFL"))?;
+        let coalescing = config.receive_offload
+            && match batch::enable_coalescing(&socket) {
+                Ok(()) => true,
+                Err(error) => {
+                    tracing::debug!(%error, "UDP_GRO refused: datagrams are received one by one");
+                    false
+                }
+            };
         match (config.group.ip(), interface.addr) {
             (IpAddr::V4(group), IpAddr::V4(iface)) => {
                 socket
@@ -330,6 +349,7 @@ impl MulticastSocket {
             interface,
             recv_buffer,
             segmentation: std::sync::atomic::AtomicBool::new(false),
+            coalescing,
         })
     }
 
@@ -413,6 +433,7 @@ impl MulticastSocket {
             interface,
             recv_buffer: 0,
             segmentation: std::sync::atomic::AtomicBool::new(config.segmentation_offload),
+            coalescing: false,
         })
     }
 
@@ -464,14 +485,21 @@ impl MulticastSocket {
         self.segmentation.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Whether the kernel hands this receiver runs of datagrams coalesced (see
+    /// [`MulticastConfig::receive_offload`]).
+    pub fn receive_offload(&self) -> bool {
+        self.coalescing
+    }
+
     /// Receives a batch of datagrams (`recvmmsg`), waiting at most `timeout` for the first.
-    /// Returns how many were received; 0 on timeout.
+    /// Returns how many datagrams were received (a coalesced run counts each of its
+    /// datagrams); 0 on timeout.
     ///
     /// # Errors
     ///
     /// OS errors other than a timeout or an interrupted call.
     pub fn recv_batch(&self, batch: &mut RecvBatch, timeout: Duration) -> io::Result<usize> {
-        batch::recv_batch(&self.socket, batch, timeout)
+        batch::recv_batch(&self.socket, batch, timeout, self.coalescing)
     }
 
     /// The group.
@@ -553,8 +581,9 @@ impl AsyncMulticastSocket {
 }
 
 /// A unicast UDP socket bound to `address` for [`recv_batch_on`]: `recv_buffer` bytes of
-/// receive buffer asked for (as much as `net.core.rmem_max` grants) and the kernel's drop
-/// counter on ([`RecvBatch::kernel_drops`]).
+/// receive buffer asked for (as much as `net.core.rmem_max` grants), the kernel's drop
+/// counter on ([`RecvBatch::kernel_drops`]) and receive coalescing (`UDP_GRO`, see
+/// [`MulticastConfig::receive_offload`]) where the kernel has it.
 ///
 /// # Errors
 ///
@@ -570,6 +599,9 @@ pub fn unicast_socket(address: SocketAddr, recv_buffer: usize) -> io::Result<Udp
         tracing::debug!(%error, "SO_RCVBUF refused");
     }
     batch::enable_drop_counter(&socket)?;
+    if let Err(error) = batch::enable_coalescing(&socket) {
+        tracing::debug!(%error, "UDP_GRO refused: datagrams are received one by one");
+    }
     socket.bind(&SockAddr::from(address))?;
     Ok(socket.into())
 }
@@ -585,11 +617,16 @@ pub fn recv_batch_on(
     batch: &mut RecvBatch,
     timeout: Duration,
 ) -> io::Result<usize> {
-    batch::recv_batch(socket, batch, timeout)
+    // Buffers too small for a coalesced run are grown when the socket coalesces (checked
+    // only then: one getsockopt).
+    let coalescing = batch.holds_coalesced() || batch::coalesces(socket);
+    batch::recv_batch(socket, batch, timeout, coalescing)
 }
 
 /// Sends each datagram to its own address with as few `sendmmsg` calls as fit; returns how
-/// many were sent (fewer only when an error stopped the batch part-way).
+/// many were sent (fewer only when errors stopped some). The datagrams for one address keep
+/// their order and go in runs of equal size segmented (`UDP_SEGMENT`) where the kernel
+/// allows; those for different addresses may be reordered between them.
 ///
 /// ```
 /// let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;

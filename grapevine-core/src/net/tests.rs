@@ -59,6 +59,8 @@ fn the_sender_of_each_datagram_is_known() {
 fn kernel_drops_are_counted() {
     let mut config = MulticastConfig::new(group(7, 47_107));
     config.recv_buffer = 1; // the kernel rounds up to its minimum, a few KiB
+                            // The kernel counts a dropped coalesced run once: count datagrams one by one here.
+    config.receive_offload = false;
     let receiver = MulticastSocket::receiver(&config).unwrap();
     let sender = MulticastSocket::sender(&config).unwrap();
     let datagrams: Vec<Bytes> = (0..200).map(|_| Bytes::from(vec![0u8; 1000])).collect();
@@ -82,7 +84,9 @@ fn kernel_drops_are_counted() {
 
 #[test]
 fn truncated_datagrams_are_flagged() {
-    let config = MulticastConfig::new(group(2, 47_102));
+    let mut config = MulticastConfig::new(group(2, 47_102));
+    // A coalescing receiver grows its buffers to hold any datagram.
+    config.receive_offload = false;
     let receiver = MulticastSocket::receiver(&config).unwrap();
     let sender = MulticastSocket::sender(&config).unwrap();
     sender.send(&[1u8; 300]).unwrap();
@@ -205,6 +209,48 @@ fn unicast_batches_keep_order_and_tell_the_sender() {
     assert_eq!(received, payloads);
 }
 
+#[test]
+fn unicast_runs_to_several_peers_are_segmented_and_coalesced_and_each_peer_gets_its_own_in_order() {
+    let near = unicast_socket(SocketAddr::from(([127, 0, 0, 1], 0)), 4 << 20).unwrap();
+    let far = unicast_socket(SocketAddr::from(([127, 0, 0, 1], 0)), 4 << 20).unwrap();
+    let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let datagrams = mixed_datagrams();
+    // Every datagram to both peers, interleaved as a repeater relays them.
+    let outgoing: Vec<(&[u8], SocketAddr)> = datagrams
+        .iter()
+        .flat_map(|d| {
+            [
+                (&d[..], near.local_addr().unwrap()),
+                (&d[..], far.local_addr().unwrap()),
+            ]
+        })
+        .collect();
+    assert_eq!(send_batch_to(&sender, &outgoing).unwrap(), outgoing.len());
+    let want: Vec<Vec<u8>> = datagrams.iter().map(|d| d.to_vec()).collect();
+    for socket in [&near, &far] {
+        // Room for one small receive: the batch grows for the coalesced runs.
+        let mut batch = RecvBatch::new(1, 100);
+        let mut received = Vec::new();
+        let mut most_in_one_receive = 0;
+        for _ in 0..500 {
+            let n = recv_batch_on(socket, &mut batch, Duration::from_millis(100)).unwrap();
+            most_in_one_receive = most_in_one_receive.max(n);
+            for (index, bytes) in batch.datagrams().enumerate() {
+                assert_eq!(batch.source(index), Some(sender.local_addr().unwrap()));
+                received.push(bytes.to_vec());
+            }
+            if received.len() >= want.len() || n == 0 {
+                break;
+            }
+        }
+        assert_eq!(received, want);
+        assert!(
+            most_in_one_receive > 1,
+            "runs were sent segmented and received coalesced"
+        );
+    }
+}
+
 /// Datagrams of mixed sizes: runs of equal ones (segmented), short tails, singles, an empty one.
 fn mixed_datagrams() -> Vec<Bytes> {
     let mut datagrams = Vec::new();
@@ -244,9 +290,15 @@ fn receive_all(receiver: &MulticastSocket, want: usize) -> Vec<Vec<u8>> {
 
 #[test]
 fn segmented_sends_arrive_as_the_same_datagrams() {
-    for (last, offload) in [(8u8, true), (9, false)] {
+    for (last, offload, coalescing) in [
+        (8u8, true, true),
+        (9, false, true),
+        (11, true, false),
+        (12, false, false),
+    ] {
         let mut config = MulticastConfig::new(group(last, 47_100 + u16::from(last)));
         config.segmentation_offload = offload;
+        config.receive_offload = coalescing;
         let receiver = MulticastSocket::receiver(&config).unwrap();
         let sender = MulticastSocket::sender(&config).unwrap();
         let datagrams = mixed_datagrams();
@@ -255,11 +307,39 @@ fn segmented_sends_arrive_as_the_same_datagrams() {
         assert_eq!(
             receive_all(&receiver, want.len()),
             want,
-            "offload {offload}"
+            "segmentation {offload}, coalescing {coalescing}"
         );
-        // Loopback on Linux 4.18 and later segments; this machine's kernel does.
+        // Loopback on Linux 4.18 and later segments, and 5.0 and later coalesces; this
+        // machine's kernel does both.
         assert_eq!(sender.segmentation_offload(), offload);
+        assert_eq!(receiver.receive_offload(), coalescing);
     }
+}
+
+#[test]
+fn a_coalesced_run_is_handed_over_whole_and_cut_into_its_datagrams() {
+    let config = MulticastConfig::new(group(13, 47_113));
+    let receiver = MulticastSocket::receiver(&config).unwrap();
+    let sender = MulticastSocket::sender(&config).unwrap();
+    // One run of 40 equal datagrams and a shorter tail: one segmented send.
+    let mut datagrams: Vec<Bytes> = (0..40u8).map(|i| Bytes::from(vec![i; 1000])).collect();
+    datagrams.push(Bytes::from(vec![0xff; 10]));
+    assert_eq!(sender.send_batch(&datagrams).unwrap(), datagrams.len());
+    // Room for one receive of 100 bytes: a coalescing batch grows its buffer, and the whole
+    // run comes in that one receive.
+    let mut batch = RecvBatch::new(1, 100);
+    let n = receiver
+        .recv_batch(&mut batch, Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(n, datagrams.len(), "the run arrived coalesced");
+    let received: Vec<&[u8]> = batch.datagrams().collect();
+    let want: Vec<&[u8]> = datagrams.iter().map(|d| &d[..]).collect();
+    assert_eq!(received, want);
+    assert_eq!(batch.meta().len(), n);
+    assert!(batch.meta().iter().all(|meta| !meta.truncated));
+    let sender_address = batch.source(0).unwrap();
+    assert!((0..n).all(|i| batch.source(i) == Some(sender_address)));
+    assert_eq!(batch.source(n), None);
 }
 
 #[test]
