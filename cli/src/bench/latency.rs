@@ -35,7 +35,7 @@ pub(crate) struct LatencyArgs {
 /// The far end of `bench latency`, started as a child process.
 #[derive(Args, Debug)]
 pub(crate) struct EchoArgs {
-    /// `grapevine` or `raw`.
+    /// `grapevine`, `grapevine-inline` or `raw`.
     #[arg(long)]
     stack: String,
     #[arg(long)]
@@ -62,7 +62,15 @@ pub(super) fn latency(args: &LatencyArgs) -> Result<()> {
     pong.set_port(args.group.port().wrapping_add(1));
     let total = args.count + WARM_UP;
     let mut results = Vec::new();
-    for stack in ["raw", "grapevine"] {
+    // Blocking, the threaded subscriber hands each delta to the application over a channel
+    // (one more thread to wake); an inline subscriber receives on the application's thread.
+    // Busy polling always runs inline.
+    let stacks: &[&str] = if args.busy_poll {
+        &["raw", "grapevine"]
+    } else {
+        &["raw", "grapevine", "grapevine-inline"]
+    };
+    for &stack in stacks {
         let mut child = std::process::Command::new(std::env::current_exe()?)
             .args(["bench", "echo", "--stack", stack, "--payload"])
             .arg(args.payload.to_string())
@@ -79,10 +87,9 @@ pub(super) fn latency(args: &LatencyArgs) -> Result<()> {
             .context("starting the echo process")?;
         // Let the echo join its group before the first ping.
         std::thread::sleep(Duration::from_millis(300));
-        let times = if stack == "raw" {
-            ping_raw(args, pong, total)
-        } else {
-            ping_grapevine(args, pong, total)
+        let times = match stack {
+            "raw" => ping_raw(args, pong, total),
+            _ => ping_grapevine(args, pong, total, inline_mode(stack, args.busy_poll)),
         };
         // It may have ended already: then there is nothing to kill.
         let _ = child.kill();
@@ -104,8 +111,9 @@ pub(super) fn latency(args: &LatencyArgs) -> Result<()> {
         })
     };
     let (raw, gv) = (&results[0].1, &results[1].1);
-    let ratio_p50 = quantile(gv, 0.5) / quantile(raw, 0.5).max(1e-9);
-    let ratio_p99 = quantile(gv, 0.99) / quantile(raw, 0.99).max(1e-9);
+    let inline = results.get(2).map(|(_, times)| times);
+    let ratio = |times: &[Duration], q: f64| quantile(times, q) / quantile(raw, q).max(1e-9);
+    let (ratio_p50, ratio_p99) = (ratio(gv, 0.5), ratio(gv, 0.99));
     if args.json {
         println!(
             "{}",
@@ -114,9 +122,12 @@ pub(super) fn latency(args: &LatencyArgs) -> Result<()> {
                 "payload": args.payload,
                 "busy_poll": args.busy_poll,
                 "grapevine": figures(gv),
+                "grapevine_inline": inline.map(|times| figures(times)),
                 "raw": figures(raw),
                 "ratio_p50": ratio_p50,
                 "ratio_p99": ratio_p99,
+                "inline_ratio_p50": inline.map(|times| ratio(times, 0.5)),
+                "inline_ratio_p99": inline.map(|times| ratio(times, 0.99)),
             })
         );
         return Ok(());
@@ -131,9 +142,20 @@ pub(super) fn latency(args: &LatencyArgs) -> Result<()> {
             "blocking"
         }
     );
-    for (name, times) in [("grapevine", gv), ("raw udp", raw)] {
+    let threaded_name = if args.busy_poll {
+        "grapevine"
+    } else {
+        "grapevine (threaded)"
+    };
+    let rows = [
+        (threaded_name, Some(gv)),
+        ("grapevine (inline)", inline),
+        ("raw udp", Some(raw)),
+    ];
+    for (name, times) in rows {
+        let Some(times) = times else { continue };
         println!(
-            "  {name:<10} p50 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>7.1} µs  max {:>8.1} µs",
+            "  {name:<20} p50 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>7.1} µs  max {:>8.1} µs",
             quantile(times, 0.5),
             quantile(times, 0.99),
             quantile(times, 0.999),
@@ -141,7 +163,33 @@ pub(super) fn latency(args: &LatencyArgs) -> Result<()> {
         );
     }
     println!("ratio: p50 {ratio_p50:.2}, p99 {ratio_p99:.2}");
+    if let Some(inline) = inline {
+        println!(
+            "ratio, inline subscriber: p50 {:.2}, p99 {:.2}",
+            ratio(inline, 0.5),
+            ratio(inline, 0.99)
+        );
+    }
     Ok(())
+}
+
+/// How a GrapeVine side of the bench receives.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+enum Receive {
+    /// The threaded subscriber, deltas over its channel.
+    Threaded,
+    /// An inline subscriber on this thread, blocking in its socket.
+    InlineBlocking,
+    /// An inline subscriber on this thread, spinning.
+    InlineBusy,
+}
+
+fn inline_mode(stack: &str, busy_poll: bool) -> Receive {
+    match (stack, busy_poll) {
+        (_, true) => Receive::InlineBusy,
+        ("grapevine-inline", false) => Receive::InlineBlocking,
+        _ => Receive::Threaded,
+    }
 }
 
 fn ping_raw(args: &LatencyArgs, pong: SocketAddr, total: u64) -> Result<Vec<Duration>> {
@@ -177,12 +225,17 @@ fn ping_raw(args: &LatencyArgs, pong: SocketAddr, total: u64) -> Result<Vec<Dura
     Ok(times)
 }
 
-fn ping_grapevine(args: &LatencyArgs, pong: SocketAddr, total: u64) -> Result<Vec<Duration>> {
+fn ping_grapevine(
+    args: &LatencyArgs,
+    pong: SocketAddr,
+    total: u64,
+    receive: Receive,
+) -> Result<Vec<Duration>> {
     let mut options = PublisherOptions::new(1, MulticastConfig::new(args.group));
     options.session.flush_delay = Duration::ZERO;
     let publisher = Publisher::start(options, PayloadMap::default())?;
     let sub_options = SubscriberOptions::new(2, MulticastConfig::new(pong));
-    let mut pongs = Pongs::join(sub_options, args.busy_poll)?;
+    let mut pongs = Pongs::join(sub_options, receive)?;
     let payload = payload_bytes(args.payload);
     let mut times = Vec::with_capacity(total as usize);
     for i in 0..total {
@@ -203,25 +256,28 @@ fn ping_grapevine(args: &LatencyArgs, pong: SocketAddr, total: u64) -> Result<Ve
     Ok(times)
 }
 
-/// Receives the keys of applied deltas: through the threaded subscriber and its channel
-/// (blocking), or an inline subscriber polled on this thread (busy poll).
+/// Receives the keys of applied deltas: through the threaded subscriber and its channel, or
+/// an inline subscriber polled on this thread (waiting in its socket, or spinning).
 enum Pongs {
     Threaded(Subscriber<PayloadMap>),
-    Inline(
-        Box<grapevine::subscriber::InlineSubscriber<PayloadMap>>,
-        Vec<u32>,
-    ),
+    Inline {
+        subscriber: Box<grapevine::subscriber::InlineSubscriber<PayloadMap>>,
+        pending: Vec<u32>,
+        wait: Duration,
+    },
 }
 
 impl Pongs {
-    fn join(options: SubscriberOptions, busy_poll: bool) -> Result<Self> {
-        Ok(if busy_poll {
-            Self::Inline(
-                Box::new(grapevine::subscriber::InlineSubscriber::join(options)?),
-                Vec::new(),
-            )
-        } else {
-            Self::Threaded(Subscriber::join(options)?)
+    fn join(options: SubscriberOptions, receive: Receive) -> Result<Self> {
+        let wait = match receive {
+            Receive::Threaded => return Ok(Self::Threaded(Subscriber::join(options)?)),
+            Receive::InlineBlocking => Duration::from_millis(100),
+            Receive::InlineBusy => Duration::ZERO,
+        };
+        Ok(Self::Inline {
+            subscriber: Box::new(grapevine::subscriber::InlineSubscriber::join(options)?),
+            pending: Vec::new(),
+            wait,
         })
     }
 
@@ -235,9 +291,13 @@ impl Pongs {
                     _ => Ok(None),
                 }
             }
-            Self::Inline(subscriber, pending) => {
+            Self::Inline {
+                subscriber,
+                pending,
+                wait,
+            } => {
                 if pending.is_empty() {
-                    for event in subscriber.poll(Duration::ZERO) {
+                    for event in subscriber.poll(*wait) {
                         if let Applied { key, .. } = event {
                             pending.push(key);
                         }
@@ -274,7 +334,7 @@ pub(super) fn echo(args: &EchoArgs) -> Result<()> {
     options.session.flush_delay = Duration::ZERO;
     let publisher = Publisher::start(options, PayloadMap::default())?;
     let sub_options = SubscriberOptions::new(1, MulticastConfig::new(args.ping));
-    let mut pings = Pongs::join(sub_options, args.busy_poll)?;
+    let mut pings = Pongs::join(sub_options, inline_mode(&args.stack, args.busy_poll))?;
     let payload = payload_bytes(args.payload);
     let mut served = 0;
     while served < args.count && Instant::now() < deadline {
