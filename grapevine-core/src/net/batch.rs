@@ -247,6 +247,11 @@ pub(super) fn enable_coalescing(socket: &socket2::Socket) -> io::Result<()> {
     set_socket_flag(socket.as_raw_fd(), libc::SOL_UDP, libc::UDP_GRO)
 }
 
+/// Turns `UDP_GRO` off: each receive is one datagram again.
+pub(super) fn disable_coalescing(socket: &UdpSocket) -> io::Result<()> {
+    set_socket_option(socket.as_raw_fd(), libc::SOL_UDP, libc::UDP_GRO, 0)
+}
+
 /// Whether `socket` has `UDP_GRO` on.
 pub(super) fn coalesces(socket: &UdpSocket) -> bool {
     let mut value: libc::c_int = 0;
@@ -270,14 +275,23 @@ fn set_socket_flag(
     level: libc::c_int,
     option: libc::c_int,
 ) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: `on` is a valid c_int that outlives the call; the length matches its size.
+    set_socket_option(fd, level, option, 1)
+}
+
+/// Sets the integer option `option` of `level` to `value`.
+fn set_socket_option(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `value` is a valid c_int that outlives the call; the length matches its size.
     let rc = unsafe {
         libc::setsockopt(
             fd,
             level,
             option,
-            (&raw const on).cast(),
+            (&raw const value).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };

@@ -517,17 +517,24 @@ impl MulticastSocket {
         self.recv_buffer
     }
 
-    /// The underlying socket.
+    /// The underlying socket. On a receiver with [`receive_offload`](Self::receive_offload)
+    /// one `recv` can return a coalesced run of datagrams: receive with
+    /// [`recv_batch`](Self::recv_batch), which cuts it up, or turn the option off.
     pub fn as_std(&self) -> &UdpSocket {
         &self.socket
     }
 
-    /// Converts into a tokio socket. Must be called within a tokio runtime.
+    /// Converts into a tokio socket. Must be called within a tokio runtime. Receive
+    /// coalescing is turned off: the tokio socket receives one datagram per `recv_from`.
     ///
     /// # Errors
     ///
-    /// When the socket cannot be made non-blocking or registered with the runtime.
+    /// When the socket cannot be made non-blocking, coalescing cannot be turned off, or the
+    /// socket cannot be registered with the runtime.
     pub fn into_tokio(self) -> io::Result<AsyncMulticastSocket> {
+        if self.coalescing {
+            batch::disable_coalescing(&self.socket)?;
+        }
         self.socket.set_nonblocking(true)?;
         Ok(AsyncMulticastSocket {
             socket: tokio::net::UdpSocket::from_std(self.socket)?,
@@ -583,7 +590,9 @@ impl AsyncMulticastSocket {
 /// A unicast UDP socket bound to `address` for [`recv_batch_on`]: `recv_buffer` bytes of
 /// receive buffer asked for (as much as `net.core.rmem_max` grants), the kernel's drop
 /// counter on ([`RecvBatch::kernel_drops`]) and receive coalescing (`UDP_GRO`, see
-/// [`MulticastConfig::receive_offload`]) where the kernel has it.
+/// [`MulticastConfig::receive_offload`]) where the kernel has it: receive with
+/// [`recv_batch_on`], which cuts coalesced runs back into datagrams (a plain `recv_from` would
+/// get a run as one buffer).
 ///
 /// # Errors
 ///

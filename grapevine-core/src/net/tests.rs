@@ -176,6 +176,26 @@ async fn tokio_round_trip() {
     assert!(from.ip().is_loopback());
 }
 
+#[tokio::test]
+async fn a_tokio_receiver_gets_a_segmented_run_one_datagram_at_a_time() {
+    let config = MulticastConfig::new(group(14, 47_114));
+    let receiver = MulticastSocket::receiver(&config)
+        .unwrap()
+        .into_tokio()
+        .unwrap();
+    let sender = MulticastSocket::sender(&config).unwrap();
+    let datagrams: Vec<Bytes> = (0..10u8).map(|i| Bytes::from(vec![i; 100])).collect();
+    assert_eq!(sender.send_batch(&datagrams).unwrap(), 10);
+    let mut buf = [0u8; 4096];
+    for datagram in &datagrams {
+        let (len, _) = tokio::time::timeout(Duration::from_secs(2), receiver.recv_from(&mut buf))
+            .await
+            .expect("datagram within 2 s")
+            .unwrap();
+        assert_eq!(&buf[..len], &datagram[..]);
+    }
+}
+
 /// IPv6 groups join with the interface as scope. (Linux does not loop IPv6 multicast back on
 /// `lo`, so a v6 data round trip needs a veth pair in a namespace.)
 #[test]
