@@ -21,7 +21,7 @@ use grapevine_gvd_schema::secure::{self, Link, PortKey, Purpose};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{decide, Decision, Entry, Kind, ZoneStore};
+use crate::store::{decide, Change, Decision, Entry, Kind, ZoneStore};
 use crate::zpath::{open_beneath, ZonePath};
 
 /// Bytes per data request.
@@ -65,6 +65,9 @@ pub enum ReplRequest {
         offset: u64,
         /// How much.
         len: u32,
+        /// The version listed (its [`Entry::content`]): served only while the path holds it,
+        /// so that bytes of another version of the same size are never taken for it.
+        content: Change,
     },
 }
 
@@ -425,6 +428,7 @@ fn answer(
             path,
             offset,
             len,
+            content,
         } => {
             let Some(store) = zone_of(&zone) else {
                 return ReplReply::Error {
@@ -432,9 +436,23 @@ fn answer(
                 };
             };
             let root = store.lock().root().to_path_buf();
+            let holds_listed_version = || {
+                store.lock().entry(path.as_str()).is_some_and(|entry| {
+                    !entry.deleted && entry.kind == Kind::File && entry.content == content
+                })
+            };
+            let changed = || std::io::Error::other("changed since it was listed");
             let mut read = || -> std::io::Result<Vec<u8>> {
+                // A new version replaces the path (a rename) and is recorded under the store's
+                // lock: listed before and after the open, the file opened is the listed one.
+                if !holds_listed_version() {
+                    return Err(changed());
+                }
                 // The kernel keeps the open beneath the zone's root, links refused.
                 let file = open_beneath(&root, path.as_str())?;
+                if !holds_listed_version() {
+                    return Err(changed());
+                }
                 if !file.metadata()?.is_file() {
                     return Err(std::io::Error::other("not a regular file"));
                 }
@@ -566,7 +584,7 @@ fn apply_plan(
             !theirs.deleted && theirs.kind == Kind::File && decision != Decision::MergeOnly;
         let fetched = if needs_content {
             let tmp = store.lock().temp_file();
-            match fetch(stream, buffer, zone, &path, theirs.size, &tmp, peer) {
+            match fetch(stream, buffer, zone, (&path, &theirs), &tmp, peer) {
                 Ok(()) => {
                     bytes += theirs.size;
                     Some(tmp)
@@ -620,11 +638,11 @@ fn fetch(
     stream: &mut Link,
     buffer: &mut Vec<u8>,
     zone: &str,
-    path: &str,
-    size: u64,
+    (path, theirs): (&str, &Entry),
     into: &PathBuf,
     peer: SocketAddr,
 ) -> Result<(), PullError> {
+    let size = theirs.size;
     let io = |error| PullError::Io { peer, error };
     let path = ZonePath::new(path).map_err(|e| PullError::Protocol {
         peer,
@@ -642,6 +660,7 @@ fn fetch(
                 path: path.clone(),
                 offset: requested * u64::from(CHUNK),
                 len: CHUNK,
+                content: theirs.content,
             };
             send(stream, &request, buffer).map_err(io)?;
             requested += 1;

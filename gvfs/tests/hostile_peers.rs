@@ -32,6 +32,7 @@ enum RawRequest {
         path: String,
         offset: u64,
         len: u32,
+        content: Change,
     },
 }
 
@@ -59,15 +60,22 @@ fn read_raw(stream: &mut TcpStream) -> Option<Vec<u8>> {
     Some(body)
 }
 
-fn serve_zone(dir: &Path, runtime: &tokio::runtime::Runtime) -> (ReplServer, PathBuf) {
+/// A served zone: the replication server, the zone's directory and its store.
+type Served = (ReplServer, PathBuf, Arc<Mutex<ZoneStore>>);
+
+fn serve_zone(dir: &Path, runtime: &tokio::runtime::Runtime) -> Served {
     serve_zone_keyed(dir, runtime, None)
 }
 
-fn serve_zone_keyed(
-    dir: &Path,
-    runtime: &tokio::runtime::Runtime,
-    key: Option<PortKey>,
-) -> (ReplServer, PathBuf) {
+/// Records `path` as written in `store`'s index (as the zone's scan would) and returns its
+/// version, which a fetch must name.
+fn indexed(store: &Mutex<ZoneStore>, path: &str) -> Change {
+    let mut store = store.lock();
+    store.check(path);
+    store.entry(path).expect("indexed").content
+}
+
+fn serve_zone_keyed(dir: &Path, runtime: &tokio::runtime::Runtime, key: Option<PortKey>) -> Served {
     let root = dir.join("zone");
     let store = ZoneStore::open(1, &root, &dir.join("meta")).unwrap();
     let store = Arc::new(Mutex::new(store));
@@ -76,7 +84,7 @@ fn serve_zone_keyed(
         "z1".to_string(),
         ServedZone {
             fs: ZoneFs::new(Arc::clone(&store), 1 << 30, 7),
-            store,
+            store: Arc::clone(&store),
         },
     );
     let server = ReplServer::start(
@@ -86,17 +94,18 @@ fn serve_zone_keyed(
         key,
     )
     .unwrap();
-    (server, root)
+    (server, root, store)
 }
 
 #[test]
 fn fetch_never_reads_outside_the_zone() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = scratch("fetch");
-    let (server, root) = serve_zone(&dir, &runtime);
+    let (server, root, store) = serve_zone(&dir, &runtime);
     let secret = b"outside the zone: never served";
     std::fs::write(dir.join("secret"), secret).unwrap();
     std::fs::write(root.join("inside"), b"zone data").unwrap();
+    let inside = indexed(&store, "inside");
     std::os::unix::fs::symlink(dir.join("secret"), root.join("leak")).unwrap();
     std::os::unix::fs::symlink(&dir, root.join("up")).unwrap();
 
@@ -122,6 +131,7 @@ fn fetch_never_reads_outside_the_zone() {
                 path: path.clone(),
                 offset: 0,
                 len: 4096,
+                content: inside,
             },
         );
         if let Some(reply) = read_raw(&mut stream) {
@@ -149,6 +159,7 @@ fn fetch_never_reads_outside_the_zone() {
             path: "inside".into(),
             offset: 0,
             len: 4096,
+            content: inside,
         },
     );
     let reply = read_raw(&mut stream).expect("an answer");
@@ -240,11 +251,12 @@ fn with_a_key_only_key_holders_pull() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = scratch("keyed");
     let key = PortKey::from_network_key(b"the network key");
-    let (server, root) = serve_zone_keyed(&dir, &runtime, Some(key.clone()));
+    let (server, root, _) = serve_zone_keyed(&dir, &runtime, Some(key.clone()));
     std::fs::write(root.join("inside"), b"zone data").unwrap();
     // The server's store indexes the file on its next check; a fresh store sees it at open.
     drop(server);
-    let (server, _) = serve_zone_keyed(&dir, &runtime, Some(key.clone()));
+    let (server, _, store) = serve_zone_keyed(&dir, &runtime, Some(key.clone()));
+    let inside = indexed(&store, "inside");
 
     // A stranger speaking plain frames gets nothing back.
     let mut stream = TcpStream::connect(server.address()).unwrap();
@@ -258,6 +270,7 @@ fn with_a_key_only_key_holders_pull() {
             path: "inside".into(),
             offset: 0,
             len: 4096,
+            content: inside,
         },
     );
     let mut rest = Vec::new();
@@ -299,8 +312,9 @@ fn with_a_key_only_key_holders_pull() {
 fn only_members_pull_a_zone() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = scratch("members");
-    let (server, root) = serve_zone(&dir, &runtime);
+    let (server, root, store) = serve_zone(&dir, &runtime);
     std::fs::write(root.join("inside"), b"zone data").unwrap();
+    let inside = indexed(&store, "inside");
     let mut access = grapevine_fs::repl::Access::default();
     access
         .members
@@ -326,6 +340,7 @@ fn only_members_pull_a_zone() {
         path: "inside".into(),
         offset: 0,
         len: 4096,
+        content: inside,
     };
     let mut stranger = from([127, 0, 0, 9]);
     send_raw(&mut stranger, &fetch);
@@ -347,7 +362,7 @@ fn one_address_cannot_hold_every_replication_connection() {
     use std::io::Read;
     let dir = scratch("slots");
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (server, _root) = serve_zone(&dir, &runtime);
+    let (server, _root, _) = serve_zone(&dir, &runtime);
     // Idle connections (no handshake, no request) hold their slots.
     let held: Vec<TcpStream> = (0..MAX_CONNECTIONS_PER_SOURCE)
         .map(|_| TcpStream::connect(server.address()).unwrap())
@@ -382,5 +397,57 @@ fn one_address_cannot_hold_every_replication_connection() {
         matches!(again.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut)
     });
     assert!(served, "slots are given back when connections end");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A member lists a file, then the file is replaced by another version of the same size (a
+/// conflict resolved there, say) before the puller fetches it: the fetch names the version it
+/// listed and gets an error, never the other version's bytes under the listed version's name.
+#[test]
+fn a_fetch_of_a_version_the_path_no_longer_holds_is_refused_even_at_the_same_size() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = scratch("version");
+    let (server, root, store) = serve_zone(&dir, &runtime);
+    std::fs::write(root.join("three.txt"), b"from host0").unwrap();
+    let listed = indexed(&store, "three.txt");
+    // Replaced whole, as an install is: another write, the same length.
+    std::fs::write(root.join("next"), b"from host1").unwrap();
+    // File times tick coarsely: make the change visible to the scan whatever the clock did.
+    std::fs::File::options()
+        .write(true)
+        .open(root.join("next"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+        .unwrap();
+    std::fs::rename(root.join("next"), root.join("three.txt")).unwrap();
+    let now = indexed(&store, "three.txt");
+    assert_ne!(listed, now);
+
+    let fetch = |content: Change| {
+        let mut stream = TcpStream::connect(server.address()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        send_raw(
+            &mut stream,
+            &RawRequest::Fetch {
+                zone: "z1".into(),
+                path: "three.txt".into(),
+                offset: 0,
+                len: 4096,
+                content,
+            },
+        );
+        read_raw(&mut stream).expect("an answer")
+    };
+    let stale = fetch(listed);
+    assert!(
+        !stale.windows(10).any(|w| w == b"from host1"),
+        "the bytes of another version were served as the listed one"
+    );
+    assert!(String::from_utf8_lossy(&stale).contains("changed since it was listed"));
+    let current = fetch(now);
+    assert!(current.windows(10).any(|w| w == b"from host1"));
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
