@@ -63,6 +63,24 @@ fn read_raw(stream: &mut TcpStream) -> Option<Vec<u8>> {
 /// A served zone: the replication server, the zone's directory and its store.
 type Served = (ReplServer, PathBuf, Arc<Mutex<ZoneStore>>);
 
+/// A connection to `server` that gives up reading after `timeout`.
+fn connect(server: &ReplServer, timeout: Duration) -> TcpStream {
+    let stream = TcpStream::connect(server.address()).unwrap();
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    stream
+}
+
+/// A request for the first 4 KiB of `path` in zone z1, at version `content`.
+fn fetch_of(path: &str, content: Change) -> RawRequest {
+    RawRequest::Fetch {
+        zone: "z1".into(),
+        path: path.into(),
+        offset: 0,
+        len: 4096,
+        content,
+    }
+}
+
 fn serve_zone(dir: &Path, runtime: &tokio::runtime::Runtime) -> Served {
     serve_zone_keyed(dir, runtime, None)
 }
@@ -120,20 +138,8 @@ fn fetch_never_reads_outside_the_zone() {
         String::new(),
     ];
     for path in hostile {
-        let mut stream = TcpStream::connect(server.address()).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        send_raw(
-            &mut stream,
-            &RawRequest::Fetch {
-                zone: "z1".into(),
-                path: path.clone(),
-                offset: 0,
-                len: 4096,
-                content: inside,
-            },
-        );
+        let mut stream = connect(&server, Duration::from_secs(5));
+        send_raw(&mut stream, &fetch_of(&path, inside));
         if let Some(reply) = read_raw(&mut stream) {
             assert!(
                 !reply.windows(secret.len()).any(|w| w == secret),
@@ -148,20 +154,8 @@ fn fetch_never_reads_outside_the_zone() {
     }
 
     // The zone's own file is still served.
-    let mut stream = TcpStream::connect(server.address()).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    send_raw(
-        &mut stream,
-        &RawRequest::Fetch {
-            zone: "z1".into(),
-            path: "inside".into(),
-            offset: 0,
-            len: 4096,
-            content: inside,
-        },
-    );
+    let mut stream = connect(&server, Duration::from_secs(5));
+    send_raw(&mut stream, &fetch_of("inside", inside));
     let reply = read_raw(&mut stream).expect("an answer");
     assert!(reply.windows(9).any(|w| w == b"zone data"));
     drop(server);
@@ -259,20 +253,8 @@ fn with_a_key_only_key_holders_pull() {
     let inside = indexed(&store, "inside");
 
     // A stranger speaking plain frames gets nothing back.
-    let mut stream = TcpStream::connect(server.address()).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    send_raw(
-        &mut stream,
-        &RawRequest::Fetch {
-            zone: "z1".into(),
-            path: "inside".into(),
-            offset: 0,
-            len: 4096,
-            content: inside,
-        },
-    );
+    let mut stream = connect(&server, Duration::from_secs(10));
+    send_raw(&mut stream, &fetch_of("inside", inside));
     let mut rest = Vec::new();
     let _ = stream.read_to_end(&mut rest);
     assert!(rest.is_empty(), "a stranger got {} bytes", rest.len());
@@ -335,13 +317,7 @@ fn only_members_pull_a_zone() {
             .unwrap();
         stream
     };
-    let fetch = RawRequest::Fetch {
-        zone: "z1".into(),
-        path: "inside".into(),
-        offset: 0,
-        len: 4096,
-        content: inside,
-    };
+    let fetch = fetch_of("inside", inside);
     let mut stranger = from([127, 0, 0, 9]);
     send_raw(&mut stranger, &fetch);
     let reply = read_raw(&mut stranger).expect("an answer");
@@ -367,10 +343,7 @@ fn one_address_cannot_hold_every_replication_connection() {
     let held: Vec<TcpStream> = (0..MAX_CONNECTIONS_PER_SOURCE)
         .map(|_| TcpStream::connect(server.address()).unwrap())
         .collect();
-    let mut refused = TcpStream::connect(server.address()).unwrap();
-    refused
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    let mut refused = connect(&server, Duration::from_secs(5));
     let mut byte = [0u8; 1];
     // Closed at once by the server: end of stream (or a reset), not a timeout.
     let read = refused.read(&mut byte);
@@ -389,10 +362,7 @@ fn one_address_cannot_hold_every_replication_connection() {
     // A slot given back is taken again.
     drop(held);
     let served = grapevine_test_support::wait_until(Duration::from_secs(5), || {
-        let mut again = TcpStream::connect(server.address()).unwrap();
-        again
-            .set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
+        let mut again = connect(&server, Duration::from_millis(300));
         // Served: the server waits for the handshake, so the read times out.
         matches!(again.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut)
     });
@@ -424,20 +394,8 @@ fn a_fetch_of_a_version_the_path_no_longer_holds_is_refused_even_at_the_same_siz
     assert_ne!(listed, now);
 
     let fetch = |content: Change| {
-        let mut stream = TcpStream::connect(server.address()).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        send_raw(
-            &mut stream,
-            &RawRequest::Fetch {
-                zone: "z1".into(),
-                path: "three.txt".into(),
-                offset: 0,
-                len: 4096,
-                content,
-            },
-        );
+        let mut stream = connect(&server, Duration::from_secs(5));
+        send_raw(&mut stream, &fetch_of("three.txt", content));
         read_raw(&mut stream).expect("an answer")
     };
     let stale = fetch(listed);

@@ -490,22 +490,10 @@ pub(super) fn send_batch_to(
                 .filter(|(_, other)| other == to)
                 .map(|(datagram, _)| *datagram),
         );
-        let address = socket2::SockAddr::from(*to);
-        match send_segmented(socket, &for_one, Some(&address)) {
+        match send_runs(socket, &for_one, Some(*to), &UNICAST_SEGMENTATION) {
             Ok(count) => sent += count,
-            Err((count, error)) if refuses_segmentation(&error) => {
-                tracing::debug!(%error, "UDP segmentation offload refused on unicast: one datagram per message from now on");
-                UNICAST_SEGMENTATION.store(false, Ordering::Relaxed);
-                sent += count;
-                let rest = for_one.get(count..).unwrap_or_default();
-                match send_mmsg(socket, rest, |datagram| datagram, |_| Some(*to)) {
-                    Ok(more) => sent += more,
-                    Err(error) => first_error = first_error.or(Some(error)),
-                }
-            }
-            Err((count, error)) => {
-                sent += count;
-                first_error = first_error.or(Some(error));
+            Err(error) => {
+                first_error.get_or_insert(error);
             }
         }
     }
@@ -523,10 +511,21 @@ pub(super) fn send_batch<B: AsRef<[u8]>>(
     datagrams: &[B],
     segmentation: &AtomicBool,
 ) -> io::Result<usize> {
+    send_runs(socket, datagrams, None, segmentation)
+}
+
+/// Sends `datagrams` to `to` (or the connected peer), as [`send_batch`] does.
+fn send_runs<B: AsRef<[u8]>>(
+    socket: &UdpSocket,
+    datagrams: &[B],
+    to: Option<std::net::SocketAddr>,
+    segmentation: &AtomicBool,
+) -> io::Result<usize> {
     if datagrams.len() < 2 || !segmentation.load(Ordering::Relaxed) {
-        return send_mmsg(socket, datagrams, AsRef::as_ref, |_| None);
+        return send_mmsg(socket, datagrams, AsRef::as_ref, |_| to);
     }
-    match send_segmented(socket, datagrams, None) {
+    let address = to.map(socket2::SockAddr::from);
+    match send_segmented(socket, datagrams, address.as_ref()) {
         Ok(sent) => Ok(sent),
         // Refused at the first segmented message, which may follow single datagrams that
         // went out: the rest goes one by one.
@@ -534,7 +533,7 @@ pub(super) fn send_batch<B: AsRef<[u8]>>(
             tracing::debug!(%error, "UDP segmentation offload refused: one datagram per message from now on");
             segmentation.store(false, Ordering::Relaxed);
             let rest = datagrams.get(sent..).unwrap_or_default();
-            match send_mmsg(socket, rest, AsRef::as_ref, |_| None) {
+            match send_mmsg(socket, rest, AsRef::as_ref, |_| to) {
                 Ok(more) => Ok(sent + more),
                 Err(error) if sent == 0 => Err(error),
                 Err(_) => Ok(sent),
