@@ -71,10 +71,12 @@ pub struct Entry {
     pub content: Change,
     /// When that write was made (ms since the epoch, the writer's clock).
     pub written_ms: u64,
-    /// The change that put this content at this path: its write, or the rename that moved it
-    /// here. A concurrent deletion of the path wins over the content only if it saw this
-    /// change.
-    pub placed: Change,
+    /// The changes that put what this entry holds at its path (a write, a mkdir, the rename
+    /// that moved it here), one per node at most, less those a deletion of the path has seen.
+    /// A concurrent deletion wins over a live entry only if it saw every one of them: a
+    /// directory made on two members survives a deletion that saw one mkdir, and goes with one
+    /// that saw both, whichever member merged what first. Empty for a tombstone.
+    pub placements: VersionVector,
     /// The versions that lost a conflict at this path on a member that held this entry (they
     /// live on in conflict copies). Not part of `vv`: a deletion of this version by a member
     /// that saw only it is not concurrent with them. The next change made here follows them
@@ -86,10 +88,12 @@ pub struct Entry {
     pub mode: u32,
 }
 
-/// The index file in gvd's state directory (version 3: entries carry their content's write and
-/// the change that placed it at its path).
-const INDEX_FILE: &str = "index.v3.bin";
-/// The index files of earlier releases, newest first: read once and migrated.
+/// The index file in gvd's state directory (version 4: entries carry every change that placed
+/// them at their path that no deletion has seen).
+const INDEX_FILE: &str = "index.v4.bin";
+/// The journaled index of version 3 (one placing change per entry): replayed once and migrated.
+const LEGACY_JOURNALED_INDEX_FILE: &str = "index.v3.bin";
+/// The whole-file index files of earlier releases, newest first: read once and migrated.
 const LEGACY_INDEX_FILES: [&str; 2] = ["index.v2.bin", "index.bin"];
 
 /// The index as earlier releases wrote it (postcard has no optional fields).
@@ -129,6 +133,42 @@ mod legacy {
         writer: u64,
         written_ms: u64,
         mode: u32,
+    }
+
+    /// An entry of version 3: one change placed it at its path.
+    #[derive(Clone, Deserialize, serde::Serialize)]
+    pub(super) struct EntryV3 {
+        pub(super) id: u64,
+        pub(super) kind: Kind,
+        pub(super) vv: VersionVector,
+        pub(super) deleted: bool,
+        pub(super) changed_at: u64,
+        pub(super) size: u64,
+        pub(super) mtime_ns: i128,
+        pub(super) content: Change,
+        pub(super) written_ms: u64,
+        pub(super) placed: Change,
+        pub(super) displaced: VersionVector,
+        pub(super) mode: u32,
+    }
+
+    impl From<EntryV3> for super::Entry {
+        fn from(old: EntryV3) -> Self {
+            super::Entry {
+                id: old.id,
+                kind: old.kind,
+                vv: old.vv,
+                deleted: old.deleted,
+                changed_at: old.changed_at,
+                size: old.size,
+                mtime_ns: old.mtime_ns,
+                content: old.content,
+                written_ms: old.written_ms,
+                placements: super::placed_by(old.deleted, old.placed),
+                displaced: old.displaced,
+                mode: old.mode,
+            }
+        }
     }
 
     #[derive(Deserialize)]
@@ -204,7 +244,7 @@ mod legacy {
                 mtime_ns: self.mtime_ns,
                 content,
                 written_ms: self.written_ms,
-                placed: content,
+                placements: super::placed_by(self.deleted, content),
                 displaced: VersionVector::default(),
                 mode,
             }
@@ -251,11 +291,11 @@ mod legacy {
     }
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
-struct Index {
+#[derive(Debug, Deserialize, Serialize)]
+struct Index<E = Entry> {
     next_id: u64,
     version: u64,
-    entries: Entries<Entry>,
+    entries: Entries<E>,
     /// The version of each peer this node has pulled everything up to.
     seen: BTreeMap<u64, u64>,
     conflicts: u64,
@@ -270,9 +310,37 @@ struct IndexHeader {
     conflicts: u64,
 }
 
-impl Journaled for Index {
+impl<E> Default for Index<E> {
+    fn default() -> Self {
+        Self {
+            next_id: 0,
+            version: 0,
+            entries: Entries::default(),
+            seen: BTreeMap::new(),
+            conflicts: 0,
+        }
+    }
+}
+
+impl Index<legacy::EntryV3> {
+    fn migrate(self) -> Index {
+        Index {
+            next_id: self.next_id,
+            version: self.version,
+            entries: self
+                .entries
+                .iter()
+                .map(|(path, e)| (path.clone(), Entry::from(e.clone())))
+                .collect(),
+            seen: self.seen,
+            conflicts: self.conflicts,
+        }
+    }
+}
+
+impl<E: Serialize + for<'de> Deserialize<'de> + Clone> Journaled for Index<E> {
     type Header = IndexHeader;
-    type Entry = Entry;
+    type Entry = E;
 
     fn header(&self) -> IndexHeader {
         IndexHeader {
@@ -290,11 +358,11 @@ impl Journaled for Index {
         self.conflicts = header.conflicts;
     }
 
-    fn entries(&self) -> &Entries<Entry> {
+    fn entries(&self) -> &Entries<E> {
         &self.entries
     }
 
-    fn entries_mut(&mut self) -> &mut Entries<Entry> {
+    fn entries_mut(&mut self) -> &mut Entries<E> {
         &mut self.entries
     }
 }
@@ -372,6 +440,13 @@ fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
     i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
 }
 
+fn mtime_ns_of(time: SystemTime) -> i128 {
+    match time.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => i128::try_from(after.as_nanos()).unwrap_or(i128::MAX),
+        Err(before) => -i128::try_from(before.duration().as_nanos()).unwrap_or(i128::MAX),
+    }
+}
+
 /// What to do with a peer's version of a path.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub enum Decision {
@@ -389,8 +464,8 @@ pub enum Decision {
 
 /// Decides between our entry (if any) and a peer's. Every member decides the same way for the
 /// same pair, so all converge: a later write wins (then the higher node id), the other is kept
-/// as a conflict copy; a directory wins over a file (which is kept as the copy); content wins
-/// over a deletion.
+/// as a conflict copy; a directory wins over a file (which is kept as the copy); what lives
+/// wins over a concurrent deletion that did not see every change that placed it.
 pub fn decide(ours: Option<&Entry>, theirs: &Entry) -> Decision {
     let Some(ours) = ours else {
         return Decision::Take;
@@ -400,16 +475,11 @@ pub fn decide(ours: Option<&Entry>, theirs: &Entry) -> Decision {
         Relation::Before => Decision::Take,
         Relation::Concurrent => match (ours.deleted, theirs.deleted) {
             (true, true) => Decision::MergeOnly,
-            // Content wins over a concurrent deletion, unless the deletion came after that
-            // very content (the vectors are concurrent only through other changes merged in).
-            // A directory is not one content but every mkdir merged into it: it wins over any
-            // concurrent deletion (deciding by one of its writers would depend on which
-            // member merged what, and members would disagree).
-            (true, false) if theirs.kind == Kind::File && saw_content(ours, theirs) => {
-                Decision::MergeOnly
-            }
+            // What lives wins over a concurrent deletion, unless the deletion came after it
+            // (the vectors are concurrent only through other changes merged in).
+            (true, false) if saw_every_placement(ours, theirs) => Decision::MergeOnly,
             (true, false) => Decision::Take,
-            (false, true) if ours.kind == Kind::File && saw_content(theirs, ours) => Decision::Take,
+            (false, true) if saw_every_placement(theirs, ours) => Decision::Take,
             (false, true) => Decision::MergeOnly,
             (false, false) => {
                 if ours.kind == Kind::Dir && theirs.kind == Kind::Dir {
@@ -437,12 +507,66 @@ pub fn decide(ours: Option<&Entry>, theirs: &Entry) -> Decision {
     }
 }
 
-/// Whether `deletion` was made by a member that held `content` at this path: the deletion's
-/// vector counts the change that put it there. (Its write alone is not enough: a file written
-/// elsewhere by the deleting node and then renamed here is news to that node.)
-fn saw_content(deletion: &Entry, content: &Entry) -> bool {
-    let placed = content.placed;
-    placed.counter > 0 && deletion.vv.0.get(&placed.node).copied().unwrap_or(0) >= placed.counter
+/// Whether `deletion` was made by a member that held `live` as it is: its vector counts every
+/// change that placed it. (A write alone is not enough: a file written elsewhere by the
+/// deleting node and then renamed here is news to that node. Nor is one mkdir of a directory
+/// made on two members.) An entry that knows of no placement (an index of an early release)
+/// is never taken for seen.
+fn saw_every_placement(deletion: &Entry, live: &Entry) -> bool {
+    !live.placements.0.is_empty()
+        && live
+            .placements
+            .0
+            .iter()
+            .all(|(node, counter)| deletion.vv.saw(*node, *counter))
+}
+
+/// The placements of an entry that one change placed (none for a tombstone).
+fn placed_by(deleted: bool, change: Change) -> VersionVector {
+    if deleted || change.counter == 0 {
+        VersionVector::default()
+    } else {
+        VersionVector([(change.node, change.counter)].into_iter().collect())
+    }
+}
+
+/// The placements of one live version merged from two members' entries, `(placements,
+/// vector)` each: those both hold, and those either holds that the other never saw (the other
+/// did not drop them for a deletion). Order does not matter, so members agree whoever merged
+/// what first.
+fn merge_placements(
+    ours: (&VersionVector, &VersionVector),
+    theirs: (&VersionVector, &VersionVector),
+) -> VersionVector {
+    fn kept<'a>(
+        mine: &'a VersionVector,
+        (other, other_vv): (&'a VersionVector, &'a VersionVector),
+    ) -> impl Iterator<Item = (u64, u64)> + 'a {
+        mine.0
+            .iter()
+            .filter(move |(node, counter)| {
+                other.0.get(node) == Some(counter) || !other_vv.saw(**node, **counter)
+            })
+            .map(|(node, counter)| (*node, *counter))
+    }
+    let mut merged = VersionVector::default();
+    for (node, counter) in kept(ours.0, theirs).chain(kept(theirs.0, ours)) {
+        let slot = merged.0.entry(node).or_insert(0);
+        *slot = (*slot).max(counter);
+    }
+    merged
+}
+
+/// The placements of `live` that a concurrent `deletion` (which lost to it) never saw: those
+/// it saw are gone with it.
+fn unseen_placements(live: &VersionVector, deletion: &VersionVector) -> VersionVector {
+    VersionVector(
+        live.0
+            .iter()
+            .filter(|(node, counter)| !deletion.saw(**node, **counter))
+            .map(|(node, counter)| (*node, *counter))
+            .collect(),
+    )
 }
 
 /// The name of the conflict copy of `path` for the version whose content `content` wrote:
@@ -484,6 +608,30 @@ pub const FULL_WRITE: usize = 1 << 20;
 /// and a pause in a copy (the page cache throttling writes) must not publish half of it.
 pub const UNCOMMITTED_QUIET: Duration = Duration::from_secs(30);
 
+/// How close to the check that records a file its modification time must be for a rewrite to
+/// be able to hide behind it: file system timestamps advance in ticks (a few milliseconds on
+/// Linux file systems, 2 s on FAT), and a same-size rewrite within one tick keeps the mtime.
+pub const RACY_WINDOW: Duration = Duration::from_secs(2);
+
+/// Larger files are not watched for rewrites hiding in a timestamp tick: writing this much
+/// takes longer than a tick on the file systems whose ticks are milliseconds, and hashing
+/// them at every settle would delay their replication.
+pub const RACY_MAX_SIZE: u64 = 16 << 20;
+
+/// A file recorded while its timestamp could still hide a rewrite (see [`RACY_WINDOW`]).
+#[derive(Clone, Copy, Debug)]
+struct RacyFile {
+    size: u64,
+    mtime_ns: i128,
+    digest: [u8; 32],
+}
+
+fn file_digest(path: &Path) -> std::io::Result<[u8; 32]> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(std::fs::File::open(path)?)?;
+    Ok(*hasher.finalize().as_bytes())
+}
+
 /// A write not yet recorded as a change.
 #[derive(Clone, Copy, Debug)]
 struct PendingWrite {
@@ -499,7 +647,6 @@ pub struct ZoneStore {
     node: u64,
     clock: WallClock,
     root: PathBuf,
-    index_path: PathBuf,
     /// Where the index is saved: a base file and a log of what changed since.
     journal: Journal,
     tmp_dir: PathBuf,
@@ -515,6 +662,11 @@ pub struct ZoneStore {
     used_cache: std::cell::Cell<Option<u64>>,
     /// Symbolic links found in the zone directory (never replicated), each warned about once.
     skipped_links: BTreeSet<String>,
+    /// Files whose recorded modification time was within [`RACY_WINDOW`] of the check that
+    /// recorded it, with a digest of what they held then: a rewrite of the same size within
+    /// the same timestamp tick leaves size and mtime as they were, so for these the next check
+    /// compares contents.
+    racy: HashMap<String, RacyFile>,
 }
 
 impl std::fmt::Debug for ZoneStore {
@@ -581,7 +733,6 @@ impl ZoneStore {
             node,
             clock,
             root: root.to_path_buf(),
-            index_path,
             journal,
             tmp_dir,
             index,
@@ -591,21 +742,37 @@ impl ZoneStore {
             temp_counter: 0,
             used_cache: std::cell::Cell::new(None),
             skipped_links: BTreeSet::new(),
+            racy: HashMap::new(),
         };
         store.scan()?;
-        if let Some(legacy_path) = migrated_from.filter(|_| !store.index_path.exists()) {
-            // Migrated: written in the new format at once; the old file goes once it is.
+        if let Some(legacy_paths) = migrated_from {
+            // Migrated: written in the new format at once; the old files go once it is.
             store.save()?;
-            if let Err(error) = std::fs::remove_file(&legacy_path) {
-                tracing::warn!(%error, path = %legacy_path.display(), "old zone index left behind");
+            for legacy_path in legacy_paths {
+                match std::fs::remove_file(&legacy_path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(error) => {
+                        tracing::warn!(%error, path = %legacy_path.display(), "old zone index left behind");
+                    }
+                }
             }
         }
         Ok(store)
     }
 
     /// The index an earlier release left in `meta` (the newest there is), taken over; and the
-    /// file it came from.
-    fn read_legacy_index(meta: &Path) -> Result<Option<(Index, PathBuf)>, StoreError> {
+    /// files it came from.
+    fn read_legacy_index(meta: &Path) -> Result<Option<(Index, Vec<PathBuf>)>, StoreError> {
+        let journaled = meta.join(LEGACY_JOURNALED_INDEX_FILE);
+        let (v3, loaded) = Journal::open::<Index<legacy::EntryV3>>(&journaled)?;
+        if let Some(index) = loaded.index {
+            tracing::info!(path = %journaled.display(), records = loaded.replayed, "zone index of an earlier release migrated");
+            return Ok(Some((
+                index.migrate(),
+                vec![journaled, v3.log_path().to_path_buf()],
+            )));
+        }
         for (format, name) in LEGACY_INDEX_FILES.iter().enumerate() {
             let path = meta.join(name);
             let bytes = match std::fs::read(&path) {
@@ -622,7 +789,7 @@ impl ZoneStore {
                 reason: e.to_string(),
             })?;
             tracing::info!(path = %path.display(), "zone index of an earlier release migrated");
-            return Ok(Some((index, path)));
+            return Ok(Some((index, vec![path])));
         }
         Ok(None)
     }
@@ -755,7 +922,7 @@ impl ZoneStore {
                     counter: 0,
                 },
                 written_ms: 0,
-                placed: Change::default(),
+                placements: VersionVector::default(),
                 displaced: VersionVector::default(),
                 mode: 0,
             },
@@ -914,6 +1081,7 @@ impl ZoneStore {
         };
         let changed = match &on_disk {
             None => {
+                self.racy.remove(path);
                 if entry.deleted {
                     false
                 } else {
@@ -928,10 +1096,46 @@ impl ZoneStore {
                 let mtime = mtime_ns(meta);
                 let mode = meta.mode() & 0o7777;
                 // An unknown mode (0, an older index) is learnt without counting as a change.
-                let differs = entry.deleted
+                let mut differs = entry.deleted
                     || entry.kind != kind
                     || (entry.mode != 0 && entry.mode != mode)
                     || (kind == Kind::File && (entry.size != size || entry.mtime_ns != mtime));
+                if kind == Kind::File {
+                    let disk = self.root.join(path);
+                    let racy = self
+                        .racy
+                        .get(path)
+                        .filter(|r| !differs && (r.size, r.mtime_ns) == (size, mtime))
+                        .copied();
+                    let now_ns = mtime_ns_of(SystemTime::now());
+                    let recent = size <= RACY_MAX_SIZE
+                        && now_ns.saturating_sub(mtime) < RACY_WINDOW.as_nanos() as i128;
+                    let digest = (recent || racy.is_some())
+                        .then(|| file_digest(&disk).ok())
+                        .flatten();
+                    if let Some(racy) = racy {
+                        // Size and time as recorded, and the time was recent then: only a
+                        // rewrite within that tick can hide here; the contents tell.
+                        differs = digest != Some(racy.digest);
+                    }
+                    match digest.filter(|_| recent) {
+                        Some(digest) => {
+                            self.racy.insert(
+                                path.to_string(),
+                                RacyFile {
+                                    size,
+                                    mtime_ns: mtime,
+                                    digest,
+                                },
+                            );
+                        }
+                        None => {
+                            self.racy.remove(path);
+                        }
+                    }
+                } else {
+                    self.racy.remove(path);
+                }
                 entry.kind = kind;
                 entry.size = size;
                 entry.mtime_ns = mtime;
@@ -964,7 +1168,8 @@ impl ZoneStore {
             node,
             counter: self.index.version,
         };
-        entry.placed = entry.content;
+        // It follows every earlier placement: a deletion that sees it sees them all.
+        entry.placements = placed_by(entry.deleted, entry.content);
         entry.written_ms = (self.clock)();
         tracing::debug!(
             path,
@@ -1029,7 +1234,7 @@ impl ZoneStore {
             mtime_ns: 0,
             content: Change::default(),
             written_ms: 0,
-            placed: Change::default(),
+            placements: VersionVector::default(),
             displaced: VersionVector::default(),
             mode: 0,
         });
@@ -1209,6 +1414,13 @@ impl ZoneStore {
                 // over the content it saw): it includes our changes from now on.
                 let mut merged = theirs.clone();
                 if let Some(ours) = self.index.entries.get(path) {
+                    if ours.deleted
+                        && !theirs.deleted
+                        && ours.vv.relation(&theirs.vv) == Relation::Concurrent
+                    {
+                        // Our deletion lost, and so did what it saw.
+                        merged.placements = unseen_placements(&theirs.placements, &ours.vv);
+                    }
                     merged.vv.merge(&ours.vv);
                     merged.displaced.merge(&ours.displaced);
                 }
@@ -1222,13 +1434,22 @@ impl ZoneStore {
     fn merge_into(&mut self, path: &str, theirs: &Entry) {
         self.id_for(path);
         if let Some(entry) = self.index.entries.get_mut(path) {
+            match (entry.deleted, theirs.deleted) {
+                // One directory made on two members, or one content placed here twice (the
+                // same rename on two members): a deletion wins only if it saw every placement.
+                (false, false) => {
+                    entry.placements = merge_placements(
+                        (&entry.placements, &entry.vv),
+                        (&theirs.placements, &theirs.vv),
+                    );
+                }
+                (false, true) => {
+                    entry.placements = unseen_placements(&entry.placements, &theirs.vv);
+                }
+                (true, _) => entry.placements = VersionVector::default(),
+            }
             entry.vv.merge(&theirs.vv);
             entry.displaced.merge(&theirs.displaced);
-            if !entry.deleted && !theirs.deleted && entry.content == theirs.content {
-                // One content placed here twice (the same rename on two members): a deletion
-                // wins if it saw the later placement, whichever member merged what.
-                entry.placed = entry.placed.max(theirs.placed);
-            }
             self.index.version += 1;
             entry.changed_at = self.index.version;
         }
@@ -1400,10 +1621,13 @@ impl ZoneStore {
                 if let Some(entry) = self.index.entries.get_mut(&new) {
                     entry.vv.record(node, version);
                     entry.changed_at = version;
-                    entry.placed = Change {
-                        node,
-                        counter: version,
-                    };
+                    entry.placements = placed_by(
+                        false,
+                        Change {
+                            node,
+                            counter: version,
+                        },
+                    );
                 }
             }
         }
@@ -1568,7 +1792,7 @@ mod tests {
             mtime_ns: 0,
             content,
             written_ms,
-            placed: content,
+            placements: placed_by(deleted, content),
             displaced: VersionVector::default(),
             mode: 0o644,
         }
@@ -1761,7 +1985,11 @@ mod tests {
                 node: 7,
                 counter: 1,
             };
-            assert_eq!((entry.content, entry.placed), (written, written), "{file}");
+            assert_eq!(
+                (entry.content, entry.placements.clone()),
+                (written, placed_by(false, written)),
+                "{file}"
+            );
             assert_eq!(
                 store.scan().unwrap(),
                 0,
@@ -1772,6 +2000,169 @@ mod tests {
             assert!(!meta.join(file).exists(), "{file} is replaced");
             let _ = std::fs::remove_dir_all(&dir);
         }
+    }
+
+    #[test]
+    fn a_journaled_index_of_version_3_is_replayed_and_taken_over() {
+        let dir = scratch("legacy-v3");
+        let (root, meta) = (dir.join("data"), dir.join("meta"));
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::create_dir_all(&meta).unwrap();
+        let made = Change {
+            node: 7,
+            counter: 2,
+        };
+        let v3_entry = |id, kind, deleted, placed| legacy::EntryV3 {
+            id,
+            kind,
+            vv: VersionVector([(7, 2)].into_iter().collect()),
+            deleted,
+            changed_at: 2,
+            size: 0,
+            mtime_ns: 0,
+            content: placed,
+            written_ms: 1,
+            placed,
+            displaced: VersionVector::default(),
+            mode: 0o755,
+        };
+        let base_path = meta.join(LEGACY_JOURNALED_INDEX_FILE);
+        let (mut journal, _) = Journal::open::<Index<legacy::EntryV3>>(&base_path).unwrap();
+        let mut index = Index::<legacy::EntryV3> {
+            next_id: 4,
+            version: 2,
+            ..Index::default()
+        };
+        index
+            .entries
+            .insert("d".into(), v3_entry(2, Kind::Dir, false, made));
+        journal.save(&mut index).unwrap();
+        // The tombstone reaches only the log: migrating must replay it.
+        index
+            .entries
+            .insert("gone".into(), v3_entry(3, Kind::File, true, made));
+        journal.save(&mut index).unwrap();
+        let log_path = journal.log_path().to_path_buf();
+        assert!(log_path.exists());
+
+        let store = ZoneStore::open(7, &root, &meta).unwrap();
+        let d = store.entry("d").unwrap();
+        assert_eq!((d.id, d.kind, d.deleted), (2, Kind::Dir, false));
+        assert_eq!(d.placements, placed_by(false, made));
+        let gone = store
+            .entry("gone")
+            .expect("the logged tombstone is replayed");
+        assert!(gone.deleted && gone.placements.0.is_empty());
+        assert!(meta.join(INDEX_FILE).exists());
+        assert!(
+            !base_path.exists() && !log_path.exists(),
+            "version 3 files go"
+        );
+        drop(store);
+        // And the migrated index reads back as it was written.
+        let reopened = ZoneStore::open(7, &root, &meta).unwrap();
+        assert_eq!(
+            reopened.entry("d").unwrap().placements,
+            placed_by(false, made)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn dir_entry(vv: &[(u64, u64)], placements: &[(u64, u64)], deleted: bool) -> Entry {
+        Entry {
+            kind: Kind::Dir,
+            placements: VersionVector(placements.iter().copied().collect()),
+            ..entry(vv, 1, 1, deleted)
+        }
+    }
+
+    #[test]
+    fn a_directory_goes_with_a_deletion_that_saw_every_mkdir_of_it() {
+        // Made on nodes 1 and 2 concurrently, merged on a third member.
+        let both = dir_entry(&[(1, 1), (2, 1)], &[(1, 1), (2, 1)], false);
+        // Removed by node 2 having seen only its own mkdir: node 1's stands.
+        let saw_one = dir_entry(&[(2, 2)], &[], true);
+        assert_eq!(decide(Some(&both), &saw_one), Decision::MergeOnly);
+        assert_eq!(decide(Some(&saw_one), &both), Decision::Take);
+        // Removed by a member that saw both, with another deletion merged into the directory:
+        // the deletion wins although the vectors are concurrent.
+        let saw_both = dir_entry(&[(1, 1), (2, 1), (3, 5)], &[], true);
+        let with_other_deletion = dir_entry(&[(1, 1), (2, 1), (4, 9)], &[(1, 1), (2, 1)], false);
+        assert_eq!(
+            decide(Some(&with_other_deletion), &saw_both),
+            Decision::Take
+        );
+        assert_eq!(
+            decide(Some(&saw_both), &with_other_deletion),
+            Decision::MergeOnly
+        );
+        // A deletion that saw what survived a first deletion wins too.
+        assert_eq!(
+            unseen_placements(&both.placements, &saw_one.vv),
+            VersionVector([(1, 1)].into_iter().collect())
+        );
+    }
+
+    proptest::proptest! {
+        /// Merging two members' placements gives the same whichever merges first: members that
+        /// merged the same versions in another order hold the same placements.
+        #[test]
+        fn merging_placements_does_not_depend_on_the_order(
+            a in proptest::collection::btree_map(1u64..4, 1u64..6, 0..3),
+            b in proptest::collection::btree_map(1u64..4, 1u64..6, 0..3),
+            c in proptest::collection::btree_map(1u64..4, 1u64..6, 0..3),
+            extra in proptest::collection::btree_map(1u64..5, 1u64..8, 0..3),
+        ) {
+            // Each version's vector holds its placements and maybe more (deletions merged in).
+            let version = |p: &BTreeMap<u64, u64>| {
+                let placements = VersionVector(p.clone());
+                let mut vv = placements.clone();
+                vv.merge(&VersionVector(extra.clone()));
+                (placements, vv)
+            };
+            let (a, b, c) = (version(&a), version(&b), version(&c));
+            let merge = |x: &(VersionVector, VersionVector), y: &(VersionVector, VersionVector)| {
+                let mut vv = x.1.clone();
+                vv.merge(&y.1);
+                (merge_placements((&x.0, &x.1), (&y.0, &y.1)), vv)
+            };
+            proptest::prop_assert_eq!(merge(&a, &b), merge(&b, &a));
+            proptest::prop_assert_eq!(merge(&merge(&a, &b), &c), merge(&a, &merge(&b, &c)));
+            proptest::prop_assert_eq!(merge(&a, &a), a.clone());
+        }
+    }
+
+    #[test]
+    fn a_same_size_rewrite_within_one_timestamp_tick_is_a_change() {
+        let dir = scratch("racy");
+        let (root, meta) = (dir.join("data"), dir.join("meta"));
+        let mut store = ZoneStore::open(3, &root, &meta).unwrap();
+        let file = root.join("f");
+        std::fs::write(&file, b"first").unwrap();
+        assert_eq!(store.scan().unwrap(), 1);
+        let recorded = store.entry("f").unwrap().clone();
+        // Rewritten in place, same size, and within the tick the scan saw: the timestamp is
+        // the one recorded (set back here, which a coarse clock does by itself).
+        std::fs::write(&file, b"other").unwrap();
+        let at = SystemTime::UNIX_EPOCH
+            + Duration::from_nanos(u64::try_from(recorded.mtime_ns).unwrap());
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_times(std::fs::FileTimes::new().set_modified(at))
+            .unwrap();
+        assert_eq!(store.scan().unwrap(), 1, "the rewrite is found");
+        let after = store.entry("f").unwrap();
+        assert_eq!(
+            (after.size, after.mtime_ns),
+            (recorded.size, recorded.mtime_ns)
+        );
+        assert_ne!(after.content, recorded.content, "a new version");
+        // Unchanged since: no change, however often it is scanned.
+        assert_eq!(store.scan().unwrap(), 0);
+        assert_eq!(store.scan().unwrap(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

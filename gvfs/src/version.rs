@@ -39,6 +39,11 @@ impl VersionVector {
         }
     }
 
+    /// Whether `node`'s change numbered `counter` is among these.
+    pub fn saw(&self, node: u64, counter: u64) -> bool {
+        self.0.get(&node).is_some_and(|seen| *seen >= counter)
+    }
+
     /// How `self` relates to `other`.
     ///
     /// ```

@@ -783,3 +783,22 @@ fn a_file_and_a_directory_made_at_one_path_keep_the_directory_and_copy_the_file(
         );
     }
 }
+
+/// Found by the property (CI): a file deleted on one member, a directory made and removed at
+/// the same path on another. A third member that merged the mkdir into the file's tombstone
+/// kept the directory against the rmdir, since a directory won over every concurrent deletion,
+/// even one that had seen it made; the member that merged the two deletions first held none.
+#[test]
+fn a_directory_removed_by_its_maker_is_gone_whatever_deletion_was_merged_in() {
+    use Op::{Mkdir, Remove, Write};
+    let steps = [
+        Step::Do(2, Write("k")),
+        Step::Do(2, Remove("k")),
+        Step::Do(1, Mkdir("k")),
+        Step::Pull(0, 2),
+        Step::Pull(0, 1),
+        Step::Do(1, Remove("k")),
+        Step::Pull(2, 1),
+    ];
+    run(&steps).unwrap();
+}

@@ -183,10 +183,7 @@ fn a_pull_never_writes_or_deletes_outside_the_zone() {
             counter: 1,
         },
         written_ms: 1,
-        placed: Change {
-            node: 9,
-            counter: 1,
-        },
+        placements: VersionVector([(9, 1)].into_iter().collect()),
         displaced: VersionVector::default(),
         mode: 0o644,
     };
