@@ -621,6 +621,8 @@ pub const RACY_MAX_SIZE: u64 = 16 << 20;
 /// A file recorded while its timestamp could still hide a rewrite (see [`RACY_WINDOW`]).
 #[derive(Clone, Copy, Debug)]
 struct RacyFile {
+    /// The version recorded with it.
+    content: Change,
     size: u64,
     mtime_ns: i128,
     digest: [u8; 32],
@@ -1079,9 +1081,10 @@ impl ZoneStore {
         let Some(entry) = self.index.entries.get_mut(path) else {
             return false;
         };
+        // A file to watch for a rewrite hiding in its timestamp tick: its size, time and digest.
+        let mut watch = None;
         let changed = match &on_disk {
             None => {
-                self.racy.remove(path);
                 if entry.deleted {
                     false
                 } else {
@@ -1102,10 +1105,16 @@ impl ZoneStore {
                     || (kind == Kind::File && (entry.size != size || entry.mtime_ns != mtime));
                 if kind == Kind::File {
                     let disk = self.root.join(path);
+                    // Only the version this node recorded from disk: one a pull installed since
+                    // may carry the same size and time with other bytes.
                     let racy = self
                         .racy
                         .get(path)
-                        .filter(|r| !differs && (r.size, r.mtime_ns) == (size, mtime))
+                        .filter(|r| {
+                            !differs
+                                && r.content == entry.content
+                                && (r.size, r.mtime_ns) == (size, mtime)
+                        })
                         .copied();
                     let now_ns = mtime_ns_of(SystemTime::now());
                     let recent = size <= RACY_MAX_SIZE
@@ -1118,23 +1127,9 @@ impl ZoneStore {
                         // rewrite within that tick can hide here; the contents tell.
                         differs = digest != Some(racy.digest);
                     }
-                    match digest.filter(|_| recent) {
-                        Some(digest) => {
-                            self.racy.insert(
-                                path.to_string(),
-                                RacyFile {
-                                    size,
-                                    mtime_ns: mtime,
-                                    digest,
-                                },
-                            );
-                        }
-                        None => {
-                            self.racy.remove(path);
-                        }
-                    }
-                } else {
-                    self.racy.remove(path);
+                    watch = digest
+                        .filter(|_| recent)
+                        .map(|digest| (size, mtime, digest));
                 }
                 entry.kind = kind;
                 entry.size = size;
@@ -1146,6 +1141,23 @@ impl ZoneStore {
         };
         if changed {
             self.record_local_change(path);
+        }
+        match (watch, self.index.entries.get(path)) {
+            (Some((size, mtime_ns, digest)), Some(entry)) => {
+                let content = entry.content;
+                self.racy.insert(
+                    path.to_string(),
+                    RacyFile {
+                        content,
+                        size,
+                        mtime_ns,
+                        digest,
+                    },
+                );
+            }
+            _ => {
+                self.racy.remove(path);
+            }
         }
         changed
     }
@@ -2162,6 +2174,38 @@ mod tests {
         // Unchanged since: no change, however often it is scanned.
         assert_eq!(store.scan().unwrap(), 0);
         assert_eq!(store.scan().unwrap(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_pulled_version_with_the_recorded_size_and_time_is_not_taken_for_a_rewrite() {
+        let dir = scratch("racy-pull");
+        let (root, meta) = (dir.join("data"), dir.join("meta"));
+        let mut store = ZoneStore::open(3, &root, &meta).unwrap();
+        std::fs::write(root.join("f"), b"from a").unwrap();
+        assert_eq!(store.scan().unwrap(), 1);
+        let ours = store.entry("f").unwrap().clone();
+        // A peer's version that follows ours, written in the same tick: same size and time.
+        let mut theirs = ours.clone();
+        theirs.vv.record(4, 1);
+        theirs.content = Change {
+            node: 4,
+            counter: 1,
+        };
+        theirs.placements = placed_by(false, theirs.content);
+        let fetched = store.temp_file();
+        std::fs::write(&fetched, b"from b").unwrap();
+        store
+            .apply("f", &theirs, &Decision::Take, Some(&fetched))
+            .unwrap();
+        assert_eq!(std::fs::read(root.join("f")).unwrap(), b"from b");
+        assert_eq!(store.entry("f").unwrap().mtime_ns, ours.mtime_ns);
+        assert_eq!(
+            store.scan().unwrap(),
+            0,
+            "the pulled version is not a local change"
+        );
+        assert_eq!(store.entry("f").unwrap().content, theirs.content);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
