@@ -27,6 +27,9 @@ enum Op {
     Create(&'static str),
     Remove(&'static str),
     Rename(&'static str, &'static str),
+    /// Writes the file straight into the member's zone directory, not through NFS, as a
+    /// program running on the member would (found by the member's next scan).
+    DirectWrite(&'static str),
 }
 
 /// What clients were told: every write acknowledged, and those a later operation on a member
@@ -237,6 +240,22 @@ impl Zone {
                         ledger.superseded.extend(replaced);
                         ledger.acknowledged.push(content);
                     }
+                }
+            }
+            Op::DirectWrite(path) => {
+                let disk = self.members[member].root.join(path);
+                let parent_is_dir = disk
+                    .parent()
+                    .is_some_and(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()));
+                if !parent_is_dir || std::fs::symlink_metadata(&disk).is_ok_and(|m| m.is_dir()) {
+                    return;
+                }
+                ledger.writes += 1;
+                let content = format!("write {:06}", ledger.writes).into_bytes();
+                let replaced = before(path);
+                if std::fs::write(&disk, &content).is_ok() {
+                    ledger.superseded.extend(replaced);
+                    ledger.acknowledged.push(content);
                 }
             }
             Op::Remove(path) => {
@@ -464,6 +483,7 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
     prop_oneof![
         2 => dir().prop_map(Op::Mkdir),
         6 => file().prop_map(Op::Write),
+        2 => file().prop_map(Op::DirectWrite),
         1 => file().prop_map(Op::Create),
         2 => file().prop_map(Op::Remove),
         1 => dir().prop_map(Op::Remove),
