@@ -436,6 +436,25 @@ fn set_mode_and_mtime(file: &Path, entry: &Entry) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Puts `new` at `path` in one step. When `path` held a file, it is swapped with `new` (so
+/// that the caller can look at what was replaced, with any write that reached it) and `true`
+/// is returned; otherwise (nothing there, or a file system without exchange) `new` is renamed
+/// over it and `false` is returned.
+fn exchange(new: &Path, path: &Path) -> std::io::Result<bool> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
+        use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+        match renameat2(AT_FDCWD, new, AT_FDCWD, path, RenameFlags::RENAME_EXCHANGE) {
+            Ok(()) => return Ok(true),
+            // Not supported here (or the file went meanwhile): a plain rename.
+            Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+    std::fs::rename(new, path)?;
+    Ok(false)
+}
+
 fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
     i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
 }
@@ -1514,7 +1533,13 @@ impl ZoneStore {
         let (size, mtime) = if theirs.deleted {
             let removed = match std::fs::symlink_metadata(&disk) {
                 Ok(meta) if meta.is_dir() => std::fs::remove_dir(&disk),
-                Ok(_) => std::fs::remove_file(&disk),
+                Ok(_) => {
+                    // Moved aside first, so that a write made directly on disk since the pull
+                    // looked is seen on the file it went to, and kept.
+                    let aside = self.temp_file();
+                    std::fs::rename(&disk, &aside)
+                        .and_then(|()| self.keep_or_drop_replaced(path, &aside))
+                }
                 Err(_) => Ok(()),
             };
             if let Err(e) = removed {
@@ -1549,12 +1574,60 @@ impl ZoneStore {
             }
             // The writer's permissions and modification time, set before the file appears.
             set_mode_and_mtime(fetched, theirs).map_err(io(fetched))?;
-            std::fs::rename(fetched, &disk).map_err(io(&disk))?;
+            if exchange(fetched, &disk).map_err(io(&disk))? {
+                // The replaced file is at `fetched` now: a write made directly on disk since
+                // the pull looked is seen on it, and kept.
+                self.keep_or_drop_replaced(path, fetched)
+                    .map_err(io(fetched))?;
+            }
             sync_dir(disk.parent().unwrap_or(&self.root));
             let meta = std::fs::metadata(&disk).map_err(io(&disk))?;
             (meta.len(), mtime_ns(&meta))
         };
         self.index_received(path, theirs, size, mtime);
+        Ok(())
+    }
+
+    /// The file a pull just moved off `path` (to `aside`): removed if it is the version the
+    /// index holds; otherwise a write was made directly on disk after the pull's last check,
+    /// and it is kept as a conflict copy beside the path, recorded as this node's change.
+    fn keep_or_drop_replaced(&mut self, path: &str, aside: &Path) -> std::io::Result<()> {
+        let meta = std::fs::symlink_metadata(aside)?;
+        let recorded = self
+            .index
+            .entries
+            .get(path)
+            .filter(|e| !e.deleted && e.kind == Kind::File);
+        let unchanged = recorded.is_some_and(|entry| {
+            (entry.size, entry.mtime_ns) == (meta.len(), mtime_ns(&meta))
+                && self
+                    .racy
+                    .get(path)
+                    .filter(|r| r.content == entry.content)
+                    .is_none_or(|r| file_digest(aside).is_ok_and(|d| d == r.digest))
+        });
+        if unchanged || !meta.is_file() {
+            return std::fs::remove_file(aside);
+        }
+        // Named by the change that records it (the next of this node).
+        let copy = conflict_path(
+            path,
+            Change {
+                node: self.node,
+                counter: self.index.version + 1,
+            },
+        );
+        let copy_disk = self
+            .disk_path(&copy)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        std::fs::rename(aside, &copy_disk)?;
+        self.index.conflicts += 1;
+        tracing::warn!(
+            path,
+            copy,
+            "a write made directly in the zone directory while a pull replaced the file is kept as a conflict copy"
+        );
+        self.check(&copy);
         Ok(())
     }
 
@@ -2206,6 +2279,91 @@ mod tests {
             "the pulled version is not a local change"
         );
         assert_eq!(store.entry("f").unwrap().content, theirs.content);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A pull replaces (or deletes) a file that a program rewrote directly on disk after the
+    /// pull's last look: the rewrite is kept as a conflict copy, recorded as this node's change.
+    #[test]
+    fn a_direct_write_racing_a_pull_is_kept_as_a_conflict_copy() {
+        for deletion in [false, true] {
+            let dir = scratch(&format!("race-{deletion}"));
+            let (root, meta) = (dir.join("data"), dir.join("meta"));
+            let mut store = ZoneStore::open(3, &root, &meta).unwrap();
+            std::fs::write(root.join("f.txt"), b"recorded").unwrap();
+            assert_eq!(store.scan().unwrap(), 1);
+            let ours = store.entry("f.txt").unwrap().clone();
+            let mut theirs = ours.clone();
+            theirs.vv.record(4, 1);
+            theirs.content = Change {
+                node: 4,
+                counter: 1,
+            };
+            theirs.deleted = deletion;
+            theirs.placements = placed_by(deletion, theirs.content);
+            let fetched = (!deletion).then(|| {
+                let tmp = store.temp_file();
+                std::fs::write(&tmp, b"from the peer").unwrap();
+                tmp
+            });
+            // Written directly after the pull decided, before it installs.
+            std::fs::write(root.join("f.txt"), b"written directly, late").unwrap();
+            store
+                .apply("f.txt", &theirs, &Decision::Take, fetched.as_deref())
+                .unwrap();
+            let f = std::fs::read(root.join("f.txt")).ok();
+            let expected: Option<&[u8]> = (!deletion).then_some(b"from the peer");
+            assert_eq!(f.as_deref(), expected, "deletion {deletion}");
+            let copies: Vec<String> = store
+                .changes_since(0)
+                .into_iter()
+                .filter(|(p, e)| p.contains(".conflict-") && !e.deleted)
+                .map(|(p, _)| p)
+                .collect();
+            assert_eq!(copies.len(), 1, "deletion {deletion}: {copies:?}");
+            assert_eq!(
+                std::fs::read(root.join(&copies[0])).unwrap(),
+                b"written directly, late"
+            );
+            let copy = store.entry(&copies[0]).unwrap();
+            assert_eq!(copy.content.node, 3, "this node's change");
+            assert_eq!(
+                store.scan().unwrap(),
+                0,
+                "deletion {deletion}: all recorded"
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
+    /// The same replacement with nothing written meanwhile leaves no copy behind.
+    #[test]
+    fn a_pull_over_an_unchanged_file_leaves_no_copy() {
+        let dir = scratch("race-none");
+        let (root, meta) = (dir.join("data"), dir.join("meta"));
+        let mut store = ZoneStore::open(3, &root, &meta).unwrap();
+        std::fs::write(root.join("f.txt"), b"recorded").unwrap();
+        assert_eq!(store.scan().unwrap(), 1);
+        let mut theirs = store.entry("f.txt").unwrap().clone();
+        theirs.vv.record(4, 1);
+        theirs.content = Change {
+            node: 4,
+            counter: 1,
+        };
+        let tmp = store.temp_file();
+        std::fs::write(&tmp, b"from the peer").unwrap();
+        store
+            .apply("f.txt", &theirs, &Decision::Take, Some(&tmp))
+            .unwrap();
+        assert_eq!(std::fs::read(root.join("f.txt")).unwrap(), b"from the peer");
+        let names: Vec<String> = std::fs::read_dir(&root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["f.txt"]);
+        assert!(!tmp.exists(), "the replaced file is gone");
+        assert_eq!(store.scan().unwrap(), 0);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
