@@ -2250,35 +2250,55 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    #[test]
-    fn a_pulled_version_with_the_recorded_size_and_time_is_not_taken_for_a_rewrite() {
-        let dir = scratch("racy-pull");
+    /// A store of node 3 that recorded `f.txt` (`recorded` in it), and a version of it by node
+    /// 4 that follows ours (a deletion when `deleted`).
+    fn recorded_file_and_a_following_version(
+        tag: &str,
+        recorded: &[u8],
+        deleted: bool,
+    ) -> (PathBuf, PathBuf, ZoneStore, Entry, Entry) {
+        let dir = scratch(tag);
         let (root, meta) = (dir.join("data"), dir.join("meta"));
         let mut store = ZoneStore::open(3, &root, &meta).unwrap();
-        std::fs::write(root.join("f"), b"from a").unwrap();
+        std::fs::write(root.join("f.txt"), recorded).unwrap();
         assert_eq!(store.scan().unwrap(), 1);
-        let ours = store.entry("f").unwrap().clone();
-        // A peer's version that follows ours, written in the same tick: same size and time.
+        let ours = store.entry("f.txt").unwrap().clone();
         let mut theirs = ours.clone();
         theirs.vv.record(4, 1);
         theirs.content = Change {
             node: 4,
             counter: 1,
         };
-        theirs.placements = placed_by(false, theirs.content);
+        theirs.deleted = deleted;
+        theirs.placements = placed_by(deleted, theirs.content);
+        (dir, root, store, ours, theirs)
+    }
+
+    /// Applies `theirs` over `f.txt` as a pull that fetched `bytes` would; returns the
+    /// temporary file the bytes were fetched into.
+    fn take_fetched(store: &mut ZoneStore, theirs: &Entry, bytes: &[u8]) -> PathBuf {
         let fetched = store.temp_file();
-        std::fs::write(&fetched, b"from b").unwrap();
+        std::fs::write(&fetched, bytes).unwrap();
         store
-            .apply("f", &theirs, &Decision::Take, Some(&fetched))
+            .apply("f.txt", theirs, &Decision::Take, Some(&fetched))
             .unwrap();
-        assert_eq!(std::fs::read(root.join("f")).unwrap(), b"from b");
-        assert_eq!(store.entry("f").unwrap().mtime_ns, ours.mtime_ns);
+        fetched
+    }
+
+    #[test]
+    fn a_pulled_version_with_the_recorded_size_and_time_is_not_taken_for_a_rewrite() {
+        // A peer's version that follows ours, written in the same tick: same size and time.
+        let (dir, root, mut store, ours, theirs) =
+            recorded_file_and_a_following_version("racy-pull", b"from a", false);
+        take_fetched(&mut store, &theirs, b"from b");
+        assert_eq!(std::fs::read(root.join("f.txt")).unwrap(), b"from b");
+        assert_eq!(store.entry("f.txt").unwrap().mtime_ns, ours.mtime_ns);
         assert_eq!(
             store.scan().unwrap(),
             0,
             "the pulled version is not a local change"
         );
-        assert_eq!(store.entry("f").unwrap().content, theirs.content);
+        assert_eq!(store.entry("f.txt").unwrap().content, theirs.content);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -2287,20 +2307,11 @@ mod tests {
     #[test]
     fn a_direct_write_racing_a_pull_is_kept_as_a_conflict_copy() {
         for deletion in [false, true] {
-            let dir = scratch(&format!("race-{deletion}"));
-            let (root, meta) = (dir.join("data"), dir.join("meta"));
-            let mut store = ZoneStore::open(3, &root, &meta).unwrap();
-            std::fs::write(root.join("f.txt"), b"recorded").unwrap();
-            assert_eq!(store.scan().unwrap(), 1);
-            let ours = store.entry("f.txt").unwrap().clone();
-            let mut theirs = ours.clone();
-            theirs.vv.record(4, 1);
-            theirs.content = Change {
-                node: 4,
-                counter: 1,
-            };
-            theirs.deleted = deletion;
-            theirs.placements = placed_by(deletion, theirs.content);
+            let (dir, root, mut store, _, theirs) = recorded_file_and_a_following_version(
+                &format!("race-{deletion}"),
+                b"recorded",
+                deletion,
+            );
             let fetched = (!deletion).then(|| {
                 let tmp = store.temp_file();
                 std::fs::write(&tmp, b"from the peer").unwrap();
@@ -2339,22 +2350,9 @@ mod tests {
     /// The same replacement with nothing written meanwhile leaves no copy behind.
     #[test]
     fn a_pull_over_an_unchanged_file_leaves_no_copy() {
-        let dir = scratch("race-none");
-        let (root, meta) = (dir.join("data"), dir.join("meta"));
-        let mut store = ZoneStore::open(3, &root, &meta).unwrap();
-        std::fs::write(root.join("f.txt"), b"recorded").unwrap();
-        assert_eq!(store.scan().unwrap(), 1);
-        let mut theirs = store.entry("f.txt").unwrap().clone();
-        theirs.vv.record(4, 1);
-        theirs.content = Change {
-            node: 4,
-            counter: 1,
-        };
-        let tmp = store.temp_file();
-        std::fs::write(&tmp, b"from the peer").unwrap();
-        store
-            .apply("f.txt", &theirs, &Decision::Take, Some(&tmp))
-            .unwrap();
+        let (dir, root, mut store, _, theirs) =
+            recorded_file_and_a_following_version("race-none", b"recorded", false);
+        let tmp = take_fetched(&mut store, &theirs, b"from the peer");
         assert_eq!(std::fs::read(root.join("f.txt")).unwrap(), b"from the peer");
         let names: Vec<String> = std::fs::read_dir(&root)
             .unwrap()
