@@ -727,6 +727,14 @@ impl ZoneStore {
         std::fs::create_dir_all(root).map_err(io(root))?;
         let tmp_dir = meta.join("incoming");
         std::fs::create_dir_all(&tmp_dir).map_err(io(&tmp_dir))?;
+        let device = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+        if device(&tmp_dir) != device(root) {
+            tracing::warn!(
+                zone = %root.display(),
+                state = %tmp_dir.display(),
+                "the zone and gvd's state directory are on different file systems: every pulled file is copied once more to reach the zone"
+            );
+        }
         let index_path = meta.join(INDEX_FILE);
         let (journal, loaded) = Journal::open::<Index>(&index_path)?;
         if loaded.replayed > 0 {
@@ -1534,11 +1542,15 @@ impl ZoneStore {
             let removed = match std::fs::symlink_metadata(&disk) {
                 Ok(meta) if meta.is_dir() => std::fs::remove_dir(&disk),
                 Ok(_) => {
-                    // Moved aside first, so that a write made directly on disk since the pull
-                    // looked is seen on the file it went to, and kept.
-                    let aside = self.temp_file();
-                    std::fs::rename(&disk, &aside)
-                        .and_then(|()| self.keep_or_drop_replaced(path, &aside))
+                    // Moved aside first (beside it: the same file system), so that a write
+                    // made directly on disk since the pull looked is seen on the file it went
+                    // to, and kept. A file that cannot go fails the pull, which retries: as a
+                    // tombstone over a file still there, the next scan would bring it back.
+                    let aside = self.sibling_temp(&disk);
+                    std::fs::rename(&disk, &aside).map_err(io(&disk))?;
+                    self.keep_or_drop_replaced(path, &aside)
+                        .map_err(io(&aside))?;
+                    Ok(())
                 }
                 Err(_) => Ok(()),
             };
@@ -1572,20 +1584,74 @@ impl ZoneStore {
                 }
                 std::fs::remove_dir(&disk).map_err(io(&disk))?;
             }
-            // The writer's permissions and modification time, set before the file appears.
-            set_mode_and_mtime(fetched, theirs).map_err(io(fetched))?;
-            if exchange(fetched, &disk).map_err(io(&disk))? {
-                // The replaced file is at `fetched` now: a write made directly on disk since
-                // the pull looked is seen on it, and kept.
-                self.keep_or_drop_replaced(path, fetched)
-                    .map_err(io(fetched))?;
+            // Renamed into place from the zone's own file system: a state directory elsewhere
+            // costs one more copy.
+            let staged = self.staged_beside(fetched, &disk)?;
+            let result = self.put_in_place(path, theirs, &staged, &disk);
+            if staged != fetched {
+                // Cleanup: gone already unless something failed.
+                let _ = std::fs::remove_file(&staged);
             }
+            result?;
             sync_dir(disk.parent().unwrap_or(&self.root));
             let meta = std::fs::metadata(&disk).map_err(io(&disk))?;
             (meta.len(), mtime_ns(&meta))
         };
         self.index_received(path, theirs, size, mtime);
         Ok(())
+    }
+
+    /// `fetched`, or a copy of it beside `disk` when the two are on different file systems (a
+    /// state directory outside the zone's): a rename cannot cross them.
+    fn staged_beside(&mut self, fetched: &Path, disk: &Path) -> Result<PathBuf, StoreError> {
+        let parent = disk.parent().unwrap_or(&self.root);
+        let device = |p: &Path| std::fs::metadata(p).map(|m| m.dev());
+        if device(fetched).map_err(io(fetched))? == device(parent).map_err(io(parent))? {
+            return Ok(fetched.to_path_buf());
+        }
+        let staged = self.sibling_temp(disk);
+        let copied =
+            std::fs::copy(fetched, &staged).and_then(|_| std::fs::File::open(&staged)?.sync_all());
+        if let Err(error) = copied {
+            // Cleanup: a partial copy is never indexed, and removed here.
+            let _ = std::fs::remove_file(&staged);
+            return Err(io(&staged)(error));
+        }
+        Ok(staged)
+    }
+
+    /// Puts the file at `staged` (theirs) at `path`; a file it replaces is looked at and kept
+    /// if a direct write reached it.
+    fn put_in_place(
+        &mut self,
+        path: &str,
+        theirs: &Entry,
+        staged: &Path,
+        disk: &Path,
+    ) -> Result<(), StoreError> {
+        // The writer's permissions and modification time, set before the file appears.
+        set_mode_and_mtime(staged, theirs).map_err(io(staged))?;
+        if exchange(staged, disk).map_err(io(disk))? {
+            // The replaced file is at `staged` now: a write made directly on disk since the
+            // pull looked is seen on it, and kept.
+            self.keep_or_drop_replaced(path, staged)
+                .map_err(io(staged))?;
+        }
+        Ok(())
+    }
+
+    /// A name beside `disk` for a file on its way in or out (hidden, unique to this process;
+    /// the store's lock is held while it exists, so no scan sees it).
+    fn sibling_temp(&mut self, disk: &Path) -> PathBuf {
+        self.temp_counter += 1;
+        let leaf = disk
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        disk.with_file_name(format!(
+            ".{leaf}.gvfs-{}-{}.part",
+            std::process::id(),
+            self.temp_counter
+        ))
     }
 
     /// The file a pull just moved off `path` (to `aside`): removed if it is the version the
@@ -2345,6 +2411,63 @@ mod tests {
             );
             let _ = std::fs::remove_dir_all(&dir);
         }
+    }
+
+    /// gvd's state directory (where pulls fetch into) on another file system than the zone:
+    /// pulled files, deletions and kept direct writes still reach the zone (a rename cannot
+    /// cross file systems).
+    #[test]
+    fn pulls_reach_a_zone_on_another_file_system_than_the_state_directory() {
+        use std::os::unix::fs::MetadataExt;
+        let shm = Path::new("/dev/shm");
+        let dir = scratch("xdev");
+        let (root, meta) = (
+            shm.join(format!("gvfs-store-xdev-{}", std::process::id())),
+            dir.join("meta"),
+        );
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&meta).unwrap();
+        assert_ne!(
+            std::fs::metadata(&root).unwrap().dev(),
+            std::fs::metadata(&meta).unwrap().dev(),
+            "/dev/shm (tmpfs) and the temporary directory must be two file systems for this test"
+        );
+        let mut store = ZoneStore::open(3, &root, &meta).unwrap();
+        std::fs::write(root.join("f.txt"), b"recorded").unwrap();
+        assert_eq!(store.scan().unwrap(), 1);
+        let mut theirs = store.entry("f.txt").unwrap().clone();
+        theirs.vv.record(4, 1);
+        theirs.content = Change {
+            node: 4,
+            counter: 1,
+        };
+        theirs.placements = placed_by(false, theirs.content);
+        std::fs::write(root.join("f.txt"), b"written directly, late").unwrap();
+        take_fetched(&mut store, &theirs, b"from the peer");
+        assert_eq!(std::fs::read(root.join("f.txt")).unwrap(), b"from the peer");
+        let mut deletion = store.entry("f.txt").unwrap().clone();
+        deletion.vv.record(4, 2);
+        deletion.deleted = true;
+        deletion.placements = VersionVector::default();
+        store
+            .apply("f.txt", &deletion, &Decision::Take, None)
+            .unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 1, "only the kept direct write: {names:?}");
+        assert!(names[0].starts_with("f.conflict-0000000000000003-"));
+        assert_eq!(
+            std::fs::read(root.join(&names[0])).unwrap(),
+            b"written directly, late"
+        );
+        assert_eq!(store.scan().unwrap(), 0);
+        let _ = std::fs::remove_dir_all(&root);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The same replacement with nothing written meanwhile leaves no copy behind.
