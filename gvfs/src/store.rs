@@ -436,6 +436,18 @@ fn set_mode_and_mtime(file: &Path, entry: &Entry) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether `name` is that of a pull's file on its way in or out (`.gvfs-<pid>-<n>.part`).
+fn is_pull_temp(name: &str) -> bool {
+    name.strip_prefix(".gvfs-")
+        .and_then(|rest| rest.strip_suffix(".part"))
+        .and_then(|rest| rest.split_once('-'))
+        .is_some_and(|(pid, n)| {
+            [pid, n]
+                .iter()
+                .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+        })
+}
+
 /// Puts `new` at `path` in one step. When `path` held a file, it is swapped with `new` (so
 /// that the caller can look at what was replaced, with any write that reached it) and `true`
 /// is returned; otherwise (nothing there, or a file system without exchange) `new` is renamed
@@ -688,6 +700,8 @@ pub struct ZoneStore {
     /// the same timestamp tick leaves size and mtime as they were, so for these the next check
     /// compares contents.
     racy: HashMap<String, RacyFile>,
+    /// Files a crash left on their way in or out of the zone, each warned about once.
+    skipped_temps: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for ZoneStore {
@@ -772,6 +786,7 @@ impl ZoneStore {
             used_cache: std::cell::Cell::new(None),
             skipped_links: BTreeSet::new(),
             racy: HashMap::new(),
+            skipped_temps: BTreeSet::new(),
         };
         store.scan()?;
         if let Some(legacy_paths) = migrated_from {
@@ -1326,6 +1341,19 @@ impl ZoneStore {
                 } else {
                     format!("{dir}/{name}")
                 };
+                if is_pull_temp(path.rsplit('/').next().unwrap_or_default())
+                    && !self.index.entries.contains_key(&path)
+                {
+                    // A pull's file on its way in or out, left by a crash: not zone content.
+                    if self.skipped_temps.insert(path.clone()) {
+                        tracing::warn!(
+                            path,
+                            root = %self.root.display(),
+                            "left by an interrupted pull (a pulled file not yet in place, or a replaced one): not replicated; look at it and remove it"
+                        );
+                    }
+                    continue;
+                }
                 if entry.file_type().is_ok_and(|t| t.is_symlink()) {
                     if self.skipped_links.insert(path.clone()) && !known_links.contains(&path) {
                         tracing::warn!(
@@ -1640,15 +1668,13 @@ impl ZoneStore {
         Ok(())
     }
 
-    /// A name beside `disk` for a file on its way in or out (hidden, unique to this process;
-    /// the store's lock is held while it exists, so no scan sees it).
+    /// A name beside `disk` for a file on its way in or out (hidden, unique to this process,
+    /// short whatever the file's name; the store's lock is held while it exists, so no scan
+    /// sees it, and one left by a crash is skipped by scans: see [`is_pull_temp`]).
     fn sibling_temp(&mut self, disk: &Path) -> PathBuf {
         self.temp_counter += 1;
-        let leaf = disk
-            .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         disk.with_file_name(format!(
-            ".{leaf}.gvfs-{}-{}.part",
+            ".gvfs-{}-{}.part",
             std::process::id(),
             self.temp_counter
         ))
@@ -2467,6 +2493,43 @@ mod tests {
         );
         assert_eq!(store.scan().unwrap(), 0);
         let _ = std::fs::remove_dir_all(&root);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// What a crash leaves of a pull in the zone directory is not taken for zone content; a
+    /// file whose name is as long as names go is still replaced and deleted by pulls.
+    #[test]
+    fn pull_temporaries_are_not_content_and_long_names_still_replicate() {
+        assert!(is_pull_temp(".gvfs-123-4.part"));
+        for name in [
+            ".gvfs--4.part",
+            ".gvfs-1-.part",
+            ".gvfs-1-2.txt",
+            "gvfs-1-2.part",
+            ".gvfs-a-2.part",
+        ] {
+            assert!(!is_pull_temp(name), "{name}");
+        }
+        let dir = scratch("temps");
+        let (root, meta) = (dir.join("data"), dir.join("meta"));
+        let mut store = ZoneStore::open(3, &root, &meta).unwrap();
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::write(root.join(".gvfs-77-1.part"), b"half a pulled file").unwrap();
+        std::fs::write(root.join("d/.gvfs-77-2.part"), b"a replaced file").unwrap();
+        let long = "n".repeat(255);
+        std::fs::write(root.join(&long), b"long").unwrap();
+        assert_eq!(store.scan().unwrap(), 2, "d and the long name only");
+        assert!(store.entry(".gvfs-77-1.part").is_none());
+        assert!(store.entry("d/.gvfs-77-2.part").is_none());
+        let mut deletion = store.entry(&long).unwrap().clone();
+        deletion.vv.record(4, 1);
+        deletion.deleted = true;
+        deletion.placements = VersionVector::default();
+        store
+            .apply(&long, &deletion, &Decision::Take, None)
+            .unwrap();
+        assert!(!root.join(&long).exists());
+        assert_eq!(store.scan().unwrap(), 0);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
