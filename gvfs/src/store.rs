@@ -1115,10 +1115,10 @@ impl ZoneStore {
         }
         // A path that cannot be resolved beneath the root (a symbolic link put there by hand)
         // is not part of the zone.
-        let on_disk = self
-            .disk_path(path)
-            .ok()
-            .and_then(|disk| std::fs::symlink_metadata(disk).ok());
+        let on_disk = self.disk_path(path).ok().and_then(|disk| {
+            let meta = std::fs::symlink_metadata(&disk).ok()?;
+            Some((disk, meta))
+        });
         self.id_for(path);
         let Some(entry) = self.index.entries.get_mut(path) else {
             return false;
@@ -1135,7 +1135,7 @@ impl ZoneStore {
                     true
                 }
             }
-            Some(meta) => {
+            Some((disk, meta)) => {
                 let kind = if meta.is_dir() { Kind::Dir } else { Kind::File };
                 let size = if meta.is_dir() { 0 } else { meta.len() };
                 let mtime = mtime_ns(meta);
@@ -1146,7 +1146,6 @@ impl ZoneStore {
                     || (entry.mode != 0 && entry.mode != mode)
                     || (kind == Kind::File && (entry.size != size || entry.mtime_ns != mtime));
                 if kind == Kind::File {
-                    let disk = self.root.join(path);
                     // Only the version this node recorded from disk: one a pull installed since
                     // may carry the same size and time with other bytes.
                     let racy = self
@@ -1162,7 +1161,7 @@ impl ZoneStore {
                     let recent = size <= RACY_MAX_SIZE
                         && now_ns.saturating_sub(mtime) < RACY_WINDOW.as_nanos() as i128;
                     let digest = (recent || racy.is_some())
-                        .then(|| file_digest(&disk).ok())
+                        .then(|| file_digest(disk).ok())
                         .flatten();
                     if let Some(racy) = racy {
                         // Size and time as recorded, and the time was recent then: only a
