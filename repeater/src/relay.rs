@@ -40,13 +40,39 @@ enum Side {
 }
 
 /// Every datagram seen recently, from either side, by digest.
-#[derive(Debug, Default)]
+///
+/// The digest is two 64-bit keyed hashes (`foldhash`, seeds drawn per repeater), not a
+/// cryptographic one: it only has to tell datagrams apart by accident, and hashing every
+/// datagram twice per hop with BLAKE3 took more of a repeater's time than moving it. A
+/// stranger cannot aim a collision at seeds they never see, and on a keyed network only
+/// datagrams that passed authentication are remembered.
+#[derive(Debug)]
 struct Memory {
-    seen: HashMap<[u8; 16], (Instant, Side)>,
-    order: VecDeque<(Instant, [u8; 16])>,
+    seen: HashMap<u128, (Instant, Side), foldhash::fast::RandomState>,
+    order: VecDeque<(Instant, u128)>,
+    seeds: [foldhash::quality::SeedableRandomState; 2],
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Self {
+            seen: HashMap::default(),
+            order: VecDeque::new(),
+            seeds: [
+                foldhash::quality::SeedableRandomState::random(),
+                foldhash::quality::SeedableRandomState::random(),
+            ],
+        }
+    }
 }
 
 impl Memory {
+    fn digest(&self, bytes: &[u8]) -> u128 {
+        use std::hash::BuildHasher;
+        let [low, high] = &self.seeds;
+        u128::from(low.hash_one(bytes)) | (u128::from(high.hash_one(bytes)) << 64)
+    }
+
     fn expire(&mut self, now: Instant) {
         while let Some((at, digest)) = self.order.front().copied() {
             if now.saturating_duration_since(at) < LOOP_MEMORY && self.order.len() <= MEMORY_LIMIT {
@@ -65,7 +91,7 @@ impl Memory {
     }
 
     /// Where `digest` was seen within [`LOOP_MEMORY`].
-    fn recent(&self, now: Instant, digest: &[u8; 16]) -> Option<Side> {
+    fn recent(&self, now: Instant, digest: &u128) -> Option<Side> {
         self.seen
             .get(digest)
             .filter(|(at, _)| now.saturating_duration_since(*at) < LOOP_MEMORY)
@@ -74,7 +100,7 @@ impl Memory {
 
     /// Remembers `digest` as seen now on `side` (not refreshed by later copies, so that
     /// identical datagrams still cross once per [`LOOP_MEMORY`]).
-    fn remember(&mut self, now: Instant, digest: [u8; 16], side: Side) {
+    fn remember(&mut self, now: Instant, digest: u128, side: Side) {
         self.seen.insert(digest, (now, side));
         self.order.push_back((now, digest));
     }
@@ -104,12 +130,6 @@ fn is_hello(bytes: &[u8]) -> bool {
             header.publisher() == HELLO_PUBLISHER
         },
     )
-}
-
-fn digest(bytes: &[u8]) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&blake3::hash(bytes).as_bytes()[..16]);
-    out
 }
 
 /// What to do with a datagram.
@@ -397,7 +417,7 @@ impl Relay {
             }
             Err(verdict) => return verdict,
         }
-        let digest = digest(bytes);
+        let digest = self.memory.digest(bytes);
         match self.memory.recent(now, &digest) {
             Some(Side::Remote) => return Verdict::Loop,
             Some(Side::Local) => return Verdict::Duplicate,
@@ -436,7 +456,7 @@ impl Relay {
             Err(Verdict::Hello) => return Verdict::OtherTopic,
             Err(verdict) => return verdict,
         };
-        let digest = digest(bytes);
+        let digest = self.memory.digest(bytes);
         match self.memory.recent(now, &digest) {
             // Relayed from here (or seen here first), coming back through another path.
             Some(Side::Local) => return Verdict::Loop,

@@ -279,6 +279,16 @@ impl Repeater {
         };
         let receiver = MulticastSocket::receiver(&options.local)?;
         let sender = Arc::new(MulticastSocket::sender(&options.local)?);
+        // The group loops this repeater's emissions back to its own receiver: dropped in the
+        // kernel, they cost neither a wake-up nor a copy. Without the filter (a link-local
+        // IPv6 sender has no fixed source), the relay still recognises them by their sender.
+        if let Err(error) = sender
+            .as_std()
+            .local_addr()
+            .and_then(|own| receiver.ignore_source(own))
+        {
+            tracing::debug!(%error, "own emissions are filtered in user space");
+        }
         let unicast =
             unicast_socket(options.listen, 8 << 20).map_err(io("binding the repeater port"))?;
         let listen = unicast.local_addr().map_err(io("repeater port"))?;

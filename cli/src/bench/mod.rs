@@ -1,7 +1,7 @@
 //! `grapevine bench`: GrapeVine against raw UDP multicast, measured side by side in one run.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use bytes::Bytes;
@@ -220,13 +220,13 @@ where
     >,
 {
     let keys = args.keys.max(1);
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let (mut sent, mut key) = (0u64, 0u32);
     while started.elapsed() < duration && !crate::interrupted() {
         if window > 0 && sent.saturating_sub(received()) > window {
             // The receivers lag: flush what is batched and let them catch up.
             publisher.flush();
-            std::thread::yield_now();
+            wait_for_credit(sent, window, &received, started + duration);
             continue;
         }
         let mut next_key = || {
@@ -245,6 +245,16 @@ where
     }
     publisher.flush();
     Ok((sent, started.elapsed().as_secs_f64()))
+}
+
+/// Returns once the receivers are at most half a `window` of messages behind `sent`, or at
+/// `deadline`. It sleeps rather than spins: with more busy threads than cores (a publisher,
+/// repeaters, a subscriber on two), a sender polling for credit takes the CPU the receivers
+/// need to grant it.
+fn wait_for_credit(sent: u64, window: u64, received: impl Fn() -> u64, deadline: Instant) {
+    while sent.saturating_sub(received()) > window / 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(20));
+    }
 }
 
 fn payload_bytes(size: usize) -> Bytes {

@@ -321,7 +321,12 @@ fn throughput_raw(
     while started.elapsed() < duration && !crate::interrupted() {
         let sent = datagrams * per_datagram;
         if window > 0 && sent.saturating_sub(received.load(Ordering::Relaxed)) > window {
-            std::thread::yield_now();
+            super::wait_for_credit(
+                sent,
+                window,
+                || received.load(Ordering::Relaxed),
+                started + duration,
+            );
             continue;
         }
         datagrams += sender.send_batch(&batch).context("raw send")? as u64;

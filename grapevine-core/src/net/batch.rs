@@ -551,6 +551,62 @@ pub(super) fn disable_udp_checksums(socket: &UdpSocket) -> io::Result<()> {
     set_socket_flag(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NO_CHECK)
 }
 
+/// A classic BPF program for a UDP socket that drops datagrams from `source` and keeps every
+/// other, or `None` when `source` cannot single out a sender (an unspecified address or port).
+///
+/// A UDP socket's filter sees the packet from the UDP header on (the source port is the first
+/// half-word); the IP header is reached through the kernel's `SKF_NET_OFF` base. Loads are in
+/// network order, so the constants compare as the numbers the addresses spell.
+pub(super) fn drop_source_filter(source: std::net::SocketAddr) -> Option<Vec<libc::sock_filter>> {
+    use std::net::IpAddr;
+    if source.port() == 0 || source.ip().is_unspecified() {
+        return None;
+    }
+    // Offsets of the source address's 32-bit words in the IPv4 and IPv6 headers.
+    let words: Vec<(u32, u32)> = match source.ip() {
+        IpAddr::V4(ip) => vec![(12, u32::from(ip))],
+        IpAddr::V6(ip) => {
+            let halves = ip.segments();
+            (0u32..4)
+                .zip(halves.chunks_exact(2))
+                .map(|(i, pair)| (8 + 4 * i, u32::from(pair[0]) << 16 | u32::from(pair[1])))
+                .collect()
+        }
+    };
+    let statement = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    // Each test (a load, then a comparison) falls through when it matches and jumps to "keep"
+    // otherwise; "drop" follows the last test and "keep" ends the program.
+    let tests = if words.len() == 1 { 2u8 } else { 5u8 };
+    let mut program = Vec::with_capacity(usize::from(2 * tests + 2));
+    let jump_unless_equal = |program: &mut Vec<libc::sock_filter>, test: u8, k: u32| {
+        program.push(libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            // From the next instruction: the later tests, then "drop", then "keep".
+            jf: 2 * (tests - 1 - test) + 1,
+            k,
+        });
+    };
+    program.push(statement(libc::BPF_LD | libc::BPF_H | libc::BPF_ABS, 0));
+    jump_unless_equal(&mut program, 0, u32::from(source.port()));
+    for (test, (offset, value)) in (1u8..).zip(words) {
+        let network_base = libc::SKF_NET_OFF as u32;
+        program.push(statement(
+            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+            network_base.wrapping_add(offset),
+        ));
+        jump_unless_equal(&mut program, test, value);
+    }
+    program.push(statement(libc::BPF_RET | libc::BPF_K, 0));
+    program.push(statement(libc::BPF_RET | libc::BPF_K, u32::MAX));
+    Some(program)
+}
+
 /// Errors that say the kernel or the device cannot segment (not a passing failure).
 fn refuses_segmentation(error: &io::Error) -> bool {
     matches!(

@@ -517,6 +517,35 @@ impl MulticastSocket {
         self.recv_buffer
     }
 
+    /// Has the kernel drop, before they are queued, the datagrams that `source` (an address
+    /// and port bound on this host, such as another [`MulticastSocket::sender`]'s
+    /// [`local_addr`](UdpSocket::local_addr)) sends to the group: a socket that both emits on
+    /// the group and listens to it (a repeater) is then not woken for its own looped-back
+    /// emissions. The filter is a classic BPF program (`SO_ATTACH_FILTER`) on this socket
+    /// only; other members of the group still receive them. Replaces any filter set before.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for an unspecified address or port (no datagram can be told apart by
+    /// it), or the kernel's refusal.
+    ///
+    /// ```no_run
+    /// use grapevine_core::net::{MulticastConfig, MulticastSocket};
+    /// let config = MulticastConfig::new("239.255.0.1:7000".parse().unwrap());
+    /// let (receiver, sender) = (MulticastSocket::receiver(&config)?, MulticastSocket::sender(&config)?);
+    /// receiver.ignore_source(sender.as_std().local_addr()?)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn ignore_source(&self, source: SocketAddr) -> io::Result<()> {
+        let program = batch::drop_source_filter(source).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{source} does not name one sender"),
+            )
+        })?;
+        socket2::SockRef::from(&self.socket).attach_filter(&program)
+    }
+
     /// The underlying socket. On a receiver with [`receive_offload`](Self::receive_offload)
     /// one `recv` can return a coalesced run of datagrams: receive with
     /// [`recv_batch`](Self::recv_batch), which cuts it up, or turn the option off.

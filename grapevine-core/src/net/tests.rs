@@ -386,6 +386,72 @@ fn a_socket_whose_kernel_refuses_segmentation_sends_one_by_one_and_loses_nothing
     assert_eq!(receive_all(&receiver, want.len()), want);
 }
 
+#[test]
+fn an_ignored_source_is_dropped_in_the_kernel_and_no_other() {
+    let config = MulticastConfig::new(group(15, 47_115));
+    let receiver = MulticastSocket::receiver(&config).unwrap();
+    let ignored = MulticastSocket::sender(&config).unwrap();
+    let other = MulticastSocket::sender(&config).unwrap();
+    let ignored_at = ignored.as_std().local_addr().unwrap();
+    receiver.ignore_source(ignored_at).unwrap();
+    // The same port on another loopback address is another sender.
+    let same_port = UdpSocket::bind(SocketAddr::from(([127, 0, 0, 3], ignored_at.port()))).unwrap();
+    socket2::SockRef::from(&same_port)
+        .set_multicast_if_v4(&Ipv4Addr::LOCALHOST)
+        .unwrap();
+    // A segmented run from the ignored sender goes as one coalesced buffer: dropped whole.
+    let run: Vec<Bytes> = (0..8).map(|_| Bytes::from(vec![7u8; 200])).collect();
+    assert_eq!(ignored.send_batch(&run).unwrap(), run.len());
+    ignored.send(b"ignored").unwrap();
+    other.send(b"other").unwrap();
+    same_port.send_to(b"same port", config.group).unwrap();
+    let mut received = receive_all(&receiver, 2);
+    received.sort();
+    assert_eq!(received, [b"other".to_vec(), b"same port".to_vec()]);
+    let mut batch = RecvBatch::new(4, 2048);
+    assert_eq!(
+        receiver
+            .recv_batch(&mut batch, Duration::from_millis(200))
+            .unwrap(),
+        0,
+        "nothing from the ignored sender"
+    );
+    // Each sender is still heard by a member without the filter.
+    let plain = MulticastSocket::receiver(&config).unwrap();
+    ignored.send(b"heard").unwrap();
+    assert_eq!(receive_all(&plain, 1), [b"heard".to_vec()]);
+}
+
+#[test]
+fn an_unspecified_source_is_refused_and_ipv6_sources_compare_every_word() {
+    for unspecified in ["0.0.0.0:7000", "127.0.0.1:0", "[::]:7000"] {
+        let error = MulticastSocket::receiver(&MulticastConfig::new(group(16, 47_116)))
+            .unwrap()
+            .ignore_source(unspecified.parse().unwrap())
+            .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput, "{unspecified}");
+    }
+    let program = batch::drop_source_filter("[fd00::1:2]:7000".parse().unwrap()).unwrap();
+    // A port test and four address words, each a load and a comparison, then drop and keep.
+    assert_eq!(program.len(), 12);
+    let compared: Vec<u32> = program
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .take(5)
+        .map(|i| i.k)
+        .collect();
+    assert_eq!(compared, [7000, 0xfd00_0000, 0, 0, 0x0001_0002]);
+    for (index, instruction) in program.iter().enumerate().skip(1).step_by(2).take(5) {
+        assert_eq!(
+            index + 1 + usize::from(instruction.jf),
+            11,
+            "a mismatch keeps"
+        );
+    }
+    assert_eq!((program[10].k, program[11].k), (0, u32::MAX));
+}
+
 proptest::proptest! {
     /// Runs keep every datagram, in order; within a run all have its size but the last, which
     /// may be shorter; runs stay within the kernel's limits.
