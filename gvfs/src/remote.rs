@@ -359,7 +359,10 @@ impl ProxyFs {
                 let stream = tokio::net::TcpStream::connect(member.address).await?;
                 // Latency only: the connection works without it.
                 let _ = stream.set_nodelay(true);
-                AsyncLink::connect(stream, self.key.as_ref(), Purpose::Replication).await
+                let mut link =
+                    AsyncLink::connect(stream, self.key.as_ref(), Purpose::Replication).await?;
+                greet(&mut link).await?;
+                Ok::<_, std::io::Error>(link)
             })
             .await;
             if let Ok(Err(error)) = &connected {
@@ -433,16 +436,34 @@ async fn exchange(
     )
     .map_err(std::io::Error::other)?;
     stream.write_all(&frame).await?;
+    match read_reply(stream).await? {
+        ReplReply::Fs(result) => Ok(result),
+        ReplReply::Error { message } => Err(std::io::Error::other(message)),
+        _ => Err(std::io::Error::other("unexpected reply")),
+    }
+}
+
+async fn read_reply(stream: &mut AsyncLink<tokio::net::TcpStream>) -> std::io::Result<ReplReply> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     stream.read_exact(&mut header).await?;
     let len = frame_len(header, 64 << 20).map_err(std::io::Error::other)?;
     let mut body = vec![0u8; len];
     stream.read_exact(&mut body).await?;
-    match decode::<ReplReply>(&body).map_err(std::io::Error::other)? {
-        ReplReply::Fs(result) => Ok(result),
-        ReplReply::Error { message } => Err(std::io::Error::other(message)),
-        _ => Err(std::io::Error::other("unexpected reply")),
-    }
+    decode::<ReplReply>(&body).map_err(std::io::Error::other)
+}
+
+/// Says which replication protocol this node speaks, and checks the member speaks it too.
+async fn greet(stream: &mut AsyncLink<tokio::net::TcpStream>) -> std::io::Result<()> {
+    let mut frame = Vec::new();
+    encode_frame(
+        &ReplRequest::Hello {
+            protocol: crate::repl::PROTOCOL,
+        },
+        &mut frame,
+    )
+    .map_err(std::io::Error::other)?;
+    stream.write_all(&frame).await?;
+    crate::repl::check_greeting(read_reply(stream).await).map_err(std::io::Error::other)
 }
 
 fn bad(value: FsValue) -> nfsstat3 {

@@ -24,6 +24,12 @@ use serde::{Deserialize, Serialize};
 use crate::store::{decide, Change, Decision, Entry, Kind, ZoneStore};
 use crate::zpath::{open_beneath, ZonePath};
 
+/// The replication protocol this node speaks, said first on every connection
+/// ([`ReplRequest::Hello`]). Version 2: an entry carries every change that placed it
+/// ([`Entry::placements`]) where version 1 (before there were versions) carried one. Members
+/// that speak different versions refuse each other with an error that says so, rather than
+/// misreading each other's change lists.
+pub const PROTOCOL: u32 = 2;
 /// Bytes per data request.
 pub const CHUNK: u32 = 1 << 20;
 /// Data requests in flight per file.
@@ -69,6 +75,12 @@ pub enum ReplRequest {
         /// so that bytes of another version of the same size are never taken for it.
         content: Change,
     },
+    /// The protocol the client speaks: the first request of every connection (the last
+    /// variant, so that a node from before versions reads it as a request it does not know).
+    Hello {
+        /// Its [`PROTOCOL`].
+        protocol: u32,
+    },
 }
 
 /// What the server answers.
@@ -93,6 +105,11 @@ pub enum ReplReply {
     Error {
         /// Why.
         message: String,
+    },
+    /// The server speaks the client's protocol too.
+    Hello {
+        /// Its [`PROTOCOL`].
+        protocol: u32,
     },
 }
 
@@ -345,6 +362,17 @@ fn serve_peer(
         }
     };
     let mut buffer = Vec::new();
+    let greeting = match receive::<ReplRequest>(&mut stream, MAX_REQUEST) {
+        Ok(first) => greet(&first),
+        Err(_) => return,
+    };
+    let greeted = matches!(greeting, ReplReply::Hello { .. });
+    if let ReplReply::Error { message } = &greeting {
+        tracing::warn!(?peer, reason = message, "replication connection refused");
+    }
+    if send(&mut stream, &greeting, &mut buffer).is_err() || !greeted {
+        return;
+    }
     // File data is read into this, reused from chunk to chunk.
     let mut chunk = Vec::new();
     while let Ok(request) = receive::<ReplRequest>(&mut stream, MAX_REQUEST) {
@@ -361,6 +389,63 @@ fn serve_peer(
         if let ReplReply::Data { bytes } = reply {
             chunk = bytes;
         }
+    }
+}
+
+/// The answer to a connection's first request: the client must say which protocol it speaks,
+/// and speak this node's.
+fn greet(first: &ReplRequest) -> ReplReply {
+    match first {
+        ReplRequest::Hello { protocol } if *protocol == PROTOCOL => {
+            ReplReply::Hello { protocol: PROTOCOL }
+        }
+        ReplRequest::Hello { protocol } => ReplReply::Error {
+            message: format!(
+                "this node speaks replication protocol {PROTOCOL} and the peer {protocol}: \
+                 every member of a zone needs a gvd that speaks the same"
+            ),
+        },
+        _ => ReplReply::Error {
+            message: format!(
+                "this node speaks replication protocol {PROTOCOL} and the peer did not say which \
+                 it speaks (a gvd from before protocol versions, which misreads this one's \
+                 change lists): upgrade it"
+            ),
+        },
+    }
+}
+
+/// Says which protocol this node speaks on a new connection; the server's answer is read by
+/// [`check_greeting`]. Sent ahead of the first request, so that it costs no round trip.
+fn hello(stream: &mut impl Write, buffer: &mut Vec<u8>) -> std::io::Result<()> {
+    send(stream, &ReplRequest::Hello { protocol: PROTOCOL }, buffer)
+}
+
+/// Whether the server's answer to [`hello`] says it speaks this node's protocol; why not
+/// otherwise.
+pub(crate) fn check_greeting(reply: std::io::Result<ReplReply>) -> Result<(), String> {
+    match reply {
+        Ok(ReplReply::Hello { protocol }) if protocol == PROTOCOL => Ok(()),
+        Ok(ReplReply::Hello { protocol }) => Err(format!(
+            "the peer speaks replication protocol {protocol}, this node {PROTOCOL}"
+        )),
+        Ok(ReplReply::Error { message }) => Err(message),
+        Ok(_) => Err("an answer to another request where the protocol's was due".into()),
+        // A node from before versions cannot read the hello and hangs up.
+        Err(error)
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+            ) =>
+        {
+            Err(format!(
+                "the peer hung up at the protocol exchange: it may run a gvd from before \
+             replication protocol versions (this node speaks {PROTOCOL})"
+            ))
+        }
+        Err(error) => Err(error.to_string()),
     }
 }
 
@@ -382,6 +467,7 @@ fn refusal(request: &ReplRequest, peer: Option<IpAddr>, access: &SharedAccess) -
         ReplRequest::Fs { .. } => {
             (!access.nodes.contains(&peer)).then(|| format!("{peer} is not a node of this network"))
         }
+        ReplRequest::Hello { .. } => None,
     }
 }
 
@@ -394,6 +480,7 @@ fn answer(
 ) -> ReplReply {
     let zone_of = |name: &str| zones.get(name).map(|z| Arc::clone(&z.store));
     match request {
+        hello @ ReplRequest::Hello { .. } => greet(&hello),
         ReplRequest::Fs { zone, op } => match zones.get(&zone) {
             Some(served) => ReplReply::Fs(runtime.block_on(crate::remote::execute(&served.fs, op))),
             None => ReplReply::Error {
@@ -500,15 +587,21 @@ pub fn pull(
     let mut stream = secure::connect(stream, key, Purpose::Replication).map_err(io)?;
     let mut buffer = Vec::new();
     let since = store.lock().seen(peer_node);
-    send(
-        &mut stream,
-        &ReplRequest::Changes {
-            zone: zone.into(),
-            since,
-        },
-        &mut buffer,
-    )
-    .map_err(io)?;
+    // Said ahead of the request; a peer that refuses the hello explains itself (or hangs
+    // up), which says more than a failed send would.
+    let sent = hello(&mut stream, &mut buffer).and_then(|()| {
+        send(
+            &mut stream,
+            &ReplRequest::Changes {
+                zone: zone.into(),
+                since,
+            },
+            &mut buffer,
+        )
+    });
+    check_greeting(receive::<ReplReply>(&mut stream, MAX_REPLY))
+        .map_err(|reason| PullError::Protocol { peer, reason })?;
+    sent.map_err(io)?;
     let (version, mut entries) = match receive::<ReplReply>(&mut stream, MAX_REPLY).map_err(io)? {
         ReplReply::Changes { version, entries } => (version, entries),
         ReplReply::Error { message } => {
@@ -517,7 +610,7 @@ pub fn pull(
                 reason: message,
             })
         }
-        ReplReply::Data { .. } | ReplReply::Fs(_) => {
+        ReplReply::Data { .. } | ReplReply::Fs(_) | ReplReply::Hello { .. } => {
             return Err(PullError::Protocol {
                 peer,
                 reason: "an answer to another request".into(),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use grapevine_fs::nfs::ZoneFs;
-use grapevine_fs::repl::{pull, ReplServer, ServedZone};
+use grapevine_fs::repl::{pull, ReplServer, ServedZone, PROTOCOL};
 use grapevine_fs::store::{Change, Entry, Kind, ZoneStore};
 use grapevine_fs::version::VersionVector;
 use grapevine_gvd_schema::frame::{encode_frame, frame_len, FRAME_HEADER_LEN};
@@ -24,15 +24,23 @@ use serde::Serialize;
 #[derive(Serialize)]
 enum RawRequest {
     #[allow(dead_code)]
-    Changes { zone: String, since: u64 },
+    Changes {
+        zone: String,
+        since: u64,
+    },
     #[allow(dead_code)]
-    Fs { zone: String },
+    Fs {
+        zone: String,
+    },
     Fetch {
         zone: String,
         path: String,
         offset: u64,
         len: u32,
         content: Change,
+    },
+    Hello {
+        protocol: u32,
     },
 }
 
@@ -41,6 +49,15 @@ enum RawReply {
     Changes {
         version: u64,
         entries: Vec<(String, Entry)>,
+    },
+    #[allow(dead_code)]
+    Data,
+    #[allow(dead_code)]
+    Fs,
+    #[allow(dead_code)]
+    Error,
+    Hello {
+        protocol: u32,
     },
 }
 
@@ -68,6 +85,17 @@ fn connect(server: &ReplServer, timeout: Duration) -> TcpStream {
     let stream = TcpStream::connect(server.address()).unwrap();
     stream.set_read_timeout(Some(timeout)).unwrap();
     stream
+}
+
+/// Says the protocol this build speaks, as every peer must first; the server agrees.
+fn hello(stream: &mut TcpStream) {
+    send_raw(stream, &RawRequest::Hello { protocol: PROTOCOL });
+    let reply = read_raw(stream).expect("an answer to the hello");
+    assert!(
+        !String::from_utf8_lossy(&reply).contains("protocol"),
+        "refused: {}",
+        String::from_utf8_lossy(&reply)
+    );
 }
 
 /// A request for the first 4 KiB of `path` in zone z1, at version `content`.
@@ -139,6 +167,7 @@ fn fetch_never_reads_outside_the_zone() {
     ];
     for path in hostile {
         let mut stream = connect(&server, Duration::from_secs(5));
+        hello(&mut stream);
         send_raw(&mut stream, &fetch_of(&path, inside));
         if let Some(reply) = read_raw(&mut stream) {
             assert!(
@@ -155,6 +184,7 @@ fn fetch_never_reads_outside_the_zone() {
 
     // The zone's own file is still served.
     let mut stream = connect(&server, Duration::from_secs(5));
+    hello(&mut stream);
     send_raw(&mut stream, &fetch_of("inside", inside));
     let reply = read_raw(&mut stream).expect("an answer");
     assert!(reply.windows(9).any(|w| w == b"zone data"));
@@ -197,7 +227,11 @@ fn a_pull_never_writes_or_deletes_outside_the_zone() {
     let server = std::thread::spawn(move || {
         for entries in attacks {
             let (mut stream, _) = listener.accept().unwrap();
+            // The hello and the request, then the answers: the change list gets as far as
+            // the checks of its paths.
             let _ = read_raw(&mut stream);
+            let _ = read_raw(&mut stream);
+            send_raw(&mut stream, &RawReply::Hello { protocol: PROTOCOL });
             send_raw(
                 &mut stream,
                 &RawReply::Changes {
@@ -211,7 +245,11 @@ fn a_pull_never_writes_or_deletes_outside_the_zone() {
     let store = Arc::new(Mutex::new(store));
     for _ in 0..rounds {
         let outcome = pull(&store, "z1", (rogue, 9), Duration::from_secs(5), None);
-        assert!(outcome.is_err(), "a hostile change list was accepted");
+        let error = outcome.expect_err("a hostile change list was accepted");
+        assert!(
+            !error.to_string().contains("protocol"),
+            "refused for its paths, not at the hello: {error}"
+        );
     }
     server.join().unwrap();
     assert_eq!(std::fs::read(&victim).unwrap(), b"must survive");
@@ -251,6 +289,7 @@ fn with_a_key_only_key_holders_pull() {
 
     // A stranger speaking plain frames gets nothing back.
     let mut stream = connect(&server, Duration::from_secs(10));
+    send_raw(&mut stream, &RawRequest::Hello { protocol: PROTOCOL });
     send_raw(&mut stream, &fetch_of("inside", inside));
     let mut rest = Vec::new();
     let _ = stream.read_to_end(&mut rest);
@@ -308,10 +347,11 @@ fn only_members_pull_a_zone() {
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         socket.bind(&SocketAddr::from((source, 0)).into()).unwrap();
         socket.connect(&server.address().into()).unwrap();
-        let stream: TcpStream = socket.into();
+        let mut stream: TcpStream = socket.into();
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
+        hello(&mut stream);
         stream
     };
     let fetch = fetch_of("inside", inside);
@@ -392,6 +432,7 @@ fn a_fetch_of_a_version_the_path_no_longer_holds_is_refused_even_at_the_same_siz
 
     let fetch = |content: Change| {
         let mut stream = connect(&server, Duration::from_secs(5));
+        hello(&mut stream);
         send_raw(&mut stream, &fetch_of("three.txt", content));
         read_raw(&mut stream).expect("an answer")
     };
@@ -404,5 +445,74 @@ fn a_fetch_of_a_version_the_path_no_longer_holds_is_refused_even_at_the_same_siz
     let current = fetch(now);
     assert!(current.windows(10).any(|w| w == b"from host1"));
     drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A peer from before protocol versions (no hello), or one that speaks another version, is
+/// told which version this node speaks and hung up on before anything is served.
+#[test]
+fn peers_that_do_not_speak_this_protocol_are_told_why_and_get_nothing() {
+    let dir = scratch("protocol");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (server, root, store) = serve_zone(&dir, &runtime);
+    std::fs::write(root.join("inside"), b"zone data").unwrap();
+    let inside = indexed(&store, "inside");
+    let refused = |first: &RawRequest| {
+        let mut stream = connect(&server, Duration::from_secs(5));
+        send_raw(&mut stream, first);
+        let reply =
+            String::from_utf8_lossy(&read_raw(&mut stream).expect("an answer")).into_owned();
+        // Then nothing more is read: the connection is closed.
+        send_raw(&mut stream, &fetch_of("inside", inside));
+        assert!(
+            read_raw(&mut stream).is_none(),
+            "served after a refused hello"
+        );
+        reply
+    };
+    let old = refused(&fetch_of("inside", inside));
+    assert!(!old.contains("zone data"));
+    assert!(
+        old.contains(&format!("replication protocol {PROTOCOL}")),
+        "{old}"
+    );
+    assert!(old.contains("did not say"), "{old}");
+    let other = refused(&RawRequest::Hello {
+        protocol: PROTOCOL + 1,
+    });
+    assert!(
+        other.contains(&format!(
+            "protocol {PROTOCOL} and the peer {}",
+            PROTOCOL + 1
+        )),
+        "{other}"
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A member from before protocol versions cannot read the hello and hangs up: the pull says so.
+#[test]
+fn a_pull_from_a_peer_that_hangs_up_at_the_hello_says_it_may_be_older() {
+    let dir = scratch("protocol-old");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let old_node = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        // What a node from before versions does with a request it cannot decode.
+        let _ = read_raw(&mut stream);
+    });
+    let store = ZoneStore::open(2, &dir.join("zone"), &dir.join("meta")).unwrap();
+    let store = Arc::new(Mutex::new(store));
+    let error = pull(&store, "z1", (old_node, 9), Duration::from_secs(5), None)
+        .expect_err("nothing to pull from a node that hung up");
+    assert!(
+        error
+            .to_string()
+            .contains("before replication protocol versions"),
+        "{error}"
+    );
+    server.join().unwrap();
+    assert_eq!(store.lock().seen(9), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
