@@ -41,7 +41,7 @@ fn a_non_member_reads_and_writes_a_zone_through_a_member() {
         None,
     )
     .unwrap();
-    let members = Arc::new(parking_lot::Mutex::new(vec![Member {
+    let members = Arc::new(Mutex::new(vec![Member {
         node: 1,
         address: server.address(),
     }]));
