@@ -71,8 +71,8 @@ fn name(n: &str) -> filename3 {
 /// Where zones are made: memory (`/dev/shm`) when the machine has it. The property is about
 /// the replication decisions, not the disk, and on a disk every case waits for the index's
 /// fsyncs: 10 000 cases took over four minutes of CI on ext4, a third of that on tmpfs.
-fn scratch_base() -> std::path::PathBuf {
-    let probe = std::path::Path::new("/dev/shm").join(format!(".gvfs-conv-{}", std::process::id()));
+fn scratch_base() -> PathBuf {
+    let probe = Path::new("/dev/shm").join(format!(".gvfs-conv-{}", std::process::id()));
     let writable = std::fs::create_dir(&probe).is_ok();
     let _ = std::fs::remove_dir(&probe);
     match probe.parent() {
