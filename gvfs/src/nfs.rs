@@ -55,6 +55,37 @@ fn blocking<T>(work: impl FnOnce() -> T) -> T {
     }
 }
 
+/// Reads up to `wanted` bytes of `file` at `offset` onto the end of `out`, straight into its
+/// spare room (no zeroing of up to a MiB first), in as many reads as the kernel needs; fewer
+/// only if the file ends sooner (it shrank meanwhile). Returns the bytes added.
+fn read_appending(
+    file: &std::fs::File,
+    offset: u64,
+    wanted: usize,
+    out: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    out.reserve(wanted);
+    let mut filled = 0;
+    while filled < wanted {
+        let room = &mut out.spare_capacity_mut()[..wanted - filled];
+        match rustix::io::pread(file, room, offset + filled as u64) {
+            Ok(([], _)) => break,
+            Ok((read, _)) => {
+                let read = read.len();
+                // SAFETY: `pread` initialised the first `read` bytes of the spare capacity.
+                #[allow(unsafe_code)]
+                unsafe {
+                    out.set_len(out.len() + read);
+                }
+                filled += read;
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+    Ok(filled)
+}
+
 /// What NFS clients are told of a regular file or a directory, from `fstatat` (as
 /// nfsserve's `metadata_to_fattr3` tells it from `Metadata`: the owner always may write);
 /// `None` for links, devices, FIFOs and sockets, which are never served.
@@ -394,21 +425,13 @@ impl NFSFileSystem for ZoneFs {
             // The count is the client's: never more than the largest READ we advertise.
             let wanted = u64::from(count.min(MAX_READ_BYTES)).min(len.saturating_sub(offset));
             let start = out.len();
-            out.resize(start + wanted as usize, 0);
-            // One `pread` for the whole range unless the file shrank meanwhile.
-            let mut filled = 0;
-            while filled < wanted as usize {
-                match file.read_at(&mut out[start + filled..], offset + filled as u64) {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        out.truncate(start);
-                        return Err(status(e));
-                    }
+            let filled = match read_appending(&file, offset, wanted as usize, out) {
+                Ok(filled) => filled,
+                Err(e) => {
+                    out.truncate(start);
+                    return Err(status(e));
                 }
-            }
-            out.truncate(start + filled);
+            };
             let eof = offset.saturating_add(filled as u64) >= len;
             Ok((filled, eof))
         })
@@ -1032,6 +1055,29 @@ mod tests {
             store.lock().entry("big").unwrap().size,
             2 * chunk.len() as u64 + 4
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn reads_append_no_more_than_wanted_whatever_room_the_buffer_has() {
+        let dir = std::env::temp_dir().join(format!("gvfs-read-append-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let mut out = Vec::with_capacity(1 << 16);
+        out.extend_from_slice(b"head:");
+        assert_eq!(read_appending(&file, 2, 3, &mut out).unwrap(), 3);
+        assert_eq!(out, b"head:234");
+        // Past the end: what there is.
+        assert_eq!(read_appending(&file, 8, 100, &mut out).unwrap(), 2);
+        assert_eq!(out, b"head:23489");
+        assert_eq!(read_appending(&file, 50, 100, &mut out).unwrap(), 0);
+        assert_eq!(out, b"head:23489");
+        // No room yet: it is made.
+        let mut empty = Vec::new();
+        assert_eq!(read_appending(&file, 0, 10, &mut empty).unwrap(), 10);
+        assert_eq!(empty, b"0123456789");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
