@@ -2,16 +2,17 @@
 //! zone are refused on the wire, whichever side names them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
+
+use common::{serve_zone_keyed, Served};
 use grapevine_test_support::scratch;
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use grapevine_fs::nfs::ZoneFs;
-use grapevine_fs::repl::{pull, ReplServer, ServedZone, PROTOCOL};
+use grapevine_fs::repl::{pull, ReplServer, PROTOCOL};
 use grapevine_fs::store::{Change, Entry, Kind, ZoneStore};
 use grapevine_fs::version::VersionVector;
 use grapevine_gvd_schema::frame::{encode_frame, frame_len, FRAME_HEADER_LEN};
@@ -77,9 +78,6 @@ fn read_raw(stream: &mut TcpStream) -> Option<Vec<u8>> {
     Some(body)
 }
 
-/// A served zone: the replication server, the zone's directory and its store.
-type Served = (ReplServer, PathBuf, Arc<Mutex<ZoneStore>>);
-
 /// A connection to `server` that gives up reading after `timeout`.
 fn connect(server: &ReplServer, timeout: Duration) -> TcpStream {
     let stream = TcpStream::connect(server.address()).unwrap();
@@ -119,28 +117,6 @@ fn indexed(store: &Mutex<ZoneStore>, path: &str) -> Change {
     let mut store = store.lock();
     store.check(path);
     store.entry(path).expect("indexed").content
-}
-
-fn serve_zone_keyed(dir: &Path, runtime: &tokio::runtime::Runtime, key: Option<PortKey>) -> Served {
-    let root = dir.join("zone");
-    let store = ZoneStore::open(1, &root, &dir.join("meta")).unwrap();
-    let store = Arc::new(Mutex::new(store));
-    let mut zones = HashMap::new();
-    zones.insert(
-        "z1".to_string(),
-        ServedZone {
-            fs: ZoneFs::new(Arc::clone(&store), 1 << 30, 7),
-            store: Arc::clone(&store),
-        },
-    );
-    let server = ReplServer::start(
-        "127.0.0.1:0".parse().unwrap(),
-        Arc::new(zones),
-        runtime.handle().clone(),
-        key,
-    )
-    .unwrap();
-    (server, root, store)
 }
 
 #[test]

@@ -2,14 +2,12 @@
 //! ([`ProxyFs`]), over the replication port and its protocol exchange, on real sockets.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use std::collections::HashMap;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use grapevine_fs::nfs::ZoneFs;
 use grapevine_fs::remote::{Member, ProxyFs};
-use grapevine_fs::repl::{ReplServer, ServedZone};
-use grapevine_fs::store::ZoneStore;
 use grapevine_test_support::scratch;
 use nfsserve::nfs::{filename3, nfsstat3, sattr3};
 use nfsserve::vfs::NFSFileSystem;
@@ -23,24 +21,7 @@ fn name(n: &str) -> filename3 {
 fn a_non_member_reads_and_writes_a_zone_through_a_member() {
     let dir = scratch("proxy");
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let root = dir.join("zone");
-    let store = Arc::new(Mutex::new(
-        ZoneStore::open(1, &root, &dir.join("meta")).unwrap(),
-    ));
-    let zones = HashMap::from([(
-        "z1".to_string(),
-        ServedZone {
-            fs: ZoneFs::new(Arc::clone(&store), 1 << 30, 7),
-            store: Arc::clone(&store),
-        },
-    )]);
-    let server = ReplServer::start(
-        "127.0.0.1:0".parse().unwrap(),
-        Arc::new(zones),
-        runtime.handle().clone(),
-        None,
-    )
-    .unwrap();
+    let (server, root, _) = common::serve_zone_keyed(&dir, &runtime, None);
     let members = Arc::new(Mutex::new(vec![Member {
         node: 1,
         address: server.address(),
