@@ -232,7 +232,7 @@ pub trait NFSFileSystem: Sync {
         let res = fsinfo3 {
             obj_attributes: dir_attr,
             rtmax: 1024 * 1024,
-            rtpref: 1024 * 124,
+            rtpref: 1024 * 1024,
             rtmult: 1024 * 1024,
             wtmax: 1024 * 1024,
             wtpref: 1024 * 1024,
