@@ -17,7 +17,11 @@
 //!   or emitted again within that time, so a datagram that comes back around any cycle of
 //!   repeaters stops at the first repeater that saw it. (Legitimately identical datagrams, a
 //!   quiet publisher's heartbeats, then cross at most once per `LOOP_MEMORY`, well within a
-//!   subscriber's publisher timeout.)
+//!   subscriber's publisher timeout.) The digest is a keyed 128-bit `foldhash`, seeded per
+//!   repeater: cheap next to moving the datagram, and not aimable by strangers.
+//! * **Its own emissions never come back.** The group loops what a repeater emits back to its
+//!   own receiving socket; a BPF filter on that socket drops them in the kernel
+//!   ([`MulticastSocket::ignore_source`](grapevine_core::net::MulticastSocket::ignore_source)).
 //!
 //! Over QUIC (`quinn`) each peer gets one connection; relayed datagrams ride as QUIC datagrams,
 //! so the link's congestion controller paces them (when it is full the oldest queued datagram
