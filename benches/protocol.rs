@@ -1,5 +1,5 @@
-//! Criterion benches of the sans-IO core: encode, decode, the subscriber's apply path and the
-//! snapshot rebuild. No sockets: these are the protocol's own costs.
+//! Criterion benches of the sans-IO core: encode, decode, the subscriber's apply path, the
+//! snapshot rebuild and a repeater's decisions. No sockets: these are the protocol's own costs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 // criterion's macros generate undocumented items.
@@ -190,5 +190,31 @@ fn subscriber(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, wire, publisher, subscriber);
+/// A repeater's decision per datagram, both ways: checked, remembered by digest, relayed. The
+/// datagrams are a 64 B delta stream's (about 15 deltas each); a fresh relay per run, so that
+/// none is a copy it already saw.
+fn repeater(c: &mut Criterion) {
+    use grapevine::repeater::{Relay, Verdict};
+    let traffic = delta_traffic();
+    let mut group = c.benchmark_group("repeater");
+    group.throughput(Throughput::Elements(traffic.len() as u64));
+    let peer = "127.0.0.1:7190".parse().expect("an address");
+    group.bench_function("relay a stream's datagrams out (local) and in (remote)", |b| {
+        b.iter_batched(
+            || (Relay::new(None, None), Relay::new(None, None)),
+            |(mut near, mut far)| {
+                let now = Instant::now();
+                for datagram in &traffic {
+                    assert_eq!(near.from_local(now, datagram), Verdict::Relay);
+                    assert_eq!(far.from_remote(now, peer, datagram), Verdict::Relay);
+                }
+                (near, far)
+            },
+            BatchSize::SmallInput,
+        );
+    });
+    group.finish();
+}
+
+criterion_group!(benches, wire, publisher, subscriber, repeater);
 criterion_main!(benches);
