@@ -199,20 +199,23 @@ fn repeater(c: &mut Criterion) {
     let mut group = c.benchmark_group("repeater");
     group.throughput(Throughput::Elements(traffic.len() as u64));
     let peer = "127.0.0.1:7190".parse().expect("an address");
-    group.bench_function("relay a stream's datagrams out (local) and in (remote)", |b| {
-        b.iter_batched(
-            || (Relay::new(None, None), Relay::new(None, None)),
-            |(mut near, mut far)| {
-                let now = Instant::now();
-                for datagram in &traffic {
-                    assert_eq!(near.from_local(now, datagram), Verdict::Relay);
-                    assert_eq!(far.from_remote(now, peer, datagram), Verdict::Relay);
-                }
-                (near, far)
-            },
-            BatchSize::SmallInput,
-        );
-    });
+    group.bench_function(
+        "relay a stream's datagrams out (local) and in (remote)",
+        |b| {
+            b.iter_batched(
+                || (Relay::new(None, None), Relay::new(None, None)),
+                |(mut near, mut far)| {
+                    let now = Instant::now();
+                    for datagram in &traffic {
+                        assert_eq!(near.from_local(now, datagram), Verdict::Relay);
+                        assert_eq!(far.from_remote(now, peer, datagram), Verdict::Relay);
+                    }
+                    (near, far)
+                },
+                BatchSize::SmallInput,
+            );
+        },
+    );
     group.finish();
 }
 
