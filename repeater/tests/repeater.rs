@@ -16,16 +16,16 @@ use grapevine_subscriber::{Subscriber, SubscriberOptions};
 
 mod common;
 
-use common::{converged, GroupCounter, Map};
+use common::{converged, free_loopback_addresses, GroupCounter, Map};
 
 #[test]
 fn a_repeater_pair_carries_a_stream_between_two_groups() {
     let near = MulticastConfig::new("239.255.73.40:47340".parse().unwrap());
     let far = MulticastConfig::new("239.255.73.41:47341".parse().unwrap());
-    let (a_addr, b_addr): (SocketAddr, SocketAddr) = (
-        "127.0.0.1:47342".parse().unwrap(),
-        "127.0.0.1:47343".parse().unwrap(),
-    );
+    let (a_addr, b_addr) = match free_loopback_addresses(2)[..] {
+        [a, b] => (a, b),
+        _ => unreachable!("two addresses"),
+    };
     let _a = Repeater::start(RepeaterOptions::new(near.clone(), a_addr, vec![b_addr])).unwrap();
     let b = Repeater::start(RepeaterOptions::new(far.clone(), b_addr, vec![a_addr])).unwrap();
     let subscriber = Subscriber::<Map>::join(SubscriberOptions::new(1, far.clone())).unwrap();
@@ -88,10 +88,10 @@ fn quic_options(
 fn a_quic_pair_keyed_with_the_network_key_carries_small_and_large_datagrams_and_reconnects() {
     let near = MulticastConfig::new("239.255.73.44:47344".parse().unwrap());
     let far = MulticastConfig::new("239.255.73.45:47345".parse().unwrap());
-    let (a_addr, b_addr): (SocketAddr, SocketAddr) = (
-        "127.0.0.1:47346".parse().unwrap(),
-        "127.0.0.1:47347".parse().unwrap(),
-    );
+    let (a_addr, b_addr) = match free_loopback_addresses(2)[..] {
+        [a, b] => (a, b),
+        _ => unreachable!("two addresses"),
+    };
     let key = [42u8; 32];
     let a = Repeater::start(quic_options(&near, a_addr, b_addr, key)).unwrap();
     let b = Repeater::start(quic_options(&far, b_addr, a_addr, key)).unwrap();
@@ -180,10 +180,10 @@ fn a_quic_repeater_starts_and_stops_inside_an_async_runtime() {
 fn a_quic_peer_without_the_network_key_gets_nothing_through() {
     let near = MulticastConfig::new("239.255.73.46:47348".parse().unwrap());
     let far = MulticastConfig::new("239.255.73.47:47349".parse().unwrap());
-    let (a_addr, b_addr): (SocketAddr, SocketAddr) = (
-        "127.0.0.1:47350".parse().unwrap(),
-        "127.0.0.1:47351".parse().unwrap(),
-    );
+    let (a_addr, b_addr) = match free_loopback_addresses(2)[..] {
+        [a, b] => (a, b),
+        _ => unreachable!("two addresses"),
+    };
     let a = Repeater::start(quic_options(&near, a_addr, b_addr, [1u8; 32])).unwrap();
     let stranger = Repeater::start(quic_options(&far, b_addr, a_addr, [2u8; 32])).unwrap();
     let publisher =
@@ -209,7 +209,7 @@ fn a_quic_peer_without_the_network_key_gets_nothing_through() {
 }
 
 /// Runs a publisher on one group and a subscriber on another, joined by the repeaters of
-/// `topology` (network — true for the publisher's —, listening port, peer ports, id), and checks
+/// `topology` (network — true for the publisher's —, its index, its peers' indices, id), and checks
 /// that every delta datagram is multicast exactly once on each network, that nothing echoes
 /// back, that nothing goes back over the WAN, and that all traffic stops once the publisher
 /// does. Returns the data datagrams per
@@ -221,7 +221,9 @@ fn relay_exactly_once(
 ) -> (f64, f64) {
     let near = MulticastConfig::new(SocketAddr::from(([239, 255, 73, 50], group_port)));
     let far = MulticastConfig::new(SocketAddr::from(([239, 255, 73, 51], group_port + 1)));
-    let addr = |port: u16| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], port)) };
+    // The topology names repeaters by index; their ports are found free now.
+    let addresses = free_loopback_addresses(topology.len());
+    let addr = |index: u16| -> SocketAddr { addresses[usize::from(index)] };
     let repeaters: Vec<(bool, usize, Repeater)> = topology
         .iter()
         .map(|(on_near, listen, peers, id)| {
@@ -326,10 +328,7 @@ fn relay_exactly_once(
 fn one_pair_delivers_each_datagram_once() {
     let rates = relay_exactly_once(
         47_360,
-        &[
-            (true, 47_362, vec![47_363], 1),
-            (false, 47_363, vec![47_362], 2),
-        ],
+        &[(true, 0, vec![1], 1), (false, 1, vec![0], 2)],
         WanTransport::Udp,
     );
     eprintln!(
@@ -345,10 +344,10 @@ fn two_pairs_deliver_each_datagram_once() {
         &[
             // A's forwarder (id 1) is peered with B's standby (id 4): B's own forwarder must
             // still recognise the standby's emissions as relayed copies.
-            (true, 47_372, vec![47_374], 1),
-            (true, 47_373, vec![47_375], 2),
-            (false, 47_374, vec![47_372], 4),
-            (false, 47_375, vec![47_373], 3),
+            (true, 0, vec![2], 1),
+            (true, 1, vec![3], 2),
+            (false, 2, vec![0], 4),
+            (false, 3, vec![1], 3),
         ],
         WanTransport::Udp,
     );
@@ -364,10 +363,10 @@ fn a_full_mesh_of_repeaters_delivers_each_datagram_once_and_does_not_storm() {
     let rates = relay_exactly_once(
         47_350,
         &[
-            (true, 47_352, vec![47_354, 47_355], 1),
-            (true, 47_353, vec![47_354, 47_355], 2),
-            (false, 47_354, vec![47_352, 47_353], 3),
-            (false, 47_355, vec![47_352, 47_353], 4),
+            (true, 0, vec![2, 3], 1),
+            (true, 1, vec![2, 3], 2),
+            (false, 2, vec![0, 1], 3),
+            (false, 3, vec![0, 1], 4),
         ],
         WanTransport::Udp,
     );
@@ -384,10 +383,10 @@ fn a_full_mesh_over_quic_delivers_each_datagram_once() {
     let rates = relay_exactly_once(
         47_380,
         &[
-            (true, 47_382, vec![47_384, 47_385], 1),
-            (true, 47_383, vec![47_384, 47_385], 2),
-            (false, 47_384, vec![47_382, 47_383], 3),
-            (false, 47_385, vec![47_382, 47_383], 4),
+            (true, 0, vec![2, 3], 1),
+            (true, 1, vec![2, 3], 2),
+            (false, 2, vec![0, 1], 3),
+            (false, 3, vec![0, 1], 4),
         ],
         WanTransport::Quic,
     );

@@ -88,3 +88,16 @@ impl GroupCounter {
         self.thread.take().unwrap().join().unwrap()
     }
 }
+
+/// `count` loopback addresses whose UDP ports were free a moment ago (taken together from the
+/// kernel, then let go): fixed ports could be any other socket's ephemeral port when tests run
+/// side by side.
+#[allow(dead_code)]
+pub fn free_loopback_addresses(count: usize) -> Vec<std::net::SocketAddr> {
+    let held: Vec<std::net::UdpSocket> = (0..count)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    held.iter()
+        .map(|socket| socket.local_addr().expect("bound"))
+        .collect()
+}
