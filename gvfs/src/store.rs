@@ -467,6 +467,38 @@ fn exchange(new: &Path, path: &Path) -> std::io::Result<bool> {
     Ok(false)
 }
 
+/// Whether a process (this one included) holds `file` open for writing: the kernel refuses a
+/// read lease on such a file. `false` when that cannot be told (leases unsupported by the file
+/// system or disabled, or the file owned by another user without `CAP_LEASE`).
+///
+/// A pull that moves a file off its path checks the file it moved: a program that opened it
+/// for writing before goes on writing to it, wherever its name is now.
+fn held_open_for_writing(file: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    // <asm-generic/fcntl.h>, the same on every Linux architecture; libc leaves it out.
+    const F_SETSIG: nix::libc::c_int = 10;
+    let Ok(reader) = std::fs::File::open(file) else {
+        return false;
+    };
+    let fd = reader.as_raw_fd();
+    // SAFETY: `fd` is open for the whole block (owned by `reader`), and these fcntl commands
+    // take an integer argument and touch no memory of ours.
+    #[allow(unsafe_code)]
+    unsafe {
+        // A program opening the file for writing while the lease is held breaks it, and the
+        // kernel signals the holder: SIGIO by default, which ends the process. SIGWINCH is
+        // ignored unless handled, and gvd handles it nowhere.
+        if nix::libc::fcntl(fd, F_SETSIG, nix::libc::SIGWINCH) == -1 {
+            return false;
+        }
+        if nix::libc::fcntl(fd, nix::libc::F_SETLEASE, nix::libc::F_RDLCK) == -1 {
+            return std::io::Error::last_os_error().raw_os_error() == Some(nix::libc::EAGAIN);
+        }
+        nix::libc::fcntl(fd, nix::libc::F_SETLEASE, nix::libc::F_UNLCK);
+    }
+    false
+}
+
 fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
     i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
 }
@@ -1680,10 +1712,14 @@ impl ZoneStore {
     }
 
     /// The file a pull just moved off `path` (to `aside`): removed if it is the version the
-    /// index holds; otherwise a write was made directly on disk after the pull's last check,
-    /// and it is kept as a conflict copy beside the path, recorded as this node's change.
+    /// index holds and no program holds it open for writing; otherwise a write was made
+    /// directly on disk after the pull's last check, or may still be (through a descriptor
+    /// opened before), and it is kept as a conflict copy beside the path, recorded as this
+    /// node's change. Later writes through that descriptor land in the copy, and scans see
+    /// them there.
     fn keep_or_drop_replaced(&mut self, path: &str, aside: &Path) -> std::io::Result<()> {
         let meta = std::fs::symlink_metadata(aside)?;
+        let writing = meta.is_file() && held_open_for_writing(aside);
         let recorded = self
             .index
             .entries
@@ -1697,7 +1733,7 @@ impl ZoneStore {
                     .filter(|r| r.content == entry.content)
                     .is_none_or(|r| file_digest(aside).is_ok_and(|d| d == r.digest))
         });
-        if unchanged || !meta.is_file() {
+        if (unchanged && !writing) || !meta.is_file() {
             return std::fs::remove_file(aside);
         }
         // Named by the change that records it (the next of this node).
@@ -1713,11 +1749,19 @@ impl ZoneStore {
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         std::fs::rename(aside, &copy_disk)?;
         self.index.conflicts += 1;
-        tracing::warn!(
-            path,
-            copy,
-            "a write made directly in the zone directory while a pull replaced the file is kept as a conflict copy"
-        );
+        if writing {
+            tracing::warn!(
+                path,
+                copy,
+                "a program holds the file a pull replaced open for writing: the replaced file is kept as a conflict copy, where its later writes go"
+            );
+        } else {
+            tracing::warn!(
+                path,
+                copy,
+                "a write made directly in the zone directory while a pull replaced the file is kept as a conflict copy"
+            );
+        }
         self.check(&copy);
         Ok(())
     }
@@ -2436,6 +2480,72 @@ mod tests {
             );
             let _ = std::fs::remove_dir_all(&dir);
         }
+    }
+
+    /// A program opened a file for writing, has not written yet, and a pull replaces (or
+    /// deletes) the file: what it writes afterwards through its descriptor is kept, in a
+    /// conflict copy that scans follow, instead of going to a file unlinked under it.
+    #[test]
+    fn writes_through_a_descriptor_opened_before_a_pull_are_kept() {
+        use std::io::Write;
+        for deletion in [false, true] {
+            let (dir, root, mut store, _, theirs) = recorded_file_and_a_following_version(
+                &format!("open-writer-{deletion}"),
+                b"recorded",
+                deletion,
+            );
+            let mut writer = std::fs::File::options()
+                .append(true)
+                .open(root.join("f.txt"))
+                .unwrap();
+            let fetched = (!deletion).then(|| {
+                let tmp = store.temp_file();
+                std::fs::write(&tmp, b"from the peer").unwrap();
+                tmp
+            });
+            store
+                .apply("f.txt", &theirs, &Decision::Take, fetched.as_deref())
+                .unwrap();
+            writer.write_all(b", then appended").unwrap();
+            drop(writer);
+            let f = std::fs::read(root.join("f.txt")).ok();
+            let expected: Option<&[u8]> = (!deletion).then_some(b"from the peer");
+            assert_eq!(f.as_deref(), expected, "deletion {deletion}");
+            assert_eq!(store.scan().unwrap(), 1, "deletion {deletion}: the append");
+            let copies: Vec<(String, Entry)> = store
+                .changes_since(0)
+                .into_iter()
+                .filter(|(p, e)| p.contains(".conflict-") && !e.deleted)
+                .collect();
+            assert_eq!(copies.len(), 1, "deletion {deletion}: {copies:?}");
+            let (copy, entry) = &copies[0];
+            assert_eq!(
+                std::fs::read(root.join(copy)).unwrap(),
+                b"recorded, then appended"
+            );
+            assert_eq!(entry.size, 23, "the index follows the append");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
+    /// A file nobody holds open is still simply replaced: no conflict copy.
+    #[test]
+    fn a_file_closed_before_a_pull_leaves_no_copy() {
+        let (dir, root, mut store, _, theirs) =
+            recorded_file_and_a_following_version("closed-writer", b"recorded", false);
+        drop(
+            std::fs::File::options()
+                .append(true)
+                .open(root.join("f.txt"))
+                .unwrap(),
+        );
+        assert!(!held_open_for_writing(&root.join("f.txt")));
+        take_fetched(&mut store, &theirs, b"from the peer");
+        assert!(store
+            .changes_since(0)
+            .iter()
+            .all(|(p, _)| !p.contains(".conflict-")));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// gvd's state directory (where pulls fetch into) on another file system than the zone:
