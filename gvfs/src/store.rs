@@ -477,9 +477,19 @@ fn held_open_for_writing(file: &Path) -> bool {
     use std::os::fd::AsRawFd;
     // <asm-generic/fcntl.h>, the same on every Linux architecture; libc leaves it out.
     const F_SETSIG: nix::libc::c_int = 10;
-    let Ok(reader) = std::fs::File::open(file) else {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Never through a link, and never waiting on a FIFO put at this name meanwhile.
+    let flags = nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK;
+    let Ok(reader) = std::fs::File::options()
+        .read(true)
+        .custom_flags(flags.bits())
+        .open(file)
+    else {
         return false;
     };
+    if !reader.metadata().is_ok_and(|m| m.is_file()) {
+        return false;
+    }
     let fd = reader.as_raw_fd();
     // SAFETY: `fd` is open for the whole block (owned by `reader`), and these fcntl commands
     // take an integer argument and touch no memory of ours.
