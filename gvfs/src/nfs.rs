@@ -437,6 +437,37 @@ impl NFSFileSystem for ZoneFs {
         })
     }
 
+    /// READ's data goes from the file to the client's socket (`sendfile`): no copy through
+    /// this process. A directory or anything else not a regular file is left to
+    /// [`read_into`](Self::read_into), which answers the error.
+    async fn read_source(
+        &self,
+        id: fileid3,
+        offset: u64,
+        count: u32,
+    ) -> Result<Option<(std::fs::File, u32, bool)>, nfsstat3> {
+        blocking(|| {
+            let path = self.path(id)?;
+            let root = self.store.lock().root().to_path_buf();
+            let file = crate::zpath::open_beneath(&root, &path).map_err(status)?;
+            let meta = file.metadata().map_err(status)?;
+            if !meta.is_file() {
+                return Ok(None);
+            }
+            let len = meta.len();
+            // The count is the client's: never more than the largest READ we advertise.
+            let wanted = u64::from(count.min(MAX_READ_BYTES)).min(len.saturating_sub(offset));
+            // Started now, on this blocking thread: the runtime's thread that sends should
+            // find the pages in memory.
+            if let Some(length) = std::num::NonZeroU64::new(wanted) {
+                let _ =
+                    rustix::fs::fadvise(&file, offset, Some(length), rustix::fs::Advice::WillNeed);
+            }
+            let eof = offset.saturating_add(wanted) >= len;
+            Ok(Some((file, wanted as u32, eof)))
+        })
+    }
+
     async fn write(&self, id: fileid3, offset: u64, data: &[u8]) -> Result<fattr3, nfsstat3> {
         blocking(|| self.write_at(id, offset, data, true))
     }

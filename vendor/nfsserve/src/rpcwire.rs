@@ -124,20 +124,77 @@ pub async fn read_record<R: AsyncRead + Unpin>(socket: &mut R, max_len: usize) -
     }
 }
 
+/// GrapeVine addition: READ data that ends a reply, sent straight from the file (`sendfile`)
+/// rather than copied into the reply first.
+#[derive(Debug)]
+pub struct FileTail {
+    /// The file the data is in.
+    pub file: std::fs::File,
+    /// Where the data starts in it.
+    pub offset: u64,
+    /// How many bytes of it the reply's head announced.
+    pub count: u32,
+    /// XDR padding after the data.
+    pub pad: usize,
+}
+
+impl FileTail {
+    /// The data and padding in memory, for a sink that is not a socket. Bytes the file no
+    /// longer holds (it shrank since the head was made) are zeros: the record's length was
+    /// announced.
+    pub fn read_all(&self) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut data = vec![0; self.count as usize + self.pad];
+        let mut filled = 0;
+        while filled < self.count as usize {
+            match self.file.read_at(&mut data[filled..self.count as usize], self.offset + filled as u64) {
+                Ok(0) => break,
+                Ok(read) => filled += read,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(data)
+    }
+}
+
+/// GrapeVine addition: one reply, record mark included: its head goes out in one write, then
+/// the file data that ends it, if any.
+#[derive(Debug)]
+pub struct Reply {
+    /// The record mark and the reply (all of it, unless `tail` ends it).
+    pub head: Vec<u8>,
+    /// READ data to send after `head`.
+    pub tail: Option<FileTail>,
+}
+
+tokio::task_local! {
+    /// Set while [`reply_to_record`] answers one call: a READ handler may leave its data here,
+    /// to be sent from the file, instead of in the reply.
+    pub(crate) static FILE_TAIL: std::cell::RefCell<Option<FileTail>>;
+}
+
 /// GrapeVine addition: answers one RPC record. The reply comes back whole, record mark included,
-/// so that it goes out in one write; `None` when the call gets no reply (a retransmission).
-pub async fn reply_to_record(record: Vec<u8>, context: RPCContext) -> Result<Option<Vec<u8>>, anyhow::Error> {
+/// so that it goes out in one write (and, for READ, a file tail); `None` when the call gets no
+/// reply (a retransmission).
+pub async fn reply_to_record(record: Vec<u8>, context: RPCContext) -> Result<Option<Reply>, anyhow::Error> {
     let mut reply: Vec<u8> = Vec::with_capacity(512);
     reply.extend_from_slice(&[0; 4]);
-    if !handle_rpc(&mut Cursor::new(record), &mut reply, context).await? {
+    let (answered, tail) = FILE_TAIL
+        .scope(std::cell::RefCell::new(None), async {
+            let answered = handle_rpc(&mut Cursor::new(record), &mut reply, context).await;
+            (answered, FILE_TAIL.with(|tail| tail.borrow_mut().take()))
+        })
+        .await;
+    if !answered? {
         return Ok(None);
     }
-    let length = reply.len() - 4;
+    let length = reply.len() - 4 + tail.as_ref().map_or(0, |t| t.count as usize + t.pad);
     if length >= 1 << 31 {
         return Err(anyhow!("RPC reply of {length} bytes does not fit one record fragment"));
     }
     let fragment_header = length as u32 | (1 << 31);
     reply[..4].copy_from_slice(&fragment_header.to_be_bytes());
     trace!("Writing fragment length:{}", length);
-    Ok(Some(reply))
+    Ok(Some(Reply { head: reply, tail }))
 }

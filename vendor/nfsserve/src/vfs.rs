@@ -129,6 +129,15 @@ pub trait NFSFileSystem: Sync {
         Ok((data.len(), eof))
     }
 
+    /// GrapeVine addition: where READ's data can be sent from without passing through the
+    /// reply: an open file, how many bytes of it from `offset` to send (at most `count`, no
+    /// more than the file holds there) and EOF. The connection then sends them with
+    /// `sendfile`. `None` (the default) reads them with [`read_into`](Self::read_into).
+    async fn read_source(&self, id: fileid3, offset: u64, count: u32) -> Result<Option<(std::fs::File, u32, bool)>, nfsstat3> {
+        let _ = (id, offset, count);
+        Ok(None)
+    }
+
     /// Writes the contents of a file returning (bytes, EOF)
     /// Note that offset/count may go past the end of the file and that
     /// in that case, the file is extended.
