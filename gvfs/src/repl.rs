@@ -759,7 +759,7 @@ fn fetch(
             requested += 1;
         }
         let offset = received * u64::from(CHUNK);
-        match receive_chunk(stream, &mut sink.chunk_buffer()[..CHUNK as usize]).map_err(io)? {
+        match receive_chunk(stream, sink.chunk_buffer().map_err(io)?).map_err(io)? {
             Received::Data(len) => {
                 let expected = (size - offset).min(u64::from(CHUNK));
                 if len as u64 != expected {
@@ -806,15 +806,41 @@ const DIRECT_MIN: u64 = 8 << 20;
 /// Alignment of `O_DIRECT` buffers, offsets and lengths (the largest logical block size).
 const DIRECT_ALIGN: usize = 4096;
 
-/// Where a fetched file's chunks go: a reused buffer the reply is read into, and the file,
-/// written with `O_DIRECT` when it is large and the file system allows it.
+/// Buffers of a large fetch: one being received into while the others wait for, or are in,
+/// the writer thread.
+const WRITE_BEHIND_BUFFERS: usize = 3;
+
+/// A chunk for the writer thread: its buffer, its length and its offset in the file.
+type PendingChunk = (Vec<u8>, usize, u64);
+
+/// Where a fetched file's chunks go: reused buffers the replies are read into, and the file.
+/// A large file is written with `O_DIRECT` (when the file system allows it) by a writer thread,
+/// so that receiving the next chunk overlaps writing this one: each direct write waits for the
+/// disk, and done in turn with the receiving the two added up (1 GB took 5.8-7.5 s to fetch on
+/// a disk that writes 292 MB/s).
 struct ChunkSink {
+    /// The buffer the next chunk is read into (empty while waiting for one back from the writer).
+    current: Vec<u8>,
+    output: Output,
+}
+
+enum Output {
+    /// Written on the fetching thread, through the page cache.
+    Buffered(std::fs::File),
+    /// Written by a writer thread, past the page cache.
+    Behind {
+        chunks: Option<crossbeam_channel::Sender<PendingChunk>>,
+        free: crossbeam_channel::Receiver<Vec<u8>>,
+        writer: Option<JoinHandle<std::io::Result<Written>>>,
+    },
+}
+
+/// What the writer thread hands back: the file, whether it stayed direct, and whether its last
+/// chunk was padded to the alignment.
+struct Written {
     file: std::fs::File,
-    path: PathBuf,
     direct: bool,
-    /// Whether the last chunk was padded to the alignment (the file is cut back at the end).
     padded: bool,
-    storage: Vec<u8>,
 }
 
 impl ChunkSink {
@@ -832,57 +858,161 @@ impl ChunkSink {
                     .ok()
             })
             .flatten();
-        let (file, direct) = match direct_file {
-            Some(file) => (file, true),
-            None => (std::fs::File::create(path)?, false),
+        let buffer = || vec![0; CHUNK as usize + 2 * DIRECT_ALIGN];
+        let output = match direct_file {
+            None => Output::Buffered(std::fs::File::create(path)?),
+            Some(file) => {
+                let (chunks, to_write) = crossbeam_channel::bounded(WRITE_BEHIND_BUFFERS);
+                let (give_back, free) = crossbeam_channel::bounded(WRITE_BEHIND_BUFFERS);
+                for _ in 1..WRITE_BEHIND_BUFFERS {
+                    give_back.send(buffer()).map_err(std::io::Error::other)?;
+                }
+                let written = Written {
+                    file,
+                    direct: true,
+                    padded: false,
+                };
+                let path = path.clone();
+                let writer = std::thread::Builder::new()
+                    .name("gvfs-fetch-writer".into())
+                    .spawn(move || write_behind(written, &path, &to_write, &give_back))?;
+                Output::Behind {
+                    chunks: Some(chunks),
+                    free,
+                    writer: Some(writer),
+                }
+            }
         };
         Ok(Self {
-            file,
-            path: path.clone(),
-            direct,
-            padded: false,
-            storage: vec![0; CHUNK as usize + 2 * DIRECT_ALIGN],
+            current: buffer(),
+            output,
         })
     }
 
     /// Where the next chunk is read to: [`CHUNK`] bytes, aligned for `O_DIRECT`.
-    fn chunk_buffer(&mut self) -> &mut [u8] {
-        aligned(&mut self.storage)
+    fn chunk_buffer(&mut self) -> std::io::Result<&mut [u8]> {
+        if self.current.is_empty() {
+            if let Output::Behind { free, .. } = &self.output {
+                match free.recv() {
+                    Ok(buffer) => self.current = buffer,
+                    // The writer stopped: its error says why.
+                    Err(_) => return Err(self.stop_writer()),
+                }
+            }
+        }
+        Ok(&mut aligned(&mut self.current)[..CHUNK as usize])
     }
 
-    /// Writes the `len` bytes read into [`chunk_buffer`](Self::chunk_buffer) at `offset`.
+    /// Writes (or hands to the writer) the `len` bytes read into
+    /// [`chunk_buffer`](Self::chunk_buffer), which belong at `offset`.
     fn write_chunk(&mut self, len: usize, offset: u64) -> std::io::Result<()> {
-        let buffer = aligned(&mut self.storage);
-        if !self.direct {
-            return self.file.write_all_at(&buffer[..len], offset);
-        }
-        // Only the last chunk can be short: padded with zeros to the alignment, cut at the end.
-        let padded_len = len.next_multiple_of(DIRECT_ALIGN);
-        buffer[len..padded_len].fill(0);
-        match self.file.write_all_at(&buffer[..padded_len], offset) {
-            Ok(()) => {
-                self.padded |= padded_len != len;
-                Ok(())
+        match &mut self.output {
+            Output::Buffered(file) => file.write_all_at(&aligned(&mut self.current)[..len], offset),
+            Output::Behind { chunks, .. } => {
+                let buffer = std::mem::take(&mut self.current);
+                let sent = chunks
+                    .as_ref()
+                    .is_some_and(|chunks| chunks.send((buffer, len, offset)).is_ok());
+                if sent {
+                    Ok(())
+                } else {
+                    Err(self.stop_writer())
+                }
             }
-            Err(error) if error.raw_os_error() == Some(nix::libc::EINVAL) => {
-                // Opened, yet refused (an alignment this file system wants larger): go on
-                // through the page cache.
-                tracing::debug!(path = %self.path.display(), "O_DIRECT refused; writing buffered");
-                self.file = std::fs::OpenOptions::new().write(true).open(&self.path)?;
-                self.direct = false;
-                self.file.write_all_at(&buffer[..len], offset)
-            }
-            Err(error) => Err(error),
         }
+    }
+
+    /// Ends the writer thread and returns the error it stopped on.
+    fn stop_writer(&mut self) -> std::io::Error {
+        match self.join_writer() {
+            Some(Err(error)) => error,
+            _ => std::io::Error::other("the fetch's writer thread stopped"),
+        }
+    }
+
+    fn join_writer(&mut self) -> Option<std::io::Result<Written>> {
+        let Output::Behind { chunks, writer, .. } = &mut self.output else {
+            return None;
+        };
+        // Closing the channel lets the writer finish what it holds and return.
+        drop(chunks.take());
+        let joined = writer.take()?.join();
+        Some(
+            joined.unwrap_or_else(|_| {
+                Err(std::io::Error::other("the fetch's writer thread panicked"))
+            }),
+        )
     }
 
     /// Cuts any padding and makes the file durable; returns whether it went past the cache.
-    fn finish(self, size: u64) -> std::io::Result<bool> {
-        if self.padded {
-            self.file.set_len(size)?;
+    fn finish(mut self, size: u64) -> std::io::Result<bool> {
+        if let Output::Buffered(file) = &self.output {
+            file.sync_all()?;
+            return Ok(false);
         }
-        self.file.sync_all()?;
-        Ok(self.direct)
+        let written = self
+            .join_writer()
+            .unwrap_or_else(|| Err(std::io::Error::other("the fetch's writer thread stopped")))?;
+        if written.padded {
+            written.file.set_len(size)?;
+        }
+        written.file.sync_all()?;
+        Ok(written.direct)
+    }
+}
+
+impl Drop for ChunkSink {
+    fn drop(&mut self) {
+        // A fetch that failed: the writer still holds up to two chunks of a file that is
+        // about to be removed; wait for it rather than leave it writing.
+        let _ = self.join_writer();
+    }
+}
+
+/// The writer thread of a large fetch: writes each chunk at its offset and gives its buffer back.
+fn write_behind(
+    mut written: Written,
+    path: &std::path::Path,
+    chunks: &crossbeam_channel::Receiver<PendingChunk>,
+    give_back: &crossbeam_channel::Sender<Vec<u8>>,
+) -> std::io::Result<Written> {
+    for (mut storage, len, offset) in chunks {
+        write_direct(&mut written, path, aligned(&mut storage), len, offset)?;
+        // The fetch may have ended and dropped its side: nothing more to receive then.
+        let _ = give_back.send(storage);
+    }
+    Ok(written)
+}
+
+/// Writes the first `len` bytes of `buffer` at `offset`, past the page cache while the file
+/// system accepts it.
+fn write_direct(
+    written: &mut Written,
+    path: &std::path::Path,
+    buffer: &mut [u8],
+    len: usize,
+    offset: u64,
+) -> std::io::Result<()> {
+    if !written.direct {
+        return written.file.write_all_at(&buffer[..len], offset);
+    }
+    // Only the last chunk can be short: padded with zeros to the alignment, cut at the end.
+    let padded_len = len.next_multiple_of(DIRECT_ALIGN);
+    buffer[len..padded_len].fill(0);
+    match written.file.write_all_at(&buffer[..padded_len], offset) {
+        Ok(()) => {
+            written.padded |= padded_len != len;
+            Ok(())
+        }
+        Err(error) if error.raw_os_error() == Some(nix::libc::EINVAL) => {
+            // Opened, yet refused (an alignment this file system wants larger): go on
+            // through the page cache.
+            tracing::debug!(path = %path.display(), "O_DIRECT refused; writing buffered");
+            written.file = std::fs::OpenOptions::new().write(true).open(path)?;
+            written.direct = false;
+            written.file.write_all_at(&buffer[..len], offset)
+        }
+        Err(error) => Err(error),
     }
 }
 
@@ -1027,7 +1157,7 @@ mod tests {
     fn write_through_sink(path: &PathBuf, content: &[u8]) -> bool {
         let mut sink = ChunkSink::create(path, content.len() as u64).unwrap();
         for (index, piece) in content.chunks(CHUNK as usize).enumerate() {
-            sink.chunk_buffer()[..piece.len()].copy_from_slice(piece);
+            sink.chunk_buffer().unwrap()[..piece.len()].copy_from_slice(piece);
             sink.write_chunk(piece.len(), index as u64 * u64::from(CHUNK))
                 .unwrap();
         }
