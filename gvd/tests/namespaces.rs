@@ -21,8 +21,32 @@ const ELP_DELAY_MS: u64 = 200;
 const NODE_TTL: u64 = 3;
 
 struct Lab {
+    // Fields drop in order: the hosts' processes end before their directory is removed (they
+    // wrote into it while it was being removed, and left it behind).
     lab: netns::Lab,
-    dir: PathBuf,
+    dir: RemovedOnDrop,
+}
+
+/// A directory removed, with what it holds, when dropped.
+struct RemovedOnDrop(PathBuf);
+
+impl std::ops::Deref for RemovedOnDrop {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for RemovedOnDrop {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Lab {
@@ -148,13 +172,6 @@ impl Lab {
     }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        // The namespaces and processes go with `self.lab`.
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Each host's zone (top level: names and the start of each file) and the last lines of its
 /// log, for a failure message.
 fn what_each_host_holds(lab_dir: &std::path::Path) -> String {
@@ -188,7 +205,7 @@ fn what_each_host_holds(lab_dir: &std::path::Path) -> String {
 fn three_hosts_discover_each_other_and_a_dead_one_leaves() {
     let mut lab = Lab {
         lab: netns::Lab::new("gd", &[]),
-        dir: std::env::temp_dir().join(format!("gvd-ns-{}", std::process::id())),
+        dir: RemovedOnDrop(std::env::temp_dir().join(format!("gvd-ns-{}", std::process::id()))),
     };
     if let Err(why) = lab.setup() {
         panic!("cannot create namespaces: {why}");
@@ -279,7 +296,7 @@ fn three_hosts_discover_each_other_and_a_dead_one_leaves() {
             "host1 read host2's zone though host2 exports it only to itself"
         );
 
-        let lab_dir = lab.dir.clone();
+        let lab_dir = lab.dir.to_path_buf();
         let wait = |what: &str, check: &dyn Fn() -> bool| {
             let started = Instant::now();
             while !check() {
