@@ -816,8 +816,7 @@ type PendingChunk = (Vec<u8>, usize, u64);
 /// Where a fetched file's chunks go: reused buffers the replies are read into, and the file.
 /// A large file is written with `O_DIRECT` (when the file system allows it) by a writer thread,
 /// so that receiving the next chunk overlaps writing this one: each direct write waits for the
-/// disk, and done in turn with the receiving the two added up (1 GB took 5.8-7.5 s to fetch on
-/// a disk that writes 292 MB/s).
+/// disk, and while receiving and writing took turns their times added up (docs/GVFS.md).
 struct ChunkSink {
     /// The buffer the next chunk is read into (empty while waiting for one back from the writer).
     current: Vec<u8>,
